@@ -1,0 +1,5 @@
+"""``python -m p2prc``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,133 @@
+"""Routes of the node's HTTP API and the one error-to-response table."""
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..config import NodeConfig
+from ..errors import P2PRCError
+from ..identity import Identity
+from ..models import CallerInfo, Health, NodeStatus, Specs
+from ..specs import collect_specs, own_addresses
+from ..state import State
+from .auth import RequestVerifier
+
+__all__ = ["NodeView", "create_app"]
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+class NodeView(Protocol):
+    """What the API needs from a node."""
+
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def state(self) -> State: ...
+    @property
+    def home_path(self) -> Path: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def started_at(self) -> float: ...
+    def close(self) -> None: ...
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(P2PRCError)
+    async def _ours(request: Request, exc: P2PRCError) -> JSONResponse:
+        return JSONResponse(exc.to_body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()))
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return _error(422, "invalid_request", "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal", "internal error; see the node's log")
+
+
+def create_app(node: NodeView) -> FastAPI:
+    """The ASGI application serving one node."""
+    app = FastAPI(
+        title="p2prc node API",
+        version=__version__,
+        description=(
+            "Read routes are open. State-changing routes need a request signed with the "
+            "caller's Ed25519 node key (P2PRC-Key, P2PRC-Audience, P2PRC-Timestamp, "
+            "P2PRC-Nonce, P2PRC-Signature) and pass the node's trust policy."
+        ),
+        docs_url=None,
+        redoc_url=None,
+    )
+    _install_error_handlers(app)
+    verifier = RequestVerifier(node.identity, node.config.trust, node.state)
+    Peer = Annotated[CallerInfo, Depends(verifier.peer)]
+    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
+
+    @app.get("/health", tags=["read"])
+    async def health() -> Health:
+        """Liveness: answers as soon as the node serves."""
+        return Health()
+
+    @app.get("/status", tags=["read"])
+    async def status(request: Request) -> NodeStatus:
+        """Who this node is and where it listens."""
+        now = time.time()
+        return NodeStatus(
+            node_id=node.identity.node_id,
+            name=node.config.name,
+            version=__version__,
+            api=str(request.base_url).rstrip("/"),
+            addresses=own_addresses(),
+            port=node.port,
+            public_key=node.identity.openssh_public_key(node.config.name),
+            uptime_s=round(now - node.started_at, 3),
+            started_at=node.started_at,
+            trust_mode=node.config.trust.mode,
+        )
+
+    @app.get("/specs", tags=["read"])
+    async def specs() -> Specs:
+        """CPU, memory, disk and GPUs of this machine (the original /server_info)."""
+        return await run_in_threadpool(collect_specs, node.home_path)
+
+    @app.post("/whoami", tags=["signed"])
+    async def whoami(caller: Peer) -> CallerInfo:
+        """Check that this node accepts the caller's signed requests."""
+        return caller
+
+    @app.post("/shutdown", status_code=202, tags=["signed"])
+    async def shutdown(caller: Owner) -> Health:
+        """Stop the node; only its own key may ask."""
+        log.info("shutdown requested by the owner")
+        node.close()
+        return Health()
+
+    return app

@@ -1,0 +1,288 @@
+"""``AsyncClient`` and ``Client``: the library API to a node's HTTP API.
+
+Requests that change state are signed with the home's node key; errors come
+back as the same exception classes the node raised::
+
+    with p2prc.Client() as client:          # the node of this home
+        print(client.status().node_id)
+        print(client.specs().cpu.cores)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine, Generator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from .config import Home, resolve_home, split_address
+from .errors import (
+    NodeNotRunning,
+    P2PRCError,
+    PeerProtocolError,
+    PeerTimeout,
+    PeerUnreachable,
+    error_class,
+)
+from .identity import Identity
+from .models import CallerInfo, Health, NodeStatus, Specs
+
+__all__ = ["AsyncClient", "Client", "peer_url"]
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+_UNSIGNED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def peer_url(address: str) -> str:
+    """A base URL from ``host:port``, ``[v6]:port``, a bare host or a full URL."""
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/")
+    try:
+        host, port = split_address(address)
+    except ValueError as exc:
+        raise PeerUnreachable(str(exc)) from None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def local_api_url(home: Home) -> str:
+    """The API address the running node of ``home`` wrote down."""
+    try:
+        info = json.loads(home.runtime_file.read_text())
+        return str(info["api"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise NodeNotRunning(
+            f"no node is running for {home.path}; start one with 'p2prc start'"
+        ) from None
+
+
+class _SignatureAuth(httpx.Auth):
+    """Signs state-changing requests for the node they are sent to."""
+
+    requires_response_body = True
+
+    def __init__(self, identity: Identity | None) -> None:
+        self._identity = identity
+        self._audiences: dict[tuple[str, str, int | None], str] = {}
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if request.method in _UNSIGNED_METHODS or self._identity is None:
+            yield request
+            return
+        origin = (request.url.scheme, request.url.host, request.url.port)
+        audience = self._audiences.get(origin)
+        if audience is None:
+            probe = httpx.Request("GET", request.url.copy_with(raw_path=b"/status"))
+            response = yield probe
+            audience = _node_id_from(response)
+            self._audiences[origin] = audience
+        body = request.read()
+        target = request.url.raw_path.decode("ascii")
+        request.headers.update(
+            self._identity.signed_headers(request.method, target, audience, body)
+        )
+        yield request
+
+
+def _node_id_from(response: httpx.Response) -> str:
+    if response.status_code != 200:
+        _raise_for_error(response)
+    try:
+        return str(response.json()["node_id"])
+    except (ValueError, KeyError, TypeError):
+        raise PeerProtocolError(f"{response.url} did not say which node it is") from None
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        raise PeerProtocolError(
+            f"{response.request.url} answered HTTP {response.status_code} without an error body"
+        ) from None
+    raise error_class(code)(message)
+
+
+class AsyncClient:
+    """Talks to one node's API; by default the running node of this home."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        home: Home | Path | str | None = None,
+        identity: Identity | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self._home = home if isinstance(home, Home) else resolve_home(home)
+        self._local = base_url is None
+        self.base_url = local_api_url(self._home) if base_url is None else peer_url(base_url)
+        if identity is None:
+            identity = _identity_if_any(self._home)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            auth=_SignatureAuth(identity),
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            trust_env=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"<AsyncClient {self.base_url}>"
+
+    async def health(self) -> Health:
+        """``GET /health``."""
+        return await self._call("GET", "/health", Health)
+
+    async def status(self) -> NodeStatus:
+        """``GET /status``: the node's id, name, version and addresses."""
+        return await self._call("GET", "/status", NodeStatus)
+
+    async def specs(self) -> Specs:
+        """``GET /specs``: CPU, memory, disk and GPUs."""
+        return await self._call("GET", "/specs", Specs)
+
+    async def whoami(self) -> CallerInfo:
+        """``POST /whoami``: check that the node accepts this home's signed requests."""
+        return await self._call("POST", "/whoami", CallerInfo)
+
+    async def shutdown(self) -> None:
+        """``POST /shutdown``: stop the node (only its own key may)."""
+        await self._call("POST", "/shutdown", Health)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _call(
+        self, method: str, path: str, model: type[ModelT], json_body: Any = None
+    ) -> ModelT:
+        response = await self._request(method, path, json_body)
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise PeerProtocolError(f"{self.base_url}{path}: unexpected answer: {exc}") from None
+
+    async def _request(self, method: str, path: str, json_body: Any = None) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, json=json_body)
+        except P2PRCError:
+            raise
+        except httpx.TimeoutException:
+            raise PeerTimeout(f"{self.base_url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            if self._local:
+                raise NodeNotRunning(
+                    f"the node of {self._home.path} does not answer at {self.base_url}; "
+                    "start one with 'p2prc start'"
+                ) from None
+            raise PeerUnreachable(f"{self.base_url}: {exc or type(exc).__name__}") from None
+        _raise_for_error(response)
+        return response
+
+
+def _identity_if_any(home: Home) -> Identity | None:
+    if not (home.identity_dir / "id_ed25519").exists():
+        return None
+    return Identity.load(home.identity_dir)
+
+
+_T = TypeVar("_T")
+
+
+class Client:
+    """The blocking twin of ``AsyncClient``, for scripts and the CLI."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        home: Home | Path | str | None = None,
+        identity: Identity | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self._runner = asyncio.Runner()
+        try:
+            self._async = self._runner.run(
+                _make_async(base_url, home, identity, transport, timeout)
+            )
+        except BaseException:
+            self._runner.close()
+            raise
+        self.base_url = self._async.base_url
+
+    def __repr__(self) -> str:
+        return f"<Client {self.base_url}>"
+
+    def health(self) -> Health:
+        """``GET /health``."""
+        return self._run(self._async.health())
+
+    def status(self) -> NodeStatus:
+        """``GET /status``."""
+        return self._run(self._async.status())
+
+    def specs(self) -> Specs:
+        """``GET /specs``."""
+        return self._run(self._async.specs())
+
+    def whoami(self) -> CallerInfo:
+        """``POST /whoami``."""
+        return self._run(self._async.whoami())
+
+    def shutdown(self) -> None:
+        """``POST /shutdown``."""
+        self._run(self._async.shutdown())
+
+    def close(self) -> None:
+        self._run(self._async.aclose())
+        self._runner.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return self._runner.run(coro)
+
+
+async def _make_async(
+    base_url: str | None,
+    home: Home | Path | str | None,
+    identity: Identity | None,
+    transport: httpx.AsyncBaseTransport | None,
+    request_timeout: float,
+) -> AsyncClient:
+    # httpx binds its connection pool to the loop that first uses it: build it inside the runner.
+    return AsyncClient(
+        base_url, home=home, identity=identity, transport=transport, timeout=request_timeout
+    )

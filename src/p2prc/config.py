@@ -1,0 +1,338 @@
+"""Node home, configuration file and its validation.
+
+This is the only module that reads the environment (``P2PRC_HOME``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import secrets
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "Home",
+    "NodeConfig",
+    "Timeouts",
+    "TrustConfig",
+    "import_original",
+    "load",
+    "resolve_home",
+    "save",
+    "set_value",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """The directory one node keeps everything in."""
+
+    path: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.path / "identity"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.db"
+
+    @property
+    def plugins_dir(self) -> Path:
+        return self.path / "plugins"
+
+    @property
+    def runtime_file(self) -> Path:
+        """Written by a running node: its pid and API address."""
+        return self.path / "node.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "node.lock"
+
+
+def resolve_home(explicit: Path | str | None = None) -> Home:
+    """The home given, else ``P2PRC_HOME``, else the platform's user data dir."""
+    if explicit is not None:
+        return Home(Path(explicit).expanduser().absolute())
+    if env := os.environ.get("P2PRC_HOME"):
+        return Home(Path(env).expanduser().absolute())
+    return Home(Path(platformdirs.user_data_dir("p2prc", appauthor=False)))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrustConfig(_Section):
+    """Who may make state-changing requests to this node."""
+
+    mode: Literal["open", "allowlist"] = "allowlist"
+    allow: list[str] = Field(default_factory=list)
+    # Signed requests older or newer than this many seconds are refused.
+    clock_skew: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("allow")
+    @classmethod
+    def _keys_parse(cls, value: list[str]) -> list[str]:
+        from .identity import parse_public_key
+
+        for key in value:
+            parse_public_key(key)
+        return value
+
+
+class Timeouts(_Section):
+    """Seconds allowed for each network step."""
+
+    connect: float = Field(default=5.0, gt=0, le=300)
+    request: float = Field(default=30.0, gt=0, le=3600)
+    shutdown: float = Field(default=3.0, gt=0, le=60)
+
+
+class NodeConfig(_Section):
+    """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
+
+    name: str = Field(default_factory=lambda: _default_name())
+    host: str = "0.0.0.0"
+    port: int = Field(default=8088, ge=1, le=65535)
+    bootstrap: list[str] = Field(default_factory=list)
+    behind_nat: Literal["auto"] | bool = "auto"
+    default_image: str = "p2prc/sshd:latest"
+    plugin_path: str | None = None
+    custom: dict[str, Any] = Field(default_factory=dict)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be 1-63 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            split_address(address)
+        return value
+
+
+def _default_name() -> str:
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40].strip("-") or "node"
+    return f"{host}-{secrets.token_hex(3)}"
+
+
+def split_address(address: str, default_port: int = 8088) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare host, as a (host, port) pair."""
+    text = address.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = _port(rest.removeprefix(":"), address)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _port(port_text, address)
+    if not host or any(c.isspace() or c in "/?#@" for c in host):
+        raise ValueError(f"{address!r} is not a host:port address")
+    return host, port
+
+
+def _port(text: str, address: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{address!r} has no valid port (1-65535)")
+    return int(text)
+
+
+def _validate(data: dict[str, Any]) -> NodeConfig:
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "config"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{key}: {message}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def _read_raw(home: Home) -> dict[str, Any]:
+    try:
+        text = home.config_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no config at {home.config_file}; run 'p2prc init'") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {home.config_file}: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{home.config_file} is not valid TOML: {exc}") from None
+
+
+def load(home: Home) -> NodeConfig:
+    """Read and validate ``config.toml``."""
+    return _validate(_read_raw(home))
+
+
+def save(home: Home, config: NodeConfig) -> None:
+    """Write ``config.toml`` atomically."""
+    text = tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+    atomic_write(home.config_file, text.encode())
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.update(_known_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = annotation
+    return keys
+
+
+def _parse_value(raw: str, annotation: Any) -> Any:
+    try:
+        value: Any = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if getattr(annotation, "__origin__", None) is list and isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def set_value(home: Home, key: str, raw: str) -> NodeConfig:
+    """Set one dotted key from its text form; the file is unchanged on any error."""
+    data = _read_raw(home)
+    known = _known_keys(NodeConfig)
+    if key not in known and not (key.startswith("custom.") and len(key) > len("custom.")):
+        raise ConfigError(f"unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+    value = _parse_value(raw, known.get(key))
+    *parents, last = key.split(".")
+    table = data
+    for part in parents:
+        child = table.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part}: is not a table")
+        table = child
+    table[last] = value
+    config = _validate(data)
+    save(home, config)
+    return config
+
+
+def import_original(home: Home, path: Path) -> tuple[NodeConfig, list[str]]:
+    """Merge an original P2PRC ``config.json`` into this home's config.
+
+    Returns the new config and one note per original key that was mapped or ignored.
+    """
+    try:
+        original = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} as an original P2PRC config.json: {exc}") from None
+    if not isinstance(original, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    data = _read_raw(home)
+    notes: list[str] = []
+    for key, value in original.items():
+        notes.append(_import_key(data, key, value, path.parent))
+    config = _validate(data)
+    save(home, config)
+    return config, notes
+
+
+def _import_key(data: dict[str, Any], key: str, value: Any, base: Path) -> str:
+    if key == "MachineName" and value:
+        data["name"] = value
+        return f"MachineName -> name = {value!r}"
+    if key == "ServerPort" and value:
+        data["port"] = int(value) if str(value).isdigit() else value
+        return f"ServerPort -> port = {value}"
+    if key == "BehindNAT" and isinstance(value, bool):
+        data["behind_nat"] = value
+        return f"BehindNAT -> behind_nat = {str(value).lower()}"
+    if key == "PluginPath" and value:
+        data["plugin_path"] = str(value)
+        return f"PluginPath -> plugin_path = {value!r}"
+    if key == "CustomConfig" and isinstance(value, dict):
+        data["custom"] = value
+        return "CustomConfig -> custom"
+    if key == "UnsafeMode" and value is True:
+        data.setdefault("trust", {})["mode"] = "open"
+        return "UnsafeMode -> trust.mode = 'open'"
+    if key == "IPTable" and value:
+        peers = _original_peers(base / str(value))
+        if peers:
+            merged = [*data.get("bootstrap", []), *peers]
+            data["bootstrap"] = list(dict.fromkeys(merged))
+        return f"IPTable -> bootstrap += {peers}"
+    return f"{key}: ignored (no meaning in p2prc)"
+
+
+def _original_peers(path: Path) -> list[str]:
+    """``ip:port`` of every entry in an original ``ip_table.json``, if readable."""
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    peers = []
+    entries = table.get("ip_address") if isinstance(table, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        port = str(entry.get("ServerPort") or "8088")
+        if ipv4 := entry.get("IPV4"):
+            address = f"{ipv4}:{port}"
+        elif ipv6 := entry.get("IPV6"):
+            address = f"[{ipv6}]:{port}"
+        else:
+            continue
+        try:
+            split_address(address)
+        except ValueError:
+            continue
+        if not address.startswith("0.0.0.0"):
+            peers.append(address)
+    return peers

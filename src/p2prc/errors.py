@@ -1,0 +1,257 @@
+"""The exception tree of p2prc.
+
+Every error raised on purpose is a ``P2PRCError``. Each class carries the HTTP
+``status`` the API answers with and a stable ``code`` that travels in the error
+body ``{"error": {"code": ..., "message": ...}}``; the client maps the code back
+to the same class, so callers catch the same exceptions locally and remotely::
+
+    P2PRCError                      internal (500)
+    +-- ConfigError                 config_error (400)
+    +-- IdentityError               identity_error (500)
+    +-- StateError                  state_error (500)
+    +-- InvalidRequest              invalid_request (422)
+    +-- NotFound                    not_found (404)
+    +-- NodeError                   node_error (500)
+    |   +-- NodeNotRunning          node_not_running (503)
+    |   +-- NodeAlreadyRunning      node_already_running (409)
+    |   +-- AddressInUse            address_in_use (409)
+    +-- AuthError                   unauthenticated (401)
+    |   +-- SignatureInvalid        bad_signature (401)
+    |   +-- SignatureExpired        signature_expired (401)
+    |   +-- RequestReplayed         replayed_request (401)
+    |   +-- WrongAudience           wrong_audience (401)
+    |   +-- NotTrusted              not_trusted (403)
+    |   +-- OwnerOnly               owner_only (403)
+    +-- RateLimited                 rate_limited (429)
+    +-- PeerError                   peer_error (502)
+    |   +-- PeerUnreachable         peer_unreachable (502)
+    |   +-- PeerTimeout             peer_timeout (504), also a TimeoutError
+    |   +-- PeerProtocolError       peer_protocol_error (502)
+    +-- ApiError                    api_error (502): an answer with an unknown code
+
+Programmer errors (starting a node twice, using a closed client) are
+``RuntimeError`` or ``TypeError``, never part of this tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+__all__ = [
+    "AddressInUse",
+    "ApiError",
+    "AuthError",
+    "ConfigError",
+    "IdentityError",
+    "InvalidRequest",
+    "NodeAlreadyRunning",
+    "NodeError",
+    "NodeNotRunning",
+    "NotFound",
+    "NotTrusted",
+    "OwnerOnly",
+    "P2PRCError",
+    "PeerError",
+    "PeerProtocolError",
+    "PeerTimeout",
+    "PeerUnreachable",
+    "RateLimited",
+    "RequestReplayed",
+    "SignatureExpired",
+    "SignatureInvalid",
+    "StateError",
+    "WrongAudience",
+    "error_class",
+    "map_exceptions",
+]
+
+
+class P2PRCError(Exception):
+    """Base class for every error p2prc raises on purpose."""
+
+    status: int = 500
+    code: str = "internal"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_body(self) -> dict[str, dict[str, str]]:
+        """The JSON error body the API answers with."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class ConfigError(P2PRCError):
+    """The configuration is invalid, or a key or value given for it is."""
+
+    status = 400
+    code = "config_error"
+
+
+class IdentityError(P2PRCError):
+    """The node's key pair is missing, unreadable or malformed."""
+
+    code = "identity_error"
+
+
+class StateError(P2PRCError):
+    """The state database is corrupt, foreign or from a newer p2prc."""
+
+    code = "state_error"
+
+
+class InvalidRequest(P2PRCError):
+    """A request's parameters or body do not validate."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class NotFound(P2PRCError):
+    """The thing asked for does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class NodeError(P2PRCError):
+    """The local node cannot be started, reached or stopped."""
+
+    code = "node_error"
+
+
+class NodeNotRunning(NodeError):
+    """No node is running for this home."""
+
+    status = 503
+    code = "node_not_running"
+
+
+class NodeAlreadyRunning(NodeError):
+    """A node is already running for this home."""
+
+    status = 409
+    code = "node_already_running"
+
+
+class AddressInUse(NodeError):
+    """The address the node should listen on is taken."""
+
+    status = 409
+    code = "address_in_use"
+
+
+class AuthError(P2PRCError):
+    """A state-changing request is not signed."""
+
+    status = 401
+    code = "unauthenticated"
+
+
+class SignatureInvalid(AuthError):
+    """The request's signature does not verify against its key."""
+
+    code = "bad_signature"
+
+
+class SignatureExpired(AuthError):
+    """The request's timestamp is outside the accepted window."""
+
+    code = "signature_expired"
+
+
+class RequestReplayed(AuthError):
+    """The request's nonce was already used."""
+
+    code = "replayed_request"
+
+
+class WrongAudience(AuthError):
+    """The request was signed for another node."""
+
+    code = "wrong_audience"
+
+
+class NotTrusted(AuthError):
+    """The caller's key is not allowed by this node's trust policy."""
+
+    status = 403
+    code = "not_trusted"
+
+
+class OwnerOnly(AuthError):
+    """Only the node's own key may do this."""
+
+    status = 403
+    code = "owner_only"
+
+
+class RateLimited(P2PRCError):
+    """Too many requests; try again later."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class PeerError(P2PRCError):
+    """Talking to another node failed."""
+
+    status = 502
+    code = "peer_error"
+
+
+class PeerUnreachable(PeerError):
+    """Could not connect to a node, or the connection dropped."""
+
+    code = "peer_unreachable"
+
+
+class PeerTimeout(PeerError, TimeoutError):
+    """A node did not answer within the configured timeout."""
+
+    status = 504
+    code = "peer_timeout"
+
+
+class PeerProtocolError(PeerError):
+    """A node answered with something that cannot be understood."""
+
+    code = "peer_protocol_error"
+
+
+class ApiError(P2PRCError):
+    """A node answered with an error code this version does not know."""
+
+    status = 502
+    code = "api_error"
+
+
+def _all_subclasses(cls: type[P2PRCError]) -> Iterator[type[P2PRCError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def error_class(code: str) -> type[P2PRCError]:
+    """The exception class for an error code, ``ApiError`` when unknown."""
+    classes: list[type[P2PRCError]] = [P2PRCError, *_all_subclasses(P2PRCError)]
+    by_code = {cls.code: cls for cls in classes}
+    return by_code.get(code, ApiError)
+
+
+@contextlib.contextmanager
+def map_exceptions(mapping: Mapping[type[BaseException], type[P2PRCError]]) -> Iterator[None]:
+    """Translate foreign exceptions into ours, keeping the cause; first match wins."""
+    try:
+        yield
+    except P2PRCError:
+        raise
+    except Exception as exc:
+        for source, target in mapping.items():
+            if isinstance(exc, source):
+                raise target(str(exc) or type(exc).__name__) from exc
+        raise

@@ -1,0 +1,282 @@
+"""The node: one per home, owning the API server, the state and background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import uvicorn
+
+from .api import create_app
+from .config import Home, NodeConfig, atomic_write
+from .errors import AddressInUse, NodeAlreadyRunning, NodeError
+from .identity import Identity
+from .state import State
+
+__all__ = ["Node", "init_home"]
+
+log = logging.getLogger(__name__)
+
+
+def init_home(home: Home, config: NodeConfig | None = None) -> tuple[NodeConfig, Identity]:
+    """Create the home's files that are missing; never replaces anything that exists."""
+    from .config import load, save
+
+    home.path.mkdir(parents=True, exist_ok=True)
+    if home.config_file.exists():
+        config = load(home)
+    else:
+        config = config or NodeConfig()
+        save(home, config)
+    identity = Identity.load_or_create(home.identity_dir, comment=f"p2prc@{config.name}")
+    home.plugins_dir.mkdir(exist_ok=True)
+    State(home.state_file).close()
+    return config, identity
+
+
+class _NodeState(enum.Enum):
+    CREATED = 1
+    RUNNING = 2
+    CLOSED = 3
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside our loop: the node, not uvicorn, owns signal handling."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Node:
+    """One p2prc node.
+
+    Usage::
+
+        async with Node(config, home) as node:
+            print(node.api_url)
+            await node.wait_closed()
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        home: Home,
+        *,
+        identity: Identity | None = None,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self._config = config
+        self._home = home
+        self._identity = identity
+        self._host = host if host is not None else config.host
+        self._requested_port = port if port is not None else config.port
+        self._port = 0
+        self._lifecycle = _NodeState.CREATED
+        self._state: State | None = None
+        self._server: _Server | None = None
+        self._lock_fd: int | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
+        self._started_at = 0.0
+
+    def __repr__(self) -> str:
+        where = f"{self._host}:{self._port}" if self._port else "not listening"
+        return f"<Node {self._config.name} [{self._lifecycle.name.lower()} | {where}]>"
+
+    @property
+    def config(self) -> NodeConfig:
+        return self._config
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            raise RuntimeError("The node has no identity before start().")
+        return self._identity
+
+    @property
+    def state(self) -> State:
+        if self._state is None:
+            raise RuntimeError("The node's state is open only while it runs.")
+        return self._state
+
+    @property
+    def home_path(self) -> Path:
+        return self._home.path
+
+    @property
+    def port(self) -> int:
+        """The port the API listens on (the real one when 0 was asked for)."""
+        return self._port
+
+    @property
+    def started_at(self) -> float:
+        return self._started_at
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the API, reachable from this machine."""
+        host = self._host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1" if host != "::" else "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        """Take the home's lock, open the state and start serving the API."""
+        if self._lifecycle is not _NodeState.CREATED:
+            raise RuntimeError(f"Cannot start a node that is {self._lifecycle.name.lower()}.")
+        self._lifecycle = _NodeState.RUNNING
+        try:
+            self._lock_home()
+            if self._identity is None:
+                self._identity = Identity.load(self._home.identity_dir)
+            self._state = State(self._home.state_file)
+            self._started_at = time.time()
+            await self._start_api()
+            self._write_runtime_file()
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info(
+            "node %s (%s) serving on %s", self._config.name, self.identity.node_id, self.api_url
+        )
+
+    def close(self) -> None:
+        """Ask the node to stop; safe from a signal handler and safe to repeat."""
+        self._closing.set()
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def wait_closed(self) -> None:
+        """Wait until something asked the node to stop."""
+        await self._closing.wait()
+
+    async def aclose(self) -> None:
+        """Stop serving, cancel background tasks, release the home."""
+        if self._lifecycle is _NodeState.CLOSED:
+            return
+        self._lifecycle = _NodeState.CLOSED
+        self.close()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.timeouts.shutdown + 1):
+                    await asyncio.shield(self._serve_done())
+            self._server.force_exit = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._state is not None:
+            self._state.close()
+        if self._lock_fd is not None:
+            # Only the holder of the home's lock owns the runtime file.
+            self._home.runtime_file.unlink(missing_ok=True)
+            self._unlock_home()
+            log.info("node %s stopped", self._config.name)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        # A crashed loop stops the node loudly rather than leaving it half-alive.
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s crashed; stopping the node", task.get_name(), exc_info=exc)
+            self.close()
+
+    async def _serve_done(self) -> None:
+        for task in list(self._tasks):
+            if task.get_name() == "api":
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _start_api(self) -> None:
+        sock = self._bind()
+        self._port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(self),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=int(self._config.timeouts.shutdown),
+        )
+        self._server = _Server(config)
+        task = self._spawn(self._server.serve(sockets=[sock]), name="api")
+        while not self._server.started:
+            if task.done():
+                await task
+                raise NodeError("the API server stopped while starting")
+            await asyncio.sleep(0.005)
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((self._host, self._requested_port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            where = f"{self._host}:{self._requested_port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(
+                    f"{where} is already in use; choose another with --port"
+                ) from None
+            raise NodeError(f"cannot listen on {where}: {exc.strerror}") from None
+        return sock
+
+    def _lock_home(self) -> None:
+        self._home.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._home.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NodeAlreadyRunning(f"a node is already running for {self._home.path}") from None
+        self._lock_fd = fd
+
+    def _unlock_home(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _write_runtime_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "api": self.api_url,
+            "port": self._port,
+            "node_id": self.identity.node_id,
+        }
+        atomic_write(self._home.runtime_file, json.dumps(info).encode(), mode=0o600)

@@ -1,0 +1,130 @@
+"""The node's SQLite database: schema, migrations and small typed accessors.
+
+One file per home, in WAL mode. ``PRAGMA user_version`` is the schema version
+and the ``meta`` table's ``application`` row marks the file as ours, so a
+corrupt file, another program's database or one from a newer p2prc is refused
+with a clear error instead of being replaced.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from .errors import StateError
+
+__all__ = ["SCHEMA_VERSION", "State"]
+
+_APPLICATION = "p2prc"
+
+# Each entry migrates from version i to i + 1; never edit one that has shipped.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE seen_nonces (
+        nonce TEXT PRIMARY KEY,
+        expires REAL NOT NULL
+    );
+    CREATE INDEX seen_nonces_expires ON seen_nonces (expires);
+    """,
+]
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class State:
+    """An open state database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        existed = path.exists() and path.stat().st_size > 0
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open {path}: {exc}") from None
+        try:
+            _check_and_migrate(db, path, existed)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def remember_nonce(self, nonce: str, expires: float, limit: int) -> bool:
+        """Record a nonce; False if it was seen before. Refuses past ``limit`` live nonces."""
+        now = time.time()
+        self._db.execute("DELETE FROM seen_nonces WHERE expires < ?", (now,))
+        try:
+            self._db.execute(
+                "INSERT INTO seen_nonces (nonce, expires) VALUES (?, ?)", (nonce, expires)
+            )
+        except sqlite3.IntegrityError:
+            return False
+        count = self._db.execute("SELECT count(*) FROM seen_nonces").fetchone()[0]
+        if count > limit:
+            self._db.execute("DELETE FROM seen_nonces WHERE nonce = ?", (nonce,))
+            raise OverflowError("too many signed requests in the replay window")
+        return True
+
+
+def _check_and_migrate(db: sqlite3.Connection, path: Path, existed: bool) -> None:
+    try:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"{path} is not a p2prc state database ({exc})") from None
+    if existed and version == 0 and tables:
+        raise StateError(f"{path} belongs to another program (no p2prc schema); move it away")
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"{path} has schema version {version}, newer than this p2prc's {SCHEMA_VERSION}"
+        )
+    if version > 0:
+        row = db.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
+        if row is None or row[0] != _APPLICATION:
+            raise StateError(f"{path} is not a p2prc state database")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA foreign_keys = ON")
+    for number in range(version, SCHEMA_VERSION):
+        with db:
+            db.execute("BEGIN")
+            for statement in _MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if number == 0:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('application', ?)", (_APPLICATION,)
+                )
+            db.execute(f"PRAGMA user_version = {number + 1}")

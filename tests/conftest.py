@@ -1,0 +1,89 @@
+"""Fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from p2prc.api import create_app
+from p2prc.client import AsyncClient
+from p2prc.config import Home, NodeConfig
+from p2prc.identity import Identity
+from p2prc.node import init_home
+from p2prc.state import State
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's P2PRC_* variables."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("P2PRC"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    """An initialised node home in a temporary directory."""
+    home = Home(tmp_path / "home")
+    init_home(home)
+    return home
+
+
+@dataclass
+class FakeNode:
+    """Just enough of a node for the API, without sockets."""
+
+    identity: Identity
+    config: NodeConfig
+    state: State
+    home_path: Path
+    port: int = 8088
+    started_at: float = field(default_factory=time.time)
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def make_fake_node(tmp_path: Path) -> Iterator[object]:
+    states: list[State] = []
+
+    def make(config: NodeConfig | None = None, identity: Identity | None = None) -> FakeNode:
+        state = State(tmp_path / f"state-{len(states)}.db")
+        states.append(state)
+        return FakeNode(
+            identity=identity or Identity.generate(),
+            config=config or NodeConfig(name="fake"),
+            state=state,
+            home_path=tmp_path,
+        )
+
+    yield make
+    for state in states:
+        state.close()
+
+
+@pytest.fixture
+def fake_node(make_fake_node: object) -> FakeNode:
+    assert callable(make_fake_node)
+    node = make_fake_node()
+    assert isinstance(node, FakeNode)
+    return node
+
+
+@pytest.fixture
+async def api_client(fake_node: FakeNode, tmp_path: Path) -> AsyncIterator[AsyncClient]:
+    """An AsyncClient signed with the fake node's own key, talking ASGI to its app."""
+    transport = httpx.ASGITransport(app=create_app(fake_node))
+    async with AsyncClient(
+        "http://node.test", home=tmp_path / "none", identity=fake_node.identity, transport=transport
+    ) as client:
+        yield client
