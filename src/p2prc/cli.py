@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 from pydantic import BaseModel
 from rich.console import Console
@@ -110,7 +109,9 @@ def _emit(options: Options, data: Any, human: Any = None) -> None:
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json")
     if options.json:
-        out.print_json(json.dumps(data))
+        # One compact line per result, so scripts can read results as JSON Lines.
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
     elif human is not None:
         out.print(human)
     else:
@@ -351,17 +352,11 @@ def main(argv: list[str] | None = None) -> None:
     args = _normalise_legacy(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="p2prc", standalone_mode=False)
+        # Standalone mode: click prints usage errors itself and exits with code 2.
+        app(args=args, prog_name="p2prc")
     except P2PRCError as exc:
         if debug:
             raise
         _fail(f"{type(exc).__name__}: {exc}")
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
-        _fail("Aborted.", 130)
     except KeyboardInterrupt:
         _fail("Interrupted.", 130)

@@ -1,0 +1,99 @@
+"""Real ``p2prc`` processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def p2prc(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a new process."""
+    env = {**os.environ, "P2PRC_HOME": str(home)}
+    result = subprocess.run(
+        [sys.executable, "-m", "p2prc", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"p2prc {args} failed: {result.stderr}")
+    return result
+
+
+@dataclass
+class NodeProcess:
+    home: Path
+    process: subprocess.Popen[str]
+    api: str
+    node_id: str
+
+    def stop(self, sig: int = signal.SIGTERM) -> float:
+        """Send ``sig`` and return the seconds until the process exited."""
+        start = time.monotonic()
+        self.process.send_signal(sig)
+        self.process.wait(timeout=15)
+        return time.monotonic() - start
+
+
+def start_node(home: Path, *args: str, command: tuple[str, ...] = ("start",)) -> NodeProcess:
+    env = {**os.environ, "P2PRC_HOME": str(home)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "p2prc", "--json", *command, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        process.wait(timeout=15)
+        assert process.stderr is not None
+        raise AssertionError(f"node did not start: {process.stderr.read()}")
+    ready = json.loads(line)
+    return NodeProcess(home, process, ready["api"], ready["node_id"])
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[NodeProcess] = []
+
+    def make(name: str = "a", *args: str) -> NodeProcess:
+        node = start_node(tmp_path / name, "--port", "0", *args)
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        if node.process.poll() is None:
+            node.process.kill()
+        node.process.wait(timeout=15)
+        for stream in (node.process.stdout, node.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def running_node(node_factory: object) -> NodeProcess:
+    assert callable(node_factory)
+    node = node_factory()
+    assert isinstance(node, NodeProcess)
+    return node
