@@ -25,7 +25,7 @@ from .errors import AddressInUse, NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .state import State
 
-__all__ = ["Node", "init_home"]
+__all__ = ["Node", "home_locked", "init_home"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,21 @@ def init_home(home: Home, config: NodeConfig | None = None) -> tuple[NodeConfig,
     home.plugins_dir.mkdir(exist_ok=True)
     State(home.state_file).close()
     return config, identity
+
+
+def home_locked(home: Home) -> bool:
+    """Whether a node holds this home's lock right now."""
+    try:
+        fd = os.open(home.lock_file, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class _NodeState(enum.Enum):
@@ -90,6 +105,9 @@ class Node:
         self._server: _Server | None = None
         self._lock_fd: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Feature components (gossip, runtime, relay ...) are entered here in dependency
+        # order by _start_components() and exited in reverse by aclose().
+        self._stack = contextlib.AsyncExitStack()
         self._closing = asyncio.Event()
         self._started_at = 0.0
 
@@ -147,6 +165,7 @@ class Node:
                 self._identity = Identity.load(self._home.identity_dir)
             self._state = State(self._home.state_file)
             self._started_at = time.time()
+            await self._start_components()
             await self._start_api()
             self._write_runtime_file()
         except BaseException:
@@ -180,6 +199,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stack.aclose()
         if self._state is not None:
             self._state.close()
         if self._lock_fd is not None:
@@ -212,6 +232,9 @@ class Node:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("%s crashed; stopping the node", task.get_name(), exc_info=exc)
             self.close()
+
+    async def _start_components(self) -> None:
+        """Start each feature's component; each later feature adds its line here."""
 
     async def _serve_done(self) -> None:
         for task in list(self._tasks):

@@ -71,6 +71,11 @@ class State:
         self.close()
 
     @property
+    def connection(self) -> sqlite3.Connection:
+        """The open connection, in autocommit mode, for each feature's own store."""
+        return self._db
+
+    @property
     def version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 

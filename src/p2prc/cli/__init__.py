@@ -1,0 +1,134 @@
+"""The ``p2prc`` command: parse, call the node or the client, print.
+
+Modern subcommands, each with the global ``--json``; the original P2PRC flags
+are accepted as aliases, with one or two leading dashes as the original allowed.
+Each feature's commands live in their own module and are registered here.
+"""
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from .. import __version__
+from ..errors import P2PRCError
+from ._common import emit, err, options_of, out
+from ._node import config_app, config_show, init, interfaces_command, specs, start, status, stop
+
+__all__ = ["app", "main"]
+
+# Single-dash long flags of the original CLI, rewritten to two dashes before parsing.
+_LEGACY_FLAGS = frozenset(
+    [
+        "ls",
+        "as",
+        "us",
+        "arn",
+        "specs",
+        "touch",
+        "gpu",
+        "cn",
+        "bi",
+        "rm",
+        "id",
+        "vi",
+        "tc",
+        "dc",
+        "vc",
+        "ni",
+        "vp",
+        "plugin",
+        "pp",
+        "rp",
+        "cgroup",
+        "group",
+        "rmcgroup",
+        "rmgroup",
+        "groups",
+        "amd",
+        "mp",
+        "dn",
+        "ra",
+        "gen",
+        "mod",
+        "udp",
+        "ip",
+    ]
+)
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="p2prc: pool machines into a peer-to-peer compute network.",
+)
+for command in (init, start, status, stop, specs):
+    app.command()(command)
+app.command("interfaces")(interfaces_command)
+app.add_typer(config_app, name="config")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="Node home (default: $P2PRC_HOME).")
+    ] = None,
+    version: Annotated[bool, typer.Option("--version", "-v", help="Print the version.")] = False,
+    server: Annotated[bool, typer.Option("-s", "--Server", help="Legacy: start.")] = False,
+    specs_addr: Annotated[
+        str | None, typer.Option("--specs", "--Specification", help="Legacy: specs ADDR.")
+    ] = None,
+    ni: Annotated[bool, typer.Option("--ni", "--NetworkInterfaces", help="Legacy.")] = False,
+    vc: Annotated[bool, typer.Option("--vc", "--ViewConfig", help="Legacy.")] = False,
+    dc: Annotated[bool, typer.Option("--dc", "--SetDefaultConfig", help="Legacy.")] = False,
+) -> None:
+    options = options_of(ctx)
+    options.json, options.debug, options.home_arg = json_output, debug, home
+    if version:
+        emit(options, {"version": __version__}, f"p2prc {__version__}")
+        raise typer.Exit()
+    legacy: list[tuple[bool, Callable[[], None]]] = [
+        (dc, lambda: init(ctx)),
+        (vc, lambda: config_show(ctx)),
+        (ni, lambda: interfaces_command(ctx)),
+        (specs_addr is not None, lambda: specs(ctx, specs_addr)),
+        (server, lambda: start(ctx)),
+    ]
+    ran = False
+    for wanted, action in legacy:
+        if wanted:
+            action()
+            ran = True
+    if ran:
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+
+
+def _normalise_legacy(argv: list[str]) -> list[str]:
+    return [f"-{arg}" if arg[:1] == "-" and arg[1:] in _LEGACY_FLAGS else arg for arg in argv]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(message, markup=False)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``p2prc`` console script."""
+    args = _normalise_legacy(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        # Standalone mode: click prints usage errors itself and exits with code 2.
+        app(args=args, prog_name="p2prc")
+    except P2PRCError as exc:
+        if debug:
+            raise
+        _fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        _fail("Interrupted.", 130)

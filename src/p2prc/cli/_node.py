@@ -1,0 +1,178 @@
+"""Commands about this machine's node: init, start, status, stop, specs, interfaces, config."""
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..client import Client
+from ..config import Home, import_original, load, set_value
+from ..errors import NodeNotRunning
+from ..models import NodeStatus, Specs
+from ..node import Node, home_locked, init_home
+from ..specs import collect_specs, interfaces
+from ._common import Options, emit, options_of, out
+
+__all__ = ["config_app", "init", "interfaces_command", "specs", "start", "status", "stop"]
+
+config_app = typer.Typer(help="Show and change this node's config.toml.")
+
+
+def init(ctx: typer.Context) -> None:
+    """Create this node's home (config, identity, state); never replaces anything."""
+    options = options_of(ctx)
+    config, identity = init_home(options.home)
+    data = {"home": str(options.home.path), "name": config.name, "node_id": identity.node_id}
+    emit(options, data, f"home {data['home']}\nnode {config.name} ({identity.node_id})")
+
+
+def start(
+    ctx: typer.Context,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", "-p", min=0, max=65535, help="API port (0: any free port)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
+) -> None:
+    """Run the node in the foreground until Ctrl-C or SIGTERM."""
+    options = options_of(ctx)
+    config, identity = init_home(options.home)
+    logging.basicConfig(
+        level=logging.DEBUG if options.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    node = Node(config, options.home, identity=identity, host=host, port=port)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(node, options))
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve(node: Node, options: Options) -> None:
+    loop = asyncio.get_running_loop()
+    async with node:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, node.close)
+        ready = {"node_id": node.identity.node_id, "name": node.config.name, "api": node.api_url}
+        emit(options, ready, f"p2prc node {ready['name']} ({ready['node_id']}) at {ready['api']}")
+        await node.wait_closed()
+
+
+def status(ctx: typer.Context) -> None:
+    """Show the running node of this home."""
+    options = options_of(ctx)
+    with Client(home=options.home) as client:
+        result = client.status()
+    emit(options, result, _status_table(result))
+
+
+def _status_table(status: NodeStatus) -> Table:
+    table = Table(show_header=False, box=None)
+    for key in ("name", "node_id", "api", "version", "trust_mode", "uptime_s"):
+        table.add_row(key, str(getattr(status, key)))
+    table.add_row("addresses", ", ".join(status.addresses))
+    return table
+
+
+def stop(ctx: typer.Context) -> None:
+    """Stop the running node of this home."""
+    options = options_of(ctx)
+    with Client(home=options.home) as client:
+        client.shutdown()
+    deadline = time.monotonic() + 10
+    while home_locked(options.home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    emit(options, {"stopped": True}, "stopped")
+
+
+def specs(
+    ctx: typer.Context,
+    peer: Annotated[
+        str | None, typer.Argument(help="host:port of a node; default: this one.")
+    ] = None,
+) -> None:
+    """CPU, memory, disk and GPUs of a node (the original --specs)."""
+    options = options_of(ctx)
+    result = _specs_of(options.home, peer)
+    emit(options, result, _specs_table(result))
+
+
+def _specs_of(home: Home, peer: str | None) -> Specs:
+    if peer is not None:
+        with Client(peer, home=home) as client:
+            return client.specs()
+    try:
+        with Client(home=home) as client:
+            return client.specs()
+    except NodeNotRunning:
+        return collect_specs(home.path if home.path.exists() else Path.home())
+
+
+def _specs_table(result: Specs) -> Table:
+    gib = 1024**3
+    table = Table(show_header=False, box=None)
+    table.add_row("hostname", result.hostname)
+    table.add_row("os", f"{result.os.distribution or result.os.system} ({result.os.machine})")
+    table.add_row("cpu", f"{result.cpu.model}, {result.cpu.cores} cores")
+    table.add_row("memory", f"{result.memory.total / gib:.1f} GiB")
+    table.add_row("disk free", f"{result.disk.free / gib:.1f} GiB")
+    gpus = ", ".join(gpu.name for gpu in result.gpus) or "none"
+    table.add_row("gpus", gpus)
+    return table
+
+
+def interfaces_command(ctx: typer.Context) -> None:
+    """This machine's network interfaces and addresses (the original --ni)."""
+    options = options_of(ctx)
+    rows = interfaces()
+    table = Table("interface", "family", "address", "netmask", box=None)
+    for row in rows:
+        table.add_row(row["interface"], row["family"], row["address"], row["netmask"])
+    emit(options, rows, table)
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context) -> None:
+    """Print the config (TOML; JSON with --json)."""
+    options = options_of(ctx)
+    init_home(options.home)
+    config = load(options.home)
+    if options.json:
+        emit(options, config)
+    else:
+        out.print(options.home.config_file.read_text(), end="", markup=False)
+
+
+@config_app.command("set")
+def config_set(ctx: typer.Context, key: str, value: str) -> None:
+    """Set one key, e.g. 'port 9000' or 'trust.mode open'; the file is unchanged on error."""
+    options = options_of(ctx)
+    init_home(options.home)
+    config = set_value(options.home, key, value)
+    current: Any = config.model_dump(mode="json")
+    for part in key.split("."):
+        current = current.get(part) if isinstance(current, dict) else None
+    emit(options, {"key": key, "value": current}, f"{key} = {json.dumps(current)}")
+
+
+@config_app.command("import")
+def config_import(ctx: typer.Context, file: Path) -> None:
+    """Merge an original P2PRC config.json into this node's config."""
+    options = options_of(ctx)
+    init_home(options.home)
+    config, notes = import_original(options.home, file)
+    emit(options, {"config": config.model_dump(mode="json"), "notes": notes}, "\n".join(notes))
