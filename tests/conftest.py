@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +15,9 @@ import pytest
 from p2prc.api import create_app
 from p2prc.client import AsyncClient
 from p2prc.config import Home, NodeConfig
+from p2prc.containers.runtime import FakeRuntime
+from p2prc.containers.service import ContainerService
+from p2prc.containers.store import ContainerStore
 from p2prc.identity import Identity
 from p2prc.node import init_home
 from p2prc.state import State
@@ -44,26 +49,59 @@ class FakeNode:
     config: NodeConfig
     state: State
     home_path: Path
+    runtime: FakeRuntime
+    containers: ContainerService
     port: int = 8088
     started_at: float = field(default_factory=time.time)
     closed: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def container_store(self) -> ContainerStore:
+        return ContainerStore(self.state.connection)
 
     def close(self) -> None:
         self.closed = True
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+
+async def _ssh_answers(host: str, port: int) -> bool:
+    return True
 
 
 @pytest.fixture
 def make_fake_node(tmp_path: Path) -> Iterator[object]:
     states: list[State] = []
 
-    def make(config: NodeConfig | None = None, identity: Identity | None = None) -> FakeNode:
+    def make(
+        config: NodeConfig | None = None,
+        identity: Identity | None = None,
+        runtime: FakeRuntime | None = None,
+    ) -> FakeNode:
         state = State(tmp_path / f"state-{len(states)}.db")
         states.append(state)
+        identity = identity or Identity.generate()
+        config = config or NodeConfig(name="fake")
+        runtime = runtime or FakeRuntime()
+        service = ContainerService(
+            config,
+            identity.node_id,
+            ContainerStore(state.connection),
+            runtime,
+            ssh_probe=_ssh_answers,
+        )
         return FakeNode(
-            identity=identity or Identity.generate(),
-            config=config or NodeConfig(name="fake"),
+            identity=identity,
+            config=config,
             state=state,
             home_path=tmp_path,
+            runtime=runtime,
+            containers=service,
         )
 
     yield make

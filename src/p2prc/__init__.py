@@ -6,14 +6,20 @@ Anything not listed in ``__all__`` is internal and may change without notice.
 __version__ = "0.1.0"
 
 from .client import AsyncClient, Client
-from .config import Home, NodeConfig, Timeouts, TrustConfig
+from .config import ContainerConfig, Home, NodeConfig, Timeouts, TrustConfig
+from .containers.runtime import ContainerRuntime, FakeRuntime
 from .errors import (
     AddressInUse,
     ApiError,
     AuthError,
     ConfigError,
+    ContainerError,
+    ContainerNotFound,
+    GpuUnavailable,
     IdentityError,
+    ImageNotFound,
     InvalidRequest,
+    LimitExceeded,
     NodeAlreadyRunning,
     NodeError,
     NodeNotRunning,
@@ -25,15 +31,26 @@ from .errors import (
     PeerProtocolError,
     PeerTimeout,
     PeerUnreachable,
+    QuotaExceeded,
     RateLimited,
     RequestReplayed,
+    RuntimeUnavailable,
     SignatureExpired,
     SignatureInvalid,
     StateError,
     WrongAudience,
 )
 from .identity import Identity
-from .models import CallerInfo, Health, NodeStatus, Specs
+from .models import (
+    CallerInfo,
+    ContainerView,
+    CreateContainer,
+    Health,
+    ImageList,
+    NodeStatus,
+    Specs,
+    TrackedContainer,
+)
 from .node import Node, init_home
 
 __all__ = [
@@ -44,11 +61,22 @@ __all__ = [
     "CallerInfo",
     "Client",
     "ConfigError",
+    "ContainerConfig",
+    "ContainerError",
+    "ContainerNotFound",
+    "ContainerRuntime",
+    "ContainerView",
+    "CreateContainer",
+    "FakeRuntime",
+    "GpuUnavailable",
     "Health",
     "Home",
     "Identity",
     "IdentityError",
+    "ImageList",
+    "ImageNotFound",
     "InvalidRequest",
+    "LimitExceeded",
     "Node",
     "NodeAlreadyRunning",
     "NodeConfig",
@@ -63,13 +91,16 @@ __all__ = [
     "PeerProtocolError",
     "PeerTimeout",
     "PeerUnreachable",
+    "QuotaExceeded",
     "RateLimited",
     "RequestReplayed",
+    "RuntimeUnavailable",
     "SignatureExpired",
     "SignatureInvalid",
     "Specs",
     "StateError",
     "Timeouts",
+    "TrackedContainer",
     "TrustConfig",
     "WrongAudience",
     "__version__",

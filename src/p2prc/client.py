@@ -11,8 +11,10 @@ back as the same exception classes the node raised::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
-from collections.abc import Coroutine, Generator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from .config import Home, resolve_home, split_address
 from .errors import (
+    InvalidRequest,
     NodeNotRunning,
     P2PRCError,
     PeerProtocolError,
@@ -30,13 +33,28 @@ from .errors import (
     error_class,
 )
 from .identity import Identity
-from .models import CallerInfo, Health, NodeStatus, Specs
+from .models import (
+    CallerInfo,
+    ContainerView,
+    CreateContainer,
+    CreateEvent,
+    Health,
+    ImageList,
+    NodeStatus,
+    RemoteCreate,
+    Specs,
+    TrackedContainer,
+)
 
 __all__ = ["AsyncClient", "Client", "peer_url"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _UNSIGNED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# A GET carrying this header is signed too (reads of private data, such as /tracked).
+_SIGN_HEADER = "P2PRC-Sign"
+
+ProgressCallback = Callable[[str], Any]
 
 
 def peer_url(address: str) -> str:
@@ -64,16 +82,27 @@ def local_api_url(home: Home) -> str:
 
 
 class _SignatureAuth(httpx.Auth):
-    """Signs state-changing requests for the node they are sent to."""
+    """Signs state-changing requests for the node they are sent to.
 
-    requires_response_body = True
+    Async only (the sync ``Client`` runs ``AsyncClient``): the probe that learns the
+    node's id is read here, while the signed request's answer may be a stream.
+    """
 
     def __init__(self, identity: Identity | None) -> None:
         self._identity = identity
         self._audiences: dict[tuple[str, str, int | None], str] = {}
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if request.method in _UNSIGNED_METHODS or self._identity is None:
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        raise RuntimeError("p2prc signs requests only in AsyncClient (Client wraps it).")
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        wants_signature = request.headers.pop(_SIGN_HEADER, None) is not None
+        unsigned = request.method in _UNSIGNED_METHODS and not wants_signature
+        if unsigned or self._identity is None:
             yield request
             return
         origin = (request.url.scheme, request.url.host, request.url.port)
@@ -81,9 +110,10 @@ class _SignatureAuth(httpx.Auth):
         if audience is None:
             probe = httpx.Request("GET", request.url.copy_with(raw_path=b"/status"))
             response = yield probe
+            await response.aread()
             audience = _node_id_from(response)
             self._audiences[origin] = audience
-        body = request.read()
+        body = await request.aread()
         target = request.url.raw_path.decode("ascii")
         request.headers.update(
             self._identity.signed_headers(request.method, target, audience, body)
@@ -161,6 +191,48 @@ class AsyncClient:
         """``POST /shutdown``: stop the node (only its own key may)."""
         await self._call("POST", "/shutdown", Health)
 
+    async def images(self) -> ImageList:
+        """``GET /images``: the images this node offers."""
+        return await self._call("GET", "/images", ImageList)
+
+    async def create_container(
+        self, spec: CreateContainer | None = None, *, progress: ProgressCallback | None = None
+    ) -> ContainerView:
+        """``POST /containers``: a container on this node for the caller."""
+        body = (spec or CreateContainer()).model_dump(mode="json", exclude_none=True)
+        return await self._stream_create("/containers", body, progress)
+
+    async def containers(self) -> list[ContainerView]:
+        """``GET /containers``: the caller's containers on this node (signed)."""
+        response = await self._request("GET", "/containers", signed=True)
+        return _validate_list(ContainerView, response, self.base_url)
+
+    async def remove_container(self, container_id: str) -> None:
+        """``DELETE /containers/ID``."""
+        await self._request("DELETE", f"/containers/{_path_part(container_id)}")
+
+    async def create_on_peer(
+        self,
+        peer: str,
+        spec: CreateContainer | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> ContainerView:
+        """Ask this (local) node to create a container on ``peer`` and track it."""
+        body = RemoteCreate(peer=peer, spec=spec or CreateContainer())
+        return await self._stream_create(
+            "/tracked", body.model_dump(mode="json", exclude_none=True), progress
+        )
+
+    async def tracked(self) -> list[TrackedContainer]:
+        """Containers this node created on peers (the original --tc)."""
+        response = await self._request("GET", "/tracked", signed=True)
+        return _validate_list(TrackedContainer, response, self.base_url)
+
+    async def remove_tracked(self, container_id: str) -> None:
+        """Remove a tracked container (id or unique prefix) on its peer."""
+        await self._request("DELETE", f"/tracked/{_path_part(container_id)}")
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -184,9 +256,35 @@ class AsyncClient:
         except ValidationError as exc:
             raise PeerProtocolError(f"{self.base_url}{path}: unexpected answer: {exc}") from None
 
-    async def _request(self, method: str, path: str, json_body: Any = None) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, json_body: Any = None, *, signed: bool = False
+    ) -> httpx.Response:
+        headers = {_SIGN_HEADER: "1"} if signed else None
+        with self._transport_errors():
+            response = await self._http.request(method, path, json=json_body, headers=headers)
+        _raise_for_error(response)
+        return response
+
+    async def _stream_create(
+        self, path: str, body: Any, progress: ProgressCallback | None
+    ) -> ContainerView:
+        with self._transport_errors():
+            async with self._http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_error(response)
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    view = await _handle_event(line, progress, self.base_url)
+                    if view is not None:
+                        return view
+        raise PeerProtocolError(f"{self.base_url}{path}: the stream ended without a result")
+
+    @contextlib.contextmanager
+    def _transport_errors(self) -> Iterator[None]:
         try:
-            response = await self._http.request(method, path, json=json_body)
+            yield
         except P2PRCError:
             raise
         except httpx.TimeoutException:
@@ -198,8 +296,41 @@ class AsyncClient:
                     "start one with 'p2prc start'"
                 ) from None
             raise PeerUnreachable(f"{self.base_url}: {exc or type(exc).__name__}") from None
-        _raise_for_error(response)
-        return response
+
+
+async def _handle_event(
+    line: str, progress: ProgressCallback | None, base_url: str
+) -> ContainerView | None:
+    try:
+        event = CreateEvent.model_validate_json(line)
+    except ValidationError as exc:
+        raise PeerProtocolError(f"{base_url}: bad progress line: {exc}") from None
+    if event.event == "progress" and event.message and progress is not None:
+        result = progress(event.message)
+        if inspect.isawaitable(result):
+            await result
+    elif event.event == "error" and event.error:
+        code, message = event.error.get("code", ""), event.error.get("message", "")
+        raise error_class(code)(message)
+    elif event.event == "created" and event.container is not None:
+        return event.container
+    return None
+
+
+def _validate_list(model: type[ModelT], response: httpx.Response, base_url: str) -> list[ModelT]:
+    try:
+        items = response.json()
+        if not isinstance(items, list):
+            raise TypeError("expected a list")
+        return [model.model_validate(item) for item in items]
+    except (ValueError, TypeError, ValidationError) as exc:
+        raise PeerProtocolError(f"{base_url}: unexpected answer: {exc}") from None
+
+
+def _path_part(text: str) -> str:
+    if not text or any(c in text for c in "/?#%") or text in (".", ".."):
+        raise InvalidRequest(f"{text!r} is not a container id")
+    return text
 
 
 def _identity_if_any(home: Home) -> Identity | None:
@@ -255,6 +386,42 @@ class Client:
     def shutdown(self) -> None:
         """``POST /shutdown``."""
         self._run(self._async.shutdown())
+
+    def images(self) -> ImageList:
+        """``GET /images``."""
+        return self._run(self._async.images())
+
+    def create_container(
+        self, spec: CreateContainer | None = None, *, progress: ProgressCallback | None = None
+    ) -> ContainerView:
+        """``POST /containers`` on this node."""
+        return self._run(self._async.create_container(spec, progress=progress))
+
+    def containers(self) -> list[ContainerView]:
+        """``GET /containers``."""
+        return self._run(self._async.containers())
+
+    def remove_container(self, container_id: str) -> None:
+        """``DELETE /containers/ID``."""
+        self._run(self._async.remove_container(container_id))
+
+    def create_on_peer(
+        self,
+        peer: str,
+        spec: CreateContainer | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> ContainerView:
+        """Create a container on ``peer`` through the local node, and track it."""
+        return self._run(self._async.create_on_peer(peer, spec, progress=progress))
+
+    def tracked(self) -> list[TrackedContainer]:
+        """Containers this node created on peers."""
+        return self._run(self._async.tracked())
+
+    def remove_tracked(self, container_id: str) -> None:
+        """Remove a tracked container on its peer."""
+        self._run(self._async.remove_tracked(container_id))
 
     def close(self) -> None:
         self._run(self._async.aclose())

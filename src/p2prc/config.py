@@ -23,12 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 __all__ = [
+    "ContainerConfig",
     "Home",
     "NodeConfig",
     "Timeouts",
     "TrustConfig",
     "import_original",
     "load",
+    "parse_duration",
+    "parse_size",
     "resolve_home",
     "save",
     "set_value",
@@ -108,6 +111,71 @@ class Timeouts(_Section):
     shutdown: float = Field(default=3.0, gt=0, le=60)
 
 
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``512MiB``, ``2g``, ``1.5GB`` or a plain number (all binary units)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size like 512MiB or 2g")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``90``, ``30m``, ``2h`` or ``1d``."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration like 90, 30m, 2h or 1d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+class ContainerConfig(_Section):
+    """What this node offers its peers, with defaults and maxima for every resource."""
+
+    images: list[str] = Field(default_factory=lambda: ["p2prc/sshd:latest"])
+    user: str = "p2prc"
+    publish_host: str = "0.0.0.0"
+    default_cpus: float = Field(default=1.0, gt=0)
+    max_cpus: float = Field(default_factory=lambda: float(os.cpu_count() or 1), gt=0)
+    default_memory: str = "1GiB"
+    max_memory: str = "4GiB"
+    pids: int = Field(default=512, ge=16, le=1_000_000)
+    max_ports: int = Field(default=16, ge=0, le=64)
+    max_per_peer: int = Field(default=4, ge=0)
+    max_total: int = Field(default=16, ge=0)
+    default_ttl: str | None = None
+    max_ttl: str = "7d"
+    ssh_wait: float = Field(default=20.0, gt=0, le=300)
+
+    @field_validator("default_memory", "max_memory")
+    @classmethod
+    def _sizes(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @field_validator("default_ttl", "max_ttl")
+    @classmethod
+    def _durations(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @field_validator("publish_host")
+    @classmethod
+    def _publish_host_is_ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
 class NodeConfig(_Section):
     """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
 
@@ -121,6 +189,7 @@ class NodeConfig(_Section):
     custom: dict[str, Any] = Field(default_factory=dict)
     trust: TrustConfig = Field(default_factory=TrustConfig)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    containers: ContainerConfig = Field(default_factory=ContainerConfig)
 
     @field_validator("name")
     @classmethod

@@ -27,6 +27,13 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- PeerUnreachable         peer_unreachable (502)
     |   +-- PeerTimeout             peer_timeout (504), also a TimeoutError
     |   +-- PeerProtocolError       peer_protocol_error (502)
+    +-- ContainerError              container_error (500)
+    |   +-- RuntimeUnavailable      runtime_unavailable (503)
+    |   +-- ImageNotFound           image_not_found (422)
+    |   +-- ContainerNotFound       container_not_found (404)
+    |   +-- GpuUnavailable          gpu_unavailable (422)
+    |   +-- LimitExceeded           limit_exceeded (422)
+    |   +-- QuotaExceeded           quota_exceeded (429)
     +-- ApiError                    api_error (502): an answer with an unknown code
 
 Programmer errors (starting a node twice, using a closed client) are
@@ -43,8 +50,13 @@ __all__ = [
     "ApiError",
     "AuthError",
     "ConfigError",
+    "ContainerError",
+    "ContainerNotFound",
+    "GpuUnavailable",
     "IdentityError",
+    "ImageNotFound",
     "InvalidRequest",
+    "LimitExceeded",
     "NodeAlreadyRunning",
     "NodeError",
     "NodeNotRunning",
@@ -56,8 +68,10 @@ __all__ = [
     "PeerProtocolError",
     "PeerTimeout",
     "PeerUnreachable",
+    "QuotaExceeded",
     "RateLimited",
     "RequestReplayed",
+    "RuntimeUnavailable",
     "SignatureExpired",
     "SignatureInvalid",
     "StateError",
@@ -221,6 +235,54 @@ class PeerProtocolError(PeerError):
     """A node answered with something that cannot be understood."""
 
     code = "peer_protocol_error"
+
+
+class ContainerError(P2PRCError):
+    """A container could not be created, found or removed."""
+
+    code = "container_error"
+
+
+class RuntimeUnavailable(ContainerError):
+    """The container runtime (the Docker daemon) is not reachable."""
+
+    status = 503
+    code = "runtime_unavailable"
+
+
+class ImageNotFound(ContainerError):
+    """The image asked for is not offered by this node."""
+
+    status = 422
+    code = "image_not_found"
+
+
+class ContainerNotFound(ContainerError):
+    """No such container, or not one of the caller's."""
+
+    status = 404
+    code = "container_not_found"
+
+
+class GpuUnavailable(ContainerError):
+    """A GPU was asked for on a node without a GPU runtime."""
+
+    status = 422
+    code = "gpu_unavailable"
+
+
+class LimitExceeded(ContainerError):
+    """A resource asked for is above this node's maximum."""
+
+    status = 422
+    code = "limit_exceeded"
+
+
+class QuotaExceeded(ContainerError):
+    """The caller, or the node, already runs as many containers as allowed."""
+
+    status = 429
+    code = "quota_exceeded"
 
 
 class ApiError(P2PRCError):

@@ -6,14 +6,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "CallerInfo",
+    "ContainerView",
     "CpuInfo",
+    "CreateContainer",
+    "CreateEvent",
     "DiskInfo",
     "GpuInfo",
     "Health",
+    "ImageList",
     "MemoryInfo",
     "NodeStatus",
     "OsInfo",
+    "PortMapping",
+    "RemoteCreate",
     "Specs",
+    "SshAccess",
+    "TrackedContainer",
 ]
 
 
@@ -90,3 +98,100 @@ class CallerInfo(_Model):
 
     node_id: str
     role: str = Field(description="'owner' for the node's own key, else 'peer'")
+    public_key: str = Field(description="The caller's Ed25519 public key, base64url")
+
+
+# Containers ---------------------------------------------------------------------------
+
+_CONTAINER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# A Docker image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path.
+IMAGE_REFERENCE = (
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]{1,5})?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(?:@sha256:[a-f0-9]{64})?$"
+)
+
+
+class CreateContainer(BaseModel):
+    """What a caller asks for; the node applies its defaults and maxima."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, pattern=_CONTAINER_NAME)
+    image: str | None = Field(default=None, max_length=255, pattern=IMAGE_REFERENCE)
+    ports: int = Field(default=0, ge=0, le=64, description="How many extra TCP ports to publish")
+    gpu: bool = False
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    memory: str | None = Field(
+        default=None, max_length=32, description="Bytes, or with a unit: 512MiB, 2GiB, 1g"
+    )
+    ttl: str | None = Field(
+        default=None, max_length=32, description="Lease: seconds, or 30m, 2h, 1d; none = no expiry"
+    )
+    authorized_keys: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Extra OpenSSH public keys; the caller's node key is always installed",
+    )
+
+
+class SshAccess(_Model):
+    host: str
+    port: int
+    user: str
+
+
+class PortMapping(_Model):
+    container_port: int
+    host_port: int
+
+
+class ContainerView(_Model):
+    """A container on a peer, as its creator sees it."""
+
+    id: str
+    name: str
+    peer: str = Field(description="The hosting node's id")
+    image: str
+    ssh: SshAccess
+    ports: list[PortMapping]
+    gpu: bool
+    cpus: float
+    memory: int
+    owner: str = Field(description="Node id of the creator")
+    created_at: float
+    expires_at: float | None = None
+    status: str = "running"
+
+
+class CreateEvent(_Model):
+    """One line of the NDJSON stream a create request answers with."""
+
+    event: str = Field(description="'progress', 'created' or 'error'")
+    message: str | None = None
+    container: ContainerView | None = None
+    error: dict[str, str] | None = None
+
+
+class ImageList(_Model):
+    """Images a node offers to its peers."""
+
+    default: str
+    images: list[str]
+    available: list[str] = Field(description="Offered images that are present right now")
+
+
+class RemoteCreate(BaseModel):
+    """Ask the local node to create a container on a peer and track it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    peer: str = Field(min_length=1, max_length=300)
+    spec: CreateContainer = Field(default_factory=CreateContainer)
+
+
+class TrackedContainer(_Model):
+    """A container this node created on a peer (the original --tc list)."""
+
+    container: ContainerView
+    peer_address: str

@@ -21,6 +21,9 @@ import uvicorn
 
 from .api import create_app
 from .config import Home, NodeConfig, atomic_write
+from .containers.runtime import ContainerRuntime
+from .containers.service import ContainerService
+from .containers.store import ContainerStore
 from .errors import AddressInUse, NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .state import State
@@ -93,8 +96,11 @@ class Node:
         identity: Identity | None = None,
         host: str | None = None,
         port: int | None = None,
+        runtime: ContainerRuntime | None = None,
     ) -> None:
         self._config = config
+        self._runtime = runtime
+        self._containers: ContainerService | None = None
         self._home = home
         self._identity = identity
         self._host = host if host is not None else config.host
@@ -130,6 +136,16 @@ class Node:
         if self._state is None:
             raise RuntimeError("The node's state is open only while it runs.")
         return self._state
+
+    @property
+    def containers(self) -> ContainerService:
+        if self._containers is None:
+            raise RuntimeError("The container service runs only while the node runs.")
+        return self._containers
+
+    @property
+    def container_store(self) -> ContainerStore:
+        return ContainerStore(self.state.connection)
 
     @property
     def home_path(self) -> Path:
@@ -220,6 +236,10 @@ class Node:
     ) -> None:
         await self.aclose()
 
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        """Run a background task owned by the node; it is cancelled when the node closes."""
+        return self._spawn(coro, name=name)
+
     def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
@@ -235,6 +255,15 @@ class Node:
 
     async def _start_components(self) -> None:
         """Start each feature's component; each later feature adds its line here."""
+        runtime = self._runtime
+        if runtime is None:
+            from .containers.docker import DockerRuntime
+
+            runtime = self._runtime = DockerRuntime()
+        service = ContainerService(
+            self._config, self.identity.node_id, self.container_store, runtime
+        )
+        self._containers = await self._stack.enter_async_context(service)
 
     async def _serve_done(self) -> None:
         for task in list(self._tasks):

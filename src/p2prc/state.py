@@ -30,6 +30,24 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX seen_nonces_expires ON seen_nonces (expires);
     """,
+    # 2: containers this node hosts for peers, and containers it created on peers.
+    """
+    CREATE TABLE hosted_containers (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        view TEXT NOT NULL,
+        expires_at REAL
+    );
+    CREATE INDEX hosted_containers_owner ON hosted_containers (owner);
+    CREATE TABLE tracked_containers (
+        id TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        peer_address TEXT NOT NULL,
+        view TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (peer, id)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -1,9 +1,11 @@
 """Routes of the node's HTTP API and the one error-to-response table."""
 
+import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,11 +15,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import NodeConfig
+from ..containers.service import ContainerService
+from ..containers.store import ContainerStore
 from ..errors import P2PRCError
 from ..identity import Identity
 from ..models import CallerInfo, Health, NodeStatus, Specs
 from ..specs import collect_specs, own_addresses
 from ..state import State
+from . import containers
 from .auth import RequestVerifier
 
 __all__ = ["NodeView", "create_app"]
@@ -42,7 +47,12 @@ class NodeView(Protocol):
     def port(self) -> int: ...
     @property
     def started_at(self) -> float: ...
+    @property
+    def containers(self) -> ContainerService: ...
+    @property
+    def container_store(self) -> ContainerStore: ...
     def close(self) -> None: ...
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -130,4 +140,5 @@ def create_app(node: NodeView) -> FastAPI:
         node.close()
         return Health()
 
+    app.include_router(containers.router(node, verifier))
     return app

@@ -26,6 +26,7 @@ from ..identity import (
     HEADER_TIMESTAMP,
     Identity,
     b64decode,
+    b64encode,
     node_id_of,
     parse_public_key,
     signing_message,
@@ -98,7 +99,9 @@ class RequestVerifier:
         if not fresh:
             raise RequestReplayed("this request was already received")
         role = "owner" if public_key == self._identity.public_key else "peer"
-        return CallerInfo(node_id=node_id_of(public_key), role=role)
+        return CallerInfo(
+            node_id=node_id_of(public_key), role=role, public_key=b64encode(public_key)
+        )
 
 
 def _target(request: Request) -> str:

@@ -1,0 +1,153 @@
+"""Container routes: peers create and remove containers here; the owner tracks its own."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Annotated, Any, Protocol
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from ..containers.service import ContainerService
+from ..containers.store import ContainerStore
+from ..errors import ContainerNotFound, InvalidRequest, P2PRCError
+from ..identity import Identity
+from ..models import (
+    CallerInfo,
+    ContainerView,
+    CreateContainer,
+    CreateEvent,
+    ImageList,
+    RemoteCreate,
+    TrackedContainer,
+)
+from .auth import RequestVerifier
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+_NDJSON = "application/x-ndjson"
+
+
+class ContainerNode(Protocol):
+    """What these routes need from a node."""
+
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def containers(self) -> ContainerService: ...
+    @property
+    def container_store(self) -> ContainerStore: ...
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
+
+
+Work = Callable[[Callable[[str], Awaitable[None]]], Awaitable[ContainerView]]
+
+
+def _event_stream(node: ContainerNode, work: Work) -> StreamingResponse:
+    """Run ``work`` as a node task and stream its progress as NDJSON lines.
+
+    The work runs to the end even if the caller disconnects, so a container is never
+    left half-created; it is then listed by ``GET /containers``.
+    """
+    queue: asyncio.Queue[CreateEvent | None] = asyncio.Queue()
+
+    async def progress(message: str) -> None:
+        await queue.put(CreateEvent(event="progress", message=message))
+
+    async def run() -> None:
+        try:
+            view = await work(progress)
+            await queue.put(CreateEvent(event="created", container=view))
+        except P2PRCError as exc:
+            await queue.put(CreateEvent(event="error", error=exc.to_body()["error"]))
+        finally:
+            await queue.put(None)
+
+    node.spawn(run(), name="container-create")
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield CreateEvent(event="progress", message="accepted").model_dump_json().encode() + b"\n"
+        while (event := await queue.get()) is not None:
+            yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type=_NDJSON)
+
+
+def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
+    """Routes under /containers, /images and /tracked."""
+    routes = APIRouter(tags=["containers"])
+    Peer = Annotated[CallerInfo, Depends(verifier.peer)]
+    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
+
+    @routes.get("/images")
+    async def images() -> ImageList:
+        """Images this node offers (the original /ShowImages)."""
+        return await node.containers.images()
+
+    @routes.post("/containers", response_model=CreateEvent)
+    async def create(body: CreateContainer, request: Request, caller: Peer) -> StreamingResponse:
+        """Create a container for the caller; answers NDJSON progress, then the container."""
+        await node.containers.validate(body, caller)
+        host = request.url.hostname or "127.0.0.1"
+        return _event_stream(
+            node, lambda progress: node.containers.create(body, caller, host, progress)
+        )
+
+    @routes.get("/containers")
+    async def list_containers(caller: Peer) -> list[ContainerView]:
+        """The caller's containers on this node (all of them for the owner)."""
+        return node.containers.owned_by(caller)
+
+    @routes.delete("/containers/{container_id}")
+    async def remove(container_id: str, caller: Peer) -> dict[str, str]:
+        """Remove one of the caller's containers (the owner may remove any)."""
+        await node.containers.remove(container_id, caller)
+        return {"removed": container_id}
+
+    @routes.post("/tracked", response_model=CreateEvent)
+    async def create_on_peer(body: RemoteCreate, caller: Owner) -> StreamingResponse:
+        """Create a container on a peer for this node's owner, and track it."""
+        from ..client import AsyncClient, peer_url
+
+        address = peer_url(body.peer)
+
+        async def work(progress: Callable[[str], Awaitable[None]]) -> ContainerView:
+            async with AsyncClient(address, identity=node.identity) as peer:
+                view = await peer.create_container(body.spec, progress=progress)
+            node.container_store.add_tracked(TrackedContainer(container=view, peer_address=address))
+            return view
+
+        return _event_stream(node, work)
+
+    @routes.get("/tracked")
+    async def tracked(caller: Owner) -> list[TrackedContainer]:
+        """Containers this node created on peers (the original --tc)."""
+        return node.container_store.tracked()
+
+    @routes.delete("/tracked/{container_id}")
+    async def remove_on_peer(container_id: str, caller: Owner) -> dict[str, str]:
+        """Remove a tracked container on its peer, then forget it."""
+        from ..client import AsyncClient
+
+        item = _one_tracked(node.container_store, container_id)
+        view = item.container
+        async with AsyncClient(item.peer_address, identity=node.identity) as peer:
+            try:
+                await peer.remove_container(view.id)
+            except ContainerNotFound:
+                log.info("container %s was already gone on its peer", view.id)
+        node.container_store.remove_tracked(view.peer, view.id)
+        return {"removed": view.id}
+
+    return routes
+
+
+def _one_tracked(store: ContainerStore, prefix: str) -> TrackedContainer:
+    matches = store.find_tracked(prefix)
+    if not matches:
+        raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
+    if len(matches) > 1:
+        raise InvalidRequest(f"{prefix!r} matches {len(matches)} containers; give more of the id")
+    return matches[0]

@@ -1,0 +1,133 @@
+"""The container runtime seam: what the node asks of Docker, and a fake for tests."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from ..errors import ContainerNotFound, GpuUnavailable, ImageNotFound
+
+__all__ = ["ContainerInfo", "ContainerRuntime", "ContainerSpec", "FakeRuntime", "PortBinding"]
+
+SSH_PORT = 22
+LABEL_NODE = "p2prc.node"
+LABEL_OWNER = "p2prc.owner"
+LABEL_EXPIRES = "p2prc.expires"
+
+
+@dataclass(frozen=True, slots=True)
+class PortBinding:
+    """A container port published on a host port."""
+
+    container_port: int
+    host_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything needed to start one container; validated before it gets here."""
+
+    name: str
+    image: str
+    cpus: float
+    memory: int
+    pids: int
+    ports: tuple[int, ...]
+    gpu: bool
+    authorized_keys: tuple[str, ...]
+    labels: dict[str, str] = field(default_factory=dict)
+    publish_host: str = "0.0.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerInfo:
+    """A running (or stopped) container as the runtime sees it."""
+
+    id: str
+    name: str
+    image: str
+    status: str
+    ssh_port: int | None
+    ports: tuple[PortBinding, ...]
+    gpu: bool
+    labels: dict[str, str]
+
+
+class ContainerRuntime(Protocol):
+    """What the node needs from a container engine; every call may raise our errors."""
+
+    async def create(self, spec: ContainerSpec) -> ContainerInfo: ...
+    async def remove(self, container_id: str) -> None: ...
+    async def get(self, container_id: str) -> ContainerInfo: ...
+    async def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]: ...
+    async def images(self) -> list[str]: ...
+    async def has_gpu_runtime(self) -> bool: ...
+    async def aclose(self) -> None: ...
+
+
+class FakeRuntime:
+    """An in-memory runtime for unit tests: no Docker, no sockets."""
+
+    def __init__(self, images: list[str] | None = None, *, gpu: bool = False) -> None:
+        self.containers: dict[str, ContainerInfo] = {}
+        self.specs: dict[str, ContainerSpec] = {}
+        self._images = images if images is not None else ["p2prc/sshd:latest"]
+        self._gpu = gpu
+        self._ports = itertools.count(40000)
+        self.closed = False
+
+    async def create(self, spec: ContainerSpec) -> ContainerInfo:
+        if spec.image not in self._images:
+            raise ImageNotFound(f"image {spec.image!r} is not available on this node")
+        if spec.gpu and not self._gpu:
+            raise GpuUnavailable("this node has no GPU runtime")
+        container_id = secrets.token_hex(6)
+        info = ContainerInfo(
+            id=container_id,
+            name=spec.name,
+            image=spec.image,
+            status="running",
+            ssh_port=next(self._ports),
+            ports=tuple(PortBinding(port, next(self._ports)) for port in spec.ports),
+            gpu=spec.gpu,
+            labels=dict(spec.labels),
+        )
+        self.containers[container_id] = info
+        self.specs[container_id] = spec
+        return info
+
+    async def remove(self, container_id: str) -> None:
+        if self.containers.pop(container_id, None) is None:
+            raise ContainerNotFound(f"no container {container_id}")
+
+    async def get(self, container_id: str) -> ContainerInfo:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise ContainerNotFound(f"no container {container_id}") from None
+
+    async def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        return [
+            info
+            for info in self.containers.values()
+            if all(info.labels.get(key) == value for key, value in labels.items())
+        ]
+
+    async def images(self) -> list[str]:
+        return list(self._images)
+
+    async def has_gpu_runtime(self) -> bool:
+        return self._gpu
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def stop_outside(self, container_id: str) -> None:
+        """Test helper: the container vanished without the node's knowledge."""
+        self.containers.pop(container_id, None)
+
+    def mark(self, container_id: str, status: str) -> None:
+        """Test helper: change a container's status."""
+        self.containers[container_id] = replace(self.containers[container_id], status=status)

@@ -1,0 +1,350 @@
+"""Containers this node hosts for its peers: validation, limits, ownership, leases."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from ..config import NodeConfig, parse_duration, parse_size
+from ..errors import (
+    ContainerError,
+    ContainerNotFound,
+    GpuUnavailable,
+    ImageNotFound,
+    InvalidRequest,
+    LimitExceeded,
+    P2PRCError,
+    QuotaExceeded,
+)
+from ..identity import b64decode
+from ..models import CallerInfo, ContainerView, CreateContainer, ImageList, PortMapping, SshAccess
+from .runtime import (
+    LABEL_EXPIRES,
+    LABEL_NODE,
+    LABEL_OWNER,
+    ContainerInfo,
+    ContainerRuntime,
+    ContainerSpec,
+)
+from .store import ContainerStore
+
+__all__ = ["ContainerService", "Progress"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], Awaitable[None]]
+
+# Extra ports asked for with --ports N are container ports 8000 .. 8000 + N - 1.
+FIRST_EXTRA_PORT = 8000
+_MIN_MEMORY = 32 * 1024**2
+_EXPIRY_INTERVAL = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    spec: ContainerSpec
+    expires_at: float | None
+
+
+class ContainerService:
+    """Creates, lists and removes the containers peers run on this node."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        node_id: str,
+        store: ContainerStore,
+        runtime: ContainerRuntime,
+        clock: Callable[[], float] = time.time,
+        ssh_probe: Callable[[str, int], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._ssh_probe = ssh_probe or _ssh_banner
+        self._config = config
+        self._limits = config.containers
+        self._node_id = node_id
+        self._store = store
+        self._runtime = runtime
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._pending: dict[str, str] = {}
+        self._expiry: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<ContainerService [{len(self._store.hosted())} hosted | {self._runtime!r}]>"
+
+    @property
+    def runtime(self) -> ContainerRuntime:
+        return self._runtime
+
+    async def start(self) -> None:
+        """Reconcile records with the runtime, then expire leases in the background."""
+        await self.reconcile()
+        self._expiry = asyncio.create_task(self._expire_loop(), name="container-expiry")
+
+    async def aclose(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
+        await self._runtime.aclose()
+
+    async def __aenter__(self) -> ContainerService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def offered_images(self) -> list[str]:
+        return list(dict.fromkeys([self._config.default_image, *self._limits.images]))
+
+    async def images(self) -> ImageList:
+        try:
+            present: set[str] = set(await self._runtime.images())
+        except P2PRCError:
+            present = set()
+        offered = self.offered_images()
+        available = [image for image in offered if image in present]
+        return ImageList(default=self._config.default_image, images=offered, available=available)
+
+    def owned_by(self, caller: CallerInfo) -> list[ContainerView]:
+        """The caller's containers here; the node's owner sees all."""
+        return self._store.hosted(None if caller.role == "owner" else caller.node_id)
+
+    async def validate(self, request: CreateContainer, caller: CallerInfo) -> None:
+        """Raise the error a create request would meet before anything starts."""
+        plan = self._plan(request, caller)
+        self._check_quota(caller, plan.spec.name)
+        await self._check_gpu(plan)
+
+    async def create(
+        self, request: CreateContainer, caller: CallerInfo, ssh_host: str, progress: Progress
+    ) -> ContainerView:
+        """Validate, reserve a quota slot, start the container and wait until SSH answers."""
+        plan = self._plan(request, caller)
+        await self._check_gpu(plan)
+        async with self._lock:
+            self._check_quota(caller, plan.spec.name)
+            self._pending[plan.spec.name] = caller.node_id
+        try:
+            await progress(f"starting {plan.spec.image}")
+            info = await self._runtime.create(plan.spec)
+            try:
+                await progress("waiting for sshd")
+                await self._wait_for_ssh(info)
+            except BaseException:
+                with contextlib.suppress(P2PRCError):
+                    await self._runtime.remove(info.id)
+                raise
+            view = self._view(info, plan, caller.node_id, ssh_host)
+            self._store.add_hosted(view)
+        finally:
+            self._pending.pop(plan.spec.name, None)
+        log.info("container %s created for %s", view.id, caller.node_id)
+        return view
+
+    async def remove(self, container_id: str, caller: CallerInfo) -> None:
+        """Remove a container; only its creator or this node's owner may."""
+        view = self._store.get_hosted(container_id)
+        if view is None or (caller.role != "owner" and view.owner != caller.node_id):
+            raise ContainerNotFound(f"no container {container_id} of yours on this node")
+        with contextlib.suppress(ContainerNotFound):
+            await self._runtime.remove(container_id)
+        self._store.remove_hosted(container_id)
+        log.info("container %s removed by %s", container_id, caller.node_id)
+
+    async def reconcile(self) -> None:
+        """Make the records match what the runtime really has."""
+        try:
+            present = {
+                info.id: info
+                for info in await self._runtime.list_containers({LABEL_NODE: self._node_id})
+            }
+        except P2PRCError as exc:
+            log.warning("cannot reconcile containers now: %s", exc)
+            return
+        for view in self._store.hosted():
+            if view.id not in present or present[view.id].status in ("exited", "dead"):
+                log.info("container %s is gone; forgetting it", view.id)
+                with contextlib.suppress(P2PRCError):
+                    await self._runtime.remove(view.id)
+                self._store.remove_hosted(view.id)
+
+    async def expire(self) -> list[str]:
+        """Remove every container whose lease has run out."""
+        expired = self._store.expired(self._clock())
+        for container_id in expired:
+            log.info("lease of container %s ran out", container_id)
+            with contextlib.suppress(ContainerNotFound):
+                await self._runtime.remove(container_id)
+            self._store.remove_hosted(container_id)
+        return expired
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_EXPIRY_INTERVAL)
+            try:
+                await self.expire()
+            except P2PRCError as exc:
+                log.warning("lease expiry failed, will retry: %s", exc)
+
+    async def _check_gpu(self, plan: _Plan) -> None:
+        if plan.spec.gpu and not await self._runtime.has_gpu_runtime():
+            raise GpuUnavailable("this node has no GPU runtime; ask a peer whose specs list GPUs")
+
+    def _check_quota(self, caller: CallerInfo, name: str) -> None:
+        hosted = self._store.hosted()
+        if any(view.name == name for view in hosted) or name in self._pending:
+            raise InvalidRequest(f"name: a container named {name!r} already exists here")
+        mine = sum(1 for view in hosted if view.owner == caller.node_id)
+        mine += sum(1 for owner in self._pending.values() if owner == caller.node_id)
+        if caller.role != "owner" and mine >= self._limits.max_per_peer:
+            raise QuotaExceeded(f"you already run {mine} containers here (limit per peer)")
+        if len(hosted) + len(self._pending) >= self._limits.max_total:
+            raise QuotaExceeded("this node runs as many containers as it allows")
+
+    def _plan(self, request: CreateContainer, caller: CallerInfo) -> _Plan:
+        limits = self._limits
+        image = request.image or self._config.default_image
+        if image not in self.offered_images():
+            offered = ", ".join(self.offered_images())
+            raise ImageNotFound(f"image {image!r} is not offered by this node (offered: {offered})")
+        cpus = request.cpus if request.cpus is not None else limits.default_cpus
+        if cpus > limits.max_cpus:
+            raise LimitExceeded(f"cpus {cpus:g} is above this node's maximum {limits.max_cpus:g}")
+        memory = _size("memory", request.memory or limits.default_memory)
+        if memory < _MIN_MEMORY:
+            raise InvalidRequest("memory: at least 32MiB")
+        if memory > parse_size(limits.max_memory):
+            raise LimitExceeded(f"memory is above this node's maximum {limits.max_memory}")
+        if request.ports > limits.max_ports:
+            raise LimitExceeded(
+                f"ports {request.ports} is above this node's maximum {limits.max_ports}"
+            )
+        expires_at = self._expiry_time(request.ttl)
+        keys = (
+            _caller_key(caller),
+            *(_clean_key(index, key) for index, key in enumerate(request.authorized_keys)),
+        )
+        name = f"p2prc-{request.name or secrets.token_hex(4)}"
+        labels = {LABEL_NODE: self._node_id, LABEL_OWNER: caller.node_id}
+        if expires_at is not None:
+            labels[LABEL_EXPIRES] = str(int(expires_at))
+        spec = ContainerSpec(
+            name=name,
+            image=image,
+            cpus=cpus,
+            memory=memory,
+            pids=limits.pids,
+            ports=tuple(range(FIRST_EXTRA_PORT, FIRST_EXTRA_PORT + request.ports)),
+            gpu=request.gpu,
+            authorized_keys=keys,
+            labels=labels,
+            publish_host=limits.publish_host,
+        )
+        return _Plan(spec=spec, expires_at=expires_at)
+
+    def _expiry_time(self, ttl: str | None) -> float | None:
+        text = ttl if ttl is not None else self._limits.default_ttl
+        if text is None:
+            return None
+        try:
+            seconds = parse_duration(text)
+        except ValueError as exc:
+            raise InvalidRequest(f"ttl: {exc}") from None
+        if seconds <= 0:
+            raise InvalidRequest("ttl: must be positive")
+        if seconds > parse_duration(self._limits.max_ttl):
+            raise LimitExceeded(f"ttl is above this node's maximum {self._limits.max_ttl}")
+        return self._clock() + seconds
+
+    async def _wait_for_ssh(self, info: ContainerInfo) -> None:
+        if info.ssh_port is None:
+            raise ContainerError("the image publishes no SSH port")
+        host = (
+            "127.0.0.1"
+            if self._limits.publish_host in ("0.0.0.0", "::")
+            else self._limits.publish_host
+        )
+        deadline = time.monotonic() + self._limits.ssh_wait
+        while time.monotonic() < deadline:
+            if await self._ssh_probe(host, info.ssh_port):
+                return
+            await asyncio.sleep(0.05)
+        raise ContainerError(
+            f"sshd in the container did not answer within {self._limits.ssh_wait:g} s"
+        )
+
+    def _view(self, info: ContainerInfo, plan: _Plan, owner: str, ssh_host: str) -> ContainerView:
+        assert info.ssh_port is not None
+        return ContainerView(
+            id=info.id,
+            name=info.name,
+            peer=self._node_id,
+            image=plan.spec.image,
+            ssh=SshAccess(host=ssh_host, port=info.ssh_port, user=self._limits.user),
+            ports=[
+                PortMapping(container_port=p.container_port, host_port=p.host_port)
+                for p in info.ports
+            ],
+            gpu=plan.spec.gpu,
+            cpus=plan.spec.cpus,
+            memory=plan.spec.memory,
+            owner=owner,
+            created_at=self._clock(),
+            expires_at=plan.expires_at,
+        )
+
+
+async def _ssh_banner(host: str, port: int) -> bool:
+    """Whether an SSH server answers with its banner at host:port."""
+    try:
+        async with asyncio.timeout(1.0):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                return (await reader.read(4)) == b"SSH-"
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return False
+
+
+def _size(field: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: {exc}") from None
+
+
+def _caller_key(caller: CallerInfo) -> str:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = Ed25519PublicKey.from_public_bytes(b64decode(caller.public_key))
+    return _openssh(key)
+
+
+def _clean_key(index: int, text: str) -> str:
+    """Re-serialise a public key so only its type and data reach the container."""
+    try:
+        key = serialization.load_ssh_public_key(text.strip().encode())
+    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm) as exc:
+        raise InvalidRequest(
+            f"authorized_keys[{index}]: not an OpenSSH public key ({exc})"
+        ) from None
+    return _openssh(key)
+
+
+def _openssh(key: object) -> str:
+    public = key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return bytes(public).decode()
