@@ -13,8 +13,15 @@ from typing import Annotated, NoReturn
 import typer
 
 from .. import __version__
-from ..errors import P2PRCError
-from ._common import emit, err, options_of, out
+from ..errors import InvalidRequest, P2PRCError
+from ._common import Options, emit, err, options_of, out
+from ._containers import (
+    container_app,
+    create_container,
+    images,
+    list_containers,
+    remove_container,
+)
 from ._node import config_app, config_show, init, interfaces_command, specs, start, status, stop
 
 __all__ = ["app", "main"]
@@ -68,6 +75,15 @@ for command in (init, start, status, stop, specs):
     app.command()(command)
 app.command("interfaces")(interfaces_command)
 app.add_typer(config_app, name="config")
+app.add_typer(container_app, name="container")
+
+
+@app.command("images")
+def images_command(
+    ctx: typer.Context, peer: Annotated[str, typer.Argument(help="host:port of the peer.")]
+) -> None:
+    """Images a peer offers for containers (the original --vi)."""
+    images(options_of(ctx), peer)
 
 
 @app.callback(invoke_without_command=True)
@@ -86,6 +102,19 @@ def _root(
     ni: Annotated[bool, typer.Option("--ni", "--NetworkInterfaces", help="Legacy.")] = False,
     vc: Annotated[bool, typer.Option("--vc", "--ViewConfig", help="Legacy.")] = False,
     dc: Annotated[bool, typer.Option("--dc", "--SetDefaultConfig", help="Legacy.")] = False,
+    touch: Annotated[
+        str | None, typer.Option("--touch", "--CreateVM", help="Legacy: container create ADDR.")
+    ] = None,
+    ports: Annotated[int, typer.Option("-p", "--Ports", min=0, help="Legacy: with --touch.")] = 0,
+    gpu: Annotated[bool, typer.Option("--gpu", "--UseGpu", help="Legacy: with --touch.")] = False,
+    cn: Annotated[str | None, typer.Option("--cn", "--ContainerName", help="Legacy.")] = None,
+    bi: Annotated[str | None, typer.Option("--bi", "--BaseImage", help="Legacy.")] = None,
+    rm: Annotated[
+        str | None, typer.Option("--rm", "--RemoveVM", help="Legacy: container rm (ADDR --id ID).")
+    ] = None,
+    container_id: Annotated[str | None, typer.Option("--id", "--ID", help="Legacy.")] = None,
+    tc: Annotated[bool, typer.Option("--tc", "--TrackedContainers", help="Legacy.")] = False,
+    vi: Annotated[str | None, typer.Option("--vi", "--ViewImages", help="Legacy.")] = None,
 ) -> None:
     options = options_of(ctx)
     options.json, options.debug, options.home_arg = json_output, debug, home
@@ -97,6 +126,13 @@ def _root(
         (vc, lambda: config_show(ctx)),
         (ni, lambda: interfaces_command(ctx)),
         (specs_addr is not None, lambda: specs(ctx, specs_addr)),
+        (vi is not None, lambda: images(options, str(vi))),
+        (
+            touch is not None,
+            lambda: create_container(options, str(touch), ports=ports, gpu=gpu, name=cn, image=bi),
+        ),
+        (rm is not None, lambda: _legacy_remove(options, container_id)),
+        (tc, lambda: list_containers(options)),
         (server, lambda: start(ctx)),
     ]
     ran = False
@@ -108,6 +144,12 @@ def _root(
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
         out.print(ctx.get_help())
+
+
+def _legacy_remove(options: Options, container_id: str | None) -> None:
+    if not container_id:
+        raise InvalidRequest("provide the container id with --id")
+    remove_container(options, container_id)
 
 
 def _normalise_legacy(argv: list[str]) -> list[str]:

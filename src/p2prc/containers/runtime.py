@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 from dataclasses import dataclass, field, replace
@@ -70,8 +71,14 @@ class ContainerRuntime(Protocol):
 class FakeRuntime:
     """An in-memory runtime for unit tests: no Docker, no sockets."""
 
-    def __init__(self, images: list[str] | None = None, *, gpu: bool = False) -> None:
+    def __init__(
+        self, images: list[str] | None = None, *, gpu: bool = False, ssh_banner: bool = False
+    ) -> None:
         self.containers: dict[str, ContainerInfo] = {}
+        # With ssh_banner, each container's SSH port is a real loopback socket that greets
+        # like sshd, so a node's readiness check passes without Docker.
+        self._ssh_banner = ssh_banner
+        self._servers: dict[str, asyncio.Server] = {}
         self.specs: dict[str, ContainerSpec] = {}
         self._images = images if images is not None else ["p2prc/sshd:latest"]
         self._gpu = gpu
@@ -84,12 +91,17 @@ class FakeRuntime:
         if spec.gpu and not self._gpu:
             raise GpuUnavailable("this node has no GPU runtime")
         container_id = secrets.token_hex(6)
+        ssh_port = next(self._ports)
+        if self._ssh_banner:
+            server = await asyncio.start_server(_greet, "127.0.0.1", 0)
+            self._servers[container_id] = server
+            ssh_port = server.sockets[0].getsockname()[1]
         info = ContainerInfo(
             id=container_id,
             name=spec.name,
             image=spec.image,
             status="running",
-            ssh_port=next(self._ports),
+            ssh_port=ssh_port,
             ports=tuple(PortBinding(port, next(self._ports)) for port in spec.ports),
             gpu=spec.gpu,
             labels=dict(spec.labels),
@@ -99,8 +111,15 @@ class FakeRuntime:
         return info
 
     async def remove(self, container_id: str) -> None:
+        await self._close_server(container_id)
         if self.containers.pop(container_id, None) is None:
             raise ContainerNotFound(f"no container {container_id}")
+
+    async def _close_server(self, container_id: str) -> None:
+        server = self._servers.pop(container_id, None)
+        if server is not None:
+            server.close()
+            await server.wait_closed()
 
     async def get(self, container_id: str) -> ContainerInfo:
         try:
@@ -122,6 +141,8 @@ class FakeRuntime:
         return self._gpu
 
     async def aclose(self) -> None:
+        for container_id in list(self._servers):
+            await self._close_server(container_id)
         self.closed = True
 
     def stop_outside(self, container_id: str) -> None:
@@ -131,3 +152,9 @@ class FakeRuntime:
     def mark(self, container_id: str, status: str) -> None:
         """Test helper: change a container's status."""
         self.containers[container_id] = replace(self.containers[container_id], status=status)
+
+
+async def _greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"SSH-2.0-p2prc-fake\r\n")
+    await writer.drain()
+    writer.close()

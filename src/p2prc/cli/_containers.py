@@ -1,0 +1,187 @@
+"""``p2prc container ...`` and ``p2prc images``: containers on peers."""
+
+import os
+import shutil
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from ..client import Client
+from ..config import Home
+from ..errors import ContainerNotFound, InvalidRequest
+from ..models import ContainerView, CreateContainer, TrackedContainer
+from ._common import Options, emit, err, options_of
+
+__all__ = ["container_app", "create_container", "images", "list_containers", "remove_container"]
+
+container_app = typer.Typer(help="Containers on peers: create, list, remove, log in.")
+
+
+def create_container(
+    options: Options,
+    peer: str,
+    *,
+    ports: int = 0,
+    gpu: bool = False,
+    name: str | None = None,
+    image: str | None = None,
+    cpus: float | None = None,
+    memory: str | None = None,
+    ttl: str | None = None,
+    keys: list[str] | None = None,
+) -> None:
+    """Create a container on ``peer`` through the local node, showing progress."""
+    try:
+        spec = CreateContainer(
+            ports=ports,
+            gpu=gpu,
+            name=name,
+            image=image,
+            cpus=cpus,
+            memory=memory,
+            ttl=ttl,
+            authorized_keys=keys or [],
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(problems) from None
+    with Client(home=options.home) as client, err.status(f"asking {peer} for a container"):
+        view = client.create_on_peer(peer, spec, progress=lambda text: err.log(text))
+    emit(options, view, _container_table([view]))
+    if not options.json:
+        err.print(f"log in with: p2prc container ssh {view.id}")
+
+
+@container_app.command("create")
+def create_command(
+    ctx: typer.Context,
+    peer: Annotated[str, typer.Argument(help="host:port of the peer (or its URL).")],
+    ports: Annotated[int, typer.Option("--ports", "-p", min=0, help="Extra TCP ports.")] = 0,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Ask for the peer's GPUs.")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="Container name.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="An image the peer offers.")] = None,
+    cpus: Annotated[float | None, typer.Option("--cpus", help="CPU cores, e.g. 1.5.")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="e.g. 2GiB.")] = None,
+    ttl: Annotated[str | None, typer.Option("--ttl", help="Lease, e.g. 2h; none = kept.")] = None,
+    key: Annotated[
+        list[str] | None, typer.Option("--key", help="Extra OpenSSH public key (repeatable).")
+    ] = None,
+) -> None:
+    """Create a container with SSH on a peer (the original --touch)."""
+    create_container(
+        options_of(ctx),
+        peer,
+        ports=ports,
+        gpu=gpu,
+        name=name,
+        image=image,
+        cpus=cpus,
+        memory=memory,
+        ttl=ttl,
+        keys=key,
+    )
+
+
+def list_containers(options: Options) -> None:
+    """Print the containers this node created on peers."""
+    with Client(home=options.home) as client:
+        tracked = client.tracked()
+    views = [item.container for item in tracked]
+    emit(options, [item.model_dump(mode="json") for item in tracked], _container_table(views))
+
+
+@container_app.command("list")
+def list_command(ctx: typer.Context) -> None:
+    """Containers this node created on peers (the original --tc)."""
+    list_containers(options_of(ctx))
+
+
+def remove_container(options: Options, container_id: str) -> None:
+    """Remove a tracked container on its peer."""
+    with Client(home=options.home) as client:
+        client.remove_tracked(container_id)
+    emit(options, {"removed": container_id}, f"removed {container_id}")
+
+
+@container_app.command("rm")
+def remove_command(
+    ctx: typer.Context, container_id: Annotated[str, typer.Argument(help="Id or prefix.")]
+) -> None:
+    """Remove a container you created (the original --rm ADDR --id ID)."""
+    remove_container(options_of(ctx), container_id)
+
+
+@container_app.command(
+    "ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def ssh_command(
+    ctx: typer.Context,
+    container_id: Annotated[str, typer.Argument(help="Id or prefix.")],
+) -> None:
+    """Log in to a container with this node's key; words after -- run as a command."""
+    options = options_of(ctx)
+    with Client(home=options.home) as client:
+        item = _find(client.tracked(), container_id)
+    argv = ssh_argv(options.home, item.container, list(ctx.args))
+    if shutil.which("ssh") is None:
+        raise InvalidRequest("no 'ssh' command on this machine; install openssh-client")
+    os.execvp(argv[0], argv)
+
+
+def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
+    """The ssh command line for a container; an argument list, never a shell string."""
+    return [
+        "ssh",
+        "-i",
+        str(home.identity_dir / "id_ed25519"),
+        "-p",
+        str(view.ssh.port),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        "-o",
+        f"UserKnownHostsFile={home.path / 'known_hosts'}",
+        # Each container has its own host key; ports are reused by later containers.
+        "-o",
+        f"HostKeyAlias=p2prc-{view.id}",
+        f"{view.ssh.user}@{view.ssh.host}",
+        *command,
+    ]
+
+
+def _find(tracked: list[TrackedContainer], prefix: str) -> TrackedContainer:
+    matches = [
+        item
+        for item in tracked
+        if item.container.id.startswith(prefix) or item.container.name == prefix
+    ]
+    if not matches:
+        raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
+    if len(matches) > 1:
+        raise InvalidRequest(f"{prefix!r} matches {len(matches)} containers; give more of the id")
+    return matches[0]
+
+
+def images(options: Options, peer: str) -> None:
+    """Print the images a peer offers."""
+    with Client(peer, home=options.home) as client:
+        result = client.images()
+    table = Table("image", "default", "present", box=None)
+    for image in result.images:
+        table.add_row(
+            image, "yes" if image == result.default else "", str(image in result.available)
+        )
+    emit(options, result, table)
+
+
+def _container_table(views: list[ContainerView]) -> Table:
+    table = Table("id", "name", "peer", "ssh", "ports", "gpu", "expires", box=None)
+    for view in views:
+        ports = ", ".join(f"{p.container_port}->{p.host_port}" for p in view.ports)
+        ssh = f"{view.ssh.user}@{view.ssh.host}:{view.ssh.port}"
+        expires = "never" if view.expires_at is None else f"{view.expires_at:.0f}"
+        table.add_row(view.id, view.name, view.peer[:8], ssh, ports, str(view.gpu), expires)
+    return table
