@@ -142,6 +142,7 @@ class ContainerConfig(_Section):
     """What this node offers its peers, with defaults and maxima for every resource."""
 
     images: list[str] = Field(default_factory=lambda: ["p2prc/sshd:latest"])
+    docker_host: str = "unix:///var/run/docker.sock"
     user: str = "p2prc"
     publish_host: str = "0.0.0.0"
     default_cpus: float = Field(default=1.0, gt=0)

@@ -259,7 +259,7 @@ class Node:
         if runtime is None:
             from .containers.docker import DockerRuntime
 
-            runtime = self._runtime = DockerRuntime()
+            runtime = self._runtime = DockerRuntime(self._config.containers.docker_host)
         service = ContainerService(
             self._config, self.identity.node_id, self.container_store, runtime
         )

@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import InvalidRequest, P2PRCError
 from ._common import Options, emit, err, options_of, out
 from ._containers import (
+    bootstrap_images,
     container_app,
     create_container,
     images,
@@ -80,10 +81,19 @@ app.add_typer(container_app, name="container")
 
 @app.command("images")
 def images_command(
-    ctx: typer.Context, peer: Annotated[str, typer.Argument(help="host:port of the peer.")]
+    ctx: typer.Context,
+    peer: Annotated[str, typer.Argument(help="host:port of a peer, or 'bootstrap'.")],
+    offline: Annotated[
+        bool | None,
+        typer.Option("--offline/--pull", help="bootstrap: debootstrap, or pull the base."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="bootstrap: rebuild.")] = False,
 ) -> None:
-    """Images a peer offers for containers (the original --vi)."""
-    images(options_of(ctx), peer)
+    """Images a peer offers (the original --vi); 'images bootstrap' builds the default one."""
+    if peer == "bootstrap":
+        bootstrap_images(options_of(ctx), offline=offline, force=force)
+    else:
+        images(options_of(ctx), peer)
 
 
 @app.callback(invoke_without_command=True)

@@ -14,7 +14,14 @@ from ..errors import ContainerNotFound, InvalidRequest
 from ..models import ContainerView, CreateContainer, TrackedContainer
 from ._common import Options, emit, err, options_of
 
-__all__ = ["container_app", "create_container", "images", "list_containers", "remove_container"]
+__all__ = [
+    "bootstrap_images",
+    "container_app",
+    "create_container",
+    "images",
+    "list_containers",
+    "remove_container",
+]
 
 container_app = typer.Typer(help="Containers on peers: create, list, remove, log in.")
 
@@ -47,8 +54,15 @@ def create_container(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidRequest(problems) from None
+    seen: list[str] = []
+
+    def show(text: str) -> None:
+        if not seen or seen[-1] != text:
+            err.print(f"  {text}", style="dim", markup=False)
+        seen.append(text)
+
     with Client(home=options.home) as client, err.status(f"asking {peer} for a container"):
-        view = client.create_on_peer(peer, spec, progress=lambda text: err.log(text))
+        view = client.create_on_peer(peer, spec, progress=show)
     emit(options, view, _container_table([view]))
     if not options.json:
         err.print(f"log in with: p2prc container ssh {view.id}")
@@ -175,6 +189,15 @@ def images(options: Options, peer: str) -> None:
             image, "yes" if image == result.default else "", str(image in result.available)
         )
     emit(options, result, table)
+
+
+def bootstrap_images(options: Options, *, offline: bool | None, force: bool) -> None:
+    """Build the default container image on this machine, offline if need be."""
+    from ..containers.images import DEFAULT_IMAGE, ensure_default_image
+
+    with err.status(f"building {DEFAULT_IMAGE} (a first offline build takes minutes)"):
+        how = ensure_default_image(offline=offline, force=force)
+    emit(options, {"image": DEFAULT_IMAGE, "how": how}, f"{DEFAULT_IMAGE}: {how}")
 
 
 def _container_table(views: list[ContainerView]) -> Table:

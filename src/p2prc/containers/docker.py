@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -17,7 +18,9 @@ from ..errors import (
 )
 from .runtime import SSH_PORT, ContainerInfo, ContainerSpec, PortBinding
 
-__all__ = ["DockerRuntime"]
+__all__ = ["DEFAULT_DOCKER_HOST", "DockerRuntime"]
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ _GPU_FAILURES = ("could not select device driver", "nvidia", "capabilities: [[gp
 class DockerRuntime:
     """Containers on the local Docker daemon; connects lazily, so a node starts without it."""
 
-    def __init__(self, base_url: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str = DEFAULT_DOCKER_HOST, timeout: float = 60.0) -> None:
         self._base_url = base_url
         self._timeout = timeout
         self._client: Any = None
@@ -74,12 +77,8 @@ class DockerRuntime:
         if self._client is None:
             import docker
 
-            if self._base_url is None:
-                self._client = docker.from_env(timeout=int(self._timeout))
-            else:
-                self._client = docker.DockerClient(
-                    base_url=self._base_url, timeout=int(self._timeout)
-                )
+            _check_reachable(self._base_url)
+            self._client = docker.DockerClient(base_url=self._base_url, timeout=int(self._timeout))
         return self._client
 
     def _create(self, spec: ContainerSpec) -> ContainerInfo:
@@ -132,6 +131,19 @@ class DockerRuntime:
         for image in self._docker().images.list():
             tags.extend(image.tags)
         return sorted(tags)
+
+
+def _check_reachable(base_url: str) -> None:
+    """Connect once ourselves: docker-py leaks its socket when the daemon is absent."""
+    if not base_url.startswith("unix://"):
+        return
+    path = base_url.removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            raise RuntimeUnavailable(f"container runtime unavailable: {path}: {exc}") from None
 
 
 @contextlib.contextmanager

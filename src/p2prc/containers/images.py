@@ -1,0 +1,194 @@
+"""The default container image: pulled base or offline debootstrap, then the sshd layer.
+
+Two ways to get the base, both supported: pull ``debian:bookworm-slim`` where a registry
+is reachable, or build it offline with debootstrap from the Debian mirror this machine's
+apt is configured with (read at run time, never written down) and ``docker import`` it.
+Every external program runs from an argument list; nothing goes through a shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ContainerError, RuntimeUnavailable
+from .docker import DEFAULT_DOCKER_HOST, _check_reachable, _docker_errors
+
+__all__ = [
+    "BASE_OFFLINE",
+    "BASE_PULL",
+    "DEFAULT_IMAGE",
+    "apt_mirror",
+    "bootstrap_base",
+    "build_default_image",
+    "ensure_default_image",
+    "image_exists",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE = "p2prc/sshd:latest"
+BASE_PULL = "debian:bookworm-slim"
+BASE_OFFLINE = "p2prc/base:bookworm"
+_PACKAGES = ["openssh-server", "python3", "ca-certificates", "iproute2", "procps"]
+_DEBIAN_PATH = re.compile(r"/debian/?$")
+
+
+def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
+    """The main Debian archive URL from apt's sources (deb822 or one-line format)."""
+    candidates: list[str] = []
+    for path in sorted((apt_dir / "sources.list.d").glob("*.sources")):
+        candidates += _deb822_uris(path.read_text(errors="replace"))
+    for path in [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]:
+        if path.is_file():
+            candidates += _one_line_uris(path.read_text(errors="replace"))
+    for uri in candidates:
+        if _DEBIAN_PATH.search(uri) and "security" not in uri:
+            return uri
+    raise ContainerError(f"no Debian mirror found in {apt_dir}; cannot bootstrap offline")
+
+
+def _deb822_uris(text: str) -> list[str]:
+    uris: list[str] = []
+    for stanza in text.split("\n\n"):
+        fields = dict(
+            line.split(":", 1) for line in stanza.splitlines() if ":" in line and line[:1] != "#"
+        )
+        if "deb" in fields.get("Types", "deb").split():
+            uris += fields.get("URIs", "").split()
+    return uris
+
+
+def _one_line_uris(text: str) -> list[str]:
+    uris = []
+    for line in text.splitlines():
+        words = [w for w in line.split() if not w.startswith("[")]
+        if len(words) >= 3 and words[0] == "deb":
+            uris.append(words[1])
+    return uris
+
+
+def _client() -> Any:
+    import docker
+
+    _check_reachable(DEFAULT_DOCKER_HOST)
+    with _docker_errors():
+        return docker.DockerClient(base_url=DEFAULT_DOCKER_HOST, timeout=600)
+
+
+def image_exists(tag: str) -> bool:
+    """Whether the local Docker daemon has ``tag``."""
+    import docker.errors
+
+    client = _client()
+    try:
+        with _docker_errors():
+            client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    except ContainerError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+def bootstrap_base(tag: str = BASE_OFFLINE, *, mirror: str | None = None) -> None:
+    """Build the base image offline: debootstrap a minimal bookworm and import it."""
+    if shutil.which("debootstrap") is None:
+        raise ContainerError("debootstrap is not installed (apt-get install debootstrap)")
+    if shutil.which("docker") is None:
+        raise RuntimeUnavailable("the docker command is not installed")
+    mirror = mirror or apt_mirror()
+    with tempfile.TemporaryDirectory(prefix="p2prc-rootfs-") as tmp:
+        root = Path(tmp) / "root"
+        command = [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(_PACKAGES)}",
+            "bookworm",
+            str(root),
+            mirror,
+        ]
+        log.info("debootstrap into %s", root)
+        _run(command, "debootstrap")
+        _import(root, tag)
+
+
+def _import(root: Path, tag: str) -> None:
+    tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+    assert tar.stdout is not None
+    try:
+        result = subprocess.run(
+            ["docker", "import", "-", tag],
+            stdin=tar.stdout,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        tar.stdout.close()
+        tar.wait()
+    if result.returncode != 0 or tar.returncode != 0:
+        raise ContainerError(f"docker import failed: {result.stderr.strip()[-500:]}")
+
+
+def _run(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip()[-800:]
+        raise ContainerError(f"{what} failed ({result.returncode}): {tail}")
+
+
+def pull_base(tag: str = BASE_PULL) -> None:
+    """Pull the public base image."""
+    client = _client()
+    try:
+        with _docker_errors():
+            repository, _, version = tag.partition(":")
+            client.images.pull(repository, tag=version or "latest")
+    finally:
+        client.close()
+
+
+def build_default_image(base: str, tag: str = DEFAULT_IMAGE) -> None:
+    """Build the sshd image on ``base`` with the classic builder."""
+    context = resources.files("p2prc.containers") / "sshd"
+    client = _client()
+    try:
+        with resources.as_file(context) as path, _docker_errors():
+            client.images.build(
+                path=str(path), tag=tag, buildargs={"BASE": base}, rm=True, forcerm=True
+            )
+    finally:
+        client.close()
+
+
+def ensure_default_image(*, offline: bool | None = None, force: bool = False) -> str:
+    """Make sure the default image exists; returns how it was made (or 'present').
+
+    ``offline=None`` tries the registry first and falls back to debootstrap.
+    """
+    if image_exists(DEFAULT_IMAGE) and not force:
+        return "present"
+    base = BASE_OFFLINE if offline else BASE_PULL
+    if offline is not True and not image_exists(BASE_PULL):
+        try:
+            pull_base()
+        except ContainerError as exc:
+            if offline is False:
+                raise
+            log.info("cannot pull %s (%s); bootstrapping offline", BASE_PULL, exc)
+            base = BASE_OFFLINE
+    elif offline is None:
+        base = BASE_PULL
+    if base == BASE_OFFLINE and (force or not image_exists(BASE_OFFLINE)):
+        bootstrap_base()
+    build_default_image(base)
+    return "offline" if base == BASE_OFFLINE else "pulled"
