@@ -17,6 +17,7 @@ from ..errors import InvalidRequest, P2PRCError
 from ._common import Options, emit, err, options_of, out
 from ._containers import (
     bootstrap_images,
+    build_image,
     container_app,
     create_container,
     images,
@@ -88,10 +89,22 @@ def images_command(
         typer.Option("--offline/--pull", help="bootstrap: debootstrap, or pull the base."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="bootstrap: rebuild.")] = False,
+    dockerfile: Annotated[
+        Path | None, typer.Option("--dockerfile", help="build: directory with a Dockerfile.")
+    ] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="build: the image's name.")] = None,
 ) -> None:
-    """Images a peer offers (the original --vi); 'images bootstrap' builds the default one."""
+    """Images a peer offers (the original --vi).
+
+    'images bootstrap' builds the default image; 'images build --dockerfile DIR --tag T'
+    builds your own and offers it to peers (they pick it with --image).
+    """
     if peer == "bootstrap":
         bootstrap_images(options_of(ctx), offline=offline, force=force)
+    elif peer == "build":
+        if dockerfile is None or tag is None:
+            raise InvalidRequest("images build needs --dockerfile DIR and --tag NAME")
+        build_image(options_of(ctx), dockerfile, tag)
     else:
         images(options_of(ctx), peer)
 

@@ -1,7 +1,9 @@
 """``p2prc container ...`` and ``p2prc images``: containers on peers."""
 
+import json
 import os
 import shutil
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,6 +18,7 @@ from ._common import Options, emit, err, options_of
 
 __all__ = [
     "bootstrap_images",
+    "build_image",
     "container_app",
     "create_container",
     "images",
@@ -198,6 +201,21 @@ def bootstrap_images(options: Options, *, offline: bool | None, force: bool) -> 
     with err.status(f"building {DEFAULT_IMAGE} (a first offline build takes minutes)"):
         how = ensure_default_image(offline=offline, force=force)
     emit(options, {"image": DEFAULT_IMAGE, "how": how}, f"{DEFAULT_IMAGE}: {how}")
+
+
+def build_image(options: Options, context: Path, tag: str) -> None:
+    """Build an image from a Dockerfile and add it to the images this node offers."""
+    from ..config import load, set_value
+    from ..containers.images import build_offered_image
+    from ..node import init_home
+
+    init_home(options.home)
+    with err.status(f"building {tag} from {context}"):
+        build_offered_image(context, tag)
+    offered = load(options.home).containers.images
+    if tag not in offered:
+        set_value(options.home, "containers.images", json.dumps([*offered, tag]))
+    emit(options, {"image": tag, "offered": True}, f"{tag} built and offered (restart the node)")
 
 
 def _container_table(views: list[ContainerView]) -> Table:

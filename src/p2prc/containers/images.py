@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ContainerError, RuntimeUnavailable
+from ..errors import ContainerError, InvalidRequest, RuntimeUnavailable
+from ..models import IMAGE_REFERENCE
 from .docker import DEFAULT_DOCKER_HOST, _check_reachable, _docker_errors
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "apt_mirror",
     "bootstrap_base",
     "build_default_image",
+    "build_offered_image",
     "ensure_default_image",
     "image_exists",
 ]
@@ -166,6 +168,20 @@ def build_default_image(base: str, tag: str = DEFAULT_IMAGE) -> None:
             client.images.build(
                 path=str(path), tag=tag, buildargs={"BASE": base}, rm=True, forcerm=True
             )
+    finally:
+        client.close()
+
+
+def build_offered_image(context: Path, tag: str) -> None:
+    """Build an image from the owner's Dockerfile directory (classic builder)."""
+    if not re.match(IMAGE_REFERENCE, tag):
+        raise InvalidRequest(f"{tag!r} is not an image reference like lab/render:1")
+    if not (context / "Dockerfile").is_file():
+        raise InvalidRequest(f"{context} has no Dockerfile")
+    client = _client()
+    try:
+        with _docker_errors():
+            client.images.build(path=str(context), tag=tag, rm=True, forcerm=True)
     finally:
         client.close()
 
