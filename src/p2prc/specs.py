@@ -125,8 +125,20 @@ def interfaces() -> list[dict[str, str]]:
     return rows
 
 
+_ADDRESS_CACHE_SECONDS = 10.0
+_address_cache: tuple[float, list[str]] | None = None
+
+
 def own_addresses() -> list[str]:
-    """This machine's IP addresses, loopback and link-local excluded."""
+    """This machine's IP addresses, loopback and link-local excluded (cached for 10 s)."""
+    global _address_cache
+    now = time.monotonic()
+    if _address_cache is None or now - _address_cache[0] > _ADDRESS_CACHE_SECONDS:
+        _address_cache = (now, _scan_addresses())
+    return list(_address_cache[1])
+
+
+def _scan_addresses() -> list[str]:
     found = []
     for row in interfaces():
         address = row["address"].split("%")[0]

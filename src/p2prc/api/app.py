@@ -106,18 +106,20 @@ def create_app(node: NodeView) -> FastAPI:
         """Liveness: answers as soon as the node serves."""
         return Health()
 
+    public_key = node.identity.openssh_public_key(node.config.name)
+
     @app.get("/status", tags=["read"])
     async def status(request: Request) -> NodeStatus:
         """Who this node is and where it listens."""
         now = time.time()
-        return NodeStatus(
+        return NodeStatus.model_construct(
             node_id=node.identity.node_id,
             name=node.config.name,
             version=__version__,
             api=str(request.base_url).rstrip("/"),
             addresses=own_addresses(),
             port=node.port,
-            public_key=node.identity.openssh_public_key(node.config.name),
+            public_key=public_key,
             uptime_s=round(now - node.started_at, 3),
             started_at=node.started_at,
             trust_mode=node.config.trust.mode,

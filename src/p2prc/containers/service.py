@@ -162,6 +162,8 @@ class ContainerService:
 
     async def reconcile(self) -> None:
         """Make the records match what the runtime really has."""
+        if not self._store.hosted():
+            return  # nothing to check; also keeps docker-py unloaded on idle nodes
         try:
             present = {
                 info.id: info

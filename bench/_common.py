@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmarks: start processes, poll, read memory, free ports."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).parent
+RESULTS = BENCH / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(port: int, path: str, timeout: float = 1.0) -> int:
+    """Status code of one GET on loopback, or 0 when nothing answers."""
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        connection.request("GET", path)
+        status = connection.getresponse().status
+        connection.close()
+        return status
+    except OSError:
+        return 0
+
+
+def start_node(home: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "P2PRC_HOME": str(home)}
+    command = [sys.executable, "-m", "p2prc", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_hello(port: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, str(BENCH / "_hello_app.py"), str(port)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(port: int, path: str, deadline_s: float = 30.0) -> float:
+    """Seconds until ``path`` answers 200, polling every 5 ms."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < deadline_s:
+        if get(port, path, timeout=0.5) == 200:
+            return time.perf_counter() - start
+        time.sleep(0.005)
+    raise TimeoutError(f"nothing answered on port {port}")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def write_result(name: str, result: dict[str, object]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def print_table(rows: list[tuple[str, object, object]], header: tuple[str, str, str]) -> None:
+    print(f"{header[0]:40} {header[1]:>14} {header[2]:>14}")
+    for name, ours, base in rows:
+        print(f"{name:40} {ours!s:>14} {base!s:>14}")
