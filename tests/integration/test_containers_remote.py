@@ -1,5 +1,6 @@
 """Create, track and remove a container on a peer through the local node, over real sockets."""
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -75,3 +76,17 @@ async def test_other_requester_cannot_remove(tmp_path: Path) -> None:
         with pytest.raises(ContainerNotFound):
             await mallory_to_bob.remove_container(view.id)
         assert [c.id for c in await bob.containers.runtime.list_containers({})] == [view.id]
+
+
+async def test_expired_lease_leaves_the_tracked_list(tmp_path: Path) -> None:
+    async with (
+        _node(tmp_path, "alice") as _alice,
+        _node(tmp_path, "bob", trust=TrustConfig(mode="open")) as bob,
+        AsyncClient(home=tmp_path / "alice") as client,
+    ):
+        leased = await client.create_on_peer(bob.api_url, CreateContainer(ttl="1"))
+        kept = await client.create_on_peer(bob.api_url)
+        assert len(await client.tracked()) == 2
+        await asyncio.sleep(1.1)
+        assert [item.container.id for item in await client.tracked()] == [kept.id]
+        assert await bob.containers.expire() == [leased.id]

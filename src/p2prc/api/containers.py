@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Annotated, Any, Protocol
 
@@ -123,7 +124,8 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
 
     @routes.get("/tracked")
     async def tracked(caller: Owner) -> list[TrackedContainer]:
-        """Containers this node created on peers (the original --tc)."""
+        """Containers this node created on peers (the original --tc); expired leases drop out."""
+        node.container_store.prune_tracked(time.time())
         return node.container_store.tracked()
 
     @routes.delete("/tracked/{container_id}")

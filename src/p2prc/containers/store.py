@@ -74,6 +74,14 @@ class ContainerStore:
             if item.container.id.startswith(prefix) or item.container.name == prefix
         ]
 
+    def prune_tracked(self, now: float) -> int:
+        """Forget tracked containers whose lease has run out on their peer."""
+        cursor = self._db.execute(
+            "DELETE FROM tracked_containers WHERE json_extract(view, '$.expires_at') <= ?",
+            (now,),
+        )
+        return cursor.rowcount
+
     def remove_tracked(self, peer: str, container_id: str) -> None:
         self._db.execute(
             "DELETE FROM tracked_containers WHERE peer = ? AND id = ?", (peer, container_id)
