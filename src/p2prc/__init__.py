@@ -48,7 +48,9 @@ from .models import (
     Health,
     ImageList,
     NodeStatus,
+    PeerView,
     Specs,
+    SyncResult,
     TrackedContainer,
 )
 from .node import Node, init_home
@@ -91,6 +93,7 @@ __all__ = [
     "PeerProtocolError",
     "PeerTimeout",
     "PeerUnreachable",
+    "PeerView",
     "QuotaExceeded",
     "RateLimited",
     "RequestReplayed",
@@ -99,6 +102,7 @@ __all__ = [
     "SignatureInvalid",
     "Specs",
     "StateError",
+    "SyncResult",
     "Timeouts",
     "TrackedContainer",
     "TrustConfig",

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -40,9 +41,13 @@ from .models import (
     CreateEvent,
     Health,
     ImageList,
+    MetadataUpdate,
     NodeStatus,
+    PeerAddress,
+    PeerView,
     RemoteCreate,
     Specs,
+    SyncResult,
     TrackedContainer,
 )
 
@@ -233,6 +238,55 @@ class AsyncClient:
         """Remove a tracked container (id or unique prefix) on its peer."""
         await self._request("DELETE", f"/tracked/{_path_part(container_id)}")
 
+    async def peers(self) -> list[PeerView]:
+        """``GET /peers``: the node's view of the network, itself first."""
+        response = await self._request("GET", "/peers")
+        return _validate_list(PeerView, response, self.base_url)
+
+    async def add_peer(self, address: str) -> SyncResult:
+        """Exchange tables with ``address`` now (bootstrap)."""
+        return await self._call(
+            "POST", "/peers", SyncResult, PeerAddress(address=address).model_dump()
+        )
+
+    async def sync_peers(self) -> SyncResult:
+        """Exchange tables with a few known nodes now."""
+        return await self._call("POST", "/peers/sync", SyncResult)
+
+    async def remove_peer(self, node_id: str) -> None:
+        """Forget a peer."""
+        await self._request("DELETE", f"/peers/{_path_part(node_id)}")
+
+    async def set_metadata(self, text: str, custom: dict[str, str] | None = None) -> PeerView:
+        """Set this node's metadata; it spreads to every node."""
+        body = MetadataUpdate(text=text, custom=custom).model_dump(exclude_none=True)
+        return await self._call("POST", "/meta", PeerView, body)
+
+    async def exchange(self, payload: bytes) -> bytes:
+        """Push-pull: send our table (msgpack), get theirs."""
+        with self._transport_errors():
+            response = await self._http.post(
+                "/peers/exchange", content=payload, headers={"content-type": "application/msgpack"}
+            )
+        _raise_for_error(response)
+        return response.content
+
+    async def speedtest(self, size: int = 8 * 1024 * 1024) -> float:
+        """Download ``size`` bytes from the node; returns megabits per second."""
+        start = time.perf_counter()
+        received = 0
+        with self._transport_errors():
+            async with self._http.stream(
+                "GET", "/peers/speedtest", params={"size": size}, headers={_SIGN_HEADER: "1"}
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_error(response)
+                async for chunk in response.aiter_bytes():
+                    received += len(chunk)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        return received * 8 / elapsed / 1e6
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -422,6 +476,30 @@ class Client:
     def remove_tracked(self, container_id: str) -> None:
         """Remove a tracked container on its peer."""
         self._run(self._async.remove_tracked(container_id))
+
+    def peers(self) -> list[PeerView]:
+        """``GET /peers``."""
+        return self._run(self._async.peers())
+
+    def add_peer(self, address: str) -> SyncResult:
+        """Exchange tables with ``address`` now."""
+        return self._run(self._async.add_peer(address))
+
+    def sync_peers(self) -> SyncResult:
+        """Exchange tables with a few known nodes now."""
+        return self._run(self._async.sync_peers())
+
+    def remove_peer(self, node_id: str) -> None:
+        """Forget a peer."""
+        self._run(self._async.remove_peer(node_id))
+
+    def set_metadata(self, text: str, custom: dict[str, str] | None = None) -> PeerView:
+        """Set this node's metadata."""
+        return self._run(self._async.set_metadata(text, custom))
+
+    def speedtest(self, size: int = 8 * 1024 * 1024) -> float:
+        """Download ``size`` bytes from the node; megabits per second."""
+        return self._run(self._async.speedtest(size))
 
     def close(self) -> None:
         self._run(self._async.aclose())

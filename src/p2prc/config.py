@@ -24,6 +24,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ContainerConfig",
+    "GossipConfig",
     "Home",
     "NodeConfig",
     "Timeouts",
@@ -177,6 +178,29 @@ class ContainerConfig(_Section):
         return value
 
 
+class GossipConfig(_Section):
+    """Membership: SWIM over UDP plus push-pull over the HTTP API."""
+
+    enabled: bool = True
+    # UDP port; None means the same number as the API's TCP port.
+    port: int | None = Field(default=None, ge=0, le=65535)
+    # Addresses put in this node's record; empty means the listen address if specific,
+    # else this machine's own addresses.
+    advertise: list[str] = Field(default_factory=list)
+    interval: float = Field(default=0.2, gt=0.01, le=10)
+    fanout: int = Field(default=3, ge=1, le=16)
+    indirect_checks: int = Field(default=3, ge=0, le=16)
+    suspicion_mult: float = Field(default=4.0, ge=1, le=20)
+    push_pull_interval: float = Field(default=15.0, ge=1, le=3600)
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise_ips(cls, value: list[str]) -> list[str]:
+        for address in value:
+            ipaddress.ip_address(address)
+        return value
+
+
 class NodeConfig(_Section):
     """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
 
@@ -191,6 +215,7 @@ class NodeConfig(_Section):
     trust: TrustConfig = Field(default_factory=TrustConfig)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     containers: ContainerConfig = Field(default_factory=ContainerConfig)
+    gossip: GossipConfig = Field(default_factory=GossipConfig)
 
     @field_validator("name")
     @classmethod

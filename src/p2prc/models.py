@@ -15,12 +15,16 @@ __all__ = [
     "Health",
     "ImageList",
     "MemoryInfo",
+    "MetadataUpdate",
     "NodeStatus",
     "OsInfo",
+    "PeerAddress",
+    "PeerView",
     "PortMapping",
     "RemoteCreate",
     "Specs",
     "SshAccess",
+    "SyncResult",
     "TrackedContainer",
 ]
 
@@ -195,3 +199,52 @@ class TrackedContainer(_Model):
 
     container: ContainerView
     peer_address: str
+
+
+# Peers --------------------------------------------------------------------------------
+
+
+class PeerView(_Model):
+    """One node as this node sees it (the original IP table entry, typed)."""
+
+    node_id: str
+    name: str
+    me: bool = False
+    state: str = Field(description="alive, suspect, dead or left")
+    rtt_ms: float | None
+    addresses: list[str]
+    api: str = Field(description="Base URL of its API")
+    api_port: int
+    gossip_port: int
+    behind_nat: bool | None
+    relay: str
+    user: str
+    cores: int
+    memory: int
+    gpus: int
+    metadata: str
+    custom: dict[str, str]
+    version: int
+
+
+class MetadataUpdate(BaseModel):
+    """Set this node's metadata (the original --amd), spread to every node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(max_length=400)
+    custom: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+class PeerAddress(BaseModel):
+    """A node to exchange tables with now (bootstrap)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(min_length=1, max_length=300)
+
+
+class SyncResult(_Model):
+    contacted: list[str]
+    changed: int
+    failed: list[str]

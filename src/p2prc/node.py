@@ -28,6 +28,7 @@ from .containers.service import ContainerService
 from .containers.store import ContainerStore
 from .errors import AddressInUse, NodeAlreadyRunning, NodeError
 from .identity import Identity
+from .peers.gossip import Gossip
 from .state import State
 
 __all__ = ["Node", "home_locked", "init_home"]
@@ -110,6 +111,8 @@ class Node:
         self._config = config
         self._runtime = runtime
         self._containers: ContainerService | None = None
+        self._gossip: Gossip | None = None
+        self._listen: socket.socket | None = None
         self._home = home
         self._identity = identity
         self._host = host if host is not None else config.host
@@ -153,6 +156,12 @@ class Node:
         return self._containers
 
     @property
+    def gossip(self) -> Gossip:
+        if self._gossip is None:
+            raise RuntimeError("Gossip runs only while the node runs, and when enabled.")
+        return self._gossip
+
+    @property
     def container_store(self) -> ContainerStore:
         return ContainerStore(self.state.connection)
 
@@ -190,8 +199,10 @@ class Node:
                 self._identity = Identity.load(self._home.identity_dir)
             self._state = State(self._home.state_file)
             self._started_at = time.time()
+            sock = self._listen = self._bind()
+            self._port = sock.getsockname()[1]
             await self._start_components()
-            await self._start_api()
+            await self._start_api(sock)
             self._write_runtime_file()
             _release_memory()
         except BaseException:
@@ -226,6 +237,8 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stack.aclose()
+        if self._listen is not None:
+            self._listen.close()
         if self._state is not None:
             self._state.close()
         if self._lock_fd is not None:
@@ -274,15 +287,35 @@ class Node:
             self._config, self.identity.node_id, self.container_store, runtime
         )
         self._containers = await self._stack.enter_async_context(service)
+        if self._config.gossip.enabled:
+            from .specs import gpus
+
+            gossip = Gossip(
+                self.identity,
+                self._config,
+                self.state,
+                api_port=self._port,
+                addresses=self.advertised_addresses(),
+                gpus=lambda: len(gpus()),
+            )
+            self._gossip = await self._stack.enter_async_context(gossip)
+
+    def advertised_addresses(self) -> list[str]:
+        """Addresses in this node's record: configured, else the listen address, else all."""
+        from .specs import own_addresses
+
+        if self._config.gossip.advertise:
+            return list(self._config.gossip.advertise)
+        if self._host not in ("0.0.0.0", "::", ""):
+            return [self._host]
+        return own_addresses() or ["127.0.0.1"]
 
     async def _serve_done(self) -> None:
         for task in list(self._tasks):
             if task.get_name() == "api":
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _start_api(self) -> None:
-        sock = self._bind()
-        self._port = sock.getsockname()[1]
+    async def _start_api(self, sock: socket.socket) -> None:
         config = uvicorn.Config(
             create_app(self),
             log_config=None,

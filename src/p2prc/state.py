@@ -48,6 +48,15 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (peer, id)
     );
     """,
+    # 3: the peer table (signed records, the claim behind each non-alive state, RTT).
+    """
+    CREATE TABLE peers (
+        node_id TEXT PRIMARY KEY,
+        record BLOB NOT NULL,
+        claim BLOB,
+        rtt_ms REAL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -20,9 +20,10 @@ from ..containers.store import ContainerStore
 from ..errors import P2PRCError
 from ..identity import Identity
 from ..models import CallerInfo, Health, NodeStatus, Specs
+from ..peers.gossip import Gossip
 from ..specs import collect_specs, own_addresses
 from ..state import State
-from . import containers
+from . import containers, peers
 from .auth import RequestVerifier
 
 __all__ = ["NodeView", "create_app"]
@@ -51,6 +52,8 @@ class NodeView(Protocol):
     def containers(self) -> ContainerService: ...
     @property
     def container_store(self) -> ContainerStore: ...
+    @property
+    def gossip(self) -> Gossip: ...
     def close(self) -> None: ...
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
@@ -143,4 +146,5 @@ def create_app(node: NodeView) -> FastAPI:
         return Health()
 
     app.include_router(containers.router(node, verifier))
+    app.include_router(peers.router(node, verifier))
     return app

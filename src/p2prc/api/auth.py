@@ -61,6 +61,10 @@ class RequestVerifier:
             return caller
         raise NotTrusted(f"node {caller.node_id} is not in this node's trust.allow list")
 
+    async def authenticated(self, request: Request) -> CallerInfo:
+        """FastAPI dependency: any caller with a valid signature, trusted or not."""
+        return await self._authenticate(request)
+
     async def owner(self, request: Request) -> CallerInfo:
         """FastAPI dependency: only the node's own key."""
         caller = await self._authenticate(request)

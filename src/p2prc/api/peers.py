@@ -1,0 +1,118 @@
+"""Peer routes: the table (open), push-pull (signed), and the owner's membership changes."""
+
+import os
+from typing import Annotated, Protocol
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from ..errors import InvalidRequest, NotFound, P2PRCError
+from ..models import CallerInfo, MetadataUpdate, PeerAddress, PeerView, SyncResult
+from ..peers.gossip import MAX_EXCHANGE_BYTES, Gossip, member_state
+from ..peers.records import PeerRecord
+from ..peers.table import Member
+from .auth import RequestVerifier
+
+__all__ = ["router", "view_of"]
+
+_MSGPACK = "application/msgpack"
+MAX_SPEEDTEST_BYTES = 64 * 1024 * 1024
+
+
+class PeerNode(Protocol):
+    @property
+    def gossip(self) -> Gossip: ...
+
+
+def view_of(gossip: Gossip, record: PeerRecord, member: Member | None) -> PeerView:
+    """The API shape of a record and its membership state."""
+    host = record.host
+    api_host = f"[{host}]" if ":" in host else host
+    return PeerView(
+        node_id=record.node_id,
+        name=record.name,
+        me=member is None,
+        state="alive" if member is None else member_state(member),
+        rtt_ms=None if member is None or member.rtt_ms is None else round(member.rtt_ms, 3),
+        addresses=list(record.addresses),
+        api=f"http://{api_host}:{record.api_port}",
+        api_port=record.api_port,
+        gossip_port=record.gossip_port,
+        behind_nat=record.behind_nat,
+        relay=record.relay,
+        user=record.user,
+        cores=record.cores,
+        memory=record.memory,
+        gpus=record.gpus,
+        metadata=record.metadata,
+        custom=dict(record.custom),
+        version=record.version,
+    )
+
+
+def router(node: PeerNode, verifier: RequestVerifier) -> APIRouter:
+    """Routes under /peers and /meta."""
+    routes = APIRouter(tags=["peers"])
+    Caller = Annotated[CallerInfo, Depends(verifier.authenticated)]
+    Peer = Annotated[CallerInfo, Depends(verifier.peer)]
+    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
+
+    @routes.get("/peers")
+    async def peers() -> list[PeerView]:
+        """Every node this node knows, itself first (the original --ls)."""
+        gossip = node.gossip
+        members = sorted(gossip.table.members.values(), key=lambda m: m.record.name)
+        return [view_of(gossip, gossip.me, None)] + [view_of(gossip, m.record, m) for m in members]
+
+    @routes.post("/peers/exchange", response_class=Response)
+    async def exchange(request: Request, caller: Caller) -> Response:
+        """Push-pull anti-entropy: merge the caller's table, answer with ours (msgpack)."""
+        body = await request.body()
+        if len(body) > MAX_EXCHANGE_BYTES:
+            raise InvalidRequest("exchange payload too large")
+        node.gossip.merge(body)
+        return Response(node.gossip.export(), media_type=_MSGPACK)
+
+    @routes.post("/peers")
+    async def add(body: PeerAddress, caller: Owner) -> SyncResult:
+        """Exchange tables with a node now (bootstrap; the original --as / --arn)."""
+        return await _sync(node.gossip, [body.address])
+
+    @routes.post("/peers/sync")
+    async def sync(caller: Owner) -> SyncResult:
+        """Exchange tables with a few known nodes now (the original --us)."""
+        gossip = node.gossip
+        targets = [gossip.api_url(m) for m in gossip.table.alive()[:3]]
+        return await _sync(gossip, targets or list(gossip.bootstrap_addresses()))
+
+    @routes.delete("/peers/{node_id}")
+    async def remove(node_id: str, caller: Owner) -> dict[str, str]:
+        """Forget a node (it comes back if it is alive and gossips again)."""
+        if not node.gossip.forget(node_id):
+            raise NotFound(f"no peer {node_id}")
+        return {"removed": node_id}
+
+    @routes.post("/meta")
+    async def meta(body: MetadataUpdate, caller: Owner) -> PeerView:
+        """Set this node's metadata; it reaches every node by gossip (the original --amd)."""
+        record = node.gossip.set_metadata(body.text, body.custom)
+        return view_of(node.gossip, record, None)
+
+    @routes.get("/peers/speedtest", response_class=Response)
+    async def speedtest(
+        caller: Peer, size: Annotated[int, Query(ge=1, le=MAX_SPEEDTEST_BYTES)] = 8 * 1024 * 1024
+    ) -> Response:
+        """``size`` random bytes, for a bounded bandwidth test between two nodes."""
+        return Response(os.urandom(size), media_type="application/octet-stream")
+
+    return routes
+
+
+async def _sync(gossip: Gossip, addresses: list[str]) -> SyncResult:
+    changed, contacted, failed = 0, [], []
+    for address in addresses:
+        try:
+            changed += await gossip.push_pull(address)
+            contacted.append(address)
+        except P2PRCError as exc:
+            failed.append(f"{address}: {exc}")
+    return SyncResult(contacted=contacted, changed=changed, failed=failed)

@@ -1,0 +1,1 @@
+"""Peers: signed records, the membership table, SWIM gossip and its persistence."""

@@ -1,0 +1,337 @@
+"""SWIM failure detection and gossip dissemination as a sans-IO state machine.
+
+Feed it datagrams with :meth:`Swim.receive` and call :meth:`Swim.tick` often (every
+~50 ms); both return the datagrams to send. Each protocol period it probes one member
+(round-robin over a shuffled list), asks ``indirect`` others to probe when the direct
+probe times out, and suspects the member if nobody got an answer. A suspicion becomes a
+death after a Lifeguard-style timeout that shrinks as other nodes confirm it. Updates
+(records and claims) ride on every message, each sent a bounded number of times, and
+``fanout`` members also get a gossip-only message every period.
+
+Every datagram is signed by its sender; datagrams from unknown or forged senders are
+counted and dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ..errors import PeerProtocolError
+from ..identity import Identity, verify_signature
+from .records import Claim, PeerRecord, claim_from_fields, record_from_fields, retransmit_limit
+from .table import MemberState, PeerTable, Verdict
+
+__all__ = ["MAX_DATAGRAM", "Outgoing", "Swim", "SwimSettings"]
+
+MAX_DATAGRAM = 1400
+_MAGIC = b"P2G1"
+_SIGNATURE = 64
+_HEADER_BUDGET = 200
+
+
+@dataclass(frozen=True, slots=True)
+class SwimSettings:
+    """Protocol timing; the defaults follow memberlist's LAN profile scaled to 200 ms."""
+
+    period: float = 0.2
+    probe_timeout: float = 0.1
+    indirect: int = 3
+    fanout: int = 3
+    suspicion_mult: float = 4.0
+    suspicion_max_factor: float = 3.0
+    retransmit_mult: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A datagram to send to ``address``."""
+
+    address: tuple[str, int]
+    data: bytes
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: str
+    seq: int
+    sent: float
+    indirect_sent: bool = False
+    acked: bool = False
+
+
+@dataclass(slots=True)
+class _Relay:
+    """A ping we send on behalf of another node (ping-req)."""
+
+    requester: str
+    requester_seq: int
+    expires: float
+
+
+@dataclass(slots=True)
+class _Broadcast:
+    key: str
+    item: list[Any]
+    size: int
+    sent: int = 0
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters, for tests, benchmarks and the API."""
+
+    sent: int = 0
+    received: int = 0
+    bytes_sent: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+class Swim:
+    """The protocol for one node."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        table: PeerTable,
+        settings: SwimSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._identity = identity
+        self.table = table
+        self.settings = settings or SwimSettings()
+        self._rng = rng or random.Random()
+        self._seq = 0
+        self._probe: _Probe | None = None
+        self._order: list[str] = []
+        self._next_period = 0.0
+        self._relays: dict[int, _Relay] = {}
+        self._queue: dict[str, _Broadcast] = {}
+        self.stats = Stats()
+        self.on_refute: Callable[[], None] | None = None
+        self.on_change: Callable[[str], None] | None = None
+        self.on_rtt: Callable[[str, float], None] | None = None
+
+    # Inputs ---------------------------------------------------------------------------
+
+    def broadcast_record(self, record: PeerRecord) -> None:
+        """Spread a record (ours after a change, or one we learned)."""
+        self._enqueue(f"r:{record.node_id}", [0, *record.body(), record.signature])
+
+    def broadcast_claim(self, claim: Claim) -> None:
+        self._enqueue(f"c:{claim.target}", [1, *claim.body(), claim.signature])
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Advance timers; returns what to send."""
+        out: list[Outgoing] = []
+        probe = self._probe
+        waiting = probe is not None and not probe.acked and not probe.indirect_sent
+        if probe is not None and waiting and now - probe.sent >= self.settings.probe_timeout:
+            probe.indirect_sent = True
+            out += self._ping_requests(probe)
+        self._expire_suspicions(now)
+        if now >= self._next_period:
+            self._next_period = now + self.settings.period
+            self._finish_probe(now)
+            out += self._start_probe(now)
+            out += self._gossip()
+        self._relays = {s: r for s, r in self._relays.items() if r.expires > now}
+        return out
+
+    def receive(self, data: bytes, now: float) -> list[Outgoing]:
+        """Handle one datagram; returns replies."""
+        try:
+            sender, kind, seq, target, updates = self._open(data)
+        except PeerProtocolError as exc:
+            self.stats.dropped[str(exc)] += 1
+            return []
+        self.stats.received += 1
+        self._apply_updates(updates, now)
+        if kind == "ping":
+            return self._send(sender, ["ack", seq, ""])
+        if kind == "ack":
+            return self._on_ack(sender, seq, target, now)
+        if kind == "ping_req" and target:
+            self._seq += 1
+            self._relays[self._seq] = _Relay(sender, seq, now + self.settings.period * 2)
+            return self._send(target, ["ping", self._seq, ""])
+        return []
+
+    # Probing --------------------------------------------------------------------------
+
+    def _start_probe(self, now: float) -> list[Outgoing]:
+        target = self._next_target()
+        if target is None:
+            self._probe = None
+            return []
+        self._seq += 1
+        self._probe = _Probe(target, self._seq, now)
+        return self._send(target, ["ping", self._seq, ""])
+
+    def _next_target(self) -> str | None:
+        while self._order:
+            candidate = self._order.pop()
+            member = self.table.get(candidate)
+            if member is not None and member.state <= MemberState.SUSPECT:
+                return candidate
+        self._order = [m.record.node_id for m in self.table.alive()]
+        self._rng.shuffle(self._order)
+        return self._order.pop() if self._order else None
+
+    def _ping_requests(self, probe: _Probe) -> list[Outgoing]:
+        helpers = [m.record.node_id for m in self.table.alive() if m.record.node_id != probe.target]
+        out: list[Outgoing] = []
+        for helper in self._rng.sample(helpers, min(self.settings.indirect, len(helpers))):
+            out += self._send(helper, ["ping_req", probe.seq, probe.target])
+        return out
+
+    def _on_ack(self, sender: str, seq: int, target: str, now: float) -> list[Outgoing]:
+        relay = self._relays.pop(seq, None)
+        if relay is not None:
+            return self._send(relay.requester, ["ack", relay.requester_seq, sender])
+        probe = self._probe
+        answered = probe is not None and probe.seq == seq and not probe.acked
+        if probe is not None and answered and probe.target in (sender, target):
+            probe.acked = True
+            if sender == probe.target and self.on_rtt is not None:
+                self.on_rtt(sender, (now - probe.sent) * 1000)
+        return []
+
+    def _finish_probe(self, now: float) -> None:
+        probe = self._probe
+        if probe is None or probe.acked:
+            return
+        member = self.table.get(probe.target)
+        if member is None or member.state is not MemberState.ALIVE:
+            return
+        claim = Claim("suspect", probe.target, member.record.version, "").signed(self._identity)
+        self.apply_claim(claim, now)
+
+    def _expire_suspicions(self, now: float) -> None:
+        for member in list(self.table.members.values()):
+            if member.state is not MemberState.SUSPECT:
+                continue
+            if now - member.state_since >= self._suspicion_timeout(member.confirmations):
+                claim = Claim("dead", member.record.node_id, member.state_version, "")
+                self.apply_claim(claim.signed(self._identity), now)
+
+    def _suspicion_timeout(self, confirmations: int) -> float:
+        """Lifeguard: start at max, shrink toward min as independent suspicions arrive."""
+        settings = self.settings
+        members = max(len(self.table) + 1, 2)
+        low = settings.suspicion_mult * math.log10(members) * settings.period
+        low = max(low, settings.period * 2)
+        high = low * settings.suspicion_max_factor
+        expected = settings.indirect
+        fraction = math.log(confirmations + 1) / math.log(expected + 1)
+        return max(low, high - (high - low) * min(fraction, 1.0))
+
+    # Updates --------------------------------------------------------------------------
+
+    def _apply_updates(self, updates: list[Any], now: float) -> None:
+        for update in updates:
+            try:
+                if not isinstance(update, list) or not update or update[0] not in (0, 1):
+                    raise PeerProtocolError("bad update")
+                if update[0] == 0:
+                    self.apply_record(record_from_fields(update[1:]), now)
+                else:
+                    self.apply_claim(claim_from_fields(update[1:]), now)
+            except PeerProtocolError as exc:
+                self.stats.dropped[str(exc)] += 1
+
+    def apply_record(self, record: PeerRecord, now: float) -> None:
+        verdict = self.table.apply_record(record, now)
+        if verdict is Verdict.CHANGED:
+            self.broadcast_record(record)
+            self._changed(record.node_id)
+        elif verdict is Verdict.REFUTE and self.on_refute is not None:
+            self.on_refute()
+
+    def apply_claim(self, claim: Claim, now: float) -> None:
+        verdict = self.table.apply_claim(claim, now)
+        if verdict is Verdict.CHANGED:
+            self.broadcast_claim(claim)
+            self._changed(claim.target)
+        elif verdict is Verdict.REFUTE and self.on_refute is not None:
+            self.on_refute()
+
+    def _changed(self, node_id: str) -> None:
+        if self.on_change is not None:
+            self.on_change(node_id)
+
+    def _enqueue(self, key: str, item: list[Any]) -> None:
+        size = len(msgpack.packb(item, use_bin_type=True))
+        self._queue[key] = _Broadcast(key, item, size)
+
+    def _piggyback(self, budget: int) -> list[list[Any]]:
+        limit = retransmit_limit(len(self.table) + 1, self.settings.retransmit_mult)
+        chosen: list[list[Any]] = []
+        for broadcast in sorted(self._queue.values(), key=lambda b: b.sent):
+            if broadcast.size > budget:
+                continue
+            chosen.append(broadcast.item)
+            budget -= broadcast.size
+            broadcast.sent += 1
+            if broadcast.sent >= limit:
+                del self._queue[broadcast.key]
+        return chosen
+
+    def _gossip(self) -> list[Outgoing]:
+        if not self._queue:
+            return []
+        members = [
+            m.record.node_id for m in self.table.members.values() if m.state < MemberState.LEFT
+        ]
+        out: list[Outgoing] = []
+        for target in self._rng.sample(members, min(self.settings.fanout, len(members))):
+            out += self._send(target, ["gossip", 0, ""])
+        return out
+
+    # Wire -----------------------------------------------------------------------------
+
+    def _send(self, target: str, message: list[Any]) -> list[Outgoing]:
+        member = self.table.get(target)
+        if member is None or not member.record.host or not member.record.gossip_port:
+            return []
+        budget = MAX_DATAGRAM - _HEADER_BUDGET - _SIGNATURE
+        body = [self._identity.node_id, *message, self._piggyback(budget)]
+        payload = _MAGIC + msgpack.packb(body, use_bin_type=True)
+        data = payload + self._identity.sign(payload)
+        self.stats.sent += 1
+        self.stats.bytes_sent += len(data)
+        return [Outgoing((member.record.host, member.record.gossip_port), data)]
+
+    def _open(self, data: bytes) -> tuple[str, str, int, str, list[Any]]:
+        if (
+            len(data) > MAX_DATAGRAM
+            or len(data) < len(_MAGIC) + _SIGNATURE
+            or not data.startswith(_MAGIC)
+        ):
+            raise PeerProtocolError("not a p2prc gossip datagram")
+        payload, signature = data[:-_SIGNATURE], data[-_SIGNATURE:]
+        try:
+            body = msgpack.unpackb(payload[len(_MAGIC) :], raw=False, max_bin_len=MAX_DATAGRAM)
+        except Exception:
+            raise PeerProtocolError("undecodable datagram") from None
+        if not isinstance(body, list) or len(body) != 5:
+            raise PeerProtocolError("malformed datagram")
+        sender, kind, seq, target, updates = body
+        if not (isinstance(sender, str) and isinstance(kind, str) and isinstance(seq, int)):
+            raise PeerProtocolError("malformed datagram")
+        if not isinstance(target, str) or not isinstance(updates, list) or len(updates) > 64:
+            raise PeerProtocolError("malformed datagram")
+        key = self.table.public_key(sender)
+        if key is None:
+            raise PeerProtocolError("unknown sender")
+        try:
+            verify_signature(key, signature, payload)
+        except Exception:
+            raise PeerProtocolError("forged datagram") from None
+        return sender, kind, seq, target, updates
