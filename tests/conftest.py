@@ -20,6 +20,7 @@ from p2prc.containers.service import ContainerService
 from p2prc.containers.store import ContainerStore
 from p2prc.identity import Identity
 from p2prc.node import init_home
+from p2prc.peers.gossip import Gossip
 from p2prc.state import State
 
 
@@ -59,6 +60,10 @@ class FakeNode:
     @property
     def container_store(self) -> ContainerStore:
         return ContainerStore(self.state.connection)
+
+    @property
+    def gossip(self) -> Gossip:
+        raise RuntimeError("the fake node has no gossip; use a real Node")
 
     def close(self) -> None:
         self.closed = True
