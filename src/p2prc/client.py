@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import re
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from .config import Home, resolve_home, split_address
 from .errors import (
     InvalidRequest,
     NodeNotRunning,
+    NotFound,
     P2PRCError,
     PeerProtocolError,
     PeerTimeout,
@@ -73,6 +75,14 @@ def peer_url(address: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
+
+
+_ADDRESS = re.compile(r"^(https?://|\[.*\](:\d+)?$|[^:\s]+:\d{1,5}$)")
+
+
+def is_address(text: str) -> bool:
+    """Whether ``text`` is a URL or ``host:port`` rather than a peer name or id."""
+    return bool(_ADDRESS.match(text.strip()))
 
 
 def local_api_url(home: Home) -> str:
@@ -242,6 +252,19 @@ class AsyncClient:
         """``GET /peers``: the node's view of the network, itself first."""
         response = await self._request("GET", "/peers")
         return _validate_list(PeerView, response, self.base_url)
+
+    async def resolve(self, peer: str) -> str:
+        """API base URL of ``peer``: a URL, ``host:port``, a peer name or a node id prefix."""
+        if is_address(peer):
+            return peer_url(peer)
+        views = [view for view in await self.peers() if not view.me]
+        named = [view for view in views if view.name == peer]
+        matches = named or [view for view in views if view.node_id.startswith(peer.lower())]
+        if len(matches) == 1:
+            return matches[0].api
+        if matches:
+            raise InvalidRequest(f"{peer!r} matches {len(matches)} peers; give more of the id")
+        raise NotFound(f"no peer named {peer!r} or with that id; see 'p2prc peers list'")
 
     async def add_peer(self, address: str) -> SyncResult:
         """Exchange tables with ``address`` now (bootstrap)."""
@@ -480,6 +503,10 @@ class Client:
     def peers(self) -> list[PeerView]:
         """``GET /peers``."""
         return self._run(self._async.peers())
+
+    def resolve(self, peer: str) -> str:
+        """API base URL of a peer name, node id prefix, ``host:port`` or URL."""
+        return self._run(self._async.resolve(peer))
 
     def add_peer(self, address: str) -> SyncResult:
         """Exchange tables with ``address`` now."""

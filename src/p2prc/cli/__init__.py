@@ -25,6 +25,7 @@ from ._containers import (
     remove_container,
 )
 from ._node import config_app, config_show, init, interfaces_command, specs, start, status, stop
+from ._peers import add_peer, list_peers, meta_app, peers_app, set_metadata, sync_peers
 
 __all__ = ["app", "main"]
 
@@ -78,6 +79,8 @@ for command in (init, start, status, stop, specs):
 app.command("interfaces")(interfaces_command)
 app.add_typer(config_app, name="config")
 app.add_typer(container_app, name="container")
+app.add_typer(peers_app, name="peers")
+app.add_typer(meta_app, name="meta")
 
 
 @app.command("images")
@@ -138,6 +141,16 @@ def _root(
     container_id: Annotated[str | None, typer.Option("--id", "--ID", help="Legacy.")] = None,
     tc: Annotated[bool, typer.Option("--tc", "--TrackedContainers", help="Legacy.")] = False,
     vi: Annotated[str | None, typer.Option("--vi", "--ViewImages", help="Legacy.")] = None,
+    ls: Annotated[bool, typer.Option("--ls", "--ListServers", help="Legacy: peers list.")] = False,
+    add_server: Annotated[
+        str | None, typer.Option("--as", "--AddServer", help="Legacy: peers add IP (-p PORT).")
+    ] = None,
+    arn: Annotated[bool, typer.Option("--arn", "--AddRootNode", help="Legacy: --ip -p.")] = False,
+    ip: Annotated[
+        str | None, typer.Option("--ip", "--IPAddress", help="Legacy: with --arn.")
+    ] = None,
+    us: Annotated[bool, typer.Option("--us", "--UpdateServerList", help="Legacy: sync.")] = False,
+    amd: Annotated[str | None, typer.Option("--amd", "--AddMetaData", help="Legacy.")] = None,
 ) -> None:
     options = options_of(ctx)
     options.json, options.debug, options.home_arg = json_output, debug, home
@@ -150,6 +163,11 @@ def _root(
         (ni, lambda: interfaces_command(ctx)),
         (specs_addr is not None, lambda: specs(ctx, specs_addr)),
         (vi is not None, lambda: images(options, str(vi))),
+        (add_server is not None, lambda: add_peer(options, _with_port(str(add_server), ports))),
+        (arn, lambda: _legacy_root(options, ip, ports)),
+        (us, lambda: sync_peers(options)),
+        (amd is not None, lambda: set_metadata(options, str(amd))),
+        (ls, lambda: list_peers(options)),
         (
             touch is not None,
             lambda: create_container(options, str(touch), ports=ports, gpu=gpu, name=cn, image=bi),
@@ -167,6 +185,18 @@ def _root(
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
         out.print(ctx.get_help())
+
+
+def _with_port(host: str, port: int) -> str:
+    if port and ":" not in host:
+        return f"{host}:{port}"
+    return host
+
+
+def _legacy_root(options: Options, ip: str | None, port: int) -> None:
+    if not ip or not port:
+        raise InvalidRequest("--arn needs --ip IP and -p PORT")
+    add_peer(options, _with_port(ip, port))
 
 
 def _legacy_remove(options: Options, container_id: str | None) -> None:

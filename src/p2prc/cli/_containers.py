@@ -64,6 +64,9 @@ def create_container(
             err.print(f"  {text}", style="dim", markup=False)
         seen.append(text)
 
+    from ._peers import resolve
+
+    peer = resolve(options, peer)
     with Client(home=options.home) as client, err.status(f"asking {peer} for a container"):
         view = client.create_on_peer(peer, spec, progress=show)
     emit(options, view, _container_table([view]))
@@ -184,7 +187,9 @@ def _find(tracked: list[TrackedContainer], prefix: str) -> TrackedContainer:
 
 def images(options: Options, peer: str) -> None:
     """Print the images a peer offers."""
-    with Client(peer, home=options.home) as client:
+    from ._peers import resolve
+
+    with Client(resolve(options, peer), home=options.home) as client:
         result = client.images()
     table = Table("image", "default", "present", box=None)
     for image in result.images:

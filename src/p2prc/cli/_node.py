@@ -113,7 +113,10 @@ def specs(
 
 def _specs_of(home: Home, peer: str | None) -> Specs:
     if peer is not None:
-        with Client(peer, home=home) as client:
+        from ._common import Options
+        from ._peers import resolve
+
+        with Client(resolve(Options(home_arg=home.path), peer), home=home) as client:
             return client.specs()
     try:
         with Client(home=home) as client:

@@ -1,0 +1,143 @@
+"""``p2prc peers ...`` and ``p2prc meta set``: the network as this node sees it."""
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..client import Client, is_address, peer_url
+from ..config import load, set_value
+from ..errors import InvalidRequest, NodeNotRunning
+from ..models import PeerView
+from ..node import init_home
+from ._common import Options, emit, options_of
+
+__all__ = [
+    "add_peer",
+    "list_peers",
+    "meta_app",
+    "peers_app",
+    "resolve",
+    "set_metadata",
+    "sync_peers",
+]
+
+peers_app = typer.Typer(help="The network: who is there, alive or not, and how far away.")
+meta_app = typer.Typer(help="This node's metadata, spread to every node.")
+
+
+def resolve(options: Options, peer: str) -> str:
+    """API URL for a peer name, node id prefix, host:port or URL (names need the node)."""
+    if is_address(peer):
+        return peer_url(peer)
+    try:
+        with Client(home=options.home) as client:
+            return client.resolve(peer)
+    except NodeNotRunning:
+        return peer_url(peer)
+
+
+def list_peers(options: Options) -> None:
+    """Print the peer table (the original --ls)."""
+    with Client(home=options.home) as client:
+        views = client.peers()
+    emit(options, [view.model_dump(mode="json") for view in views], _peer_table(views))
+
+
+def add_peer(options: Options, address: str) -> None:
+    """Remember a root node and exchange tables with it now if the node runs."""
+    if not is_address(address):
+        address = f"{address}:8088"
+    peer_url(address)  # validates
+    init_home(options.home)
+    bootstrap = load(options.home).bootstrap
+    if address not in bootstrap:
+        set_value(options.home, "bootstrap", json.dumps([*bootstrap, address]))
+    result: dict[str, object] = {"bootstrap": address}
+    try:
+        with Client(home=options.home) as client:
+            result["sync"] = client.add_peer(address).model_dump()
+    except NodeNotRunning:
+        result["sync"] = None
+    emit(options, result, f"added {address}" + ("" if result["sync"] else " (node not running)"))
+
+
+def sync_peers(options: Options) -> None:
+    """Exchange tables now (the original --us), then print the table."""
+    with Client(home=options.home) as client:
+        result = client.sync_peers()
+    if result.failed and not options.json:
+        emit(options, result, "\n".join(f"failed: {line}" for line in result.failed))
+    list_peers(options) if not options.json else emit(options, result)
+
+
+def set_metadata(options: Options, text: str) -> None:
+    """Set this node's metadata (the original --amd)."""
+    with Client(home=options.home) as client:
+        view = client.set_metadata(text)
+    emit(options, view, f"metadata set (version {view.version}); it spreads by gossip")
+
+
+@peers_app.command("list")
+def list_command(ctx: typer.Context) -> None:
+    """Every node this node knows, itself first (the original --ls)."""
+    list_peers(options_of(ctx))
+
+
+@peers_app.command("add")
+def add_command(ctx: typer.Context, address: str) -> None:
+    """Add a root node (host:port) and join through it (the original --as / --arn)."""
+    add_peer(options_of(ctx), address)
+
+
+@peers_app.command("remove")
+def remove_command(ctx: typer.Context, peer: str) -> None:
+    """Forget a peer (it comes back if it is alive and gossips)."""
+    options = options_of(ctx)
+    with Client(home=options.home) as client:
+        matches = [
+            v for v in client.peers() if not v.me and (v.name == peer or v.node_id.startswith(peer))
+        ]
+        if len(matches) != 1:
+            raise InvalidRequest(f"{peer!r} matches {len(matches)} peers")
+        client.remove_peer(matches[0].node_id)
+    emit(options, {"removed": matches[0].node_id}, f"removed {matches[0].name}")
+
+
+@peers_app.command("sync")
+def sync_command(ctx: typer.Context) -> None:
+    """Exchange tables with known nodes now (the original --us)."""
+    sync_peers(options_of(ctx))
+
+
+@peers_app.command("speedtest")
+def speedtest_command(
+    ctx: typer.Context,
+    peer: str,
+    size: Annotated[int, typer.Option("--size", min=1, max=64, help="MiB to download.")] = 8,
+) -> None:
+    """Measure download bandwidth from a peer (bounded size)."""
+    options = options_of(ctx)
+    with Client(resolve(options, peer), home=options.home) as client:
+        mbit = client.speedtest(size * 1024 * 1024)
+    emit(options, {"peer": peer, "mbit_per_s": round(mbit, 1), "mib": size}, f"{mbit:.1f} Mbit/s")
+
+
+@meta_app.command("set")
+def meta_set_command(ctx: typer.Context, text: str) -> None:
+    """Set this node's metadata text; every node sees it (the original --amd)."""
+    set_metadata(options_of(ctx), text)
+
+
+def _peer_table(views: list[PeerView]) -> Table:
+    table = Table("name", "id", "address", "state", "rtt ms", "nat", "gpus", "metadata", box=None)
+    for view in views:
+        rtt = "" if view.rtt_ms is None else f"{view.rtt_ms:.2f}"
+        nat = {None: "?", True: "yes", False: "no"}[view.behind_nat]
+        name = f"{view.name} (me)" if view.me else view.name
+        address = f"{view.addresses[0] if view.addresses else '-'}:{view.api_port}"
+        table.add_row(
+            name, view.node_id[:8], address, view.state, rtt, nat, str(view.gpus), view.metadata
+        )
+    return table
