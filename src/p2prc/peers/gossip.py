@@ -271,9 +271,9 @@ class Gossip:
             sample_ms if previous is None else previous + _RTT_WEIGHT * (sample_ms - previous)
         )
 
-    def _refute(self) -> None:
+    def _refute(self, doubted: int) -> None:
         """Someone doubts us or holds a newer record of us: sign a newer one."""
-        self._replace_me(self._sign_record(self._metadata()))
+        self._replace_me(self._sign_record(self._metadata(), at_least=doubted + 1))
 
     def _replace_me(self, record: PeerRecord) -> None:
         self.table.me = record
@@ -288,10 +288,10 @@ class Gossip:
                     return value
         return {"text": "", "custom": {}}
 
-    def _sign_record(self, metadata: dict[str, Any]) -> PeerRecord:
+    def _sign_record(self, metadata: dict[str, Any], at_least: int = 0) -> PeerRecord:
         # Millisecond versions, strictly increasing even across restarts and clock skew.
         last = int(self._state.get_meta("record_version") or 0)
-        version = max(int(time.time() * 1000), last + 1)
+        version = max(int(time.time() * 1000), last + 1, at_least)
         self._state.set_meta("record_version", str(version))
         behind_nat = self._config.behind_nat
         record = PeerRecord(

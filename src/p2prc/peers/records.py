@@ -157,7 +157,7 @@ def _text(value: Any, limit: int = _MAX_TEXT) -> str:
     return value
 
 
-def _int(value: Any, high: int = 2**63) -> int:
+def _int(value: Any, high: int = 2**62) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < high:
         raise PeerProtocolError("bad integer field")
     return value

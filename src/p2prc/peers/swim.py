@@ -18,7 +18,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -114,7 +114,8 @@ class Swim:
         self._relays: dict[int, _Relay] = {}
         self._queue: dict[str, _Broadcast] = {}
         self.stats = Stats()
-        self.on_refute: Callable[[], None] | None = None
+        # Called with the version our new record must exceed; the default re-signs ours.
+        self.on_refute: Callable[[int], None] | None = None
         self.on_change: Callable[[str], None] | None = None
         self.on_rtt: Callable[[str, float], None] | None = None
 
@@ -251,16 +252,25 @@ class Swim:
         if verdict is Verdict.CHANGED:
             self.broadcast_record(record)
             self._changed(record.node_id)
-        elif verdict is Verdict.REFUTE and self.on_refute is not None:
-            self.on_refute()
+        elif verdict is Verdict.REFUTE:
+            self._refute(record.version)
 
     def apply_claim(self, claim: Claim, now: float) -> None:
         verdict = self.table.apply_claim(claim, now)
         if verdict is Verdict.CHANGED:
             self.broadcast_claim(claim)
             self._changed(claim.target)
-        elif verdict is Verdict.REFUTE and self.on_refute is not None:
-            self.on_refute()
+        elif verdict is Verdict.REFUTE:
+            self._refute(claim.version)
+
+    def _refute(self, doubted: int) -> None:
+        """Someone doubts us, or holds a newer record of us: sign a newer one."""
+        if self.on_refute is not None:
+            self.on_refute(doubted)
+            return
+        me = self.table.me
+        self.table.me = replace(me, version=max(me.version, doubted) + 1).signed(self._identity)
+        self.broadcast_record(self.table.me)
 
     def _changed(self, node_id: str) -> None:
         if self.on_change is not None:
