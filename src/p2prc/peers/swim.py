@@ -34,6 +34,7 @@ MAX_DATAGRAM = 1400
 _MAGIC = b"P2G1"
 _SIGNATURE = 64
 _HEADER_BUDGET = 200
+_MAX_AWARENESS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,10 @@ class Swim:
         self._next_period = 0.0
         self._relays: dict[int, _Relay] = {}
         self._queue: dict[str, _Broadcast] = {}
+        # Lifeguard local health: 0 (healthy) .. _MAX_AWARENESS; missed acks and having to
+        # refute raise it, answered probes lower it; it stretches our own timeouts, so a
+        # starved node stops accusing healthy ones.
+        self.awareness = 0
         self.stats = Stats()
         # Called with the version our new record must exceed; the default re-signs ours.
         self.on_refute: Callable[[int], None] | None = None
@@ -133,12 +138,13 @@ class Swim:
         out: list[Outgoing] = []
         probe = self._probe
         waiting = probe is not None and not probe.acked and not probe.indirect_sent
-        if probe is not None and waiting and now - probe.sent >= self.settings.probe_timeout:
+        timeout = self.settings.probe_timeout * (self.awareness + 1)
+        if probe is not None and waiting and now - probe.sent >= timeout:
             probe.indirect_sent = True
             out += self._ping_requests(probe)
         self._expire_suspicions(now)
         if now >= self._next_period:
-            self._next_period = now + self.settings.period
+            self._next_period = now + self.settings.period * (self.awareness + 1)
             self._finish_probe(now)
             out += self._start_probe(now)
             out += self._gossip()
@@ -206,8 +212,12 @@ class Swim:
 
     def _finish_probe(self, now: float) -> None:
         probe = self._probe
-        if probe is None or probe.acked:
+        if probe is None:
             return
+        if probe.acked:
+            self.awareness = max(0, self.awareness - 1)
+            return
+        self.awareness = min(_MAX_AWARENESS, self.awareness + 1)
         member = self.table.get(probe.target)
         if member is None or member.state is not MemberState.ALIVE:
             return
@@ -265,6 +275,7 @@ class Swim:
 
     def _refute(self, doubted: int) -> None:
         """Someone doubts us, or holds a newer record of us: sign a newer one."""
+        self.awareness = min(_MAX_AWARENESS, self.awareness + 1)
         if self.on_refute is not None:
             self.on_refute(doubted)
             return

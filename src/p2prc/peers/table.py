@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import PeerProtocolError
 from .records import Claim, PeerRecord
@@ -50,8 +50,13 @@ class Member:
     state_version: int = 0
     state_since: float = 0.0
     rtt_ms: float | None = None
-    confirmations: int = 0
+    suspecters: set[str] = field(default_factory=set)
     claim: Claim | None = None
+
+    @property
+    def confirmations(self) -> int:
+        """Independent suspicions beyond the first (Lifeguard)."""
+        return max(0, len(self.suspecters) - 1)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -86,6 +91,13 @@ class PeerTable:
 
     def apply_record(self, record: PeerRecord, now: float = 0.0) -> Verdict:
         """Merge a record (its signature is checked here)."""
+        known = self.members.get(record.node_id)
+        if known is not None and record.version <= known.record.version:
+            # Cannot change anything: skip the signature check (retransmits are common).
+            if record.version < known.record.version:
+                self.rejected["stale"] += 1
+                return Verdict.REJECTED
+            return Verdict.UNCHANGED
         try:
             record.verify()
         except PeerProtocolError:
@@ -117,6 +129,8 @@ class PeerTable:
         if state is None or (state is MemberState.LEFT and claim.by != claim.target):
             self.rejected["bad_claim"] += 1
             return Verdict.REJECTED
+        if not self._may_matter(claim, state):
+            return Verdict.UNCHANGED  # retransmits are common: skip the signature check
         try:
             claim.verify()
         except PeerProtocolError:
@@ -132,13 +146,28 @@ class PeerTable:
                 self._pending[claim.target] = key
             return Verdict.UNCHANGED
         if member.state is state and member.state_version == claim.version:
-            if state is MemberState.SUSPECT and claim.by != self.me.node_id:
-                member.confirmations += 1
+            if state is MemberState.SUSPECT:
+                member.suspecters.add(claim.by)
             return Verdict.UNCHANGED
         changed = self._raise_state(member, (claim.version, state), now)
         if changed:
             member.claim = claim
+            if state is MemberState.SUSPECT:
+                member.suspecters.add(claim.by)
         return Verdict.CHANGED if changed else Verdict.UNCHANGED
+
+    def _may_matter(self, claim: Claim, state: MemberState) -> bool:
+        """Whether a claim could change anything (only then is its signature checked)."""
+        if claim.target == self.me.node_id:
+            return claim.version >= self.me.version
+        member = self.members.get(claim.target)
+        if member is None:
+            return True
+        key = (claim.version, int(state))
+        if key > member.key:
+            return True
+        suspicion = state is MemberState.SUSPECT and key == member.key
+        return suspicion and claim.by not in member.suspecters
 
     def claims(self) -> list[Claim]:
         """The claims behind every non-alive state, for anti-entropy."""
@@ -160,5 +189,5 @@ class PeerTable:
             return False
         member.state_version, member.state = key[0], MemberState(key[1])
         member.state_since = now
-        member.confirmations = 0
+        member.suspecters = set()
         return True
