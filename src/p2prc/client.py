@@ -38,15 +38,21 @@ from .errors import (
 from .identity import Identity
 from .models import (
     CallerInfo,
+    ContainerGroup,
     ContainerView,
     CreateContainer,
     CreateEvent,
+    GroupMember,
     Health,
     ImageList,
     MetadataUpdate,
     NodeStatus,
     PeerAddress,
     PeerView,
+    PluginEvent,
+    PluginInfo,
+    PluginRun,
+    PluginRunRequest,
     RemoteCreate,
     Specs,
     SyncResult,
@@ -310,6 +316,74 @@ class AsyncClient:
         elapsed = max(time.perf_counter() - start, 1e-9)
         return received * 8 / elapsed / 1e6
 
+    async def create_group(self) -> ContainerGroup:
+        """A new, empty group of tracked containers."""
+        return await self._call("POST", "/groups", ContainerGroup)
+
+    async def groups(self) -> list[ContainerGroup]:
+        response = await self._request("GET", "/groups", signed=True)
+        return _validate_list(ContainerGroup, response, self.base_url)
+
+    async def group(self, group_id: str) -> ContainerGroup:
+        path = f"/groups/{_path_part(group_id)}"
+        response = await self._request("GET", path, signed=True)
+        return _validate(ContainerGroup, response, self.base_url)
+
+    async def add_to_group(self, group_id: str, container: str) -> ContainerGroup:
+        body = GroupMember(container=container).model_dump()
+        return await self._call(
+            "POST", f"/groups/{_path_part(group_id)}/members", ContainerGroup, body
+        )
+
+    async def remove_from_group(self, group_id: str, container: str) -> ContainerGroup:
+        path = f"/groups/{_path_part(group_id)}/members/{_path_part(container)}"
+        return await self._call("DELETE", path, ContainerGroup)
+
+    async def delete_group(self, group_id: str) -> None:
+        await self._request("DELETE", f"/groups/{_path_part(group_id)}")
+
+    async def plugins(self) -> list[PluginInfo]:
+        response = await self._request("GET", "/plugins", signed=True)
+        return _validate_list(PluginInfo, response, self.base_url)
+
+    async def pull_plugin(self, source: str) -> PluginInfo:
+        return await self._call("POST", "/plugins", PluginInfo, {"source": source})
+
+    async def remove_plugin(self, name: str) -> None:
+        await self._request("DELETE", f"/plugins/{_path_part(name)}")
+
+    async def plugin_runs(self) -> list[PluginRun]:
+        response = await self._request("GET", "/plugin-runs", signed=True)
+        return _validate_list(PluginRun, response, self.base_url)
+
+    async def run_plugin(
+        self,
+        name: str,
+        target: str,
+        variables: dict[str, str] | None = None,
+        *,
+        progress: Callable[[PluginEvent], Any] | None = None,
+    ) -> PluginRun:
+        """Run a plugin on a tracked container or group; ``progress`` gets each host event."""
+        body = PluginRunRequest(target=target, variables=variables or {}).model_dump()
+        path = f"/plugins/{_path_part(name)}/run"
+        with self._transport_errors():
+            async with self._http.stream("POST", path, json=body, timeout=None) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_error(response)
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    event = PluginEvent.model_validate_json(line)
+                    if event.run is not None:
+                        return event.run
+                    if progress is not None:
+                        result = progress(event)
+                        if inspect.isawaitable(result):
+                            await result
+        raise PeerProtocolError(f"{self.base_url}{path}: the run ended without a result")
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -401,6 +475,13 @@ def _validate_list(model: type[ModelT], response: httpx.Response, base_url: str)
             raise TypeError("expected a list")
         return [model.model_validate(item) for item in items]
     except (ValueError, TypeError, ValidationError) as exc:
+        raise PeerProtocolError(f"{base_url}: unexpected answer: {exc}") from None
+
+
+def _validate(model: type[ModelT], response: httpx.Response, base_url: str) -> ModelT:
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
         raise PeerProtocolError(f"{base_url}: unexpected answer: {exc}") from None
 
 
@@ -527,6 +608,57 @@ class Client:
     def speedtest(self, size: int = 8 * 1024 * 1024) -> float:
         """Download ``size`` bytes from the node; megabits per second."""
         return self._run(self._async.speedtest(size))
+
+    def create_group(self) -> ContainerGroup:
+        """A new, empty group."""
+        return self._run(self._async.create_group())
+
+    def groups(self) -> list[ContainerGroup]:
+        """Every group."""
+        return self._run(self._async.groups())
+
+    def group(self, group_id: str) -> ContainerGroup:
+        """One group."""
+        return self._run(self._async.group(group_id))
+
+    def add_to_group(self, group_id: str, container: str) -> ContainerGroup:
+        """Add a tracked container to a group."""
+        return self._run(self._async.add_to_group(group_id, container))
+
+    def remove_from_group(self, group_id: str, container: str) -> ContainerGroup:
+        """Take a container out of a group."""
+        return self._run(self._async.remove_from_group(group_id, container))
+
+    def delete_group(self, group_id: str) -> None:
+        """Delete a group."""
+        self._run(self._async.delete_group(group_id))
+
+    def plugins(self) -> list[PluginInfo]:
+        """Installed plugins."""
+        return self._run(self._async.plugins())
+
+    def pull_plugin(self, source: str) -> PluginInfo:
+        """Install a plugin from git."""
+        return self._run(self._async.pull_plugin(source))
+
+    def remove_plugin(self, name: str) -> None:
+        """Uninstall a plugin."""
+        self._run(self._async.remove_plugin(name))
+
+    def plugin_runs(self) -> list[PluginRun]:
+        """Every plugin run."""
+        return self._run(self._async.plugin_runs())
+
+    def run_plugin(
+        self,
+        name: str,
+        target: str,
+        variables: dict[str, str] | None = None,
+        *,
+        progress: Callable[[PluginEvent], Any] | None = None,
+    ) -> PluginRun:
+        """Run a plugin on a tracked container or group."""
+        return self._run(self._async.run_plugin(name, target, variables, progress=progress))
 
     def close(self) -> None:
         self._run(self._async.aclose())

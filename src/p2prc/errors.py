@@ -34,6 +34,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- GpuUnavailable          gpu_unavailable (422)
     |   +-- LimitExceeded           limit_exceeded (422)
     |   +-- QuotaExceeded           quota_exceeded (429)
+    +-- PluginError                 plugin_error (422)
     +-- ApiError                    api_error (502): an answer with an unknown code
 
 Programmer errors (starting a node twice, using a closed client) are
@@ -68,6 +69,7 @@ __all__ = [
     "PeerProtocolError",
     "PeerTimeout",
     "PeerUnreachable",
+    "PluginError",
     "QuotaExceeded",
     "RateLimited",
     "RequestReplayed",
@@ -283,6 +285,13 @@ class QuotaExceeded(ContainerError):
 
     status = 429
     code = "quota_exceeded"
+
+
+class PluginError(P2PRCError):
+    """A plugin could not be installed, found or run."""
+
+    status = 422
+    code = "plugin_error"
 
 
 class ApiError(P2PRCError):

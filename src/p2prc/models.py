@@ -6,13 +6,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "CallerInfo",
+    "ContainerGroup",
     "ContainerView",
     "CpuInfo",
     "CreateContainer",
     "CreateEvent",
     "DiskInfo",
     "GpuInfo",
+    "GroupMember",
     "Health",
+    "HostResult",
     "ImageList",
     "MemoryInfo",
     "MetadataUpdate",
@@ -20,6 +23,10 @@ __all__ = [
     "OsInfo",
     "PeerAddress",
     "PeerView",
+    "PluginEvent",
+    "PluginInfo",
+    "PluginRun",
+    "PluginRunRequest",
     "PortMapping",
     "RemoteCreate",
     "Specs",
@@ -248,3 +255,72 @@ class SyncResult(_Model):
     contacted: list[str]
     changed: int
     failed: list[str]
+
+
+# Groups and plugins ---------------------------------------------------------------------
+
+
+class ContainerGroup(_Model):
+    """Tracked containers run together by plugins (the original --cgroup / --group)."""
+
+    id: str
+    created_at: float
+    containers: list[TrackedContainer]
+
+
+class GroupMember(BaseModel):
+    """A tracked container id (or unique prefix) to add to a group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    container: str = Field(min_length=1, max_length=64)
+
+
+class PluginInfo(_Model):
+    """An installed plugin: a playbook and its description."""
+
+    name: str
+    summary: str
+    variables: dict[str, str]
+    path: str
+
+
+class PluginRunRequest(BaseModel):
+    """Run a plugin against a tracked container or a group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1, max_length=64)
+    variables: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class HostResult(_Model):
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+    unreachable: int = 0
+    skipped: int = 0
+
+
+class PluginRun(_Model):
+    """One plugin run with its per-host summary and output."""
+
+    id: str
+    plugin: str
+    target: str
+    started_at: float
+    finished_at: float | None = None
+    ok: bool | None = None
+    hosts: dict[str, HostResult] = Field(default_factory=dict)
+    output: str = ""
+
+
+class PluginEvent(_Model):
+    """One NDJSON line of a plugin run: 'progress' (host, task, status) or 'finished'."""
+
+    event: str
+    host: str | None = None
+    task: str | None = None
+    status: str | None = None
+    run: PluginRun | None = None
+    error: dict[str, str] | None = None

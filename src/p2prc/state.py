@@ -57,6 +57,26 @@ _MIGRATIONS: list[str] = [
         rtt_ms REAL
     );
     """,
+    # 4: groups of tracked containers, and plugin runs with their output.
+    """
+    CREATE TABLE container_groups (id TEXT PRIMARY KEY, created_at REAL NOT NULL);
+    CREATE TABLE group_members (
+        group_id TEXT NOT NULL REFERENCES container_groups (id) ON DELETE CASCADE,
+        peer TEXT NOT NULL,
+        container_id TEXT NOT NULL,
+        PRIMARY KEY (group_id, peer, container_id)
+    );
+    CREATE TABLE plugin_runs (
+        id TEXT PRIMARY KEY,
+        plugin TEXT NOT NULL,
+        target TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        ok INTEGER,
+        summary TEXT,
+        output TEXT
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

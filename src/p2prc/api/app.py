@@ -23,7 +23,7 @@ from ..models import CallerInfo, Health, NodeStatus, Specs
 from ..peers.gossip import Gossip
 from ..specs import collect_specs, own_addresses
 from ..state import State
-from . import containers, peers
+from . import containers, peers, plugins
 from .auth import RequestVerifier
 
 __all__ = ["NodeView", "create_app"]
@@ -147,4 +147,5 @@ def create_app(node: NodeView) -> FastAPI:
 
     app.include_router(containers.router(node, verifier))
     app.include_router(peers.router(node, verifier))
+    app.include_router(plugins.router(node, verifier))
     return app

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from ..containers.groups import GroupStore
 from ..containers.service import ContainerService
 from ..containers.store import ContainerStore
 from ..errors import ContainerNotFound, InvalidRequest, P2PRCError
@@ -22,6 +23,7 @@ from ..models import (
     RemoteCreate,
     TrackedContainer,
 )
+from ..state import State
 from .auth import RequestVerifier
 
 __all__ = ["router"]
@@ -40,6 +42,8 @@ class ContainerNode(Protocol):
     def containers(self) -> ContainerService: ...
     @property
     def container_store(self) -> ContainerStore: ...
+    @property
+    def state(self) -> State: ...
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
 
@@ -141,6 +145,7 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
             except ContainerNotFound:
                 log.info("container %s was already gone on its peer", view.id)
         node.container_store.remove_tracked(view.peer, view.id)
+        GroupStore(node.state.connection).forget_container(view.peer, view.id)
         return {"removed": view.id}
 
     return routes

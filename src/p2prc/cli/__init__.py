@@ -26,6 +26,18 @@ from ._containers import (
 )
 from ._node import config_app, config_show, init, interfaces_command, specs, start, status, stop
 from ._peers import add_peer, list_peers, meta_app, peers_app, set_metadata, sync_peers
+from ._plugins import (
+    create_group,
+    delete_group,
+    group_app,
+    list_groups,
+    list_plugins,
+    plugin_app,
+    pull_plugin,
+    remove_plugin,
+    run_plugin,
+    show_or_change_group,
+)
 
 __all__ = ["app", "main"]
 
@@ -81,6 +93,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(container_app, name="container")
 app.add_typer(peers_app, name="peers")
 app.add_typer(meta_app, name="meta")
+app.add_typer(group_app, name="group")
+app.add_typer(plugin_app, name="plugin")
 
 
 @app.command("images")
@@ -151,6 +165,21 @@ def _root(
     ] = None,
     us: Annotated[bool, typer.Option("--us", "--UpdateServerList", help="Legacy: sync.")] = False,
     amd: Annotated[str | None, typer.Option("--amd", "--AddMetaData", help="Legacy.")] = None,
+    cgroup: Annotated[bool, typer.Option("--cgroup", "--CreateGroup", help="Legacy.")] = False,
+    group: Annotated[str | None, typer.Option("--group", "--Group", help="Legacy.")] = None,
+    rmcgroup: Annotated[
+        bool, typer.Option("--rmcgroup", "--RemoveContainerGroup", help="Legacy.")
+    ] = False,
+    rmgroup: Annotated[
+        str | None, typer.Option("--rmgroup", "--RemoveGroup", help="Legacy.")
+    ] = None,
+    groups: Annotated[bool, typer.Option("--groups", "--Groups", help="Legacy.")] = False,
+    vp: Annotated[bool, typer.Option("--vp", "--ViewPlugins", help="Legacy.")] = False,
+    pp: Annotated[str | None, typer.Option("--pp", "--PullPlugin", help="Legacy.")] = None,
+    rp: Annotated[str | None, typer.Option("--rp", "--RemovePlugin", help="Legacy.")] = None,
+    plugin: Annotated[
+        str | None, typer.Option("--plugin", "--ExecutePlugin", help="Legacy.")
+    ] = None,
 ) -> None:
     options = options_of(ctx)
     options.json, options.debug, options.home_arg = json_output, debug, home
@@ -173,6 +202,17 @@ def _root(
             lambda: create_container(options, str(touch), ports=ports, gpu=gpu, name=cn, image=bi),
         ),
         (rm is not None, lambda: _legacy_remove(options, container_id)),
+        (cgroup, lambda: create_group(options)),
+        (
+            group is not None,
+            lambda: show_or_change_group(options, str(group), container_id, rmcgroup),
+        ),
+        (rmgroup is not None, lambda: delete_group(options, str(rmgroup))),
+        (groups, lambda: list_groups(options)),
+        (vp, lambda: list_plugins(options)),
+        (pp is not None, lambda: pull_plugin(options, str(pp))),
+        (rp is not None, lambda: remove_plugin(options, str(rp))),
+        (plugin is not None, lambda: _legacy_plugin(options, str(plugin), container_id)),
         (tc, lambda: list_containers(options)),
         (server, lambda: start(ctx)),
     ]
@@ -197,6 +237,12 @@ def _legacy_root(options: Options, ip: str | None, port: int) -> None:
     if not ip or not port:
         raise InvalidRequest("--arn needs --ip IP and -p PORT")
     add_peer(options, _with_port(ip, port))
+
+
+def _legacy_plugin(options: Options, name: str, target: str | None) -> None:
+    if not target:
+        raise InvalidRequest("provide the container or group id with --id")
+    run_plugin(options, name, target, [])
 
 
 def _legacy_remove(options: Options, container_id: str | None) -> None:

@@ -103,7 +103,6 @@ class DockerRuntime:
             memswap_limit=spec.memory,
             pids_limit=spec.pids,
             device_requests=device_requests,
-            security_opt=["no-new-privileges:true"],
             init=True,
         )
         try:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "p2prc/sshd:latest"
 BASE_PULL = "debian:bookworm-slim"
 BASE_OFFLINE = "p2prc/base:bookworm"
-_PACKAGES = ["openssh-server", "python3", "ca-certificates", "iproute2", "procps"]
+_PACKAGES = ["openssh-server", "python3", "sudo", "ca-certificates", "iproute2", "procps"]
 _DEBIAN_PATH = re.compile(r"/debian/?$")
 
 

@@ -1,0 +1,1 @@
+"""Ansible plugins: installed playbooks run against tracked containers and groups."""
