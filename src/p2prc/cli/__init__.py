@@ -94,6 +94,26 @@ app.add_typer(container_app, name="container")
 app.add_typer(peers_app, name="peers")
 app.add_typer(meta_app, name="meta")
 app.add_typer(group_app, name="group")
+
+
+@app.command("generate")
+def generate_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Project (and directory) name.")],
+    module: Annotated[str | None, typer.Option("--module", "--mod", help="Python module.")] = None,
+    directory: Annotated[Path, typer.Option("--dir", help="Where to create it.")] = Path("."),
+) -> None:
+    """Write a new Python project that embeds a p2prc node (the original --gen)."""
+    _generate(options_of(ctx), name, module, directory)
+
+
+def _generate(options: Options, name: str, module: str | None, directory: Path) -> None:
+    from .._generate import generate
+
+    root = generate(name, module, directory)
+    emit(options, {"project": str(root)}, f"created {root}; next: cd {root} && pip install -e .")
+
+
 app.add_typer(plugin_app, name="plugin")
 
 
@@ -180,6 +200,10 @@ def _root(
     plugin: Annotated[
         str | None, typer.Option("--plugin", "--ExecutePlugin", help="Legacy.")
     ] = None,
+    gen: Annotated[
+        str | None, typer.Option("--gen", "--Generate", help="Legacy: generate.")
+    ] = None,
+    mod: Annotated[str | None, typer.Option("--mod", "--ModuleName", help="Legacy: with --gen.")] = None,
 ) -> None:
     options = options_of(ctx)
     options.json, options.debug, options.home_arg = json_output, debug, home
@@ -213,6 +237,7 @@ def _root(
         (pp is not None, lambda: pull_plugin(options, str(pp))),
         (rp is not None, lambda: remove_plugin(options, str(rp))),
         (plugin is not None, lambda: _legacy_plugin(options, str(plugin), container_id)),
+        (gen is not None, lambda: _generate(options, str(gen), mod, Path("."))),
         (tc, lambda: list_containers(options)),
         (server, lambda: start(ctx)),
     ]
