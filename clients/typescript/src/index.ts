@@ -1,0 +1,274 @@
+/**
+ * A typed client for the p2prc node HTTP API (see docs/openapi.json and docs/library.md).
+ *
+ * Read routes need nothing; state-changing routes are signed with the caller's Ed25519
+ * node key, read from a p2prc home (`identity/id_ed25519`, OpenSSH format).
+ */
+import { createHash, createPrivateKey, randomBytes, sign, type KeyObject } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+
+export interface NodeStatus {
+  node_id: string;
+  name: string;
+  version: string;
+  api: string;
+  addresses: string[];
+  port: number;
+  public_key: string;
+  uptime_s: number;
+  started_at: number;
+  trust_mode: string;
+}
+
+export interface Specs {
+  hostname: string;
+  os: { system: string; release: string; machine: string; distribution: string };
+  cpu: { model: string; cores: number; physical_cores: number | null; load_1m: number };
+  memory: { total: number; available: number };
+  disk: { path: string; total: number; free: number };
+  gpus: { index: number; name: string; memory_total: number; driver: string }[];
+}
+
+export interface PeerView {
+  node_id: string;
+  name: string;
+  me: boolean;
+  state: "alive" | "suspect" | "dead" | "left";
+  rtt_ms: number | null;
+  addresses: string[];
+  api: string;
+  api_port: number;
+  gossip_port: number;
+  behind_nat: boolean | null;
+  relay: string;
+  user: string;
+  cores: number;
+  memory: number;
+  gpus: number;
+  metadata: string;
+  custom: Record<string, string>;
+  version: number;
+}
+
+export interface CallerInfo {
+  node_id: string;
+  role: "owner" | "peer";
+  public_key: string;
+}
+
+export interface CreateContainer {
+  name?: string;
+  image?: string;
+  ports?: number;
+  gpu?: boolean;
+  cpus?: number;
+  memory?: string;
+  ttl?: string;
+  authorized_keys?: string[];
+}
+
+export interface ContainerView {
+  id: string;
+  name: string;
+  peer: string;
+  image: string;
+  ssh: { host: string; port: number; user: string };
+  ports: { container_port: number; host_port: number }[];
+  gpu: boolean;
+  cpus: number;
+  memory: number;
+  owner: string;
+  created_at: number;
+  expires_at: number | null;
+  status: string;
+}
+
+/** An error answered by a node: the same `code` the Python client maps to its classes. */
+export class P2PRCError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+    readonly status: number,
+  ) {
+    super(`${code}: ${message}`);
+    this.name = "P2PRCError";
+  }
+}
+
+/** A node key pair, as p2prc stores it. */
+export interface Identity {
+  privateKey: KeyObject;
+  publicKey: Buffer;
+}
+
+function b64url(data: Buffer): string {
+  return data.toString("base64url");
+}
+
+/** Read `identity/id_ed25519` (OpenSSH format, unencrypted) from a p2prc home. */
+export function loadIdentity(home: string): Identity {
+  const text = readFileSync(join(home, "identity", "id_ed25519"), "utf8");
+  const body = text
+    .replace(/-----(BEGIN|END) OPENSSH PRIVATE KEY-----/g, "")
+    .replace(/\s+/g, "");
+  const data = Buffer.from(body, "base64");
+  let offset = 0;
+  const magic = "openssh-key-v1\0";
+  if (data.subarray(0, magic.length).toString("latin1") !== magic) {
+    throw new Error("not an OpenSSH private key");
+  }
+  offset = magic.length;
+  const field = (): Buffer => {
+    const length = data.readUInt32BE(offset);
+    const value = data.subarray(offset + 4, offset + 4 + length);
+    offset += 4 + length;
+    return value;
+  };
+  const cipher = field().toString();
+  field(); // kdf name
+  field(); // kdf options
+  if (cipher !== "none") throw new Error("encrypted keys are not supported");
+  offset += 4; // number of keys
+  field(); // public key blob
+  const secret = field();
+  let inner = 8; // two check integers
+  const innerField = (): Buffer => {
+    const length = secret.readUInt32BE(inner);
+    const value = secret.subarray(inner + 4, inner + 4 + length);
+    inner += 4 + length;
+    return value;
+  };
+  if (innerField().toString() !== "ssh-ed25519") throw new Error("not an Ed25519 key");
+  const publicKey = Buffer.from(innerField());
+  const seed = innerField().subarray(0, 32);
+  const privateKey = createPrivateKey({
+    key: { kty: "OKP", crv: "Ed25519", d: b64url(seed), x: b64url(publicKey) },
+    format: "jwk",
+  });
+  return { privateKey, publicKey };
+}
+
+/** Talks to one node; signs state-changing calls when it has an identity. */
+export class P2PRCClient {
+  private audience: string | undefined;
+
+  constructor(
+    readonly baseUrl: string,
+    private readonly identity?: Identity,
+  ) {
+    this.baseUrl = baseUrl.replace(/\/+$/, "");
+  }
+
+  status(): Promise<NodeStatus> {
+    return this.request<NodeStatus>("GET", "/status");
+  }
+
+  specs(): Promise<Specs> {
+    return this.request<Specs>("GET", "/specs");
+  }
+
+  peers(): Promise<PeerView[]> {
+    return this.request<PeerView[]>("GET", "/peers");
+  }
+
+  whoami(): Promise<CallerInfo> {
+    return this.request<CallerInfo>("POST", "/whoami");
+  }
+
+  setMetadata(text: string, custom?: Record<string, string>): Promise<PeerView> {
+    return this.request<PeerView>("POST", "/meta", custom ? { text, custom } : { text });
+  }
+
+  containers(): Promise<ContainerView[]> {
+    return this.request<ContainerView[]>("GET", "/containers", undefined, true);
+  }
+
+  removeContainer(id: string): Promise<{ removed: string }> {
+    return this.request("DELETE", `/containers/${encodeURIComponent(id)}`);
+  }
+
+  /** Create a container on this node; `onProgress` gets each progress line. */
+  async createContainer(
+    spec: CreateContainer = {},
+    onProgress?: (message: string) => void,
+  ): Promise<ContainerView> {
+    const response = await this.send("POST", "/containers", spec, false);
+    const text = await response.text();
+    for (const line of text.split("\n")) {
+      if (!line.trim()) continue;
+      const event = JSON.parse(line) as {
+        event: string;
+        message?: string;
+        container?: ContainerView;
+        error?: { code: string; message: string };
+      };
+      if (event.event === "progress" && event.message) onProgress?.(event.message);
+      if (event.event === "error" && event.error) {
+        throw new P2PRCError(event.error.code, event.error.message, response.status);
+      }
+      if (event.event === "created" && event.container) return event.container;
+    }
+    throw new P2PRCError("peer_protocol_error", "the stream ended without a result", 502);
+  }
+
+  private async request<T>(
+    method: string,
+    path: string,
+    body?: unknown,
+    signedRead = false,
+  ): Promise<T> {
+    const response = await this.send(method, path, body, signedRead);
+    return (await response.json()) as T;
+  }
+
+  private async send(
+    method: string,
+    path: string,
+    body: unknown,
+    signedRead: boolean,
+  ): Promise<Response> {
+    const payload = body === undefined ? Buffer.alloc(0) : Buffer.from(JSON.stringify(body));
+    const headers: Record<string, string> = {};
+    if (body !== undefined) headers["content-type"] = "application/json";
+    if ((method !== "GET" || signedRead) && this.identity) {
+      Object.assign(headers, await this.signature(method, path, payload));
+    }
+    const response = await fetch(this.baseUrl + path, {
+      method,
+      headers,
+      body: payload.length ? payload : undefined,
+    });
+    if (!response.ok) {
+      const error = ((await response.json().catch(() => ({}))) as {
+        error?: { code: string; message: string };
+      }).error;
+      throw new P2PRCError(
+        error?.code ?? "api_error",
+        error?.message ?? `HTTP ${response.status}`,
+        response.status,
+      );
+    }
+    return response;
+  }
+
+  private async signature(
+    method: string,
+    target: string,
+    body: Buffer,
+  ): Promise<Record<string, string>> {
+    const identity = this.identity!;
+    this.audience ??= (await this.status()).node_id;
+    const timestamp = Math.floor(Date.now() / 1000).toString();
+    const nonce = randomBytes(16).toString("hex");
+    const digest = createHash("sha256").update(body).digest("hex");
+    const message = ["p2prc-request-v1", method.toUpperCase(), target, this.audience, timestamp, nonce, digest].join("\n");
+    return {
+      "P2PRC-Key": b64url(identity.publicKey),
+      "P2PRC-Audience": this.audience,
+      "P2PRC-Timestamp": timestamp,
+      "P2PRC-Nonce": nonce,
+      "P2PRC-Signature": b64url(sign(null, Buffer.from(message), identity.privateKey)),
+    };
+  }
+}

@@ -1,0 +1,26 @@
+// Runs against a real p2prc node: P2PRC_API (its URL), P2PRC_HOME (its owner's home),
+// P2PRC_STRANGER_HOME (another node's home, not trusted). Exits non-zero on any failure.
+import assert from "node:assert/strict";
+import { P2PRCClient, P2PRCError, loadIdentity } from "../dist/index.js";
+
+const api = process.env.P2PRC_API;
+const owner = new P2PRCClient(api, loadIdentity(process.env.P2PRC_HOME));
+const stranger = new P2PRCClient(api, loadIdentity(process.env.P2PRC_STRANGER_HOME));
+const anonymous = new P2PRCClient(api);
+
+const status = await owner.status();
+assert.match(status.node_id, /^[0-9a-f]{32}$/);
+const specs = await owner.specs();
+assert.ok(specs.cpu.cores >= 1 && specs.memory.total > 0 && Array.isArray(specs.gpus));
+assert.equal((await owner.whoami()).role, "owner");
+
+const view = await owner.setMetadata("set from TypeScript", { lang: "ts" });
+assert.equal(view.metadata, "set from TypeScript");
+const me = (await anonymous.peers()).find((peer) => peer.me);
+assert.equal(me.metadata, "set from TypeScript");
+assert.deepEqual(me.custom, { lang: "ts" });
+
+await assert.rejects(stranger.whoami(), (error) => error instanceof P2PRCError && error.code === "not_trusted");
+await assert.rejects(anonymous.setMetadata("nope"), (error) => error.code === "unauthenticated");
+await assert.rejects(owner.createContainer({ cpus: 999 }), (error) => error.code === "limit_exceeded");
+console.log("typescript client: 8 checks passed");
