@@ -192,6 +192,8 @@ class GossipConfig(_Section):
     indirect_checks: int = Field(default=3, ge=0, le=16)
     suspicion_mult: float = Field(default=4.0, ge=1, le=20)
     push_pull_interval: float = Field(default=15.0, ge=1, le=3600)
+    # mDNS on the LAN; only active when the node listens on a non-loopback address.
+    lan_discovery: bool = True
 
     @field_validator("advertise")
     @classmethod

@@ -299,6 +299,13 @@ class Node:
                 gpus=lambda: len(gpus()),
             )
             self._gossip = await self._stack.enter_async_context(gossip)
+            if self._config.gossip.lan_discovery and self._host not in ("127.0.0.1", "::1"):
+                from .peers.lan import LanDiscovery
+
+                lan = LanDiscovery(
+                    self.identity.node_id, self.advertised_addresses(), self._port, gossip.push_pull
+                )
+                await self._stack.enter_async_context(lan)
 
     def advertised_addresses(self) -> list[str]:
         """Addresses in this node's record: configured, else the listen address, else all."""

@@ -77,7 +77,7 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
     started: list[NodeProcess] = []
 
     def make(name: str = "a", *args: str) -> NodeProcess:
-        node = start_node(tmp_path / name, "--port", "0", *args)
+        node = start_node(tmp_path / name, "--host", "127.0.0.1", "--port", "0", *args)
         started.append(node)
         return node
 

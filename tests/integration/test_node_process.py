@@ -64,7 +64,7 @@ def test_cli_stop(running_node: NodeProcess) -> None:
 
 
 def test_second_node_on_same_home_is_refused(running_node: NodeProcess) -> None:
-    result = run_cli(running_node.home, "start", "--port", "0", check=False)
+    result = run_cli(running_node.home, "start", "--host", "127.0.0.1", "--port", "0", check=False)
     assert result.returncode == 1
     assert "NodeAlreadyRunning" in result.stderr
     assert json.loads(run_cli(running_node.home, "--json", "status").stdout)["node_id"]
@@ -72,7 +72,9 @@ def test_second_node_on_same_home_is_refused(running_node: NodeProcess) -> None:
 
 def test_port_in_use(running_node: NodeProcess, tmp_path: Path) -> None:
     port = running_node.api.rsplit(":", 1)[1]
-    result = run_cli(tmp_path / "other", "start", "--port", port, check=False)
+    result = run_cli(
+        tmp_path / "other", "start", "--host", "127.0.0.1", "--port", port, check=False
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("AddressInUse:")
 
@@ -81,6 +83,7 @@ def test_legacy_server_flag_uses_config_port(tmp_path: Path) -> None:
     home = tmp_path / "legacy"
     port = free_port()
     run_cli(home, "config", "set", "port", str(port))
+    run_cli(home, "config", "set", "host", "127.0.0.1")
     node = start_node(home, command=("-s",))
     try:
         assert node.api.endswith(f":{port}")

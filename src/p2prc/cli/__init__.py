@@ -203,7 +203,9 @@ def _root(
     gen: Annotated[
         str | None, typer.Option("--gen", "--Generate", help="Legacy: generate.")
     ] = None,
-    mod: Annotated[str | None, typer.Option("--mod", "--ModuleName", help="Legacy: with --gen.")] = None,
+    mod: Annotated[
+        str | None, typer.Option("--mod", "--ModuleName", help="Legacy: with --gen.")
+    ] = None,
 ) -> None:
     options = options_of(ctx)
     options.json, options.debug, options.home_arg = json_output, debug, home
