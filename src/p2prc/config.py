@@ -47,6 +47,10 @@ class Home:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        # Accept "str" paths from library callers: Home("/srv/p2prc").
+        object.__setattr__(self, "path", Path(self.path).expanduser())
+
     @property
     def config_file(self) -> Path:
         return self.path / "config.toml"
