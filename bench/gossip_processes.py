@@ -208,6 +208,7 @@ def measure(n: int, processes: int, warmup: float = 3.0) -> dict[str, Any]:
         pipe.recv()  # "ready": tables built
     start = time.monotonic() + 1.0
     times = {
+        "start": start,
         "join": start + warmup,
         "meta": start + warmup + 5,
         "kill": start + warmup + 10,
@@ -233,7 +234,7 @@ def _summarise(
         began = float(plan[kind if kind != "dead" else "kill"])
         return round(float(times[needed - 1]) - began, 2)
 
-    duration = plan["end"] - plan["join"] + 3.0
+    duration = plan["end"] - plan["start"]
     return {
         "nodes": n,
         "processes": processes,

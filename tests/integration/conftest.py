@@ -83,12 +83,17 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
 
     yield make
     for node in started:
-        if node.process.poll() is None:
-            node.process.kill()
-        node.process.wait(timeout=15)
-        for stream in (node.process.stdout, node.process.stderr):
-            if stream is not None:
-                stream.close()
+        close(node)
+
+
+def close(node: NodeProcess) -> None:
+    """Kill the node if it still runs and close its pipes."""
+    if node.process.poll() is None:
+        node.process.kill()
+    node.process.wait(timeout=15)
+    for stream in (node.process.stdout, node.process.stderr):
+        if stream is not None:
+            stream.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from p2prc import AsyncClient, Identity
 from p2prc.peers.records import decode_record
-from tests.integration.conftest import NodeProcess, p2prc, start_node
+from tests.integration.conftest import NodeProcess, close, p2prc, start_node
 
 pytestmark = pytest.mark.slow
 
@@ -43,15 +43,6 @@ def _wait_all_alive(node: NodeProcess, ids: set[str]) -> None:
     _wait(lambda: {k for k, v in _peers(node).items() if v["state"] == "alive"} == ids)
 
 
-def _close(node: NodeProcess) -> None:
-    if node.process.poll() is None:
-        node.process.kill()
-    node.process.wait(timeout=15)
-    for stream in (node.process.stdout, node.process.stderr):
-        if stream is not None:
-            stream.close()
-
-
 @pytest.fixture
 def swarm(tmp_path: Path) -> Iterator[list[NodeProcess]]:
     nodes = [start_node(tmp_path / "n0", "--host", "127.0.0.1", "--port", "0")]
@@ -63,7 +54,7 @@ def swarm(tmp_path: Path) -> Iterator[list[NodeProcess]]:
         yield nodes
     finally:
         for node in nodes:
-            _close(node)
+            close(node)
 
 
 def test_swarm_lifecycle(swarm: list[NodeProcess], tmp_path: Path) -> None:
@@ -77,7 +68,7 @@ def test_swarm_lifecycle(swarm: list[NodeProcess], tmp_path: Path) -> None:
     for node in swarm[:4]:
         _wait_field(node, victim.node_id, "state", "dead")
 
-    _close(victim)
+    close(victim)
     back = start_node(victim.home, "--host", "127.0.0.1", "--port", "0")
     swarm[4] = back
     assert back.node_id == victim.node_id

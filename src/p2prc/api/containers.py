@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from ..containers.groups import GroupStore
 from ..containers.service import ContainerService
 from ..containers.store import ContainerStore
-from ..errors import ContainerNotFound, InvalidRequest, P2PRCError
+from ..errors import ContainerNotFound, P2PRCError
 from ..identity import Identity
 from ..models import (
     CallerInfo,
@@ -137,7 +137,7 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
         """Remove a tracked container on its peer, then forget it."""
         from ..client import AsyncClient
 
-        item = _one_tracked(node.container_store, container_id)
+        item = node.container_store.one_tracked(container_id)
         view = item.container
         async with AsyncClient(item.peer_address, identity=node.identity) as peer:
             try:
@@ -149,12 +149,3 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
         return {"removed": view.id}
 
     return routes
-
-
-def _one_tracked(store: ContainerStore, prefix: str) -> TrackedContainer:
-    matches = store.find_tracked(prefix)
-    if not matches:
-        raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
-    if len(matches) > 1:
-        raise InvalidRequest(f"{prefix!r} matches {len(matches)} containers; give more of the id")
-    return matches[0]

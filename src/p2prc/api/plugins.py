@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from ..config import NodeConfig
 from ..containers.groups import GroupStore
 from ..containers.store import ContainerStore
-from ..errors import ContainerNotFound, InvalidRequest, P2PRCError
+from ..errors import InvalidRequest, P2PRCError
 from ..models import (
     CallerInfo,
     ContainerGroup,
@@ -40,14 +40,6 @@ class PluginNode(Protocol):
     def state(self) -> State: ...
     @property
     def home_path(self) -> Path: ...
-
-
-def _one_tracked(store: ContainerStore, prefix: str) -> TrackedContainer:
-    matches = store.find_tracked(prefix)
-    if len(matches) != 1:
-        what = "no" if not matches else f"{len(matches)}"
-        raise ContainerNotFound(f"{what} tracked container matches {prefix!r}")
-    return matches[0]
 
 
 def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
@@ -84,12 +76,12 @@ def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
         """Add a tracked container (the original --group G --id C)."""
         store = groups()
         store.get(group_id)
-        return store.add(group_id, _one_tracked(tracked(), body.container))
+        return store.add(group_id, tracked().one_tracked(body.container))
 
     @routes.delete("/groups/{group_id}/members/{container}")
     async def remove_member(group_id: str, container: str, caller: Owner) -> ContainerGroup:
         """Take a container out of a group (the original --group G --rmcgroup --id C)."""
-        return groups().remove(group_id, _one_tracked(tracked(), container))
+        return groups().remove(group_id, tracked().one_tracked(container))
 
     @routes.delete("/groups/{group_id}")
     async def delete_group(group_id: str, caller: Owner) -> dict[str, str]:
@@ -136,7 +128,7 @@ def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
             if not group.containers:
                 raise InvalidRequest(f"group {target} has no containers")
             return group.containers
-        return [_one_tracked(tracked(), target)]
+        return [tracked().one_tracked(target)]
 
     async def _run_stream(
         plugin: PluginInfo, items: list[TrackedContainer], body: PluginRunRequest

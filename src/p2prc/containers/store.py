@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from ..errors import ContainerNotFound, InvalidRequest
 from ..models import ContainerView, TrackedContainer
 
 __all__ = ["ContainerStore"]
@@ -81,6 +82,17 @@ class ContainerStore:
             (now,),
         )
         return cursor.rowcount
+
+    def one_tracked(self, prefix: str) -> TrackedContainer:
+        """The one tracked container with this id prefix or name."""
+        matches = self.find_tracked(prefix)
+        if not matches:
+            raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
+        if len(matches) > 1:
+            raise InvalidRequest(
+                f"{prefix!r} matches {len(matches)} containers; give more of the id"
+            )
+        return matches[0]
 
     def remove_tracked(self, peer: str, container_id: str) -> None:
         self._db.execute(
