@@ -109,4 +109,7 @@ async def test_forged_and_replayed_records_are_rejected(swarm: list[NodeProcess]
 
     async with httpx.AsyncClient(timeout=5) as http:
         unsigned = await http.post(f"{target.api}/peers/exchange", content=payload)
-    assert unsigned.status_code == 401
+        assert unsigned.status_code == 401
+        stats = (await http.get(f"{target.api}/peers/stats")).json()
+    assert stats["rejected"].get("malformed", 0) >= 2
+    assert stats["rejected"].get("stale", 0) + stats["rejected"].get("bad_signature", 0) >= 1

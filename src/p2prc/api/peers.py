@@ -63,6 +63,20 @@ def router(node: PeerNode, verifier: RequestVerifier) -> APIRouter:
         members = sorted(gossip.table.members.values(), key=lambda m: m.record.name)
         return [view_of(gossip, gossip.me, None)] + [view_of(gossip, m.record, m) for m in members]
 
+    @routes.get("/peers/stats")
+    async def stats() -> dict[str, object]:
+        """Gossip counters: rejected updates and dropped datagrams by reason, traffic sent."""
+        gossip = node.gossip
+        swim = gossip.swim
+        return {
+            "members": len(gossip.table),
+            "rejected": dict(gossip.table.rejected),
+            "dropped_datagrams": dict(swim.stats.dropped) if swim else {},
+            "datagrams_sent": swim.stats.sent if swim else 0,
+            "bytes_sent": swim.stats.bytes_sent if swim else 0,
+            "local_health": swim.awareness if swim else 0,
+        }
+
     @routes.post("/peers/exchange", response_class=Response)
     async def exchange(request: Request, caller: Caller) -> Response:
         """Push-pull anti-entropy: merge the caller's table, answer with ours (msgpack)."""
