@@ -35,6 +35,10 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- LimitExceeded           limit_exceeded (422)
     |   +-- QuotaExceeded           quota_exceeded (429)
     +-- PluginError                 plugin_error (422)
+    +-- TunnelError                 tunnel_error (502)
+    |   +-- TunnelProtocolError     tunnel_protocol_error (502)
+    |   +-- RelayUnavailable        relay_unavailable (503)
+    |   +-- WrongNode               wrong_node (502): the far end is not the pinned node
     +-- ApiError                    api_error (502): an answer with an unknown code
 
 Programmer errors (starting a node twice, using a closed client) are
@@ -72,12 +76,16 @@ __all__ = [
     "PluginError",
     "QuotaExceeded",
     "RateLimited",
+    "RelayUnavailable",
     "RequestReplayed",
     "RuntimeUnavailable",
     "SignatureExpired",
     "SignatureInvalid",
     "StateError",
+    "TunnelError",
+    "TunnelProtocolError",
     "WrongAudience",
+    "WrongNode",
     "error_class",
     "map_exceptions",
 ]
@@ -292,6 +300,32 @@ class PluginError(P2PRCError):
 
     status = 422
     code = "plugin_error"
+
+
+class TunnelError(P2PRCError):
+    """A relay or tunnel failed."""
+
+    status = 502
+    code = "tunnel_error"
+
+
+class TunnelProtocolError(TunnelError):
+    """The other end of a tunnel sent something malformed."""
+
+    code = "tunnel_protocol_error"
+
+
+class RelayUnavailable(TunnelError):
+    """No relay could be reached."""
+
+    status = 503
+    code = "relay_unavailable"
+
+
+class WrongNode(TunnelError):
+    """The far end of a TLS connection does not hold the expected node key."""
+
+    code = "wrong_node"
 
 
 class ApiError(P2PRCError):

@@ -48,7 +48,7 @@ def test_oversized_record_cannot_be_signed() -> None:
         make_record(ALICE, 1, custom={f"k{i}": "v" * 200 for i in range(10)})
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000))
 def test_decoders_raise_only_protocol_errors(data: bytes) -> None:
     for decode in (decode_record, decode_claim):

@@ -1,0 +1,72 @@
+"""Tunnel control frames: a 4-byte big-endian length, then a msgpack map. Sans-IO.
+
+``encode(message)`` gives the bytes of one frame; ``FrameDecoder.feed(data)`` takes bytes
+in any chunking and returns the complete messages. Every message is a map with a string
+``type``; frames above ``MAX_FRAME`` bytes or that do not decode raise
+``TunnelProtocolError`` and the decoder refuses further input (the connection is done).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from ..errors import TunnelProtocolError
+
+__all__ = ["MAX_FRAME", "FrameDecoder", "encode"]
+
+MAX_FRAME = 64 * 1024
+_HEADER = struct.Struct(">I")
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One frame for ``message`` (which must have a string ``type``)."""
+    if not isinstance(message.get("type"), str):
+        raise TypeError("a tunnel message needs a string 'type'")
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"frame of {len(body)} bytes is over {MAX_FRAME}")
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Reassembles frames from a byte stream."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._failed = False
+
+    def __repr__(self) -> str:
+        return f"<FrameDecoder [{len(self._buffer)} bytes buffered]>"
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add bytes; return every message now complete, in order."""
+        if self._failed:
+            raise TunnelProtocolError("the stream already failed")
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME:
+                self._failed = True
+                raise TunnelProtocolError(f"frame of {length} bytes is over {MAX_FRAME}")
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            body = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            messages.append(self._decode(body))
+        return messages
+
+    def _decode(self, body: bytes) -> dict[str, Any]:
+        try:
+            message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception:
+            self._failed = True
+            raise TunnelProtocolError("undecodable frame") from None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            self._failed = True
+            raise TunnelProtocolError("a frame must be a map with a string 'type'")
+        return message
