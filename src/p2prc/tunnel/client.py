@@ -1,0 +1,137 @@
+"""``TunnelClient``: a node behind NAT keeps one connection to a relay and serves through it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError
+from ..identity import Identity, b64encode
+from .frames import FrameDecoder
+from .relay import challenge_message
+from .streams import FramedStream, close_quietly, relay_frames_to_plain, relay_plain_to_frames
+from .tls import client_context, verify_peer
+
+__all__ = ["TunnelClient"]
+
+log = logging.getLogger(__name__)
+
+
+class TunnelClient:
+    """Exposes local TCP ports on a relay's public ports."""
+
+    def __init__(
+        self, identity: Identity, relay_host: str, relay_port: int, relay_node_id: str
+    ) -> None:
+        self._identity = identity
+        self._host, self._port, self._relay_id = relay_host, relay_port, relay_node_id
+        self._control: FramedStream | None = None
+        self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.exposed: dict[int, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<TunnelClient {self._host}:{self._port} [{len(self.exposed)} ports]>"
+
+    async def start(self) -> None:
+        self._control = await self._connect()
+        challenge = await self._control.receive()
+        signature = self._identity.sign(challenge_message(str(challenge["nonce"]), self._relay_id))
+        await self._control.send(
+            {
+                "type": "hello",
+                "key": self._identity.public_key_b64,
+                "signature": b64encode(signature),
+            }
+        )
+        answer = await self._control.receive()
+        if answer["type"] != "welcome":
+            raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
+        self._spawn(self._control_loop(self._control))
+
+    async def expose(self, local_port: int, public_port: int | None = None) -> int:
+        """Publish ``local_port``; returns the relay's public port."""
+        if self._control is None:
+            raise RuntimeError("Call start() before expose().")
+        message: dict[str, Any] = {"type": "expose", "local_port": local_port}
+        if public_port:
+            message["public_port"] = public_port
+        await self._control.send(message)
+        answer = await asyncio.wait_for(self._answers.get(), 10)
+        if answer["type"] != "exposed":
+            raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
+        self.exposed[local_port] = int(answer["public_port"])
+        return self.exposed[local_port]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._control is not None:
+            await close_quietly(self._control.writer)
+
+    async def __aenter__(self) -> TunnelClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self) -> FramedStream:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self._host, self._port, ssl=client_context(), limit=2**20),
+                10,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise RelayUnavailable(f"relay {self._host}:{self._port}: {exc}") from None
+        try:
+            verify_peer(writer.get_extra_info("ssl_object"), self._relay_id)
+        except P2PRCError:
+            await close_quietly(writer)
+            raise
+        return FramedStream(reader, writer, FrameDecoder())
+
+    async def _control_loop(self, control: FramedStream) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, OSError, TunnelProtocolError):
+            while True:
+                message = await control.receive()
+                if message["type"] == "connect":
+                    self._spawn(self._serve(str(message["token"]), int(message["local_port"])))
+                elif message["type"] in ("exposed", "error"):
+                    await self._answers.put(message)
+        log.info("relay control connection closed")
+
+    async def _serve(self, token: str, local_port: int) -> None:
+        """One forwarded connection: a data connection to the relay <-> the local port."""
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", local_port)
+        except OSError as exc:
+            log.info("nothing listens on local port %d: %s", local_port, exc)
+            if self._control is not None:
+                with contextlib.suppress(OSError):
+                    await self._control.send({"type": "refused", "token": token})
+            return
+        try:
+            data = await self._connect()
+            await data.receive()  # the relay's challenge; data connections answer with a token
+            await data.send({"type": "data", "token": token})
+        except (OSError, P2PRCError, asyncio.IncompleteReadError) as exc:
+            log.info("cannot reach the relay for a forwarded connection: %s", exc)
+            await close_quietly(writer)
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(relay_frames_to_plain(data, writer))
+                group.create_task(relay_plain_to_frames(reader, data))
+        except* (OSError, P2PRCError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            await close_quietly(writer, data.writer)

@@ -1,0 +1,84 @@
+"""Framed messages over asyncio streams, and the pumps between plain and framed sides."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any
+
+from ..errors import TunnelProtocolError
+from .frames import FrameDecoder, encode
+
+__all__ = [
+    "CHUNK",
+    "FramedStream",
+    "close_quietly",
+    "relay_frames_to_plain",
+    "relay_plain_to_frames",
+]
+
+# Bytes per data frame: well under MAX_FRAME with the msgpack overhead.
+CHUNK = 32 * 1024
+
+
+class FramedStream:
+    """Send and receive tunnel messages on one connection."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder
+    ) -> None:
+        self.reader, self.writer, self._decoder = reader, writer, decoder
+        self._queue: deque[dict[str, Any]] = deque()
+        self._lock = asyncio.Lock()
+        self.on_close: asyncio.Future[None] | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Write one frame, waiting while the peer is slow (backpressure)."""
+        async with self._lock:
+            self.writer.write(encode(message))
+            await self.writer.drain()
+
+    async def receive(self) -> dict[str, Any]:
+        """The next message; ``IncompleteReadError`` when the connection ended."""
+        while not self._queue:
+            data = await self.reader.read(65536)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            self._queue.extend(self._decoder.feed(data))
+        return self._queue.popleft()
+
+    def closed(self) -> None:
+        if self.on_close is not None and not self.on_close.done():
+            self.on_close.set_result(None)
+
+
+async def relay_plain_to_frames(reader: asyncio.StreamReader, framed: FramedStream) -> None:
+    """Plain bytes into ``d`` frames; end-of-stream becomes an ``e`` frame."""
+    while data := await reader.read(CHUNK):
+        await framed.send({"type": "d", "b": data})
+    await framed.send({"type": "e"})
+
+
+async def relay_frames_to_plain(framed: FramedStream, writer: asyncio.StreamWriter) -> None:
+    """``d`` frames into plain bytes; an ``e`` frame half-closes the plain side."""
+    while True:
+        message = await framed.receive()
+        if message["type"] == "e":
+            if writer.can_write_eof():
+                writer.write_eof()
+            return
+        payload = message.get("b")
+        if message["type"] != "d" or not isinstance(payload, bytes):
+            raise TunnelProtocolError("expected a data frame")
+        writer.write(payload)
+        await writer.drain()
+
+
+async def close_quietly(*writers: asyncio.StreamWriter) -> None:
+    """Close every writer, ignoring the errors of connections already gone."""
+    for writer in writers:
+        writer.close()
+    for writer in writers:
+        with contextlib.suppress(OSError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(writer.wait_closed(), 2)
