@@ -22,6 +22,7 @@ from p2prc.identity import Identity
 from p2prc.node import init_home
 from p2prc.peers.gossip import Gossip
 from p2prc.state import State
+from p2prc.tunnel.mapper import PortMapper
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +65,10 @@ class FakeNode:
     @property
     def gossip(self) -> Gossip:
         raise RuntimeError("the fake node has no gossip; use a real Node")
+
+    @property
+    def mapper(self) -> PortMapper:
+        raise RuntimeError("the fake node maps no ports; use a real Node")
 
     def close(self) -> None:
         self.closed = True

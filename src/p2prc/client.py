@@ -45,6 +45,8 @@ from .models import (
     GroupMember,
     Health,
     ImageList,
+    MappedPort,
+    MapPortRequest,
     MetadataUpdate,
     NodeStatus,
     PeerAddress,
@@ -384,6 +386,18 @@ class AsyncClient:
                             await result
         raise PeerProtocolError(f"{self.base_url}{path}: the run ended without a result")
 
+    async def map_port(self, port: int, domain: str | None = None) -> MappedPort:
+        """Publish one of the node's local ports (through its relay when behind NAT)."""
+        body = MapPortRequest(port=port, domain=domain).model_dump(exclude_none=True)
+        return await self._call("POST", "/map-port", MappedPort, body)
+
+    async def mappings(self) -> list[MappedPort]:
+        response = await self._request("GET", "/map-port", signed=True)
+        return _validate_list(MappedPort, response, self.base_url)
+
+    async def unmap_port(self, port: int) -> None:
+        await self._request("DELETE", f"/map-port/{int(port)}")
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -659,6 +673,18 @@ class Client:
     ) -> PluginRun:
         """Run a plugin on a tracked container or group."""
         return self._run(self._async.run_plugin(name, target, variables, progress=progress))
+
+    def map_port(self, port: int, domain: str | None = None) -> MappedPort:
+        """Publish one of the node's local ports."""
+        return self._run(self._async.map_port(port, domain))
+
+    def mappings(self) -> list[MappedPort]:
+        """The node's published ports."""
+        return self._run(self._async.mappings())
+
+    def unmap_port(self, port: int) -> None:
+        """Stop publishing a port."""
+        self._run(self._async.unmap_port(port))
 
     def close(self) -> None:
         self._run(self._async.aclose())

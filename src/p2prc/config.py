@@ -27,6 +27,7 @@ __all__ = [
     "GossipConfig",
     "Home",
     "NodeConfig",
+    "RelayConfig",
     "Timeouts",
     "TrustConfig",
     "import_original",
@@ -207,6 +208,22 @@ class GossipConfig(_Section):
         return value
 
 
+class RelayConfig(_Section):
+    """Serving as a relay for nodes behind NAT (public nodes), and the limits on it."""
+
+    enabled: bool = False
+    port: int = Field(default=8089, ge=0, le=65535)
+    public_host: str = "0.0.0.0"
+    ports_per_client: int = Field(default=16, ge=1, le=1024)
+    pending_connections: int = Field(default=256, ge=1, le=100_000)
+
+    @field_validator("public_host")
+    @classmethod
+    def _public_host_is_ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
 class NodeConfig(_Section):
     """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
 
@@ -222,6 +239,7 @@ class NodeConfig(_Section):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     containers: ContainerConfig = Field(default_factory=ContainerConfig)
     gossip: GossipConfig = Field(default_factory=GossipConfig)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
 
     @field_validator("name")
     @classmethod

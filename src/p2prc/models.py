@@ -17,6 +17,8 @@ __all__ = [
     "Health",
     "HostResult",
     "ImageList",
+    "MapPortRequest",
+    "MappedPort",
     "MemoryInfo",
     "MetadataUpdate",
     "NodeStatus",
@@ -223,6 +225,7 @@ class PeerView(_Model):
     api: str = Field(description="Base URL of its API")
     api_port: int
     gossip_port: int
+    relay_port: int = Field(default=0, description="Port of its relay service; 0: none")
     behind_nat: bool | None
     relay: str
     user: str
@@ -324,3 +327,28 @@ class PluginEvent(_Model):
     status: str | None = None
     run: PluginRun | None = None
     error: dict[str, str] | None = None
+
+
+# Port mapping ---------------------------------------------------------------------------
+
+
+class MapPortRequest(BaseModel):
+    """Publish a local TCP port of the node (the original --mp)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(ge=1, le=65535)
+    domain: str | None = Field(default=None, max_length=253)
+
+
+class MappedPort(BaseModel):
+    """Where a published port is reachable; the original's keys plus p2prc's."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    ip_address: str = Field(alias="IPAddress")
+    port_no: int = Field(alias="PortNo")
+    entire_address: str = Field(alias="EntireAddress")
+    local_port: int
+    relay: str = Field(description="Node id of the relay, empty when the node maps on itself")
+    domain: str | None = None

@@ -27,9 +27,11 @@ from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
 from .errors import AddressInUse, NodeAlreadyRunning, NodeError
-from .identity import Identity
+from .identity import Identity, node_id_of, parse_public_key
 from .peers.gossip import Gossip
 from .state import State
+from .tunnel.mapper import PortMapper
+from .tunnel.relay import RelayLimits, RelayServer
 
 __all__ = ["Node", "home_locked", "init_home"]
 
@@ -112,6 +114,8 @@ class Node:
         self._runtime = runtime
         self._containers: ContainerService | None = None
         self._gossip: Gossip | None = None
+        self._mapper: PortMapper | None = None
+        self.relay: RelayServer | None = None
         self._listen: socket.socket | None = None
         self._home = home
         self._identity = identity
@@ -160,6 +164,12 @@ class Node:
         if self._gossip is None:
             raise RuntimeError("Gossip runs only while the node runs, and when enabled.")
         return self._gossip
+
+    @property
+    def mapper(self) -> PortMapper:
+        if self._mapper is None:
+            raise RuntimeError("Port mapping runs only while the node runs.")
+        return self._mapper
 
     @property
     def container_store(self) -> ContainerStore:
@@ -287,6 +297,22 @@ class Node:
             self._config, self.identity.node_id, self.container_store, runtime
         )
         self._containers = await self._stack.enter_async_context(service)
+        relay = self._config.relay
+        if relay.enabled:
+            limits = RelayLimits(
+                ports_per_client=relay.ports_per_client,
+                pending_connections=relay.pending_connections,
+            )
+            server = RelayServer(
+                self.identity,
+                self._home.identity_dir,
+                host=self._host,
+                port=relay.port,
+                public_host=relay.public_host,
+                allowed=self._relay_allowed,
+                limits=limits,
+            )
+            self.relay = await self._stack.enter_async_context(server)
         if self._config.gossip.enabled:
             from .specs import gpus
 
@@ -297,6 +323,7 @@ class Node:
                 api_port=self._port,
                 addresses=self.advertised_addresses(),
                 gpus=lambda: len(gpus()),
+                relay_port=self.relay.port if self.relay else 0,
             )
             self._gossip = await self._stack.enter_async_context(gossip)
             if self._config.gossip.lan_discovery and self._host not in ("127.0.0.1", "::1"):
@@ -306,6 +333,25 @@ class Node:
                     self.identity.node_id, self.advertised_addresses(), self._port, gossip.push_pull
                 )
                 await self._stack.enter_async_context(lan)
+
+        await self._start_mapper()
+
+    async def _start_mapper(self) -> None:
+        mapper = PortMapper(
+            self.identity,
+            self._config,
+            self.state.connection,
+            self._gossip,
+            self.advertised_addresses(),
+        )
+        self._mapper = await self._stack.enter_async_context(mapper)
+
+    def _relay_allowed(self, node_id: str) -> bool:
+        """The trust policy decides who may tunnel through this node's relay."""
+        trust = self._config.trust
+        if trust.mode == "open" or node_id == self.identity.node_id:
+            return True
+        return any(node_id_of(parse_public_key(key)) == node_id for key in trust.allow)
 
     def advertised_addresses(self) -> list[str]:
         """Addresses in this node's record: configured, else the listen address, else all."""

@@ -77,6 +77,16 @@ _MIGRATIONS: list[str] = [
         output TEXT
     );
     """,
+    # 5: local ports this node published (map-port), restored after a restart.
+    """
+    CREATE TABLE port_mappings (
+        port INTEGER PRIMARY KEY,
+        public_host TEXT NOT NULL,
+        public_port INTEGER NOT NULL,
+        relay TEXT NOT NULL,
+        domain TEXT
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

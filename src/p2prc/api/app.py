@@ -23,7 +23,8 @@ from ..models import CallerInfo, Health, NodeStatus, Specs
 from ..peers.gossip import Gossip
 from ..specs import collect_specs, own_addresses
 from ..state import State
-from . import containers, peers, plugins
+from ..tunnel.mapper import PortMapper
+from . import containers, peers, plugins, tunnel
 from .auth import RequestVerifier
 
 __all__ = ["NodeView", "create_app"]
@@ -54,6 +55,8 @@ class NodeView(Protocol):
     def container_store(self) -> ContainerStore: ...
     @property
     def gossip(self) -> Gossip: ...
+    @property
+    def mapper(self) -> PortMapper: ...
     def close(self) -> None: ...
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
@@ -148,4 +151,5 @@ def create_app(node: NodeView) -> FastAPI:
     app.include_router(containers.router(node, verifier))
     app.include_router(peers.router(node, verifier))
     app.include_router(plugins.router(node, verifier))
+    app.include_router(tunnel.router(node, verifier))
     return app

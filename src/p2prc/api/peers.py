@@ -37,6 +37,7 @@ def view_of(gossip: Gossip, record: PeerRecord, member: Member | None) -> PeerVi
         api=f"http://{api_host}:{record.api_port}",
         api_port=record.api_port,
         gossip_port=record.gossip_port,
+        relay_port=record.relay_port,
         behind_nat=record.behind_nat,
         relay=record.relay,
         user=record.user,

@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from .. import __version__
+from ..client import Client
 from ..errors import InvalidRequest, P2PRCError
 from ._common import Options, emit, err, options_of, out
 from ._containers import (
@@ -94,6 +95,39 @@ app.add_typer(container_app, name="container")
 app.add_typer(peers_app, name="peers")
 app.add_typer(meta_app, name="meta")
 app.add_typer(group_app, name="group")
+
+
+@app.command("map-port")
+def map_port_command(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Argument(min=1, max=65535, help="Local TCP port.")],
+    domain: Annotated[str | None, typer.Option("--domain", help="Not routed yet.")] = None,
+    remote: Annotated[
+        str | None, typer.Option("--remote", help="Ask this peer to map its own port.")
+    ] = None,
+) -> None:
+    """Publish a local TCP port: on this node if public, else through a relay (original --mp)."""
+    _map_port(options_of(ctx), port, domain, remote)
+
+
+@app.command("unmap")
+def unmap_command(ctx: typer.Context, port: int) -> None:
+    """Stop publishing a port."""
+    options = options_of(ctx)
+    with Client(home=options.home) as client:
+        client.unmap_port(port)
+    emit(options, {"unmapped": port}, f"unmapped {port}")
+
+
+def _map_port(options: Options, port: int, domain: str | None, remote: str | None) -> None:
+    from ._peers import resolve
+
+    target = resolve(options, remote) if remote else None
+    with Client(target, home=options.home) as client:
+        mapped = client.map_port(port, domain)
+    data = mapped.model_dump(by_alias=True, include={"ip_address", "port_no", "entire_address"})
+    data["domain"] = mapped.domain
+    emit(options, data, mapped.entire_address)
 
 
 @app.command("generate")
@@ -203,6 +237,9 @@ def _root(
     gen: Annotated[
         str | None, typer.Option("--gen", "--Generate", help="Legacy: generate.")
     ] = None,
+    mp: Annotated[int | None, typer.Option("--mp", "--MAPPort", help="Legacy: map-port.")] = None,
+    dn: Annotated[str | None, typer.Option("--dn", "--DomainName", help="Legacy.")] = None,
+    ra: Annotated[str | None, typer.Option("--ra", "--RemoteAddress", help="Legacy.")] = None,
     mod: Annotated[
         str | None, typer.Option("--mod", "--ModuleName", help="Legacy: with --gen.")
     ] = None,
@@ -239,6 +276,7 @@ def _root(
         (pp is not None, lambda: pull_plugin(options, str(pp))),
         (rp is not None, lambda: remove_plugin(options, str(rp))),
         (plugin is not None, lambda: _legacy_plugin(options, str(plugin), container_id)),
+        (mp is not None, lambda: _map_port(options, int(mp or 0), dn, ra)),
         (gen is not None, lambda: _generate(options, str(gen), mod, Path("."))),
         (tc, lambda: list_containers(options)),
         (server, lambda: start(ctx)),

@@ -57,7 +57,9 @@ class Gossip:
         api_port: int,
         addresses: list[str],
         gpus: Callable[[], int] = lambda: 0,
+        relay_port: int = 0,
     ) -> None:
+        self._relay_port = relay_port
         self._identity = identity
         self._config = config
         self._settings = config.gossip
@@ -302,6 +304,7 @@ class Gossip:
             addresses=tuple(self._addresses),
             api_port=self._api_port,
             gossip_port=self.port,
+            relay_port=self._relay_port,
             behind_nat=None if behind_nat == "auto" else bool(behind_nat),
             user=_user(),
             cores=os.cpu_count() or 1,

@@ -65,6 +65,12 @@ class TunnelClient:
         self.exposed[local_port] = int(answer["public_port"])
         return self.exposed[local_port]
 
+    async def unexpose(self, local_port: int) -> None:
+        """Stop publishing ``local_port``."""
+        public = self.exposed.pop(local_port, None)
+        if public is not None and self._control is not None:
+            await self._control.send({"type": "unexpose", "public_port": public})
+
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()

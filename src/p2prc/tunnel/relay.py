@@ -155,6 +155,10 @@ class RelayServer:
                 message = await tunnel.control.receive()
                 if message["type"] == "expose":
                     await self._expose(tunnel, message)
+                elif message["type"] == "unexpose":
+                    server = tunnel.servers.pop(int(message.get("public_port", 0)), None)
+                    if server is not None:
+                        server.close()
                 elif message["type"] == "ping":
                     await tunnel.control.send({"type": "pong"})
                 elif message["type"] == "refused":

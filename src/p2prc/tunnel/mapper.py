@@ -1,0 +1,164 @@
+"""``PortMapper``: publish local ports, on this node when it is public, else via a relay.
+
+A relay is chosen from the peer table: alive nodes whose signed record offers a relay
+port and does not say they are behind NAT, lowest RTT first; its node id, from that signed
+record, is what the TLS connection pins. Mappings persist in the state and are restored
+when the node starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+
+from ..config import NodeConfig
+from ..errors import InvalidRequest, NotFound, P2PRCError, RelayUnavailable
+from ..identity import Identity
+from ..models import MappedPort
+from ..peers.gossip import Gossip
+from ..peers.table import Member
+from .client import TunnelClient
+
+__all__ = ["PortMapper"]
+
+log = logging.getLogger(__name__)
+
+
+class PortMapper:
+    """The node's published ports."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: NodeConfig,
+        db: sqlite3.Connection,
+        gossip: Gossip | None,
+        addresses: list[str],
+    ) -> None:
+        self._identity, self._config, self._db = identity, config, db
+        self._gossip, self._addresses = gossip, addresses
+        self._client: TunnelClient | None = None
+        self._relay_id = ""
+        self._relay_host = ""
+        self._lock = asyncio.Lock()
+        self._restore: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<PortMapper [{len(self.mappings())} ports | relay {self._relay_id[:8] or '-'}]>"
+
+    async def start(self) -> None:
+        if self.mappings():
+            self._restore = asyncio.create_task(self._restore_all(), name="port-restore")
+
+    async def aclose(self) -> None:
+        if self._restore is not None:
+            self._restore.cancel()
+            await asyncio.gather(self._restore, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> PortMapper:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def mappings(self) -> list[MappedPort]:
+        rows = self._db.execute(
+            "SELECT port, public_host, public_port, relay, domain FROM port_mappings ORDER BY port"
+        )
+        return [_mapped(*row) for row in rows]
+
+    async def map(self, port: int, domain: str | None = None) -> MappedPort:
+        """Publish ``port``; a clear error when nothing listens on it."""
+        if domain is not None:
+            raise InvalidRequest("domains are not routed yet; map without --domain")
+        if not await _listening(port):
+            raise InvalidRequest(f"nothing listens on local port {port}")
+        async with self._lock:
+            if self._config.behind_nat is True:
+                client = await self._tunnel()
+                public_port = await client.expose(port)
+                host, relay = self._relay_host, self._relay_id
+            else:
+                host, public_port, relay = self._public_address(), port, ""
+            self._db.execute(
+                "INSERT OR REPLACE INTO port_mappings"
+                " (port, public_host, public_port, relay, domain) VALUES (?, ?, ?, ?, ?)",
+                (port, host, public_port, relay, domain),
+            )
+        return _mapped(port, host, public_port, relay, domain)
+
+    async def unmap(self, port: int) -> None:
+        if not any(m.local_port == port for m in self.mappings()):
+            raise NotFound(f"port {port} is not mapped")
+        if self._client is not None:
+            await self._client.unexpose(port)
+        self._db.execute("DELETE FROM port_mappings WHERE port = ?", (port,))
+
+    def _public_address(self) -> str:
+        return self._addresses[0] if self._addresses else "127.0.0.1"
+
+    async def _tunnel(self) -> TunnelClient:
+        if self._client is not None:
+            return self._client
+        for member in self._relays():
+            record = member.record
+            client = TunnelClient(self._identity, record.host, record.relay_port, record.node_id)
+            try:
+                await client.start()
+            except P2PRCError as exc:
+                log.info("relay %s not usable: %s", record.name, exc)
+                await client.aclose()
+                continue
+            self._client, self._relay_id, self._relay_host = client, record.node_id, record.host
+            log.info("tunnel through relay %s (%s)", record.name, record.host)
+            return client
+        raise RelayUnavailable("no reachable relay among known peers (a public peer enables relay)")
+
+    def _relays(self) -> list[Member]:
+        if self._gossip is None:
+            return []
+        candidates = [
+            m
+            for m in self._gossip.table.alive()
+            if m.record.relay_port and m.record.behind_nat is not True and m.record.host
+        ]
+        return sorted(candidates, key=lambda m: (m.rtt_ms is None, m.rtt_ms or 0.0))
+
+    async def _restore_all(self) -> None:
+        for attempt in range(30):
+            pending = [m for m in self.mappings() if m.relay or self._config.behind_nat is True]
+            try:
+                for mapping in pending:
+                    await self.map(mapping.local_port, mapping.domain)
+                return
+            except P2PRCError as exc:
+                log.info("restoring port mappings (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(2)
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _mapped(port: int, host: str, public_port: int, relay: str, domain: str | None) -> MappedPort:
+    address = f"[{host}]" if ":" in host else host
+    return MappedPort(
+        IPAddress=host,
+        PortNo=public_port,
+        EntireAddress=f"{address}:{public_port}",
+        local_port=port,
+        relay=relay,
+        domain=domain,
+    )

@@ -1,0 +1,98 @@
+"""map-port through a relay chosen from the signed peer table, on loopback nodes."""
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
+from p2prc.config import GossipConfig, RelayConfig
+from p2prc.errors import InvalidRequest, NotFound
+
+BODY = os.urandom(1024 * 1024)
+
+
+async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    head = f"HTTP/1.1 200 OK\r\ncontent-length: {len(BODY)}\r\nconnection: close\r\n\r\n"
+    writer.write(head.encode() + BODY)
+    await writer.drain()
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def _node(path: Path, name: str, **config: object) -> AsyncIterator[Node]:
+    home = Home(path / name)
+    settings, identity = init_home(home, NodeConfig(name=name, **config))  # type: ignore[arg-type]
+    async with Node(
+        settings, home, identity=identity, host="127.0.0.1", port=0, runtime=FakeRuntime()
+    ) as node:
+        yield node
+
+
+async def _wait_for_relay(client: AsyncClient) -> None:
+    for _ in range(100):
+        if any(p.relay_port and p.state == "alive" for p in await client.peers() if not p.me):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the relay never appeared in the peer table")
+
+
+async def test_map_port_through_a_relay(tmp_path: Path) -> None:
+    server = await asyncio.start_server(_http, "127.0.0.1", 0)
+    local_port = server.sockets[0].getsockname()[1]
+    relay_config = {
+        "trust": TrustConfig(mode="open"),
+        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
+        "behind_nat": False,
+    }
+    try:
+        async with _node(tmp_path, "relay", **relay_config) as relay:
+            natted = {"behind_nat": True, "bootstrap": [relay.api_url.removeprefix("http://")]}
+            async with (
+                _node(tmp_path, "home", **natted) as home,
+                AsyncClient(home=tmp_path / "home") as client,
+            ):
+                await _wait_for_relay(client)
+                mapped = await client.map_port(local_port)
+                assert mapped.relay == relay.identity.node_id
+                assert mapped.entire_address == f"127.0.0.1:{mapped.port_no}"
+                async with httpx.AsyncClient() as http:
+                    answer = await http.get(f"http://{mapped.entire_address}/")
+                assert answer.content == BODY
+                assert [m.local_port for m in await client.mappings()] == [local_port]
+                with pytest.raises(InvalidRequest, match="nothing listens"):
+                    await client.map_port(1)
+                with pytest.raises(InvalidRequest, match="domain"):
+                    await client.map_port(local_port, "app.example.com")
+                await client.unmap_port(local_port)
+                with pytest.raises(NotFound):
+                    await client.unmap_port(local_port)
+                async with httpx.AsyncClient() as http:
+                    with pytest.raises(httpx.HTTPError):
+                        await http.get(f"http://{mapped.entire_address}/", timeout=2)
+                assert home.relay is None
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_public_node_maps_on_itself(tmp_path: Path) -> None:
+    server = await asyncio.start_server(_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            _node(
+                tmp_path, "public", behind_nat=False, gossip=GossipConfig(advertise=["127.0.0.1"])
+            ) as _n,
+            AsyncClient(home=tmp_path / "public") as client,
+        ):
+            mapped = await client.map_port(port)
+            assert (mapped.ip_address, mapped.port_no, mapped.relay) == ("127.0.0.1", port, "")
+    finally:
+        server.close()
+        await server.wait_closed()
