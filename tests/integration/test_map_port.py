@@ -60,6 +60,7 @@ async def test_map_port_through_a_relay(tmp_path: Path) -> None:
                 await _wait_for_relay(client)
                 mapped = await client.map_port(local_port)
                 assert mapped.relay == relay.identity.node_id
+                assert (await client.map_port(local_port)).port_no == mapped.port_no
                 assert mapped.entire_address == f"127.0.0.1:{mapped.port_no}"
                 async with httpx.AsyncClient() as http:
                     answer = await http.get(f"http://{mapped.entire_address}/")

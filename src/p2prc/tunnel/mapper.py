@@ -81,7 +81,7 @@ class PortMapper:
         async with self._lock:
             if self._config.behind_nat is True:
                 client = await self._tunnel()
-                public_port = await client.expose(port)
+                public_port = client.exposed.get(port) or await client.expose(port)
                 host, relay = self._relay_host, self._relay_id
             else:
                 host, public_port, relay = self._public_address(), port, ""
