@@ -39,7 +39,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._gossip = gossip
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._gossip.datagram(data)
+        self._gossip.datagram(data, (addr[0], addr[1]))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("gossip socket error: %s", exc)
@@ -198,9 +198,10 @@ class Gossip:
 
     # Internals ------------------------------------------------------------------------
 
-    def datagram(self, data: bytes) -> None:
+    def datagram(self, data: bytes, source: tuple[str, int] | None = None) -> None:
         if self.swim is not None:
-            self._send(self.swim.receive(data, asyncio.get_running_loop().time()))
+            now = asyncio.get_running_loop().time()
+            self._send(self.swim.receive(data, now, source))
 
     def _swim(self) -> Swim:
         if self.swim is None:

@@ -151,8 +151,11 @@ class Swim:
         self._relays = {s: r for s, r in self._relays.items() if r.expires > now}
         return out
 
-    def receive(self, data: bytes, now: float) -> list[Outgoing]:
-        """Handle one datagram; returns replies."""
+    def receive(
+        self, data: bytes, now: float, source: tuple[str, int] | None = None
+    ) -> list[Outgoing]:
+        """Handle one datagram; returns replies (an ack goes back to ``source``, so a
+        node behind NAT hears it through the NAT's mapping)."""
         try:
             sender, kind, seq, target, updates = self._open(data)
         except PeerProtocolError as exc:
@@ -161,7 +164,7 @@ class Swim:
         self.stats.received += 1
         self._apply_updates(updates, now)
         if kind == "ping":
-            return self._send(sender, ["ack", seq, ""])
+            return self._send(sender, ["ack", seq, ""], source)
         if kind == "ack":
             return self._on_ack(sender, seq, target, now)
         if kind == "ping_req" and target:
@@ -317,17 +320,20 @@ class Swim:
 
     # Wire -----------------------------------------------------------------------------
 
-    def _send(self, target: str, message: list[Any]) -> list[Outgoing]:
+    def _send(
+        self, target: str, message: list[Any], address: tuple[str, int] | None = None
+    ) -> list[Outgoing]:
         member = self.table.get(target)
         if member is None or not member.record.host or not member.record.gossip_port:
             return []
+        destination = address or (member.record.host, member.record.gossip_port)
         budget = MAX_DATAGRAM - _HEADER_BUDGET - _SIGNATURE
         body = [self._identity.node_id, *message, self._piggyback(budget)]
         payload = _MAGIC + msgpack.packb(body, use_bin_type=True)
         data = payload + self._identity.sign(payload)
         self.stats.sent += 1
         self.stats.bytes_sent += len(data)
-        return [Outgoing((member.record.host, member.record.gossip_port), data)]
+        return [Outgoing(destination, data)]
 
     def _open(self, data: bytes) -> tuple[str, str, int, str, list[Any]]:
         if (
