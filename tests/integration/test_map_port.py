@@ -97,3 +97,45 @@ async def test_public_node_maps_on_itself(tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_mapping_moves_when_its_relay_dies(tmp_path: Path) -> None:
+    server = await asyncio.start_server(_http, "127.0.0.1", 0)
+    local_port = server.sockets[0].getsockname()[1]
+    relay_config = {
+        "trust": TrustConfig(mode="open"),
+        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
+        "behind_nat": False,
+    }
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            first = await stack.enter_async_context(_node(tmp_path, "r1", **relay_config))
+            boot = first.api_url.removeprefix("http://")
+            second = await stack.enter_async_context(
+                _node(tmp_path, "r2", bootstrap=[boot], **relay_config)
+            )
+            relays = {first.identity.node_id: first, second.identity.node_id: second}
+            await stack.enter_async_context(
+                _node(tmp_path, "home", behind_nat=True, bootstrap=[boot])
+            )
+            client = await stack.enter_async_context(AsyncClient(home=tmp_path / "home"))
+            for _ in range(100):
+                offering = [p for p in await client.peers() if p.relay_port and p.state == "alive"]
+                if len(offering) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            mapped = await client.map_port(local_port)
+            await relays[mapped.relay].aclose()  # the relay node goes away
+            moved = mapped
+            for _ in range(200):
+                moved = (await client.mappings())[0]
+                if moved.relay and moved.relay != mapped.relay:
+                    break
+                await asyncio.sleep(0.1)
+            assert moved.relay not in ("", mapped.relay)
+            async with httpx.AsyncClient() as http:
+                answer = await http.get(f"http://{moved.entire_address}/")
+            assert answer.content == BODY
+    finally:
+        server.close()
+        await server.wait_closed()

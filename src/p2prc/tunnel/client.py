@@ -16,6 +16,9 @@ from .tls import client_context, verify_peer
 
 __all__ = ["TunnelClient"]
 
+# Seconds between heartbeats on the control connection.
+_HEARTBEAT = 3.0
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +34,8 @@ class TunnelClient:
         self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self.exposed: dict[int, int] = {}
+        self.closed = asyncio.Event()
+        self._last_heard = 0.0
 
     def __repr__(self) -> str:
         return f"<TunnelClient {self._host}:{self._port} [{len(self.exposed)} ports]>"
@@ -49,7 +54,9 @@ class TunnelClient:
         answer = await self._control.receive()
         if answer["type"] != "welcome":
             raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
+        self._last_heard = asyncio.get_running_loop().time()
         self._spawn(self._control_loop(self._control))
+        self._spawn(self._heartbeat(self._control))
 
     async def expose(self, local_port: int, public_port: int | None = None) -> int:
         """Publish ``local_port``; returns the relay's public port."""
@@ -105,15 +112,30 @@ class TunnelClient:
             raise
         return FramedStream(reader, writer, FrameDecoder())
 
+    async def _heartbeat(self, control: FramedStream) -> None:
+        """Ping every few seconds; a relay silent for three periods is gone."""
+        loop = asyncio.get_running_loop()
+        while not self.closed.is_set():
+            await asyncio.sleep(_HEARTBEAT)
+            if loop.time() - self._last_heard > 3 * _HEARTBEAT:
+                log.info("relay %s:%d stopped answering", self._host, self._port)
+                await close_quietly(control.writer)
+                return
+            with contextlib.suppress(OSError):
+                await control.send({"type": "ping"})
+
     async def _control_loop(self, control: FramedStream) -> None:
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(asyncio.IncompleteReadError, OSError, TunnelProtocolError):
             while True:
                 message = await control.receive()
+                self._last_heard = loop.time()
                 if message["type"] == "connect":
                     self._spawn(self._serve(str(message["token"]), int(message["local_port"])))
                 elif message["type"] in ("exposed", "error"):
                     await self._answers.put(message)
         log.info("relay control connection closed")
+        self.closed.set()
 
     async def _serve(self, token: str, local_port: int) -> None:
         """One forwarded connection: a data connection to the relay <-> the local port."""

@@ -44,6 +44,7 @@ class PortMapper:
         self._relay_host = ""
         self._lock = asyncio.Lock()
         self._restore: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<PortMapper [{len(self.mappings())} ports | relay {self._relay_id[:8] or '-'}]>"
@@ -53,9 +54,10 @@ class PortMapper:
             self._restore = asyncio.create_task(self._restore_all(), name="port-restore")
 
     async def aclose(self) -> None:
-        if self._restore is not None:
-            self._restore.cancel()
-            await asyncio.gather(self._restore, return_exceptions=True)
+        for task in (self._restore, self._watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
@@ -116,6 +118,7 @@ class PortMapper:
                 continue
             self._client, self._relay_id, self._relay_host = client, record.node_id, record.host
             log.info("tunnel through relay %s (%s)", record.name, record.host)
+            self._watch = asyncio.create_task(self._failover(client), name="relay-watch")
             return client
         raise RelayUnavailable("no reachable relay among known peers (a public peer enables relay)")
 
@@ -128,6 +131,16 @@ class PortMapper:
             if m.record.relay_port and m.record.behind_nat is not True and m.record.host
         ]
         return sorted(candidates, key=lambda m: (m.rtt_ms is None, m.rtt_ms or 0.0))
+
+    async def _failover(self, client: TunnelClient) -> None:
+        """When the relay goes away, publish every mapping again through the next one."""
+        await client.closed.wait()
+        log.info("relay %s lost; moving the tunnels", self._relay_id[:8])
+        async with self._lock:
+            if self._client is client:
+                self._client, self._relay_id = None, ""
+        await client.aclose()
+        self._restore = asyncio.create_task(self._restore_all(), name="port-restore")
 
     async def _restore_all(self) -> None:
         for attempt in range(30):
