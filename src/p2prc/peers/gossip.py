@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import psutil
 
+from .._aio import TaskSet
 from ..config import NodeConfig
 from ..errors import P2PRCError, PeerProtocolError
 from ..identity import Identity
@@ -69,7 +70,7 @@ class Gossip:
         self._addresses = addresses
         self._gpus = gpus
         self._transport: asyncio.DatagramTransport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.swim: Swim | None = None
         self.port = 0
 
@@ -109,8 +110,8 @@ class Gossip:
         self.swim.on_rtt = self._rtt
         self._load()
         self.swim.broadcast_record(table.me)
-        self._spawn(self._tick_loop(), "gossip-tick")
-        self._spawn(self._push_pull_loop(), "gossip-push-pull")
+        self._tasks.spawn(self._tick_loop(), "gossip-tick")
+        self._tasks.spawn(self._push_pull_loop(), "gossip-push-pull")
 
     async def aclose(self) -> None:
         if self.swim is not None and self._transport is not None:
@@ -118,9 +119,7 @@ class Gossip:
             self.swim.broadcast_claim(leave)
             with contextlib.suppress(OSError):
                 self._send(self.swim.tick(asyncio.get_running_loop().time() + 3600))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._transport is not None:
             self._transport.close()
 
@@ -244,11 +243,6 @@ class Gossip:
                 except P2PRCError as exc:
                     log.info("bootstrap %s not answering: %s", address, exc)
             await asyncio.sleep(_BOOTSTRAP_RETRY)
-
-    def _spawn(self, coroutine: Any, name: str) -> None:
-        task = asyncio.create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _load(self) -> None:
         table = self.table

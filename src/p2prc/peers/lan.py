@@ -8,12 +8,13 @@ and checked like any other, so mDNS only ever suggests where to look.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from .._aio import TaskSet
 
 __all__ = ["SERVICE", "LanDiscovery"]
 
@@ -39,7 +40,7 @@ class LanDiscovery:
         self._zeroconf: Any = None
         self._browser: Any = None
         self._info: Any = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.seen: set[str] = set()
 
     async def start(self) -> None:
@@ -62,16 +63,14 @@ class LanDiscovery:
             if event["state_change"] is ServiceStateChange.Added:
                 name = str(event["name"])
                 if not name.startswith(self._node_id) and name not in self.seen:
-                    self._spawn(self._resolve(event["zeroconf"], name))
+                    self._tasks.spawn(self._resolve(event["zeroconf"], name))
 
         self._browser = AsyncServiceBrowser(self._zeroconf.zeroconf, [SERVICE], handlers=[changed])
         self._resolver = AsyncServiceInfo
         log.info("LAN discovery on %s", ", ".join(self._addresses))
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._zeroconf is None:
             return
         with contextlib.suppress(Exception):
@@ -85,11 +84,6 @@ class LanDiscovery:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, zeroconf: Any, name: str) -> None:
         info = self._resolver(SERVICE, name)

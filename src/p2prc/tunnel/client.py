@@ -7,6 +7,7 @@ import contextlib
 import logging
 from typing import Any
 
+from .._aio import TaskSet
 from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError
 from ..identity import Identity, b64encode
 from .frames import FrameDecoder
@@ -32,7 +33,7 @@ class TunnelClient:
         self._host, self._port, self._relay_id = relay_host, relay_port, relay_node_id
         self._control: FramedStream | None = None
         self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.exposed: dict[int, int] = {}
         self.closed = asyncio.Event()
         self._last_heard = 0.0
@@ -55,8 +56,8 @@ class TunnelClient:
         if answer["type"] != "welcome":
             raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
         self._last_heard = asyncio.get_running_loop().time()
-        self._spawn(self._control_loop(self._control))
-        self._spawn(self._heartbeat(self._control))
+        self._tasks.spawn(self._control_loop(self._control))
+        self._tasks.spawn(self._heartbeat(self._control))
 
     async def expose(self, local_port: int, public_port: int | None = None) -> int:
         """Publish ``local_port``; returns the relay's public port."""
@@ -79,9 +80,7 @@ class TunnelClient:
             await self._control.send({"type": "unexpose", "public_port": public})
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._control is not None:
             await close_quietly(self._control.writer)
 
@@ -91,11 +90,6 @@ class TunnelClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _connect(self) -> FramedStream:
         try:
@@ -131,7 +125,9 @@ class TunnelClient:
                 message = await control.receive()
                 self._last_heard = loop.time()
                 if message["type"] == "connect":
-                    self._spawn(self._serve(str(message["token"]), int(message["local_port"])))
+                    self._tasks.spawn(
+                        self._serve(str(message["token"]), int(message["local_port"]))
+                    )
                 elif message["type"] in ("exposed", "error"):
                     await self._answers.put(message)
         log.info("relay control connection closed")

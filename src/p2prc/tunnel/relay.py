@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._aio import TaskSet
 from ..errors import P2PRCError, TunnelProtocolError
 from ..identity import Identity, b64decode, node_id_of, verify_signature
 from .frames import FrameDecoder
@@ -75,7 +76,7 @@ class RelayServer:
         self._server: asyncio.Server | None = None
         self._tunnels: dict[str, _Tunnel] = {}
         self._pending: dict[str, asyncio.Future[FramedStream]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.port = 0
 
     def __repr__(self) -> str:
@@ -92,9 +93,7 @@ class RelayServer:
             self._server.close()
         for tunnel in list(self._tunnels.values()):
             await self._drop(tunnel)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()
@@ -102,11 +101,6 @@ class RelayServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = FramedStream(reader, writer, FrameDecoder())
