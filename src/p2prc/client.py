@@ -55,6 +55,8 @@ from .models import (
     PluginInfo,
     PluginRun,
     PluginRunRequest,
+    Reachability,
+    ReachabilityRequest,
     RemoteCreate,
     Specs,
     SyncResult,
@@ -397,6 +399,11 @@ class AsyncClient:
 
     async def unmap_port(self, port: int) -> None:
         await self._request("DELETE", f"/map-port/{int(port)}")
+
+    async def reachability(self, port: int) -> Reachability:
+        """Ask this node whether it can connect back to us on ``port``."""
+        body = ReachabilityRequest(port=port).model_dump()
+        return await self._call("POST", "/reachability", Reachability, body)
 
     async def aclose(self) -> None:
         await self._http.aclose()

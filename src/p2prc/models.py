@@ -30,6 +30,8 @@ __all__ = [
     "PluginRun",
     "PluginRunRequest",
     "PortMapping",
+    "Reachability",
+    "ReachabilityRequest",
     "RemoteCreate",
     "Specs",
     "SshAccess",
@@ -339,6 +341,20 @@ class MapPortRequest(BaseModel):
 
     port: int = Field(ge=1, le=65535)
     domain: str | None = Field(default=None, max_length=253)
+
+
+class ReachabilityRequest(BaseModel):
+    """Ask a node to connect back to the caller's own address on ``port``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(ge=1, le=65535)
+
+
+class Reachability(_Model):
+    address: str
+    port: int
+    reachable: bool
 
 
 class MappedPort(BaseModel):

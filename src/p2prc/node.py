@@ -26,7 +26,7 @@ from .config import Home, NodeConfig, atomic_write
 from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
-from .errors import AddressInUse, NodeAlreadyRunning, NodeError
+from .errors import AddressInUse, NodeAlreadyRunning, NodeError, P2PRCError
 from .identity import Identity, node_id_of, parse_public_key
 from .peers.gossip import Gossip
 from .state import State
@@ -214,6 +214,8 @@ class Node:
             await self._start_components()
             await self._start_api(sock)
             self._write_runtime_file()
+            if self._config.behind_nat == "auto" and self._gossip is not None:
+                self._spawn(self._detect_nat(self._gossip), name="nat-detection")
             _release_memory()
         except BaseException:
             await self.aclose()
@@ -335,6 +337,25 @@ class Node:
                 await self._stack.enter_async_context(lan)
 
         await self._start_mapper()
+
+    async def _detect_nat(self, gossip: Gossip) -> None:
+        """Ask peers to connect back to our API port; behind NAT when none can."""
+        from .client import AsyncClient
+
+        for _ in range(60):
+            peers = [m for m in gossip.table.alive() if m.record.behind_nat is not True][:3]
+            answers = []
+            for member in peers:
+                try:
+                    async with AsyncClient(gossip.api_url(member), identity=self.identity) as peer:
+                        answers.append((await peer.reachability(self._port)).reachable)
+                except P2PRCError as exc:
+                    log.debug("NAT check via %s failed: %s", member.record.name, exc)
+            if answers:
+                gossip.set_behind_nat(not any(answers))
+                log.info("NAT detection: %s", "behind NAT" if not any(answers) else "reachable")
+                return
+            await asyncio.sleep(2)
 
     async def _start_mapper(self) -> None:
         mapper = PortMapper(

@@ -75,8 +75,9 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
     quiet = {"gossip.lan_discovery": "false"}
     _configure("pub1", relay_home, {**quiet, "relay.enabled": "true", "trust.mode": "open",
                "behind_nat": "false", "gossip.advertise": RELAY_IP})  # fmt: skip
-    _configure("home1", nat_home, {**quiet, "behind_nat": "true",
-               "bootstrap": f"{RELAY_IP}:8088", "gossip.advertise": HOME_IP})  # fmt: skip
+    # behind_nat stays "auto": the node must find out by asking the relay to connect back.
+    _configure("home1", nat_home, {**quiet, "bootstrap": f"{RELAY_IP}:8088",
+               "gossip.advertise": HOME_IP})  # fmt: skip
     web = ["ip", "netns", "exec", "p2t-home1", sys.executable, "-m", "http.server", "8000",
            "--bind", "127.0.0.1", "--directory", str(www)]  # fmt: skip
     processes = [
@@ -94,6 +95,9 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
             else:
                 time.sleep(1)
         assert address.startswith(f"{RELAY_IP}:"), result.stderr
+        me = next(v for v in json.loads(_cli("home1", nat_home, "--json", "peers", "list").stdout)
+                  if v["me"])  # fmt: skip
+        assert me["behind_nat"] is True
         fetch = (
             "import hashlib,sys,urllib.request;"
             "body = urllib.request.urlopen(sys.argv[1], timeout=20).read();"

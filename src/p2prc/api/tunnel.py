@@ -1,10 +1,12 @@
 """Port mapping routes: publish a local port of this node (the original /MAPPort, signed)."""
 
+import asyncio
+import contextlib
 from typing import Annotated, Protocol
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
-from ..models import CallerInfo, MappedPort, MapPortRequest
+from ..models import CallerInfo, MappedPort, MapPortRequest, Reachability, ReachabilityRequest
 from ..tunnel.mapper import PortMapper
 from .auth import RequestVerifier
 
@@ -21,11 +23,26 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
     routes = APIRouter(tags=["tunnel"])
     Peer = Annotated[CallerInfo, Depends(verifier.peer)]
     Owner = Annotated[CallerInfo, Depends(verifier.owner)]
+    Signed = Annotated[CallerInfo, Depends(verifier.authenticated)]
 
     @routes.post("/map-port")
     async def map_port(body: MapPortRequest, caller: Peer) -> MappedPort:
         """Publish one of this node's local ports (trusted peers may ask: the original --ra)."""
         return await node.mapper.map(body.port, body.domain)
+
+    @routes.post("/reachability")
+    async def reachability(
+        body: ReachabilityRequest, request: Request, caller: Signed
+    ) -> Reachability:
+        """Try to connect back to the caller's own address (NAT detection).
+
+        Only the address the request came from is ever dialled, so this cannot be used to
+        probe anyone else.
+        """
+        address = request.client.host if request.client else ""
+        return Reachability(
+            address=address, port=body.port, reachable=await _connects(address, body.port)
+        )
 
     @routes.get("/map-port")
     async def mappings(caller: Owner) -> list[MappedPort]:
@@ -39,3 +56,16 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
         return {"unmapped": port}
 
     return routes
+
+
+async def _connects(host: str, port: int) -> bool:
+    if not host:
+        return False
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

@@ -61,6 +61,12 @@ class Gossip:
         relay_port: int = 0,
     ) -> None:
         self._relay_port = relay_port
+        configured = config.behind_nat
+        self._behind_nat: bool | None = None if configured == "auto" else bool(configured)
+        # Set once whether this node is behind NAT is known (configured or detected).
+        self.nat_known = asyncio.Event()
+        if self._behind_nat is not None:
+            self.nat_known.set()
         self._identity = identity
         self._config = config
         self._settings = config.gossip
@@ -140,6 +146,13 @@ class Gossip:
         self._state.set_meta("metadata", msgpack.packb(metadata).hex())
         self._replace_me(record)
         return record
+
+    def set_behind_nat(self, behind_nat: bool) -> None:
+        """Record what NAT detection found; the new record spreads by gossip."""
+        if self.table.me.behind_nat is not behind_nat:
+            self._behind_nat = behind_nat
+            self._replace_me(self._sign_record(self._metadata()))
+        self.nat_known.set()
 
     def export(self) -> bytes:
         """Everything we know, for a push-pull exchange."""
@@ -290,7 +303,7 @@ class Gossip:
         last = int(self._state.get_meta("record_version") or 0)
         version = max(int(time.time() * 1000), last + 1, at_least)
         self._state.set_meta("record_version", str(version))
-        behind_nat = self._config.behind_nat
+        behind_nat = self._behind_nat
         record = PeerRecord(
             node_id=self._identity.node_id,
             public_key=self._identity.public_key,
@@ -300,7 +313,7 @@ class Gossip:
             api_port=self._api_port,
             gossip_port=self.port,
             relay_port=self._relay_port,
-            behind_nat=None if behind_nat == "auto" else bool(behind_nat),
+            behind_nat=behind_nat,
             user=_user(),
             cores=os.cpu_count() or 1,
             memory=psutil.virtual_memory().total,

@@ -23,6 +23,9 @@ from .client import TunnelClient
 
 __all__ = ["PortMapper"]
 
+# Seconds a map request waits for NAT detection when behind_nat is "auto".
+_NAT_WAIT = 15.0
+
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +71,13 @@ class PortMapper:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    @property
+    def behind_nat(self) -> bool:
+        """Configured, else what NAT detection found (unknown counts as public)."""
+        if self._config.behind_nat != "auto":
+            return bool(self._config.behind_nat)
+        return bool(self._gossip and self._gossip.table.me.behind_nat)
+
     def mappings(self) -> list[MappedPort]:
         rows = self._db.execute(
             "SELECT port, public_host, public_port, relay, domain FROM port_mappings ORDER BY port"
@@ -80,8 +90,11 @@ class PortMapper:
             raise InvalidRequest("domains are not routed yet; map without --domain")
         if not await _listening(port):
             raise InvalidRequest(f"nothing listens on local port {port}")
+        if self._gossip is not None and not self._gossip.nat_known.is_set():
+            with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
+                await asyncio.wait_for(self._gossip.nat_known.wait(), _NAT_WAIT)
         async with self._lock:
-            if self._config.behind_nat is True:
+            if self.behind_nat:
                 client = await self._tunnel()
                 public_port = client.exposed.get(port) or await client.expose(port)
                 host, relay = self._relay_host, self._relay_id
@@ -144,7 +157,7 @@ class PortMapper:
 
     async def _restore_all(self) -> None:
         for attempt in range(30):
-            pending = [m for m in self.mappings() if m.relay or self._config.behind_nat is True]
+            pending = [m for m in self.mappings() if m.relay or self.behind_nat]
             try:
                 for mapping in pending:
                     await self.map(mapping.local_port, mapping.domain)
