@@ -33,6 +33,7 @@ def test_library_script(tmp_path: Path, docker_client: Any) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "ssh -p" in result.stdout
+        assert "reachable at 127.0.0.1:18655" in result.stdout
         assert "'alive'" in result.stdout
         assert (
             docker_client.containers.list(all=True, filters={"label": f"p2prc.node={peer.node_id}"})

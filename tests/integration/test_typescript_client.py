@@ -40,4 +40,4 @@ def test_typescript_client(running_node: NodeProcess, tmp_path: Path) -> None:
         timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "8 checks passed" in result.stdout
+    assert "10 checks passed" in result.stdout

@@ -84,6 +84,16 @@ export interface ContainerView {
   status: string;
 }
 
+/** Where a published port is reachable (the original P2PRC's keys, plus p2prc's). */
+export interface MappedPort {
+  IPAddress: string;
+  PortNo: number;
+  EntireAddress: string;
+  local_port: number;
+  relay: string;
+  domain: string | null;
+}
+
 /** An error answered by a node: the same `code` the Python client maps to its classes. */
 export class P2PRCError extends Error {
   constructor(
@@ -178,6 +188,11 @@ export class P2PRCClient {
 
   setMetadata(text: string, custom?: Record<string, string>): Promise<PeerView> {
     return this.request<PeerView>("POST", "/meta", custom ? { text, custom } : { text });
+  }
+
+  /** Publish one of the node's local TCP ports (through a relay when it is behind NAT). */
+  mapPort(port: number): Promise<MappedPort> {
+    return this.request<MappedPort>("POST", "/map-port", { port });
   }
 
   containers(): Promise<ContainerView[]> {

@@ -20,7 +20,22 @@ const me = (await anonymous.peers()).find((peer) => peer.me);
 assert.equal(me.metadata, "set from TypeScript");
 assert.deepEqual(me.custom, { lang: "ts" });
 
+const apiPort = Number(new URL(api).port);
+const mapped = await owner.mapPort(apiPort);
+assert.equal(mapped.PortNo, apiPort);
+assert.equal(mapped.EntireAddress, `${mapped.IPAddress}:${apiPort}`);
+
 await assert.rejects(stranger.whoami(), (error) => error instanceof P2PRCError && error.code === "not_trusted");
 await assert.rejects(anonymous.setMetadata("nope"), (error) => error.code === "unauthenticated");
 await assert.rejects(owner.createContainer({ cpus: 999 }), (error) => error.code === "limit_exceeded");
-console.log("typescript client: 8 checks passed");
+if (process.env.P2PRC_CREATE === "1") {
+  const progress = [];
+  const box = await owner.createContainer({ ports: 1 }, (line) => progress.push(line));
+  assert.ok(progress.includes("waiting for sshd"));
+  assert.equal(box.ssh.user, "p2prc");
+  assert.equal((await owner.containers()).length, 1);
+  await owner.removeContainer(box.id);
+  assert.equal((await owner.containers()).length, 0);
+  console.log("typescript client: container created and removed");
+}
+console.log("typescript client: 10 checks passed");

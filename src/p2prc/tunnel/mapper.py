@@ -90,9 +90,11 @@ class PortMapper:
             raise InvalidRequest("domains are not routed yet; map without --domain")
         if not await _listening(port):
             raise InvalidRequest(f"nothing listens on local port {port}")
-        if self._gossip is not None and not self._gossip.nat_known.is_set():
+        gossip = self._gossip
+        if gossip is not None and not gossip.nat_known.is_set() and gossip.table.alive():
+            # Detection needs peers; a node that knows none cannot tell and maps as public.
             with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
-                await asyncio.wait_for(self._gossip.nat_known.wait(), _NAT_WAIT)
+                await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
         async with self._lock:
             if self.behind_nat:
                 client = await self._tunnel()
