@@ -7,6 +7,7 @@ node id), which is what the peer table already vouches for.
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import datetime
 import ssl
 from pathlib import Path
@@ -23,6 +24,12 @@ from ..identity import Identity, node_id_of
 __all__ = ["client_context", "ensure_certificate", "peer_node_id", "server_context", "verify_peer"]
 
 _VALID_DAYS = 3650
+
+# asyncio gives every TLS connection a read buffer of SSLProtocol.max_size (256 KiB); a
+# relay holds two per forwarded connection. 16 KiB (one TLS record) keeps a relayed
+# connection near 62 KiB per end at 1.6 Gbit/s through two hops (bench/relay_latency.py).
+# It is a class attribute read when a connection is made, so this sets it process-wide.
+asyncio.sslproto.SSLProtocol.max_size = 16 * 1024
 
 
 def ensure_certificate(identity: Identity, directory: Path) -> tuple[Path, Path]:
