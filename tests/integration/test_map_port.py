@@ -127,7 +127,7 @@ async def test_mapping_moves_when_its_relay_dies(tmp_path: Path) -> None:
             mapped = await client.map_port(local_port)
             await relays[mapped.relay].aclose()  # the relay node goes away
             moved = mapped
-            for _ in range(200):
+            for _ in range(400):  # generous: failover waits for the lost relay to be noticed
                 moved = (await client.mappings())[0]
                 if moved.relay and moved.relay != mapped.relay:
                     break

@@ -91,8 +91,9 @@ class PortMapper:
         if not await _listening(port):
             raise InvalidRequest(f"nothing listens on local port {port}")
         gossip = self._gossip
-        if gossip is not None and not gossip.nat_known.is_set() and gossip.table.alive():
-            # Detection needs peers; a node that knows none cannot tell and maps as public.
+        expects_peers = bool(self._config.bootstrap) or bool(gossip and gossip.table.alive())
+        if gossip is not None and not gossip.nat_known.is_set() and expects_peers:
+            # Detection needs peers; a node that has none and expects none maps as public.
             with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
                 await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
         async with self._lock:
