@@ -12,7 +12,7 @@ from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolEr
 from ..identity import Identity, b64encode
 from .frames import FrameDecoder
 from .relay import challenge_message
-from .streams import FramedStream, close_quietly, relay_frames_to_plain, relay_plain_to_frames
+from .streams import FramedStream, close_quietly, splice
 from .tls import client_context, verify_peer
 
 __all__ = ["TunnelClient"]
@@ -151,11 +151,4 @@ class TunnelClient:
             log.info("cannot reach the relay for a forwarded connection: %s", exc)
             await close_quietly(writer)
             return
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(relay_frames_to_plain(data, writer))
-                group.create_task(relay_plain_to_frames(reader, data))
-        except* (OSError, P2PRCError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            await close_quietly(writer, data.writer)
+        await splice(reader, writer, data)

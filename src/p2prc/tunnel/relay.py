@@ -24,7 +24,7 @@ from .._aio import TaskSet
 from ..errors import P2PRCError, TunnelProtocolError
 from ..identity import Identity, b64decode, node_id_of, verify_signature
 from .frames import FrameDecoder
-from .streams import FramedStream, close_quietly, relay_frames_to_plain, relay_plain_to_frames
+from .streams import FramedStream, close_quietly, splice
 from .tls import server_context
 
 __all__ = ["RelayLimits", "RelayServer", "challenge_message"]
@@ -211,7 +211,7 @@ class RelayServer:
             return
         finally:
             self._pending.pop(token, None)
-        await _join(reader, writer, data)
+        await splice(reader, writer, data)
 
     async def _attach_data(self, stream: FramedStream, message: dict[str, Any]) -> None:
         waiter = self._pending.get(str(message.get("token", "")))
@@ -227,18 +227,3 @@ class RelayServer:
             server.close()
         tunnel.servers.clear()
         await close_quietly(tunnel.control.writer)
-
-
-async def _join(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: FramedStream
-) -> None:
-    """Plain public socket <-> framed data connection, both directions, then close both."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(relay_plain_to_frames(reader, data))
-            group.create_task(relay_frames_to_plain(data, writer))
-    except* (OSError, P2PRCError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        await close_quietly(writer, data.writer)
-        data.closed()

@@ -7,7 +7,7 @@ import contextlib
 from collections import deque
 from typing import Any
 
-from ..errors import TunnelProtocolError
+from ..errors import P2PRCError, TunnelProtocolError
 from .frames import FrameDecoder, encode
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "close_quietly",
     "relay_frames_to_plain",
     "relay_plain_to_frames",
+    "splice",
 ]
 
 # Bytes per data frame: well under MAX_FRAME with the msgpack overhead.
@@ -73,6 +74,21 @@ async def relay_frames_to_plain(framed: FramedStream, writer: asyncio.StreamWrit
             raise TunnelProtocolError("expected a data frame")
         writer.write(payload)
         await writer.drain()
+
+
+async def splice(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: FramedStream
+) -> None:
+    """Plain socket <-> framed data connection, both directions, then close both."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(relay_plain_to_frames(reader, data))
+            group.create_task(relay_frames_to_plain(data, writer))
+    except* (OSError, P2PRCError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        await close_quietly(writer, data.writer)
+        data.closed()
 
 
 async def close_quietly(*writers: asyncio.StreamWriter) -> None:
