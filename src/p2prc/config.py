@@ -215,12 +215,28 @@ class RelayConfig(_Section):
     port: int = Field(default=8089, ge=0, le=65535)
     public_host: str = "0.0.0.0"
     ports_per_client: int = Field(default=16, ge=1, le=1024)
+    connections_per_client: int = Field(default=1024, ge=1, le=100_000)
     pending_connections: int = Field(default=256, ge=1, le=100_000)
+    # Domains: HTTP routed by Host, TLS by SNI (passed through); 0 is off. 80 and 443 for
+    # real use (binding them needs root or CAP_NET_BIND_SERVICE).
+    http_port: int = Field(default=0, ge=0, le=65535)
+    https_port: int = Field(default=0, ge=0, le=65535)
+    domains_per_client: int = Field(default=16, ge=0, le=1024)
+    # Public ports handed out for tunnels: [low, high]; [0, 0] is any free port.
+    port_range: tuple[int, int] = (0, 0)
 
     @field_validator("public_host")
     @classmethod
     def _public_host_is_ip(cls, value: str) -> str:
         ipaddress.ip_address(value)
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if (low, high) != (0, 0) and not 1 <= low <= high <= 65535:
+            raise ValueError("port_range is [low, high] within 1-65535, or [0, 0] for any")
         return value
 
 

@@ -39,6 +39,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- TunnelProtocolError     tunnel_protocol_error (502)
     |   +-- RelayUnavailable        relay_unavailable (503)
     |   +-- WrongNode               wrong_node (502): the far end is not the pinned node
+    |   +-- DomainTaken             domain_taken (409): another node holds that domain
     +-- ApiError                    api_error (502): an answer with an unknown code
 
 Programmer errors (starting a node twice, using a closed client) are
@@ -57,6 +58,7 @@ __all__ = [
     "ConfigError",
     "ContainerError",
     "ContainerNotFound",
+    "DomainTaken",
     "GpuUnavailable",
     "IdentityError",
     "ImageNotFound",
@@ -320,6 +322,13 @@ class RelayUnavailable(TunnelError):
 
     status = 503
     code = "relay_unavailable"
+
+
+class DomainTaken(TunnelError):
+    """Another node already holds the domain on that relay."""
+
+    status = 409
+    code = "domain_taken"
 
 
 class WrongNode(TunnelError):

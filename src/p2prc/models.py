@@ -229,7 +229,10 @@ class PeerView(_Model):
     gossip_port: int
     relay_port: int = Field(default=0, description="Port of its relay service; 0: none")
     behind_nat: bool | None
-    relay: str
+    relay: str = Field(description="Node id of the relay it tunnels through; empty: none")
+    public_api: str = Field(
+        default="", description="host:port of its API on its relay (behind NAT); empty: none"
+    )
     user: str
     cores: int
     memory: int

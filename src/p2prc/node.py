@@ -303,7 +303,10 @@ class Node:
         if relay.enabled:
             limits = RelayLimits(
                 ports_per_client=relay.ports_per_client,
+                connections_per_client=relay.connections_per_client,
                 pending_connections=relay.pending_connections,
+                domains_per_client=relay.domains_per_client,
+                port_range=relay.port_range,
             )
             server = RelayServer(
                 self.identity,
@@ -313,6 +316,8 @@ class Node:
                 public_host=relay.public_host,
                 allowed=self._relay_allowed,
                 limits=limits,
+                http_port=relay.http_port or None,
+                https_port=relay.https_port or None,
             )
             self.relay = await self._stack.enter_async_context(server)
         if self._config.gossip.enabled:
@@ -364,6 +369,8 @@ class Node:
             self.state.connection,
             self._gossip,
             self.advertised_addresses(),
+            api_port=self._port,
+            relay=self.relay,
         )
         self._mapper = await self._stack.enter_async_context(mapper)
 

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.config import GossipConfig, RelayConfig
-from p2prc.errors import InvalidRequest, NotFound
+from p2prc.errors import DomainTaken, InvalidRequest, NotFound
 
 BODY = os.urandom(1024 * 1024)
 
@@ -135,6 +136,99 @@ async def test_mapping_moves_when_its_relay_dies(tmp_path: Path) -> None:
             assert moved.relay not in ("", mapped.relay)
             async with httpx.AsyncClient() as http:
                 answer = await http.get(f"http://{moved.entire_address}/")
+            assert answer.content == BODY
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_domains_and_the_nat_nodes_api_through_its_relay(tmp_path: Path) -> None:
+    server = await asyncio.start_server(_http, "127.0.0.1", 0)
+    local_port = server.sockets[0].getsockname()[1]
+    http_port = _free_port()
+    relay_config = {
+        "trust": TrustConfig(mode="open"),
+        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1", http_port=http_port),
+        "behind_nat": False,
+    }
+    try:
+        async with _node(tmp_path, "relay", **relay_config) as relay:
+            boot = [relay.api_url.removeprefix("http://")]
+            async with (
+                _node(tmp_path, "home", behind_nat=True, bootstrap=boot) as home,
+                _node(tmp_path, "other", behind_nat=True, bootstrap=boot) as other,
+                AsyncClient(home=tmp_path / "home") as client,
+                AsyncClient(home=tmp_path / "relay") as relay_client,
+            ):
+                await _wait_for_relay(client)
+                mapped = await client.map_port(local_port, "App.Example.org")
+                assert mapped.domain == "app.example.org"
+                async with httpx.AsyncClient() as http:
+                    answer = await http.get(
+                        f"http://127.0.0.1:{http_port}/", headers={"Host": "app.example.org"}
+                    )
+                    assert answer.content == BODY
+                # Another node may not take the domain while home holds it.
+                async with AsyncClient(home=tmp_path / "other") as other_client:
+                    await _wait_for_relay(other_client)
+                    with pytest.raises(DomainTaken):
+                        await other_client.map_port(local_port, "app.example.org")
+                # The NAT'd node's API is published through the relay and named in its record.
+                view = None
+                for _ in range(100):
+                    views = await relay_client.peers()
+                    view = next(v for v in views if v.node_id == home.identity.node_id)
+                    if view.public_api:
+                        break
+                    await asyncio.sleep(0.1)
+                assert view is not None
+                assert view.relay == relay.identity.node_id
+                assert view.api.startswith("http://127.0.0.1:")
+                assert view.api != home.api_url
+                async with AsyncClient(view.api, home=tmp_path / "relay") as through:
+                    status = await through.status()
+                assert status.node_id == home.identity.node_id
+                # Unmapping frees the domain for the other node.
+                await client.unmap_port(local_port)
+                async with AsyncClient(home=tmp_path / "other") as other_client:
+                    taken = await other_client.map_port(local_port, "app.example.org")
+                    assert taken.domain == "app.example.org"
+                assert other.relay is None
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_public_node_routes_a_domain_itself(tmp_path: Path) -> None:
+    server = await asyncio.start_server(_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http_port = _free_port()
+    try:
+        async with (
+            _node(tmp_path, "plain", behind_nat=False) as _p,
+            AsyncClient(home=tmp_path / "plain") as plain,
+        ):
+            with pytest.raises(InvalidRequest, match=r"relay\.http_port"):
+                await plain.map_port(port, "web.example.org")
+            with pytest.raises(InvalidRequest, match="not a domain"):
+                await plain.map_port(port, "web example")
+        relay = RelayConfig(enabled=True, port=0, public_host="127.0.0.1", http_port=http_port)
+        async with (
+            _node(tmp_path, "public", behind_nat=False, relay=relay) as _n,
+            AsyncClient(home=tmp_path / "public") as client,
+        ):
+            mapped = await client.map_port(port, "web.example.org")
+            assert (mapped.relay, mapped.domain) == ("", "web.example.org")
+            async with httpx.AsyncClient() as http:
+                answer = await http.get(
+                    f"http://127.0.0.1:{http_port}/x", headers={"Host": "web.example.org"}
+                )
             assert answer.content == BODY
     finally:
         server.close()

@@ -25,8 +25,6 @@ class PeerNode(Protocol):
 
 def view_of(gossip: Gossip, record: PeerRecord, member: Member | None) -> PeerView:
     """The API shape of a record and its membership state."""
-    host = record.host
-    api_host = f"[{host}]" if ":" in host else host
     return PeerView(
         node_id=record.node_id,
         name=record.name,
@@ -34,12 +32,13 @@ def view_of(gossip: Gossip, record: PeerRecord, member: Member | None) -> PeerVi
         state="alive" if member is None else member_state(member),
         rtt_ms=None if member is None or member.rtt_ms is None else round(member.rtt_ms, 3),
         addresses=list(record.addresses),
-        api=f"http://{api_host}:{record.api_port}",
+        api=record.api_url,
         api_port=record.api_port,
         gossip_port=record.gossip_port,
         relay_port=record.relay_port,
         behind_nat=record.behind_nat,
         relay=record.relay,
+        public_api=record.public_api,
         user=record.user,
         cores=record.cores,
         memory=record.memory,

@@ -101,7 +101,14 @@ app.add_typer(group_app, name="group")
 def map_port_command(
     ctx: typer.Context,
     port: Annotated[int, typer.Argument(min=1, max=65535, help="Local TCP port.")],
-    domain: Annotated[str | None, typer.Option("--domain", help="Not routed yet.")] = None,
+    domain: Annotated[
+        str | None,
+        typer.Option(
+            "--domain",
+            "--dn",
+            help="Route this domain (HTTP Host, TLS SNI) to the port on the relay.",
+        ),
+    ] = None,
     remote: Annotated[
         str | None, typer.Option("--remote", help="Ask this peer to map its own port.")
     ] = None,

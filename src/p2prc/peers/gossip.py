@@ -61,6 +61,7 @@ class Gossip:
         relay_port: int = 0,
     ) -> None:
         self._relay_port = relay_port
+        self._relay, self._public_api = "", ""
         configured = config.behind_nat
         self._behind_nat: bool | None = None if configured == "auto" else bool(configured)
         # Set once whether this node is behind NAT is known (configured or detected).
@@ -154,6 +155,12 @@ class Gossip:
             self._replace_me(self._sign_record(self._metadata()))
         self.nat_known.set()
 
+    def set_relay(self, relay: str, public_api: str) -> None:
+        """Record the relay this node tunnels through and its API's address there."""
+        if (self.table.me.relay, self.table.me.public_api) != (relay, public_api):
+            self._relay, self._public_api = relay, public_api
+            self._replace_me(self._sign_record(self._metadata()))
+
     def export(self) -> bytes:
         """Everything we know, for a push-pull exchange."""
         table = self.table
@@ -204,9 +211,7 @@ class Gossip:
         return self.table.forget(node_id)
 
     def api_url(self, member: Member) -> str:
-        host = member.record.host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{member.record.api_port}"
+        return member.record.api_url
 
     # Internals ------------------------------------------------------------------------
 
@@ -314,6 +319,8 @@ class Gossip:
             gossip_port=self.port,
             relay_port=self._relay_port,
             behind_nat=behind_nat,
+            relay=self._relay,
+            public_api=self._public_api,
             user=_user(),
             cores=os.cpu_count() or 1,
             memory=psutil.virtual_memory().total,

@@ -12,6 +12,7 @@ and size before use; anything else raises ``PeerProtocolError``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -55,6 +56,8 @@ class PeerRecord:
     gpus: int = 0
     metadata: str = ""
     custom: dict[str, str] = field(default_factory=dict)
+    # "host:port" where the node's API is published by its relay (behind NAT), else "".
+    public_api: str = ""
     signature: bytes = b""
 
     def body(self) -> list[Any]:
@@ -76,6 +79,7 @@ class PeerRecord:
             self.gpus,
             self.metadata,
             dict(sorted(self.custom.items())),
+            self.public_api,
         ]
 
     def encode(self) -> bytes:
@@ -105,6 +109,14 @@ class PeerRecord:
     def host(self) -> str:
         """The first advertised address, or empty."""
         return self.addresses[0] if self.addresses else ""
+
+    @property
+    def api_url(self) -> str:
+        """Where peers reach the node's API: through its relay when it has one there."""
+        if self.public_api:
+            return f"http://{self.public_api}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.api_port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +185,25 @@ def _bytes(value: Any, size: int) -> bytes:
     return value
 
 
+def _endpoint(value: Any) -> str:
+    """``host:port`` (``[v6]:port``) or empty; anything else is refused."""
+    text = _text(value, 80)
+    if not text:
+        return text
+    host, _, port = text.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        raise PeerProtocolError("bad public_api") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise PeerProtocolError("bad public_api")
+    return text
+
+
 def record_from_fields(fields: list[Any]) -> PeerRecord:
     """Build and type-check a record from its decoded list form."""
-    if len(fields) != 17:
+    if len(fields) != 18:
         raise PeerProtocolError("record has the wrong number of fields")
     addresses, custom, behind_nat = fields[4], fields[15], fields[8]
     if not isinstance(addresses, list) or len(addresses) > _MAX_ADDRESSES:
@@ -201,7 +229,8 @@ def record_from_fields(fields: list[Any]) -> PeerRecord:
         gpus=_int(fields[13], 1 << 10),
         metadata=_text(fields[14], _MAX_METADATA),
         custom={_text(k, 64): _text(v, 256) for k, v in custom.items()},
-        signature=_bytes(fields[16], _SIGNATURE),
+        public_api=_endpoint(fields[16]),
+        signature=_bytes(fields[17], _SIGNATURE),
     )
 
 

@@ -10,6 +10,11 @@ death after a Lifeguard-style timeout that shrinks as other nodes confirm it. Up
 
 Every datagram is signed by its sender; datagrams from unknown or forged senders are
 counted and dropped.
+
+Members behind NAT: their advertised address is private, so datagrams to them go to the
+address their own datagrams last came from (the NAT's mapping), and a node that is itself
+behind NAT pings every member at least every ``keepalive`` seconds, which keeps those
+mappings open (Linux drops an idle UDP mapping after 30 s).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class SwimSettings:
     suspicion_mult: float = 4.0
     suspicion_max_factor: float = 3.0
     retransmit_mult: int = 4
+    keepalive: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,10 @@ class Swim:
         self.on_refute: Callable[[int], None] | None = None
         self.on_change: Callable[[str], None] | None = None
         self.on_rtt: Callable[[str, float], None] | None = None
+        # Where each member's datagrams last came from, and when we last sent to it.
+        self._seen: dict[str, tuple[str, int]] = {}
+        self._sent_at: dict[str, float] = {}
+        self._clock = 0.0
 
     # Inputs ---------------------------------------------------------------------------
 
@@ -135,6 +145,7 @@ class Swim:
 
     def tick(self, now: float) -> list[Outgoing]:
         """Advance timers; returns what to send."""
+        self._clock = now
         out: list[Outgoing] = []
         probe = self._probe
         waiting = probe is not None and not probe.acked and not probe.indirect_sent
@@ -148,6 +159,7 @@ class Swim:
             self._finish_probe(now)
             out += self._start_probe(now)
             out += self._gossip()
+            out += self._keepalives(now)
         self._relays = {s: r for s, r in self._relays.items() if r.expires > now}
         return out
 
@@ -162,6 +174,9 @@ class Swim:
             self.stats.dropped[str(exc)] += 1
             return []
         self.stats.received += 1
+        self._clock = now
+        if source is not None:
+            self._seen[sender] = source
         self._apply_updates(updates, now)
         if kind == "ping":
             return self._send(sender, ["ack", seq, ""], source)
@@ -193,6 +208,22 @@ class Swim:
         self._order = [m.record.node_id for m in self.table.alive()]
         self._rng.shuffle(self._order)
         return self._order.pop() if self._order else None
+
+    def _keepalives(self, now: float) -> list[Outgoing]:
+        """Behind NAT: ping members not sent to for ``keepalive`` s (a few per period)."""
+        if self.table.me.behind_nat is not True:
+            return []
+        self._seen = {k: v for k, v in self._seen.items() if self.table.get(k) is not None}
+        self._sent_at = {k: v for k, v in self._sent_at.items() if self.table.get(k) is not None}
+        stale = [
+            m.record.node_id
+            for m in self.table.alive()
+            if now - self._sent_at.get(m.record.node_id, -math.inf) >= self.settings.keepalive
+        ]
+        out: list[Outgoing] = []
+        for target in stale[:8]:
+            out += self._send(target, ["ping", 0, ""])
+        return out
 
     def _ping_requests(self, probe: _Probe) -> list[Outgoing]:
         helpers = [m.record.node_id for m in self.table.alive() if m.record.node_id != probe.target]
@@ -326,7 +357,9 @@ class Swim:
         member = self.table.get(target)
         if member is None or not member.record.host or not member.record.gossip_port:
             return []
-        destination = address or (member.record.host, member.record.gossip_port)
+        seen = self._seen.get(target) if member.record.behind_nat else None
+        destination = address or seen or (member.record.host, member.record.gossip_port)
+        self._sent_at[target] = self._clock
         budget = MAX_DATAGRAM - _HEADER_BUDGET - _SIGNATURE
         body = [self._identity.node_id, *message, self._piggyback(budget)]
         payload = _MAGIC + msgpack.packb(body, use_bin_type=True)

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from .._aio import TaskSet
-from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError
+from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError, error_class
 from ..identity import Identity, b64encode
 from .frames import FrameDecoder
 from .relay import challenge_message
@@ -35,6 +35,8 @@ class TunnelClient:
         self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks = TaskSet()
         self.exposed: dict[int, int] = {}
+        self.routed: dict[str, int] = {}
+        self._asking = asyncio.Lock()
         self.closed = asyncio.Event()
         self._last_heard = 0.0
 
@@ -61,17 +63,37 @@ class TunnelClient:
 
     async def expose(self, local_port: int, public_port: int | None = None) -> int:
         """Publish ``local_port``; returns the relay's public port."""
-        if self._control is None:
-            raise RuntimeError("Call start() before expose().")
         message: dict[str, Any] = {"type": "expose", "local_port": local_port}
         if public_port:
             message["public_port"] = public_port
-        await self._control.send(message)
-        answer = await asyncio.wait_for(self._answers.get(), 10)
-        if answer["type"] != "exposed":
-            raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
+        answer = await self._ask(message, "exposed")
         self.exposed[local_port] = int(answer["public_port"])
         return self.exposed[local_port]
+
+    async def route(self, domain: str, local_port: int) -> None:
+        """Have the relay send ``domain``'s HTTP and TLS connections to ``local_port``."""
+        await self._ask({"type": "route", "domain": domain, "local_port": local_port}, "routed")
+        self.routed[domain] = local_port
+
+    async def unroute(self, domain: str) -> None:
+        if self.routed.pop(domain, None) is not None and self._control is not None:
+            await self._control.send({"type": "unroute", "domain": domain})
+
+    async def _ask(self, message: dict[str, Any], expected: str) -> dict[str, Any]:
+        """Send a request on the control connection; its answer, or the relay's error."""
+        if self._control is None:
+            raise RuntimeError("Call start() first.")
+        async with self._asking:
+            await self._control.send(message)
+            try:
+                answer = await asyncio.wait_for(self._answers.get(), 10)
+            except TimeoutError:
+                raise TunnelError("the relay did not answer") from None
+        if answer["type"] != expected:
+            text = f"relay refused: {answer.get('message', answer['type'])}"
+            code = answer.get("code")
+            raise (error_class(code) if isinstance(code, str) else TunnelError)(text)
+        return answer
 
     async def unexpose(self, local_port: int) -> None:
         """Stop publishing ``local_port``."""
@@ -128,7 +150,7 @@ class TunnelClient:
                     self._tasks.spawn(
                         self._serve(str(message["token"]), int(message["local_port"]))
                     )
-                elif message["type"] in ("exposed", "error"):
+                elif message["type"] in ("exposed", "routed", "error"):
                     await self._answers.put(message)
         log.info("relay control connection closed")
         self.closed.set()

@@ -4,6 +4,10 @@ A relay is chosen from the peer table: alive nodes whose signed record offers a 
 port and does not say they are behind NAT, lowest RTT first; its node id, from that signed
 record, is what the TLS connection pins. Mappings persist in the state and are restored
 when the node starts again.
+
+Behind NAT, the node's own API port is published through the relay too, as soon as NAT
+detection says so, and the relay's address for it goes into the node's signed record
+(``public_api``), so peers reach the node's API with no extra steps.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from ..models import MappedPort
 from ..peers.gossip import Gossip
 from ..peers.table import Member
 from .client import TunnelClient
+from .domains import normalize_domain
+from .relay import RelayServer
 
 __all__ = ["PortMapper"]
 
@@ -39,9 +45,13 @@ class PortMapper:
         db: sqlite3.Connection,
         gossip: Gossip | None,
         addresses: list[str],
+        api_port: int = 0,
+        relay: RelayServer | None = None,
     ) -> None:
         self._identity, self._config, self._db = identity, config, db
         self._gossip, self._addresses = gossip, addresses
+        self._api_port = api_port
+        self._own_relay = relay
         self._client: TunnelClient | None = None
         self._relay_id = ""
         self._relay_host = ""
@@ -53,7 +63,7 @@ class PortMapper:
         return f"<PortMapper [{len(self.mappings())} ports | relay {self._relay_id[:8] or '-'}]>"
 
     async def start(self) -> None:
-        if self.mappings():
+        if self.mappings() or (self._api_port and self._gossip is not None):
             self._restore = asyncio.create_task(self._restore_all(), name="port-restore")
 
     async def aclose(self) -> None:
@@ -85,9 +95,9 @@ class PortMapper:
         return [_mapped(*row) for row in rows]
 
     async def map(self, port: int, domain: str | None = None) -> MappedPort:
-        """Publish ``port``; a clear error when nothing listens on it."""
+        """Publish ``port`` (and route ``domain`` to it); a clear error when nothing listens."""
         if domain is not None:
-            raise InvalidRequest("domains are not routed yet; map without --domain")
+            domain = normalize_domain(domain)
         if not await _listening(port):
             raise InvalidRequest(f"nothing listens on local port {port}")
         gossip = self._gossip
@@ -97,12 +107,21 @@ class PortMapper:
             with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
                 await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
         async with self._lock:
+            before = self._mapping(port)
             if self.behind_nat:
                 client = await self._tunnel()
-                public_port = client.exposed.get(port) or await client.expose(port)
+                # Ask for the same public port again when it was on this relay.
+                wanted = before.port_no if before and before.relay == self._relay_id else None
+                public_port = client.exposed.get(port) or await client.expose(port, wanted)
+                if domain is not None and client.routed.get(domain) != port:
+                    await client.route(domain, port)
                 host, relay = self._relay_host, self._relay_id
             else:
+                if domain is not None:
+                    self._route_here(domain, port)
                 host, public_port, relay = self._public_address(), port, ""
+            if before is not None and before.domain and before.domain != domain:
+                await self._unroute(before.domain)
             self._db.execute(
                 "INSERT OR REPLACE INTO port_mappings"
                 " (port, public_host, public_port, relay, domain) VALUES (?, ?, ?, ?, ?)",
@@ -111,11 +130,32 @@ class PortMapper:
         return _mapped(port, host, public_port, relay, domain)
 
     async def unmap(self, port: int) -> None:
-        if not any(m.local_port == port for m in self.mappings()):
+        mapping = self._mapping(port)
+        if mapping is None:
             raise NotFound(f"port {port} is not mapped")
         if self._client is not None:
             await self._client.unexpose(port)
+        if mapping.domain:
+            await self._unroute(mapping.domain)
         self._db.execute("DELETE FROM port_mappings WHERE port = ?", (port,))
+
+    def _mapping(self, port: int) -> MappedPort | None:
+        return next((m for m in self.mappings() if m.local_port == port), None)
+
+    def _route_here(self, domain: str, port: int) -> None:
+        relay = self._own_relay
+        if relay is None or not relay.routes_domains:
+            raise InvalidRequest(
+                "a public node routes domains with its relay's HTTP/HTTPS ports: set"
+                " relay.enabled = true and relay.http_port / relay.https_port (80 / 443)"
+            )
+        relay.route_local(domain, port)
+
+    async def _unroute(self, domain: str) -> None:
+        if self._client is not None:
+            await self._client.unroute(domain)
+        if self._own_relay is not None:
+            self._own_relay.unroute(domain)
 
     def _public_address(self) -> str:
         return self._addresses[0] if self._addresses else "127.0.0.1"
@@ -132,6 +172,15 @@ class PortMapper:
                 log.info("relay %s not usable: %s", record.name, exc)
                 await client.aclose()
                 continue
+            if self._api_port and self._gossip is not None:
+                try:
+                    public_api = await client.expose(self._api_port)
+                except (P2PRCError, OSError, TimeoutError) as exc:
+                    log.info("relay %s does not publish our API: %s", record.name, exc)
+                    await client.aclose()
+                    continue
+                host = f"[{record.host}]" if ":" in record.host else record.host
+                self._gossip.set_relay(record.node_id, f"{host}:{public_api}")
             self._client, self._relay_id, self._relay_host = client, record.node_id, record.host
             log.info("tunnel through relay %s (%s)", record.name, record.host)
             self._watch = asyncio.create_task(self._failover(client), name="relay-watch")
@@ -155,19 +204,29 @@ class PortMapper:
         async with self._lock:
             if self._client is client:
                 self._client, self._relay_id = None, ""
+                if self._gossip is not None:
+                    self._gossip.set_relay("", "")
         await client.aclose()
         self._restore = asyncio.create_task(self._restore_all(), name="port-restore")
 
     async def _restore_all(self) -> None:
-        for attempt in range(30):
-            pending = [m for m in self.mappings() if m.relay or self.behind_nat]
+        """Publish again what was published (and the API, behind NAT), until it works."""
+        if self._gossip is not None and not self._gossip.nat_known.is_set():
+            await self._gossip.nat_known.wait()
+        delay = 1.0
+        while True:
             try:
+                if self.behind_nat and self._api_port:
+                    async with self._lock:
+                        await self._tunnel()
+                pending = [m for m in self.mappings() if m.relay or m.domain or self.behind_nat]
                 for mapping in pending:
                     await self.map(mapping.local_port, mapping.domain)
                 return
             except P2PRCError as exc:
-                log.info("restoring port mappings (attempt %d): %s", attempt + 1, exc)
-                await asyncio.sleep(2)
+                log.info("publishing through a relay: %s; again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
 
 async def _listening(port: int) -> bool:

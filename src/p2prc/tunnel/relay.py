@@ -5,8 +5,15 @@ its own key by signing the relay's nonce, and asks to ``expose`` ports. For ever
 connection to a public port the relay sends ``connect`` with a one-time token; the client
 opens a data connection (TLS) that starts with ``data``+token, and the relay joins the two.
 Bytes on data connections travel as ``d`` frames and end with ``e`` (TLS cannot half-close,
-so end-of-stream is a frame). One process serves every tunnel; limits cap tunnels per
-client, ports per tunnel and pending connections.
+so end-of-stream is a frame). One process serves every tunnel; limits cap ports per
+client, active connections per client and pending connections.
+
+Domains: a client may ``route`` a domain to one of its local ports. On the relay's HTTP
+port, requests go to the tunnel that routes their ``Host``; on its HTTPS port, connections
+go by the ClientHello's server name, passed through undecrypted (the node holds the
+certificate). A domain belongs to one node: while its tunnel is connected, for a grace
+period after it drops (so a reconnect keeps it), and only while the relay allows that node.
+The relay's own node routes domains to its local ports with ``route_local``.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from .._aio import TaskSet
-from ..errors import P2PRCError, TunnelProtocolError
+from ..errors import DomainTaken, InvalidRequest, P2PRCError, TunnelProtocolError
 from ..identity import Identity, b64decode, node_id_of, verify_signature
+from .domains import MAX_HEAD, normalize_domain, request_host
 from .frames import FrameDecoder
-from .streams import FramedStream, close_quietly, splice
+from .sni import MAX_HELLO, NeedMore, server_name
+from .streams import FramedStream, close_quietly, pipe, splice
 from .tls import server_context
 
 __all__ = ["RelayLimits", "RelayServer", "challenge_message"]
@@ -42,9 +51,12 @@ class RelayLimits:
     """What one client may use."""
 
     ports_per_client: int = 16
+    connections_per_client: int = 1024
     pending_connections: int = 256
     connect_timeout: float = 10.0
     port_range: tuple[int, int] = (0, 0)  # (0, 0): any free port
+    domains_per_client: int = 16
+    domain_grace: float = 300.0
 
 
 @dataclass
@@ -52,6 +64,16 @@ class _Tunnel:
     node_id: str
     control: FramedStream
     servers: dict[int, asyncio.Server] = field(default_factory=dict)
+    active: int = 0
+
+
+@dataclass(slots=True)
+class _Route:
+    """A domain's owner and port; ``released``: loop time its tunnel went away."""
+
+    node_id: str
+    local_port: int
+    released: float | None = None
 
 
 class RelayServer:
@@ -67,6 +89,8 @@ class RelayServer:
         public_host: str = "0.0.0.0",
         allowed: Callable[[str], bool] = lambda node_id: True,
         limits: RelayLimits | None = None,
+        http_port: int | None = None,
+        https_port: int | None = None,
     ) -> None:
         self._identity = identity
         self._tls = server_context(identity, tls_dir)
@@ -77,18 +101,49 @@ class RelayServer:
         self._tunnels: dict[str, _Tunnel] = {}
         self._pending: dict[str, asyncio.Future[FramedStream]] = {}
         self._tasks = TaskSet()
+        self._wanted_http, self._wanted_https = http_port, https_port
+        self._routes: dict[str, _Route] = {}
+        self._web: list[asyncio.Server] = []
         self.port = 0
+        self.http_port = 0
+        self.https_port = 0
 
     def __repr__(self) -> str:
         return f"<RelayServer [:{self.port} | {len(self._tunnels)} tunnels]>"
+
+    @property
+    def routes_domains(self) -> bool:
+        """Whether this relay serves an HTTP or HTTPS port for domains."""
+        return bool(self.http_port or self.https_port)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
             self._accept, self._host, self._port, ssl=self._tls, limit=2**20
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        host = self._public_host
+        if self._wanted_http is not None:
+            web = await asyncio.start_server(self._http, host, self._wanted_http, limit=MAX_HEAD)
+            self.http_port = web.sockets[0].getsockname()[1]
+            self._web.append(web)
+        if self._wanted_https is not None:
+            web = await asyncio.start_server(self._https, host, self._wanted_https)
+            self.https_port = web.sockets[0].getsockname()[1]
+            self._web.append(web)
+
+    def route_local(self, domain: str, local_port: int) -> None:
+        """Route ``domain`` to a port of this relay's own node."""
+        self._claim(normalize_domain(domain), self._identity.node_id, local_port)
+
+    def unroute(self, domain: str, node_id: str | None = None) -> None:
+        """Release ``domain`` if ``node_id`` (default: this relay's node) holds it."""
+        route = self._routes.get(domain)
+        if route is not None and route.node_id == (node_id or self._identity.node_id):
+            del self._routes[domain]
 
     async def aclose(self) -> None:
+        for web in self._web:
+            web.close()
         if self._server is not None:
             self._server.close()
         for tunnel in list(self._tunnels.values()):
@@ -153,6 +208,10 @@ class RelayServer:
                     server = tunnel.servers.pop(int(message.get("public_port", 0)), None)
                     if server is not None:
                         server.close()
+                elif message["type"] == "route":
+                    await self._route_request(tunnel, message)
+                elif message["type"] == "unroute":
+                    self.unroute(str(message.get("domain", "")), tunnel.node_id)
                 elif message["type"] == "ping":
                     await tunnel.control.send({"type": "pong"})
                 elif message["type"] == "refused":
@@ -162,7 +221,117 @@ class RelayServer:
         finally:
             if self._tunnels.get(tunnel.node_id) is tunnel:
                 del self._tunnels[tunnel.node_id]
+                now = asyncio.get_running_loop().time()
+                for route in self._routes.values():
+                    if route.node_id == tunnel.node_id:
+                        route.released = now
             await self._drop(tunnel)
+
+    async def _route_request(self, tunnel: _Tunnel, message: dict[str, Any]) -> None:
+        local = message.get("local_port")
+        try:
+            if not self.routes_domains:
+                raise InvalidRequest("this relay does not route domains (no HTTP/HTTPS port)")
+            if not isinstance(local, int) or not 1 <= local <= 65535:
+                raise InvalidRequest("local_port must be 1-65535")
+            domain = normalize_domain(str(message.get("domain", "")))
+            owned = sum(1 for r in self._routes.values() if r.node_id == tunnel.node_id)
+            if domain not in self._routes and owned >= self.limits.domains_per_client:
+                raise InvalidRequest("domain quota exceeded")
+            self._claim(domain, tunnel.node_id, local)
+        except P2PRCError as exc:
+            await tunnel.control.send({"type": "error", "code": exc.code, "message": str(exc)})
+            return
+        await tunnel.control.send({"type": "routed", "domain": domain, "local_port": local})
+
+    def _claim(self, domain: str, node_id: str, local_port: int) -> None:
+        route = self._routes.get(domain)
+        if route is not None and route.node_id != node_id and self._holds(route):
+            raise DomainTaken(f"{domain} is already routed to another node on this relay")
+        self._routes[domain] = _Route(node_id, local_port)
+
+    def _holds(self, route: _Route) -> bool:
+        """Whether the route's node still owns it."""
+        if route.node_id == self._identity.node_id:
+            return True
+        if not self._allowed(route.node_id):
+            return False
+        if route.node_id in self._tunnels:
+            return True
+        now = asyncio.get_running_loop().time()
+        return route.released is not None and now - route.released < self.limits.domain_grace
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A request on the HTTP port: route it by its Host header."""
+        try:
+            head = await asyncio.wait_for(
+                reader.readuntil(b"\r\n\r\n"), self.limits.connect_timeout
+            )
+            domain = request_host(head)
+        except (
+            asyncio.LimitOverrunError,  # a head over MAX_HEAD
+            asyncio.IncompleteReadError,
+            OSError,
+            TimeoutError,
+            P2PRCError,
+        ):
+            await _http_error(writer, 400, "Bad Request", "not an HTTP/1 request with a Host")
+            return
+        await self._route(domain, reader, writer, head, http=True)
+
+    async def _https(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection on the HTTPS port: route it by the TLS server name, undecrypted."""
+        data = b""
+        domain: str | None = None
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                while len(data) <= MAX_HELLO + 64:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                    with contextlib.suppress(NeedMore):
+                        domain = server_name(data) or ""
+                        break
+        except (OSError, TimeoutError, P2PRCError) as exc:
+            log.info("HTTPS connection without a usable ClientHello: %s", exc)
+        if not domain:
+            await close_quietly(writer)
+            return
+        await self._route(domain, reader, writer, data, http=False)
+
+    async def _route(
+        self,
+        domain: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        initial: bytes,
+        *,
+        http: bool,
+    ) -> None:
+        route = self._routes.get(domain)
+        if route is not None and not self._holds(route):
+            del self._routes[domain]
+            route = None
+        tunnel = None if route is None else self._tunnels.get(route.node_id)
+        if route is not None and route.node_id == self._identity.node_id:
+            try:
+                far = await asyncio.open_connection("127.0.0.1", route.local_port)
+            except OSError:
+                if http:
+                    await _http_error(writer, 502, "Bad Gateway", f"{domain} is not answering")
+                await close_quietly(writer)
+                return
+            far[1].write(initial)
+            await pipe(reader, writer, *far)
+        elif route is not None and tunnel is not None:
+            await self._forward(tunnel, route.local_port, reader, writer, initial)
+        elif http:
+            reason = "is not routed here" if route is None else "has no connected node"
+            status, phrase = (404, "Not Found") if route is None else (502, "Bad Gateway")
+            await _http_error(writer, status, phrase, f"{domain} {reason}")
+        else:
+            await close_quietly(writer)
 
     async def _expose(self, tunnel: _Tunnel, message: dict[str, Any]) -> None:
         local = message.get("local_port")
@@ -176,19 +345,26 @@ class RelayServer:
         async def public(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._forward(tunnel, local, reader, writer)
 
-        server = await asyncio.start_server(public, self._public_host, self._public_port(message))
+        for port in self._public_ports(message.get("public_port")):
+            with contextlib.suppress(OSError):  # taken: try the next one
+                server = await asyncio.start_server(public, self._public_host, port)
+                break
+        else:
+            await tunnel.control.send({"type": "error", "message": "no free public port"})
+            return
         public_port = server.sockets[0].getsockname()[1]
         tunnel.servers[public_port] = server
         await tunnel.control.send(
             {"type": "exposed", "local_port": local, "public_port": public_port}
         )
 
-    def _public_port(self, message: dict[str, Any]) -> int:
-        wanted = message.get("public_port")
+    def _public_ports(self, wanted: object) -> list[int]:
+        """Ports to try: the one asked for (a reconnect keeps its port), then the range."""
         low, high = self.limits.port_range
-        if isinstance(wanted, int) and (low == high == 0 or low <= wanted <= high):
-            return wanted
-        return low if low else 0
+        ports = list(range(low, high + 1)) if low else [0]
+        if isinstance(wanted, int) and (low <= wanted <= high if low else 0 < wanted < 65536):
+            ports.insert(0, wanted)
+        return ports
 
     async def _forward(
         self,
@@ -196,8 +372,10 @@ class RelayServer:
         local: int,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        initial: bytes = b"",
     ) -> None:
-        if len(self._pending) >= self.limits.pending_connections:
+        busy = tunnel.active >= self.limits.connections_per_client
+        if busy or len(self._pending) >= self.limits.pending_connections:
             await close_quietly(writer)
             return
         token = secrets.token_hex(16)
@@ -211,7 +389,16 @@ class RelayServer:
             return
         finally:
             self._pending.pop(token, None)
-        await splice(reader, writer, data)
+        tunnel.active += 1
+        try:
+            if initial:
+                await data.send({"type": "d", "b": initial})
+            await splice(reader, writer, data)
+        except (OSError, P2PRCError):
+            await close_quietly(writer, data.writer)
+            data.closed()
+        finally:
+            tunnel.active -= 1
 
     async def _attach_data(self, stream: FramedStream, message: dict[str, Any]) -> None:
         waiter = self._pending.get(str(message.get("token", "")))
@@ -227,3 +414,14 @@ class RelayServer:
             server.close()
         tunnel.servers.clear()
         await close_quietly(tunnel.control.writer)
+
+
+async def _http_error(writer: asyncio.StreamWriter, status: int, reason: str, text: str) -> None:
+    body = f"{text}\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    with contextlib.suppress(OSError):
+        writer.write(head.encode() + body)
+    await close_quietly(writer)

@@ -14,6 +14,7 @@ __all__ = [
     "CHUNK",
     "FramedStream",
     "close_quietly",
+    "pipe",
     "relay_frames_to_plain",
     "relay_plain_to_frames",
     "splice",
@@ -89,6 +90,31 @@ async def splice(
     finally:
         await close_quietly(writer, data.writer)
         data.closed()
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(CHUNK):
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+async def pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    far_reader: asyncio.StreamReader,
+    far_writer: asyncio.StreamWriter,
+) -> None:
+    """Plain socket <-> plain socket, both directions with half-close, then close both."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_copy(reader, far_writer))
+            group.create_task(_copy(far_reader, writer))
+    except* OSError:
+        pass
+    finally:
+        await close_quietly(writer, far_writer)
 
 
 async def close_quietly(*writers: asyncio.StreamWriter) -> None:

@@ -22,9 +22,34 @@ def test_record_round_trip() -> None:
     assert decode_record(record.encode()) == record
 
 
+def test_a_relayed_record_names_its_api_on_the_relay() -> None:
+    record = make_record(ALICE, 1, relay=BOB.node_id, public_api="198.51.100.7:40001")
+    assert decode_record(record.encode()) == record
+    assert record.api_url == "http://198.51.100.7:40001"
+    assert make_record(ALICE, 1).api_url == "http://10.0.0.1:8001"
+    v6 = make_record(ALICE, 1, public_api="[2001:db8::1]:443")
+    assert decode_record(v6.encode()).api_url == "http://[2001:db8::1]:443"
+
+
+@pytest.mark.parametrize(
+    "public_api",
+    ["evil.example:80", "10.0.0.1", "10.0.0.1:0", "10.0.0.1:99999", "10.0.0.1:80/x", "x" * 90],
+)
+def test_a_bad_public_api_is_refused(public_api: str) -> None:
+    record = make_record(ALICE, 1, public_api=public_api)
+    with pytest.raises(PeerProtocolError):
+        decode_record(record.encode())
+
+
 @pytest.mark.parametrize(
     "change",
-    [{"name": "mallory"}, {"version": 99}, {"metadata": "changed"}, {"api_port": 1}],
+    [
+        {"name": "mallory"},
+        {"version": 99},
+        {"metadata": "changed"},
+        {"api_port": 1},
+        {"public_api": "203.0.113.9:80"},
+    ],
 )
 def test_tampered_record_is_rejected(change: dict[str, object]) -> None:
     forged = replace(make_record(ALICE, 1), **change)  # type: ignore[arg-type]

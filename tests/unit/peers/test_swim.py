@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2prc.peers.records import Claim
+from p2prc.peers.swim import SwimSettings
 from p2prc.peers.table import MemberState
 from tests.unit.peers.sim import SimNetwork, make_record
 
@@ -77,3 +78,63 @@ def test_forged_datagram_is_dropped() -> None:
     target = network.nodes[outgoing[0].address[1] - 9000]
     assert target.receive(forged, 10.4) == []
     assert target.stats.dropped["forged datagram"] == 1
+
+
+class _NatNetwork(SimNetwork):
+    """Nodes in ``behind_nat`` sit behind one NAT (203.0.113.1) that, like Linux conntrack,
+    lets a datagram in only from a peer the inside node sent to in the last 30 s."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.holes: dict[tuple[int, int], float] = {}
+
+    def route(self, sender: int, address: tuple[str, int]) -> tuple[int, tuple[str, int]] | None:
+        if address[0] == "203.0.113.1":
+            inside = address[1] - 40000
+            opened = self.holes.get((inside, sender))
+            if opened is None or self.now - opened > 30:
+                return None
+            return inside, ("10.0.0.1", 9000 + sender)
+        if address[0] != "10.0.0.1":
+            return None  # the private address is unreachable from outside
+        routed = super().route(sender, address)
+        if routed is not None and sender in self.behind_nat:
+            self.holes[(sender, routed[0])] = self.now
+            return routed[0], ("203.0.113.1", 40000 + sender)
+        return routed
+
+
+def test_a_node_behind_nat_stays_alive_and_is_declared_dead_when_it_stops() -> None:
+    network = _NatNetwork(8, behind_nat=frozenset({4}))
+    network.run(90)  # three NAT mapping lifetimes: keepalives must hold them open
+    assert set(_states(network, 4)) == {MemberState.ALIVE}
+    for target in range(8):
+        assert set(_states(network, target)) == {MemberState.ALIVE}
+    network.down.add(4)
+    network.run(8)
+    assert set(_states(network, 4)) == {MemberState.DEAD}
+
+
+def test_without_the_nat_rule_the_node_would_be_lost() -> None:
+    """The test network really blocks: unknown senders' datagrams do not get in."""
+    network = _NatNetwork(4, behind_nat=frozenset({1}))
+    network.run(1)
+    assert network.route(2, ("192.168.1.2", 9001)) is None
+    assert network.route(2, ("203.0.113.1", 40001)) is not None  # node 1 talked to node 2
+    network.holes.clear()
+    assert network.route(2, ("203.0.113.1", 40001)) is None
+
+
+def test_keepalives_hold_the_nat_open_in_a_large_network() -> None:
+    """40 nodes at 2 s periods: round-robin probing alone leaves the NAT's mappings idle
+    for over 30 s, so without keepalives the node is suspected and has to refute."""
+    refutations = {}
+    for keepalive in (10.0, 1e9):
+        settings = SwimSettings(period=2.0, probe_timeout=0.5, keepalive=keepalive)
+        network = _NatNetwork(40, behind_nat=frozenset({4}), settings=settings)
+        version = network.nodes[4].table.me.version
+        network.run(240, step=0.25)
+        assert set(_states(network, 4)) == {MemberState.ALIVE}
+        refutations[keepalive] = network.nodes[4].table.me.version - version
+    assert refutations[10.0] == 0
+    assert refutations[1e9] > 0
