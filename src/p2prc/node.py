@@ -18,6 +18,7 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -371,6 +372,7 @@ class Node:
             self.advertised_addresses(),
             api_port=self._port,
             relay=self.relay,
+            api_host=urlsplit(self.api_url).hostname or "127.0.0.1",
         )
         self._mapper = await self._stack.enter_async_context(mapper)
 

@@ -2,7 +2,9 @@
 
 A relay node on public host pub1, a node on home1 behind the NAT router, a web server on
 home1 that nothing outside can reach; home1 publishes it with map-port, and a client on
-pub2 fetches it byte-exact through the relay.
+pub2 fetches it byte-exact through the relay. The second test adds a second relay and a
+client node: the client reaches the NAT'd node's API and its web server by domain through
+the relay, the relay is killed, and everything comes back through the other one.
 """
 
 import hashlib
@@ -12,16 +14,24 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.netns
 
 TESTBED = Path(__file__).resolve().parents[3] / "shared" / "testbed" / "netns-nat.sh"
-ENV = {**os.environ, "TB_PREFIX": "p2t", "TB_PUBLIC": "2", "TB_SITES": "1"}
+ENV = {**os.environ, "TB_PREFIX": "p2t", "TB_PUBLIC": "3", "TB_SITES": "1"}
 RELAY_IP, HOME_IP = "198.51.100.11", "192.168.1.10"
+RELAY2_IP, CLIENT_IP = "198.51.100.12", "198.51.100.13"
+FETCH = (
+    "import hashlib,sys,urllib.request;"
+    "request = urllib.request.Request(sys.argv[1], headers={'Host': sys.argv[2]});"
+    "body = urllib.request.urlopen(request, timeout=20).read();"
+    "print(hashlib.sha256(body).hexdigest())"
+)
 
 
 def _bed(*args: str) -> subprocess.CompletedProcess[str]:
@@ -119,6 +129,119 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
         for process in processes:
             process.terminate()
         for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _fetch(ns: str, url: str, host: str) -> str:
+    got = subprocess.run(
+        ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", FETCH, url, host],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return got.stdout.strip() or got.stderr.strip()[-300:]
+
+
+def _json(ns: str, home: Path, *args: str) -> Any:
+    result = _cli(ns, home, "--json", *args, check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _wait(what: str, check: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -> None:
+    homes = {name: tmp_path / name for name in ("r1", "r2", "home", "client")}
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(3 * 1024 * 1024 + 17)
+    (www / "blob.bin").write_bytes(blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    quiet = {"gossip.lan_discovery": "false"}
+    boot = {"bootstrap": f"{RELAY_IP}:8088"}
+    relay = {**quiet, "relay.enabled": "true", "relay.http_port": "8080", "trust.mode": "open",
+             "behind_nat": "false"}  # fmt: skip
+    _configure("pub1", homes["r1"], {**relay, "name": "r1", "gossip.advertise": RELAY_IP})
+    _configure("pub2", homes["r2"], {**relay, **boot, "name": "r2",
+               "gossip.advertise": RELAY2_IP})  # fmt: skip
+    _configure("home1", homes["home"], {**quiet, **boot, "name": "home", "trust.mode": "open",
+               "gossip.advertise": HOME_IP})  # fmt: skip
+    _configure("pub3", homes["client"], {**quiet, **boot, "name": "client", "behind_nat": "false",
+               "gossip.advertise": CLIENT_IP})  # fmt: skip
+    web = ["ip", "netns", "exec", "p2t-home1", sys.executable, "-m", "http.server", "8000",
+           "--bind", "127.0.0.1", "--directory", str(www)]  # fmt: skip
+    nodes = {
+        "r1": _start("pub1", homes["r1"], RELAY_IP),
+        "r2": _start("pub2", homes["r2"], RELAY2_IP),
+        "home": _start("home1", homes["home"], HOME_IP),
+        "client": _start("pub3", homes["client"], CLIENT_IP),
+    }
+    server = subprocess.Popen(web, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        mapped: dict[str, str] = {}
+
+        def published() -> bool:
+            result = _json("home1", homes["home"], "map-port", "8000", "--domain",
+                           "app.example.org")  # fmt: skip
+            if isinstance(result, dict):
+                mapped.update(result)
+            return bool(mapped)
+
+        _wait("map-port with a domain", published, 60)
+        relay_ip = mapped["IPAddress"]
+        assert relay_ip in (RELAY_IP, RELAY2_IP)
+        assert mapped["domain"] == "app.example.org"
+        # By domain through the relay's HTTP port, byte-exact.
+        assert _fetch("pub3", f"http://{relay_ip}:8080/blob.bin", "app.example.org") == digest
+        # The client node sees the NAT'd node alive, with its API on the relay, and uses it:
+        # it asks the NAT'd node (through its relay) to map the port again (--remote).
+        views: list[dict[str, object]] = []
+
+        def home_seen() -> bool:
+            found = _json("pub3", homes["client"], "peers", "list")
+            views[:] = [v for v in found or [] if v["name"] == "home"]
+            return bool(views) and views[0]["state"] == "alive" and bool(views[0]["public_api"])
+
+        _wait("the NAT'd node's API in the client's table", home_seen, 60)
+        assert str(views[0]["api"]).startswith(f"http://{relay_ip}:")
+        remote = _json("pub3", homes["client"], "map-port", "8000", "--remote", "home")
+        assert isinstance(remote, dict), "the NAT'd node's API did not answer through the relay"
+        assert remote["IPAddress"] == relay_ip
+        # Kill the relay in use: the mapping, the domain and the API move to the other one.
+        used = "r1" if relay_ip == RELAY_IP else "r2"
+        nodes[used].kill()
+        nodes[used].wait(timeout=10)
+        other_ip = RELAY2_IP if used == "r1" else RELAY_IP
+        moved: list[dict[str, object]] = []
+
+        def mapping_moved() -> bool:
+            found = _json("home1", homes["home"], "mappings")
+            moved[:] = [m for m in found or [] if m["IPAddress"] == other_ip]
+            return bool(moved)
+
+        _wait("the mapping to move to the other relay", mapping_moved, 90)
+        assert _fetch("pub3", f"http://{other_ip}:8080/blob.bin", "app.example.org") == digest
+        assert _fetch("pub3", f"http://{moved[0]['EntireAddress']}/blob.bin", "x") == digest
+
+        def api_moved() -> bool:
+            home_seen()
+            return bool(views) and str(views[0]["api"]).startswith(f"http://{other_ip}:")
+
+        _wait("the NAT'd node's API to move", api_moved, 60)
+        again = _json("pub3", homes["client"], "map-port", "8000", "--remote", "home")
+        assert isinstance(again, dict)
+        assert again["IPAddress"] == other_ip
+    finally:
+        for process in [*nodes.values(), server]:
+            process.terminate()
+        for process in [*nodes.values(), server]:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:

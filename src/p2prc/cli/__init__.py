@@ -117,6 +117,22 @@ def map_port_command(
     _map_port(options_of(ctx), port, domain, remote)
 
 
+@app.command("mappings")
+def mappings_command(ctx: typer.Context) -> None:
+    """This node's published ports: local port, public address, relay, domain."""
+    options = options_of(ctx)
+    with Client(home=options.home) as client:
+        mapped = client.mappings()
+    rows = [m.model_dump(by_alias=True) for m in mapped]
+    lines = [
+        f"{m.local_port} -> {m.entire_address}"
+        + (f"  {m.domain}" if m.domain else "")
+        + (f"  via relay {m.relay[:12]}" if m.relay else "")
+        for m in mapped
+    ]
+    emit(options, rows, "\n".join(lines) or "no published ports")
+
+
 @app.command("unmap")
 def unmap_command(ctx: typer.Context, port: int) -> None:
     """Stop publishing a port."""

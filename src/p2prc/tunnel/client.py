@@ -36,6 +36,7 @@ class TunnelClient:
         self._tasks = TaskSet()
         self.exposed: dict[int, int] = {}
         self.routed: dict[str, int] = {}
+        self._local_hosts: dict[int, str] = {}
         self._asking = asyncio.Lock()
         self.closed = asyncio.Event()
         self._last_heard = 0.0
@@ -61,8 +62,11 @@ class TunnelClient:
         self._tasks.spawn(self._control_loop(self._control))
         self._tasks.spawn(self._heartbeat(self._control))
 
-    async def expose(self, local_port: int, public_port: int | None = None) -> int:
-        """Publish ``local_port``; returns the relay's public port."""
+    async def expose(
+        self, local_port: int, public_port: int | None = None, local_host: str = "127.0.0.1"
+    ) -> int:
+        """Publish ``local_host:local_port``; returns the relay's public port."""
+        self._local_hosts[local_port] = local_host
         message: dict[str, Any] = {"type": "expose", "local_port": local_port}
         if public_port:
             message["public_port"] = public_port
@@ -158,7 +162,8 @@ class TunnelClient:
     async def _serve(self, token: str, local_port: int) -> None:
         """One forwarded connection: a data connection to the relay <-> the local port."""
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", local_port)
+            host = self._local_hosts.get(local_port, "127.0.0.1")
+            reader, writer = await asyncio.open_connection(host, local_port)
         except OSError as exc:
             log.info("nothing listens on local port %d: %s", local_port, exc)
             if self._control is not None:

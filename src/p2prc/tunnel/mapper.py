@@ -47,10 +47,11 @@ class PortMapper:
         addresses: list[str],
         api_port: int = 0,
         relay: RelayServer | None = None,
+        api_host: str = "127.0.0.1",
     ) -> None:
         self._identity, self._config, self._db = identity, config, db
         self._gossip, self._addresses = gossip, addresses
-        self._api_port = api_port
+        self._api_port, self._api_host = api_port, api_host
         self._own_relay = relay
         self._client: TunnelClient | None = None
         self._relay_id = ""
@@ -108,6 +109,8 @@ class PortMapper:
                 await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
         async with self._lock:
             before = self._mapping(port)
+            if domain is None and before is not None:
+                domain = before.domain  # mapping again keeps the domain; unmap drops it
             if self.behind_nat:
                 client = await self._tunnel()
                 # Ask for the same public port again when it was on this relay.
@@ -174,7 +177,7 @@ class PortMapper:
                 continue
             if self._api_port and self._gossip is not None:
                 try:
-                    public_api = await client.expose(self._api_port)
+                    public_api = await client.expose(self._api_port, local_host=self._api_host)
                 except (P2PRCError, OSError, TimeoutError) as exc:
                     log.info("relay %s does not publish our API: %s", record.name, exc)
                     await client.aclose()
