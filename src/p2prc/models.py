@@ -159,6 +159,9 @@ class SshAccess(_Model):
 class PortMapping(_Model):
     container_port: int
     host_port: int
+    public: str = Field(
+        default="", description="host:port on the node's relay when it is behind NAT; else empty"
+    )
 
 
 class ContainerView(_Model):

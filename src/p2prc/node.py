@@ -375,6 +375,9 @@ class Node:
             api_host=urlsplit(self.api_url).hostname or "127.0.0.1",
         )
         self._mapper = await self._stack.enter_async_context(mapper)
+        if self._containers is not None:
+            self._containers.publisher = mapper
+            self._spawn(self._containers.publish_hosted(), name="publish-containers")
 
     def _relay_allowed(self, node_id: str) -> bool:
         """The trust policy decides who may tunnel through this node's relay."""

@@ -13,6 +13,7 @@ import pytest
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.config import GossipConfig, RelayConfig
 from p2prc.errors import DomainTaken, InvalidRequest, NotFound
+from p2prc.models import CreateContainer
 
 BODY = os.urandom(1024 * 1024)
 
@@ -233,3 +234,48 @@ async def test_a_public_node_routes_a_domain_itself(tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_containers_on_a_nat_node_are_reached_through_its_relay(tmp_path: Path) -> None:
+    relay_config = {
+        "trust": TrustConfig(mode="open"),
+        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
+        "behind_nat": False,
+    }
+    async with _node(tmp_path, "relay", **relay_config) as relay:
+        home_dir = Home(tmp_path / "home")
+        settings, identity = init_home(
+            home_dir,
+            NodeConfig(
+                name="home", behind_nat=True, trust=TrustConfig(mode="open"),
+                bootstrap=[relay.api_url.removeprefix("http://")],
+            ),
+        )  # fmt: skip
+        runtime = FakeRuntime(ssh_banner=True)
+        async with (
+            Node(settings, home_dir, identity=identity, host="127.0.0.1", port=0,
+                 runtime=runtime) as home,
+            AsyncClient(home=tmp_path / "relay") as client,
+        ):  # fmt: skip
+            api = ""
+            for _ in range(100):
+                views = await client.peers()
+                found = [v for v in views if v.node_id == home.identity.node_id]
+                if found and found[0].public_api:
+                    api = found[0].api
+                    break
+                await asyncio.sleep(0.1)
+            assert api, "the NAT'd node's API never appeared on the relay"
+            view = await client.create_on_peer(api, CreateContainer(ports=1, name="job"))
+            local_ssh = runtime.containers[view.id].ssh_port
+            assert view.ssh.host == "127.0.0.1"
+            assert view.ssh.port != local_ssh  # the relay's public port, not the node's
+            assert view.ports[0].public.startswith("127.0.0.1:")
+            reader, writer = await asyncio.open_connection("127.0.0.1", view.ssh.port)
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"SSH-2.0-")
+            writer.close()
+            listed = await client.tracked()
+            assert listed[0].container.ssh.port == view.ssh.port
+            await client.remove_tracked(view.id)
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", view.ssh.port)

@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -48,6 +49,16 @@ _MIN_MEMORY = 32 * 1024**2
 _EXPIRY_INTERVAL = 5.0
 
 
+class PortPublisher(Protocol):
+    """Publishes the node's own ports through its relay when it is behind NAT."""
+
+    async def publish(self, host: str, port: int) -> tuple[str, int] | None: ...
+
+    async def withdraw(self, port: int) -> None: ...
+
+    def public_address(self, port: int) -> tuple[str, int] | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     spec: ContainerSpec
@@ -76,6 +87,9 @@ class ContainerService:
         self._lock = asyncio.Lock()
         self._pending: dict[str, str] = {}
         self._expiry: asyncio.Task[None] | None = None
+        # Set by the node once its port mapper runs: SSH and extra ports of containers on
+        # a node behind NAT are published through its relay, and views show those addresses.
+        self.publisher: PortPublisher | None = None
 
     def __repr__(self) -> str:
         return f"<ContainerService [{len(self._store.hosted())} hosted | {self._runtime!r}]>"
@@ -116,7 +130,13 @@ class ContainerService:
 
     def owned_by(self, caller: CallerInfo) -> list[ContainerView]:
         """The caller's containers here; the node's owner sees all."""
-        return self._store.hosted(None if caller.role == "owner" else caller.node_id)
+        views = self._store.hosted(None if caller.role == "owner" else caller.node_id)
+        return [self._public_view(view) for view in views]
+
+    async def publish_hosted(self) -> None:
+        """Publish the ports of every hosted container (after a restart)."""
+        for view in self._store.hosted():
+            await self._publish(view)
 
     async def validate(self, request: CreateContainer, caller: CallerInfo) -> None:
         """Raise the error a create request would meet before anything starts."""
@@ -148,7 +168,9 @@ class ContainerService:
         finally:
             self._pending.pop(plan.spec.name, None)
         log.info("container %s created for %s", view.id, caller.node_id)
-        return view
+        await progress("publishing ports")
+        await self._publish(view)
+        return self._public_view(view)
 
     async def remove(self, container_id: str, caller: CallerInfo) -> None:
         """Remove a container; only its creator or this node's owner may."""
@@ -158,6 +180,7 @@ class ContainerService:
         with contextlib.suppress(ContainerNotFound):
             await self._runtime.remove(container_id)
         self._store.remove_hosted(container_id)
+        await self._withdraw(view)
         log.info("container %s removed by %s", container_id, caller.node_id)
 
     async def reconcile(self) -> None:
@@ -178,16 +201,51 @@ class ContainerService:
                 with contextlib.suppress(P2PRCError):
                     await self._runtime.remove(view.id)
                 self._store.remove_hosted(view.id)
+                await self._withdraw(view)
 
     async def expire(self) -> list[str]:
         """Remove every container whose lease has run out."""
         expired = self._store.expired(self._clock())
         for container_id in expired:
             log.info("lease of container %s ran out", container_id)
+            view = self._store.get_hosted(container_id)
             with contextlib.suppress(ContainerNotFound):
                 await self._runtime.remove(container_id)
             self._store.remove_hosted(container_id)
+            if view is not None:
+                await self._withdraw(view)
         return expired
+
+    async def _publish(self, view: ContainerView) -> None:
+        if self.publisher is None:
+            return
+        host = self._connect_host()
+        for port in [view.ssh.port, *(p.host_port for p in view.ports)]:
+            try:
+                await self.publisher.publish(host, port)
+            except (P2PRCError, OSError) as exc:  # it still works on the node's own network
+                log.warning("cannot publish port %d of container %s: %s", port, view.id, exc)
+
+    async def _withdraw(self, view: ContainerView) -> None:
+        if self.publisher is None:
+            return
+        for port in [view.ssh.port, *(p.host_port for p in view.ports)]:
+            with contextlib.suppress(P2PRCError, OSError):
+                await self.publisher.withdraw(port)
+
+    def _public_view(self, view: ContainerView) -> ContainerView:
+        """The view with the relay's addresses for ports published through it."""
+        publisher = self.publisher
+        ssh = publisher.public_address(view.ssh.port) if publisher is not None else None
+        if publisher is None or ssh is None:
+            return view
+        ports = []
+        for mapping in view.ports:
+            public = publisher.public_address(mapping.host_port)
+            address = f"{public[0]}:{public[1]}" if public else ""
+            ports.append(mapping.model_copy(update={"public": address}))
+        access = view.ssh.model_copy(update={"host": ssh[0], "port": ssh[1]})
+        return view.model_copy(update={"ssh": access, "ports": ports})
 
     async def _expire_loop(self) -> None:
         while True:
@@ -267,14 +325,15 @@ class ContainerService:
             raise LimitExceeded(f"ttl is above this node's maximum {self._limits.max_ttl}")
         return self._clock() + seconds
 
+    def _connect_host(self) -> str:
+        """Where this node reaches the ports it publishes for containers."""
+        publish = self._limits.publish_host
+        return "127.0.0.1" if publish in ("0.0.0.0", "::") else publish
+
     async def _wait_for_ssh(self, info: ContainerInfo) -> None:
         if info.ssh_port is None:
             raise ContainerError("the image publishes no SSH port")
-        host = (
-            "127.0.0.1"
-            if self._limits.publish_host in ("0.0.0.0", "::")
-            else self._limits.publish_host
-        )
+        host = self._connect_host()
         deadline = time.monotonic() + self._limits.ssh_wait
         while time.monotonic() < deadline:
             if await self._ssh_probe(host, info.ssh_port):

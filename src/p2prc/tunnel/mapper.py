@@ -53,6 +53,8 @@ class PortMapper:
         self._gossip, self._addresses = gossip, addresses
         self._api_port, self._api_host = api_port, api_host
         self._own_relay = relay
+        # Ports the node publishes for itself (containers), by port: the host they are on.
+        self._system: dict[int, str] = {}
         self._client: TunnelClient | None = None
         self._relay_id = ""
         self._relay_host = ""
@@ -101,12 +103,7 @@ class PortMapper:
             domain = normalize_domain(domain)
         if not await _listening(port):
             raise InvalidRequest(f"nothing listens on local port {port}")
-        gossip = self._gossip
-        expects_peers = bool(self._config.bootstrap) or bool(gossip and gossip.table.alive())
-        if gossip is not None and not gossip.nat_known.is_set() and expects_peers:
-            # Detection needs peers; a node that has none and expects none maps as public.
-            with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
-                await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
+        await self._nat_settled()
         async with self._lock:
             before = self._mapping(port)
             if domain is None and before is not None:
@@ -131,6 +128,37 @@ class PortMapper:
                 (port, host, public_port, relay, domain),
             )
         return _mapped(port, host, public_port, relay, domain)
+
+    async def publish(self, host: str, port: int) -> tuple[str, int] | None:
+        """Publish a port the node itself serves (a container's SSH or extra port) through
+        the relay; ``None`` when the node is public and the port needs no relay."""
+        await self._nat_settled()
+        if not self.behind_nat:
+            return None
+        async with self._lock:
+            client = await self._tunnel()
+            self._system[port] = host
+            public = client.exposed.get(port) or await client.expose(port, local_host=host)
+            return self._relay_host, public
+
+    async def withdraw(self, port: int) -> None:
+        """Stop publishing a port given to ``publish``."""
+        if self._system.pop(port, None) is not None and self._client is not None:
+            await self._client.unexpose(port)
+
+    def public_address(self, port: int) -> tuple[str, int] | None:
+        """Where a port given to ``publish`` is reachable now (it moves with the relay)."""
+        client = self._client
+        public = client.exposed.get(port) if client is not None else None
+        return (self._relay_host, public) if public and port in self._system else None
+
+    async def _nat_settled(self) -> None:
+        gossip = self._gossip
+        expects_peers = bool(self._config.bootstrap) or bool(gossip and gossip.table.alive())
+        if gossip is not None and not gossip.nat_known.is_set() and expects_peers:
+            # Detection needs peers; a node that has none and expects none maps as public.
+            with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
+                await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
 
     async def unmap(self, port: int) -> None:
         mapping = self._mapping(port)
@@ -184,6 +212,11 @@ class PortMapper:
                     continue
                 host = f"[{record.host}]" if ":" in record.host else record.host
                 self._gossip.set_relay(record.node_id, f"{host}:{public_api}")
+            for port, host in list(self._system.items()):
+                try:
+                    await client.expose(port, local_host=host)
+                except P2PRCError as exc:
+                    log.warning("relay %s does not publish port %d: %s", record.name, port, exc)
             self._client, self._relay_id, self._relay_host = client, record.node_id, record.host
             log.info("tunnel through relay %s (%s)", record.name, record.host)
             self._watch = asyncio.create_task(self._failover(client), name="relay-watch")
