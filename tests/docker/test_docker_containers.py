@@ -148,3 +148,36 @@ def _owner(node: Node) -> Any:
     return CallerInfo(
         node_id=node.identity.node_id, role="owner", public_key=node.identity.public_key_b64
     )
+
+
+async def test_ssh_into_a_container_on_a_nat_node_through_its_relay(
+    node_factory: Any, tmp_path: Path
+) -> None:
+    """A real container on a node that is behind NAT (configured), a real SSH login to it
+    through the relay's public port; the relay is another node on this machine."""
+    from p2prc.config import RelayConfig
+
+    relay_config = RelayConfig(enabled=True, port=0, public_host="127.0.0.1")
+    async with node_factory("relay", relay=relay_config, behind_nat=False) as relay:
+        boot = [relay.api_url.removeprefix("http://")]
+        async with (
+            node_factory("home", behind_nat=True, bootstrap=boot) as home,
+            AsyncClient(home=tmp_path / "relay") as client,
+        ):
+            api = ""
+            for _ in range(100):
+                found = [v for v in await client.peers() if v.node_id == home.identity.node_id]
+                if found and found[0].public_api:
+                    api = found[0].api
+                    break
+                await asyncio.sleep(0.1)
+            assert api, "the NAT'd node's API never appeared on the relay"
+            view = await client.create_on_peer(api, CreateContainer(name="natjob"))
+            local = [v for v in home.container_store.hosted() if v.id == view.id]
+            assert local
+            assert view.ssh.port != local[0].ssh.port  # the relay's port
+            # In a thread: the relay and the tunnel run on this test's event loop.
+            result = await asyncio.to_thread(ssh, tmp_path / "relay", view.ssh.port, "id -un")
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.split() == ["p2prc"]
+            await client.remove_tracked(view.id)
