@@ -388,17 +388,21 @@ class AsyncClient:
                             await result
         raise PeerProtocolError(f"{self.base_url}{path}: the run ended without a result")
 
-    async def map_port(self, port: int, domain: str | None = None) -> MappedPort:
+    async def map_port(
+        self, port: int, domain: str | None = None, *, udp: bool = False
+    ) -> MappedPort:
         """Publish one of the node's local ports (through its relay when behind NAT)."""
-        body = MapPortRequest(port=port, domain=domain).model_dump(exclude_none=True)
+        request = MapPortRequest(port=port, domain=domain, udp=udp)
+        body = request.model_dump(exclude_none=True, exclude_defaults=True)
         return await self._call("POST", "/map-port", MappedPort, body)
 
     async def mappings(self) -> list[MappedPort]:
         response = await self._request("GET", "/map-port", signed=True)
         return _validate_list(MappedPort, response, self.base_url)
 
-    async def unmap_port(self, port: int) -> None:
-        await self._request("DELETE", f"/map-port/{int(port)}")
+    async def unmap_port(self, port: int, *, udp: bool = False) -> None:
+        suffix = "?udp=true" if udp else ""
+        await self._request("DELETE", f"/map-port/{int(port)}{suffix}")
 
     async def reachability(self, port: int) -> Reachability:
         """Ask this node whether it can connect back to us on ``port``."""
@@ -681,17 +685,17 @@ class Client:
         """Run a plugin on a tracked container or group."""
         return self._run(self._async.run_plugin(name, target, variables, progress=progress))
 
-    def map_port(self, port: int, domain: str | None = None) -> MappedPort:
+    def map_port(self, port: int, domain: str | None = None, *, udp: bool = False) -> MappedPort:
         """Publish one of the node's local ports."""
-        return self._run(self._async.map_port(port, domain))
+        return self._run(self._async.map_port(port, domain, udp=udp))
 
     def mappings(self) -> list[MappedPort]:
         """The node's published ports."""
         return self._run(self._async.mappings())
 
-    def unmap_port(self, port: int) -> None:
+    def unmap_port(self, port: int, *, udp: bool = False) -> None:
         """Stop publishing a port."""
-        self._run(self._async.unmap_port(port))
+        self._run(self._async.unmap_port(port, udp=udp))
 
     def close(self) -> None:
         self._run(self._async.aclose())

@@ -347,6 +347,7 @@ class MapPortRequest(BaseModel):
 
     port: int = Field(ge=1, le=65535)
     domain: str | None = Field(default=None, max_length=253)
+    udp: bool = Field(default=False, description="Publish a UDP port instead of TCP")
 
 
 class ReachabilityRequest(BaseModel):
@@ -374,3 +375,4 @@ class MappedPort(BaseModel):
     local_port: int
     relay: str = Field(description="Node id of the relay, empty when the node maps on itself")
     domain: str | None = None
+    udp: bool = False

@@ -87,6 +87,22 @@ _MIGRATIONS: list[str] = [
         domain TEXT
     );
     """,
+    # 6: UDP mappings beside TCP ones: the key becomes (port, udp).
+    """
+    CREATE TABLE port_mappings_v6 (
+        port INTEGER NOT NULL,
+        udp INTEGER NOT NULL DEFAULT 0,
+        public_host TEXT NOT NULL,
+        public_port INTEGER NOT NULL,
+        relay TEXT NOT NULL,
+        domain TEXT,
+        PRIMARY KEY (port, udp)
+    );
+    INSERT INTO port_mappings_v6 (port, udp, public_host, public_port, relay, domain)
+        SELECT port, 0, public_host, public_port, relay, domain FROM port_mappings;
+    DROP TABLE port_mappings;
+    ALTER TABLE port_mappings_v6 RENAME TO port_mappings;
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

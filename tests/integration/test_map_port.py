@@ -279,3 +279,45 @@ async def test_containers_on_a_nat_node_are_reached_through_its_relay(tmp_path: 
             await client.remove_tracked(view.id)
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection("127.0.0.1", view.ssh.port)
+
+
+class _Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(b"echo:" + data, addr)  # type: ignore[attr-defined]
+
+
+async def test_udp_port_through_a_relay(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    echo, _ = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
+    port = echo.get_extra_info("sockname")[1]
+    relay_config = {
+        "trust": TrustConfig(mode="open"),
+        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
+        "behind_nat": False,
+    }
+    try:
+        async with _node(tmp_path, "relay", **relay_config) as relay:
+            natted = {"behind_nat": True, "bootstrap": [relay.api_url.removeprefix("http://")]}
+            async with (
+                _node(tmp_path, "home", **natted) as _home,
+                AsyncClient(home=tmp_path / "home") as client,
+            ):
+                await _wait_for_relay(client)
+                mapped = await client.map_port(port, udp=True)
+                assert mapped.udp
+                assert mapped.relay == relay.identity.node_id
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.setblocking(False)
+                    await loop.sock_sendto(sock, b"ping", ("127.0.0.1", mapped.port_no))
+                    data = await asyncio.wait_for(loop.sock_recv(sock, 100), 10)
+                assert data == b"echo:ping"
+                with pytest.raises(InvalidRequest, match="TCP"):
+                    await client.map_port(port, "udp.example.org", udp=True)
+                assert {(m.local_port, m.udp) for m in await client.mappings()} == {(port, True)}
+                await client.unmap_port(port, udp=True)
+                assert await client.mappings() == []
+    finally:
+        echo.close()

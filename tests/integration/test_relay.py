@@ -102,3 +102,79 @@ async def test_nothing_listening_behind_the_tunnel(relay: RelayServer) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", public)
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+
+
+class _Collect(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.got.put_nowait((data, addr))
+        if self.echo and self.transport is not None:
+            self.transport.sendto(b"echo:" + data, addr)
+
+    echo = False
+
+
+async def _udp(echo: bool = False) -> tuple[asyncio.DatagramTransport, _Collect]:
+    loop = asyncio.get_running_loop()
+    protocol = _Collect()
+    protocol.echo = echo
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: protocol, local_addr=("127.0.0.1", 0)
+    )
+    return transport, protocol
+
+
+async def test_udp_through_the_relay_keeps_senders_apart(relay: RelayServer) -> None:
+    server, _ = await _udp(echo=True)
+    local = server.get_extra_info("sockname")[1]
+    senders = [await _udp() for _ in range(3)]
+    try:
+        async with TunnelClient(CLIENT, "127.0.0.1", relay.port, RELAY.node_id) as client:
+            public = await client.expose(local, udp=True)
+            for round_ in range(5):
+                for index, (transport, _) in enumerate(senders):
+                    transport.sendto(b"%d-%d" % (index, round_), ("127.0.0.1", public))
+            for index, (_, protocol) in enumerate(senders):
+                answers = [(await asyncio.wait_for(protocol.got.get(), 10))[0] for _ in range(5)]
+                assert sorted(answers) == [b"echo:%d-%d" % (index, r) for r in range(5)]
+            big = os.urandom(59_000)  # the echo adds 5 bytes; 60,000 is the most that travels
+            senders[0][0].sendto(big, ("127.0.0.1", public))
+            assert (await asyncio.wait_for(senders[0][1].got.get(), 10))[0] == b"echo:" + big
+    finally:
+        server.close()
+        for transport, _ in senders:
+            transport.close()
+
+
+async def test_the_relay_is_no_udp_reflector(relay: RelayServer) -> None:
+    """A tunnel client cannot make the relay send datagrams to an address that never
+    wrote to that public port."""
+    from p2prc.tunnel.udp import datagram_frame
+
+    server, inbox = await _udp()
+    victim, seen = await _udp()
+    victim_address = victim.get_extra_info("sockname")
+    try:
+        async with TunnelClient(CLIENT, "127.0.0.1", relay.port, RELAY.node_id) as client:
+            public = await client.expose(server.get_extra_info("sockname")[1], udp=True)
+            control = client._control
+            assert control is not None
+            for _ in range(10):
+                await control.send(datagram_frame(public, tuple(victim_address), b"attack"))
+            await control.send({"type": "u", "p": "x", "a": "garbage", "b": 1})
+            await asyncio.sleep(0.5)
+            assert seen.got.empty()
+            # The relay still serves UDP for real senders after that garbage.
+            sender, _ = await _udp()
+            sender.sendto(b"hello", ("127.0.0.1", public))
+            assert (await asyncio.wait_for(inbox.got.get(), 10))[0] == b"hello"
+            sender.close()
+    finally:
+        server.close()
+        victim.close()

@@ -125,6 +125,30 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert direct.returncode != 0  # the home host itself is unreachable from outside
+        # UDP: an echo server on home1, published with --udp, answered to pub2.
+        echo = (
+            "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            "s.bind(('127.0.0.1',9000));"
+            "[s.sendto(b'echo:'+d,a) for d,a in iter(lambda: s.recvfrom(65535), None)]"
+        )
+        processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", "p2t-home1", sys.executable, "-c", echo],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+        udp = json.loads(_cli("home1", nat_home, "--json", "map-port", "9000", "--udp").stdout)
+        assert udp["udp"] is True
+        assert udp["IPAddress"] == RELAY_IP
+        ask = (
+            "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            "s.settimeout(5);s.sendto(b'ping',(sys.argv[1],int(sys.argv[2])));"
+            "print(s.recvfrom(100)[0].decode())"
+        )
+        answer = subprocess.run(
+            ["ip", "netns", "exec", "p2t-pub2", sys.executable, "-c", ask, RELAY_IP,
+             str(udp["PortNo"])],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert answer.stdout.strip() == "echo:ping", answer.stderr
     finally:
         for process in processes:
             process.terminate()

@@ -28,7 +28,7 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
     @routes.post("/map-port")
     async def map_port(body: MapPortRequest, caller: Peer) -> MappedPort:
         """Publish one of this node's local ports (trusted peers may ask: the original --ra)."""
-        return await node.mapper.map(body.port, body.domain)
+        return await node.mapper.map(body.port, body.domain, udp=body.udp)
 
     @routes.post("/reachability")
     async def reachability(
@@ -50,9 +50,9 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
         return node.mapper.mappings()
 
     @routes.delete("/map-port/{port}")
-    async def unmap(port: int, caller: Owner) -> dict[str, int]:
-        """Stop publishing a port."""
-        await node.mapper.unmap(port)
+    async def unmap(port: int, caller: Owner, udp: bool = False) -> dict[str, int]:
+        """Stop publishing a port (``?udp=true``: the UDP mapping of that port)."""
+        await node.mapper.unmap(port, udp=udp)
         return {"unmapped": port}
 
     return routes

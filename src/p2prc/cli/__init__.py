@@ -100,7 +100,7 @@ app.add_typer(group_app, name="group")
 @app.command("map-port")
 def map_port_command(
     ctx: typer.Context,
-    port: Annotated[int, typer.Argument(min=1, max=65535, help="Local TCP port.")],
+    port: Annotated[int, typer.Argument(min=1, max=65535, help="Local port.")],
     domain: Annotated[
         str | None,
         typer.Option(
@@ -112,9 +112,10 @@ def map_port_command(
     remote: Annotated[
         str | None, typer.Option("--remote", help="Ask this peer to map its own port.")
     ] = None,
+    udp: Annotated[bool, typer.Option("--udp", help="A UDP port instead of TCP.")] = False,
 ) -> None:
-    """Publish a local TCP port: on this node if public, else through a relay (original --mp)."""
-    _map_port(options_of(ctx), port, domain, remote)
+    """Publish a local port: on this node if public, else through a relay (original --mp)."""
+    _map_port(options_of(ctx), port, domain, remote, udp=udp)
 
 
 @app.command("mappings")
@@ -125,7 +126,7 @@ def mappings_command(ctx: typer.Context) -> None:
         mapped = client.mappings()
     rows = [m.model_dump(by_alias=True) for m in mapped]
     lines = [
-        f"{m.local_port} -> {m.entire_address}"
+        f"{m.local_port}/{'udp' if m.udp else 'tcp'} -> {m.entire_address}"
         + (f"  {m.domain}" if m.domain else "")
         + (f"  via relay {m.relay[:12]}" if m.relay else "")
         for m in mapped
@@ -134,22 +135,29 @@ def mappings_command(ctx: typer.Context) -> None:
 
 
 @app.command("unmap")
-def unmap_command(ctx: typer.Context, port: int) -> None:
+def unmap_command(
+    ctx: typer.Context,
+    port: int,
+    udp: Annotated[bool, typer.Option("--udp", help="The UDP mapping of the port.")] = False,
+) -> None:
     """Stop publishing a port."""
     options = options_of(ctx)
     with Client(home=options.home) as client:
-        client.unmap_port(port)
+        client.unmap_port(port, udp=udp)
     emit(options, {"unmapped": port}, f"unmapped {port}")
 
 
-def _map_port(options: Options, port: int, domain: str | None, remote: str | None) -> None:
+def _map_port(
+    options: Options, port: int, domain: str | None, remote: str | None, *, udp: bool = False
+) -> None:
     from ._peers import resolve
 
     target = resolve(options, remote) if remote else None
     with Client(target, home=options.home) as client:
-        mapped = client.map_port(port, domain)
+        mapped = client.map_port(port, domain, udp=udp)
     data = mapped.model_dump(by_alias=True, include={"ip_address", "port_no", "entire_address"})
     data["domain"] = mapped.domain
+    data["udp"] = mapped.udp
     emit(options, data, mapped.entire_address)
 
 
@@ -263,6 +271,7 @@ def _root(
     mp: Annotated[int | None, typer.Option("--mp", "--MAPPort", help="Legacy: map-port.")] = None,
     dn: Annotated[str | None, typer.Option("--dn", "--DomainName", help="Legacy.")] = None,
     ra: Annotated[str | None, typer.Option("--ra", "--RemoteAddress", help="Legacy.")] = None,
+    udp: Annotated[bool, typer.Option("--udp", help="Legacy: with --mp, a UDP port.")] = False,
     mod: Annotated[
         str | None, typer.Option("--mod", "--ModuleName", help="Legacy: with --gen.")
     ] = None,
@@ -299,7 +308,7 @@ def _root(
         (pp is not None, lambda: pull_plugin(options, str(pp))),
         (rp is not None, lambda: remove_plugin(options, str(rp))),
         (plugin is not None, lambda: _legacy_plugin(options, str(plugin), container_id)),
-        (mp is not None, lambda: _map_port(options, int(mp or 0), dn, ra)),
+        (mp is not None, lambda: _map_port(options, int(mp or 0), dn, ra, udp=udp)),
         (gen is not None, lambda: _generate(options, str(gen), mod, Path("."))),
         (tc, lambda: list_containers(options)),
         (server, lambda: start(ctx)),

@@ -14,6 +14,10 @@ from .frames import FrameDecoder
 from .relay import challenge_message
 from .streams import FramedStream, close_quietly, splice
 from .tls import client_context, verify_peer
+from .udp import SESSION_IDLE, Datagrams, datagram_frame, parse
+
+# UDP sessions (remote addresses) one client keeps open at most.
+_MAX_SESSIONS = 1024
 
 __all__ = ["TunnelClient"]
 
@@ -37,6 +41,12 @@ class TunnelClient:
         self.exposed: dict[int, int] = {}
         self.routed: dict[str, int] = {}
         self._local_hosts: dict[int, str] = {}
+        self.udp_exposed: dict[int, int] = {}
+        self._udp_targets: dict[int, tuple[str, int]] = {}
+        # (public port, remote address) -> (socket towards the local port, last use)
+        self._sessions: dict[
+            tuple[int, tuple[str, int]], tuple[asyncio.DatagramTransport, list[float]]
+        ] = {}
         self._asking = asyncio.Lock()
         self.closed = asyncio.Event()
         self._last_heard = 0.0
@@ -63,16 +73,28 @@ class TunnelClient:
         self._tasks.spawn(self._heartbeat(self._control))
 
     async def expose(
-        self, local_port: int, public_port: int | None = None, local_host: str = "127.0.0.1"
+        self,
+        local_port: int,
+        public_port: int | None = None,
+        local_host: str = "127.0.0.1",
+        *,
+        udp: bool = False,
     ) -> int:
-        """Publish ``local_host:local_port``; returns the relay's public port."""
-        self._local_hosts[local_port] = local_host
+        """Publish ``local_host:local_port`` (TCP, or UDP); returns the relay's public port."""
         message: dict[str, Any] = {"type": "expose", "local_port": local_port}
         if public_port:
             message["public_port"] = public_port
+        if udp:
+            message["udp"] = True
         answer = await self._ask(message, "exposed")
-        self.exposed[local_port] = int(answer["public_port"])
-        return self.exposed[local_port]
+        public = int(answer["public_port"])
+        if udp:
+            self.udp_exposed[local_port] = public
+            self._udp_targets[public] = (local_host, local_port)
+        else:
+            self._local_hosts[local_port] = local_host
+            self.exposed[local_port] = public
+        return public
 
     async def route(self, domain: str, local_port: int) -> None:
         """Have the relay send ``domain``'s HTTP and TLS connections to ``local_port``."""
@@ -99,13 +121,20 @@ class TunnelClient:
             raise (error_class(code) if isinstance(code, str) else TunnelError)(text)
         return answer
 
-    async def unexpose(self, local_port: int) -> None:
+    async def unexpose(self, local_port: int, *, udp: bool = False) -> None:
         """Stop publishing ``local_port``."""
-        public = self.exposed.pop(local_port, None)
+        public = (self.udp_exposed if udp else self.exposed).pop(local_port, None)
+        if udp and public is not None:
+            self._udp_targets.pop(public, None)
+            for key in [key for key in self._sessions if key[0] == public]:
+                self._sessions.pop(key)[0].close()
         if public is not None and self._control is not None:
             await self._control.send({"type": "unexpose", "public_port": public})
 
     async def aclose(self) -> None:
+        for transport, _ in self._sessions.values():
+            transport.close()
+        self._sessions.clear()
         await self._tasks.cancel_all()
         if self._control is not None:
             await close_quietly(self._control.writer)
@@ -137,6 +166,7 @@ class TunnelClient:
         loop = asyncio.get_running_loop()
         while not self.closed.is_set():
             await asyncio.sleep(_HEARTBEAT)
+            self._expire_sessions()
             if loop.time() - self._last_heard > 3 * _HEARTBEAT:
                 log.info("relay %s:%d stopped answering", self._host, self._port)
                 await close_quietly(control.writer)
@@ -150,7 +180,9 @@ class TunnelClient:
             while True:
                 message = await control.receive()
                 self._last_heard = loop.time()
-                if message["type"] == "connect":
+                if message["type"] == "u":
+                    await self._datagram_in(control, message)
+                elif message["type"] == "connect":
                     self._tasks.spawn(
                         self._serve(str(message["token"]), int(message["local_port"]))
                     )
@@ -158,6 +190,41 @@ class TunnelClient:
                     await self._answers.put(message)
         log.info("relay control connection closed")
         self.closed.set()
+
+    async def _datagram_in(self, control: FramedStream, message: dict[str, Any]) -> None:
+        """A datagram from the relay: into the session of its remote address."""
+        parsed = parse(message)
+        if parsed is None or parsed[0] not in self._udp_targets:
+            return
+        public, address, data = parsed
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get((public, address))
+        if session is None:
+            if len(self._sessions) >= _MAX_SESSIONS:
+                return
+
+            def answer(reply: bytes, _source: tuple[str, int]) -> None:
+                control.try_send(datagram_frame(public, address, reply))
+                if (entry := self._sessions.get((public, address))) is not None:
+                    entry[1][0] = loop.time()
+
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: Datagrams(answer), remote_addr=self._udp_targets[public]
+                )
+            except OSError as exc:
+                log.info("cannot open a UDP session to local port: %s", exc)
+                return
+            session = self._sessions[(public, address)] = (transport, [loop.time()])
+        session[1][0] = loop.time()
+        session[0].sendto(data)
+
+    def _expire_sessions(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for key, (transport, used) in list(self._sessions.items()):
+            if now - used[0] > SESSION_IDLE:
+                transport.close()
+                del self._sessions[key]
 
     async def _serve(self, token: str, local_port: int) -> None:
         """One forwarded connection: a data connection to the relay <-> the local port."""

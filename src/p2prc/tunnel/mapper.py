@@ -93,26 +93,31 @@ class PortMapper:
 
     def mappings(self) -> list[MappedPort]:
         rows = self._db.execute(
-            "SELECT port, public_host, public_port, relay, domain FROM port_mappings ORDER BY port"
+            "SELECT port, public_host, public_port, relay, domain, udp FROM port_mappings"
+            " ORDER BY port, udp"
         )
-        return [_mapped(*row) for row in rows]
+        return [_mapped(*row[:5], udp=bool(row[5])) for row in rows]
 
-    async def map(self, port: int, domain: str | None = None) -> MappedPort:
-        """Publish ``port`` (and route ``domain`` to it); a clear error when nothing listens."""
+    async def map(self, port: int, domain: str | None = None, *, udp: bool = False) -> MappedPort:
+        """Publish TCP (or UDP) ``port``, and route ``domain`` to it; a clear error when
+        nothing listens on a TCP port (UDP cannot be checked)."""
         if domain is not None:
+            if udp:
+                raise InvalidRequest("domains route HTTP and TLS, which are TCP: map without --udp")
             domain = normalize_domain(domain)
-        if not await _listening(port):
+        if not udp and not await _listening(port):
             raise InvalidRequest(f"nothing listens on local port {port}")
         await self._nat_settled()
         async with self._lock:
-            before = self._mapping(port)
+            before = self._mapping(port, udp)
             if domain is None and before is not None:
                 domain = before.domain  # mapping again keeps the domain; unmap drops it
             if self.behind_nat:
                 client = await self._tunnel()
                 # Ask for the same public port again when it was on this relay.
                 wanted = before.port_no if before and before.relay == self._relay_id else None
-                public_port = client.exposed.get(port) or await client.expose(port, wanted)
+                exposed = client.udp_exposed if udp else client.exposed
+                public_port = exposed.get(port) or await client.expose(port, wanted, udp=udp)
                 if domain is not None and client.routed.get(domain) != port:
                     await client.route(domain, port)
                 host, relay = self._relay_host, self._relay_id
@@ -124,10 +129,10 @@ class PortMapper:
                 await self._unroute(before.domain)
             self._db.execute(
                 "INSERT OR REPLACE INTO port_mappings"
-                " (port, public_host, public_port, relay, domain) VALUES (?, ?, ?, ?, ?)",
-                (port, host, public_port, relay, domain),
+                " (port, udp, public_host, public_port, relay, domain) VALUES (?, ?, ?, ?, ?, ?)",
+                (port, int(udp), host, public_port, relay, domain),
             )
-        return _mapped(port, host, public_port, relay, domain)
+        return _mapped(port, host, public_port, relay, domain, udp=udp)
 
     async def publish(self, host: str, port: int) -> tuple[str, int] | None:
         """Publish a port the node itself serves (a container's SSH or extra port) through
@@ -160,18 +165,18 @@ class PortMapper:
             with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
                 await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
 
-    async def unmap(self, port: int) -> None:
-        mapping = self._mapping(port)
+    async def unmap(self, port: int, *, udp: bool = False) -> None:
+        mapping = self._mapping(port, udp)
         if mapping is None:
-            raise NotFound(f"port {port} is not mapped")
+            raise NotFound(f"{'UDP' if udp else 'TCP'} port {port} is not mapped")
         if self._client is not None:
-            await self._client.unexpose(port)
+            await self._client.unexpose(port, udp=udp)
         if mapping.domain:
             await self._unroute(mapping.domain)
-        self._db.execute("DELETE FROM port_mappings WHERE port = ?", (port,))
+        self._db.execute("DELETE FROM port_mappings WHERE port = ? AND udp = ?", (port, int(udp)))
 
-    def _mapping(self, port: int) -> MappedPort | None:
-        return next((m for m in self.mappings() if m.local_port == port), None)
+    def _mapping(self, port: int, udp: bool = False) -> MappedPort | None:
+        return next((m for m in self.mappings() if (m.local_port, m.udp) == (port, udp)), None)
 
     def _route_here(self, domain: str, port: int) -> None:
         relay = self._own_relay
@@ -257,7 +262,7 @@ class PortMapper:
                         await self._tunnel()
                 pending = [m for m in self.mappings() if m.relay or m.domain or self.behind_nat]
                 for mapping in pending:
-                    await self.map(mapping.local_port, mapping.domain)
+                    await self.map(mapping.local_port, mapping.domain, udp=mapping.udp)
                 return
             except P2PRCError as exc:
                 log.info("publishing through a relay: %s; again in %.0f s", exc, delay)
@@ -276,7 +281,9 @@ async def _listening(port: int) -> bool:
     return True
 
 
-def _mapped(port: int, host: str, public_port: int, relay: str, domain: str | None) -> MappedPort:
+def _mapped(
+    port: int, host: str, public_port: int, relay: str, domain: str | None, *, udp: bool = False
+) -> MappedPort:
     address = f"[{host}]" if ":" in host else host
     return MappedPort(
         IPAddress=host,
@@ -285,4 +292,5 @@ def _mapped(port: int, host: str, public_port: int, relay: str, domain: str | No
         local_port=port,
         relay=relay,
         domain=domain,
+        udp=udp,
     )

@@ -35,6 +35,7 @@ from .frames import FrameDecoder
 from .sni import MAX_HELLO, NeedMore, server_name
 from .streams import FramedStream, close_quietly, pipe, splice
 from .tls import server_context
+from .udp import Datagrams, RecentPeers, datagram_frame, parse
 
 __all__ = ["RelayLimits", "RelayServer", "challenge_message"]
 
@@ -64,7 +65,12 @@ class _Tunnel:
     node_id: str
     control: FramedStream
     servers: dict[int, asyncio.Server] = field(default_factory=dict)
+    udp: dict[int, tuple[asyncio.DatagramTransport, RecentPeers]] = field(default_factory=dict)
     active: int = 0
+
+    @property
+    def ports(self) -> int:
+        return len(self.servers) + len(self.udp)
 
 
 @dataclass(slots=True)
@@ -204,10 +210,16 @@ class RelayServer:
                 message = await tunnel.control.receive()
                 if message["type"] == "expose":
                     await self._expose(tunnel, message)
+                elif message["type"] == "u":
+                    self._datagram_out(tunnel, message)
                 elif message["type"] == "unexpose":
-                    server = tunnel.servers.pop(int(message.get("public_port", 0)), None)
+                    public = message.get("public_port")
+                    server = tunnel.servers.pop(public, None) if isinstance(public, int) else None
                     if server is not None:
                         server.close()
+                    udp = tunnel.udp.pop(public, None) if isinstance(public, int) else None
+                    if udp is not None:
+                        udp[0].close()
                 elif message["type"] == "route":
                     await self._route_request(tunnel, message)
                 elif message["type"] == "unroute":
@@ -338,8 +350,11 @@ class RelayServer:
         if not isinstance(local, int) or not 1 <= local <= 65535:
             await tunnel.control.send({"type": "error", "message": "local_port must be 1-65535"})
             return
-        if len(tunnel.servers) >= self.limits.ports_per_client:
+        if tunnel.ports >= self.limits.ports_per_client:
             await tunnel.control.send({"type": "error", "message": "port quota exceeded"})
+            return
+        if message.get("udp") is True:
+            await self._expose_udp(tunnel, local, message)
             return
 
         async def public(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -357,6 +372,40 @@ class RelayServer:
         await tunnel.control.send(
             {"type": "exposed", "local_port": local, "public_port": public_port}
         )
+
+    async def _expose_udp(self, tunnel: _Tunnel, local: int, message: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        peers = RecentPeers()
+        public = 0
+
+        def inbound(data: bytes, address: tuple[str, int]) -> None:
+            peers.saw(address, loop.time())
+            tunnel.control.try_send(datagram_frame(public, address, data))  # else dropped
+
+        for port in self._public_ports(message.get("public_port")):
+            with contextlib.suppress(OSError):
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: Datagrams(inbound), local_addr=(self._public_host, port)
+                )
+                break
+        else:
+            await tunnel.control.send({"type": "error", "message": "no free public port"})
+            return
+        public = transport.get_extra_info("sockname")[1]
+        tunnel.udp[public] = (transport, peers)
+        await tunnel.control.send(
+            {"type": "exposed", "local_port": local, "public_port": public, "udp": True}
+        )
+
+    def _datagram_out(self, tunnel: _Tunnel, message: dict[str, Any]) -> None:
+        """An answer from the tunnel: only to an address that wrote to that port lately."""
+        parsed = parse(message)
+        if parsed is None:
+            return
+        public, address, data = parsed
+        entry = tunnel.udp.get(public)
+        if entry is not None and entry[1].allows(address, asyncio.get_running_loop().time()):
+            entry[0].sendto(data, address)
 
     def _public_ports(self, wanted: object) -> list[int]:
         """Ports to try: the one asked for (a reconnect keeps its port), then the range."""
@@ -413,6 +462,9 @@ class RelayServer:
         for server in tunnel.servers.values():
             server.close()
         tunnel.servers.clear()
+        for transport, _ in tunnel.udp.values():
+            transport.close()
+        tunnel.udp.clear()
         await close_quietly(tunnel.control.writer)
 
 

@@ -41,6 +41,14 @@ class FramedStream:
             self.writer.write(encode(message))
             await self.writer.drain()
 
+    def try_send(self, message: dict[str, Any], limit: int = 1 << 20) -> bool:
+        """Write one frame now unless ``limit`` bytes already wait (datagrams: dropped then)."""
+        transport = self.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > limit:
+            return False
+        self.writer.write(encode(message))
+        return True
+
     async def receive(self) -> dict[str, Any]:
         """The next message; ``IncompleteReadError`` when the connection ended."""
         while not self._queue:
