@@ -92,6 +92,13 @@ export interface MappedPort {
   local_port: number;
   relay: string;
   domain: string | null;
+  udp: boolean;
+}
+
+/** Options of `mapPort`: route a domain to the port (HTTP Host, TLS SNI), or map UDP. */
+export interface MapPortOptions {
+  domain?: string;
+  udp?: boolean;
 }
 
 /** An error answered by a node: the same `code` the Python client maps to its classes. */
@@ -190,9 +197,22 @@ export class P2PRCClient {
     return this.request<PeerView>("POST", "/meta", custom ? { text, custom } : { text });
   }
 
-  /** Publish one of the node's local TCP ports (through a relay when it is behind NAT). */
-  mapPort(port: number): Promise<MappedPort> {
-    return this.request<MappedPort>("POST", "/map-port", { port });
+  /** Publish one of the node's local ports (through a relay when it is behind NAT). */
+  mapPort(port: number, options: MapPortOptions = {}): Promise<MappedPort> {
+    const body: Record<string, unknown> = { port };
+    if (options.domain !== undefined) body.domain = options.domain;
+    if (options.udp) body.udp = true;
+    return this.request<MappedPort>("POST", "/map-port", body);
+  }
+
+  /** The node's published ports (owner only). */
+  mappings(): Promise<MappedPort[]> {
+    return this.request<MappedPort[]>("GET", "/map-port", undefined, true);
+  }
+
+  /** Stop publishing a port (owner only). */
+  unmapPort(port: number, udp = false): Promise<{ unmapped: number }> {
+    return this.request("DELETE", `/map-port/${port}${udp ? "?udp=true" : ""}`);
   }
 
   containers(): Promise<ContainerView[]> {

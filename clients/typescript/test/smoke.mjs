@@ -24,6 +24,14 @@ const apiPort = Number(new URL(api).port);
 const mapped = await owner.mapPort(apiPort);
 assert.equal(mapped.PortNo, apiPort);
 assert.equal(mapped.EntireAddress, `${mapped.IPAddress}:${apiPort}`);
+assert.equal(mapped.udp, false);
+const udp = await owner.mapPort(apiPort, { udp: true });
+assert.equal(udp.udp, true);
+assert.equal((await owner.mappings()).length, 2);
+await owner.unmapPort(apiPort, true);
+await owner.unmapPort(apiPort);
+assert.deepEqual(await owner.mappings(), []);
+await assert.rejects(owner.mapPort(apiPort, { domain: "not a domain" }), (error) => error.code === "invalid_request");
 
 await assert.rejects(stranger.whoami(), (error) => error instanceof P2PRCError && error.code === "not_trusted");
 await assert.rejects(anonymous.setMetadata("nope"), (error) => error.code === "unauthenticated");
