@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +27,15 @@ async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
+@pytest.fixture
+async def web_port() -> AsyncIterator[int]:
+    """A local HTTP server that answers every request with BODY."""
+    server = await asyncio.start_server(_http, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
 @contextlib.asynccontextmanager
 async def _node(path: Path, name: str, **config: object) -> AsyncIterator[Node]:
     home = Home(path / name)
@@ -36,6 +46,15 @@ async def _node(path: Path, name: str, **config: object) -> AsyncIterator[Node]:
         yield node
 
 
+def _relay_config(**relay: Any) -> dict[str, Any]:
+    """A public node that relays for anyone, on loopback."""
+    return {
+        "trust": TrustConfig(mode="open"),
+        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1", **relay),
+        "behind_nat": False,
+    }
+
+
 async def _wait_for_relay(client: AsyncClient) -> None:
     for _ in range(100):
         if any(p.relay_port and p.state == "alive" for p in await client.peers() if not p.me):
@@ -44,103 +63,78 @@ async def _wait_for_relay(client: AsyncClient) -> None:
     raise AssertionError("the relay never appeared in the peer table")
 
 
-async def test_map_port_through_a_relay(tmp_path: Path) -> None:
-    server = await asyncio.start_server(_http, "127.0.0.1", 0)
-    local_port = server.sockets[0].getsockname()[1]
-    relay_config = {
-        "trust": TrustConfig(mode="open"),
-        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
-        "behind_nat": False,
-    }
-    try:
-        async with _node(tmp_path, "relay", **relay_config) as relay:
-            natted = {"behind_nat": True, "bootstrap": [relay.api_url.removeprefix("http://")]}
-            async with (
-                _node(tmp_path, "home", **natted) as home,
-                AsyncClient(home=tmp_path / "home") as client,
-            ):
-                await _wait_for_relay(client)
-                mapped = await client.map_port(local_port)
-                assert mapped.relay == relay.identity.node_id
-                assert (await client.map_port(local_port)).port_no == mapped.port_no
-                assert mapped.entire_address == f"127.0.0.1:{mapped.port_no}"
-                async with httpx.AsyncClient() as http:
-                    answer = await http.get(f"http://{mapped.entire_address}/")
-                assert answer.content == BODY
-                assert [m.local_port for m in await client.mappings()] == [local_port]
-                with pytest.raises(InvalidRequest, match="nothing listens"):
-                    await client.map_port(1)
-                with pytest.raises(InvalidRequest, match="domain"):
-                    await client.map_port(local_port, "app.example.com")
-                await client.unmap_port(local_port)
-                with pytest.raises(NotFound):
-                    await client.unmap_port(local_port)
-                async with httpx.AsyncClient() as http:
-                    with pytest.raises(httpx.HTTPError):
-                        await http.get(f"http://{mapped.entire_address}/", timeout=2)
-                assert home.relay is None
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def test_public_node_maps_on_itself(tmp_path: Path) -> None:
-    server = await asyncio.start_server(_http, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+async def test_map_port_through_a_relay(tmp_path: Path, web_port: int) -> None:
+    local_port = web_port
+    relay_config = _relay_config()
+    async with _node(tmp_path, "relay", **relay_config) as relay:
+        natted = {"behind_nat": True, "bootstrap": [relay.api_url.removeprefix("http://")]}
         async with (
-            _node(
-                tmp_path, "public", behind_nat=False, gossip=GossipConfig(advertise=["127.0.0.1"])
-            ) as _n,
-            AsyncClient(home=tmp_path / "public") as client,
+            _node(tmp_path, "home", **natted) as home,
+            AsyncClient(home=tmp_path / "home") as client,
         ):
-            mapped = await client.map_port(port)
-            assert (mapped.ip_address, mapped.port_no, mapped.relay) == ("127.0.0.1", port, "")
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def test_mapping_moves_when_its_relay_dies(tmp_path: Path) -> None:
-    server = await asyncio.start_server(_http, "127.0.0.1", 0)
-    local_port = server.sockets[0].getsockname()[1]
-    relay_config = {
-        "trust": TrustConfig(mode="open"),
-        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
-        "behind_nat": False,
-    }
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            first = await stack.enter_async_context(_node(tmp_path, "r1", **relay_config))
-            boot = first.api_url.removeprefix("http://")
-            second = await stack.enter_async_context(
-                _node(tmp_path, "r2", bootstrap=[boot], **relay_config)
-            )
-            relays = {first.identity.node_id: first, second.identity.node_id: second}
-            await stack.enter_async_context(
-                _node(tmp_path, "home", behind_nat=True, bootstrap=[boot])
-            )
-            client = await stack.enter_async_context(AsyncClient(home=tmp_path / "home"))
-            for _ in range(100):
-                offering = [p for p in await client.peers() if p.relay_port and p.state == "alive"]
-                if len(offering) == 2:
-                    break
-                await asyncio.sleep(0.1)
+            await _wait_for_relay(client)
             mapped = await client.map_port(local_port)
-            await relays[mapped.relay].aclose()  # the relay node goes away
-            moved = mapped
-            for _ in range(400):  # generous: failover waits for the lost relay to be noticed
-                moved = (await client.mappings())[0]
-                if moved.relay and moved.relay != mapped.relay:
-                    break
-                await asyncio.sleep(0.1)
-            assert moved.relay not in ("", mapped.relay)
+            assert mapped.relay == relay.identity.node_id
+            assert (await client.map_port(local_port)).port_no == mapped.port_no
+            assert mapped.entire_address == f"127.0.0.1:{mapped.port_no}"
             async with httpx.AsyncClient() as http:
-                answer = await http.get(f"http://{moved.entire_address}/")
+                answer = await http.get(f"http://{mapped.entire_address}/")
             assert answer.content == BODY
-    finally:
-        server.close()
-        await server.wait_closed()
+            assert [m.local_port for m in await client.mappings()] == [local_port]
+            with pytest.raises(InvalidRequest, match="nothing listens"):
+                await client.map_port(1)
+            with pytest.raises(InvalidRequest, match="domain"):
+                await client.map_port(local_port, "app.example.com")
+            await client.unmap_port(local_port)
+            with pytest.raises(NotFound):
+                await client.unmap_port(local_port)
+            async with httpx.AsyncClient() as http:
+                with pytest.raises(httpx.HTTPError):
+                    await http.get(f"http://{mapped.entire_address}/", timeout=2)
+            assert home.relay is None
+
+
+async def test_public_node_maps_on_itself(tmp_path: Path, web_port: int) -> None:
+    port = web_port
+    async with (
+        _node(
+            tmp_path, "public", behind_nat=False, gossip=GossipConfig(advertise=["127.0.0.1"])
+        ) as _n,
+        AsyncClient(home=tmp_path / "public") as client,
+    ):
+        mapped = await client.map_port(port)
+        assert (mapped.ip_address, mapped.port_no, mapped.relay) == ("127.0.0.1", port, "")
+
+
+async def test_mapping_moves_when_its_relay_dies(tmp_path: Path, web_port: int) -> None:
+    local_port = web_port
+    relay_config = _relay_config()
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(_node(tmp_path, "r1", **relay_config))
+        boot = first.api_url.removeprefix("http://")
+        second = await stack.enter_async_context(
+            _node(tmp_path, "r2", bootstrap=[boot], **relay_config)
+        )
+        relays = {first.identity.node_id: first, second.identity.node_id: second}
+        await stack.enter_async_context(_node(tmp_path, "home", behind_nat=True, bootstrap=[boot]))
+        client = await stack.enter_async_context(AsyncClient(home=tmp_path / "home"))
+        for _ in range(100):
+            offering = [p for p in await client.peers() if p.relay_port and p.state == "alive"]
+            if len(offering) == 2:
+                break
+            await asyncio.sleep(0.1)
+        mapped = await client.map_port(local_port)
+        await relays[mapped.relay].aclose()  # the relay node goes away
+        moved = mapped
+        for _ in range(400):  # generous: failover waits for the lost relay to be noticed
+            moved = (await client.mappings())[0]
+            if moved.relay and moved.relay != mapped.relay:
+                break
+            await asyncio.sleep(0.1)
+        assert moved.relay not in ("", mapped.relay)
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"http://{moved.entire_address}/")
+        assert answer.content == BODY
 
 
 def _free_port() -> int:
@@ -149,99 +143,83 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_domains_and_the_nat_nodes_api_through_its_relay(tmp_path: Path) -> None:
-    server = await asyncio.start_server(_http, "127.0.0.1", 0)
-    local_port = server.sockets[0].getsockname()[1]
+async def test_domains_and_the_nat_nodes_api_through_its_relay(
+    tmp_path: Path, web_port: int
+) -> None:
+    local_port = web_port
     http_port = _free_port()
-    relay_config = {
-        "trust": TrustConfig(mode="open"),
-        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1", http_port=http_port),
-        "behind_nat": False,
-    }
-    try:
-        async with _node(tmp_path, "relay", **relay_config) as relay:
-            boot = [relay.api_url.removeprefix("http://")]
-            async with (
-                _node(tmp_path, "home", behind_nat=True, bootstrap=boot) as home,
-                _node(tmp_path, "other", behind_nat=True, bootstrap=boot) as other,
-                AsyncClient(home=tmp_path / "home") as client,
-                AsyncClient(home=tmp_path / "relay") as relay_client,
-            ):
-                await _wait_for_relay(client)
-                mapped = await client.map_port(local_port, "App.Example.org")
-                assert mapped.domain == "app.example.org"
-                async with httpx.AsyncClient() as http:
-                    answer = await http.get(
-                        f"http://127.0.0.1:{http_port}/", headers={"Host": "app.example.org"}
-                    )
-                    assert answer.content == BODY
-                # Another node may not take the domain while home holds it.
-                async with AsyncClient(home=tmp_path / "other") as other_client:
-                    await _wait_for_relay(other_client)
-                    with pytest.raises(DomainTaken):
-                        await other_client.map_port(local_port, "app.example.org")
-                # The NAT'd node's API is published through the relay and named in its record.
-                view = None
-                for _ in range(100):
-                    views = await relay_client.peers()
-                    view = next(v for v in views if v.node_id == home.identity.node_id)
-                    if view.public_api:
-                        break
-                    await asyncio.sleep(0.1)
-                assert view is not None
-                assert view.relay == relay.identity.node_id
-                assert view.api.startswith("http://127.0.0.1:")
-                assert view.api != home.api_url
-                async with AsyncClient(view.api, home=tmp_path / "relay") as through:
-                    status = await through.status()
-                assert status.node_id == home.identity.node_id
-                # Unmapping frees the domain for the other node.
-                await client.unmap_port(local_port)
-                async with AsyncClient(home=tmp_path / "other") as other_client:
-                    taken = await other_client.map_port(local_port, "app.example.org")
-                    assert taken.domain == "app.example.org"
-                assert other.relay is None
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def test_a_public_node_routes_a_domain_itself(tmp_path: Path) -> None:
-    server = await asyncio.start_server(_http, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    http_port = _free_port()
-    try:
+    relay_config = _relay_config(http_port=http_port)
+    async with _node(tmp_path, "relay", **relay_config) as relay:
+        boot = [relay.api_url.removeprefix("http://")]
         async with (
-            _node(tmp_path, "plain", behind_nat=False) as _p,
-            AsyncClient(home=tmp_path / "plain") as plain,
+            _node(tmp_path, "home", behind_nat=True, bootstrap=boot) as home,
+            _node(tmp_path, "other", behind_nat=True, bootstrap=boot) as other,
+            AsyncClient(home=tmp_path / "home") as client,
+            AsyncClient(home=tmp_path / "relay") as relay_client,
         ):
-            with pytest.raises(InvalidRequest, match=r"relay\.http_port"):
-                await plain.map_port(port, "web.example.org")
-            with pytest.raises(InvalidRequest, match="not a domain"):
-                await plain.map_port(port, "web example")
-        relay = RelayConfig(enabled=True, port=0, public_host="127.0.0.1", http_port=http_port)
-        async with (
-            _node(tmp_path, "public", behind_nat=False, relay=relay) as _n,
-            AsyncClient(home=tmp_path / "public") as client,
-        ):
-            mapped = await client.map_port(port, "web.example.org")
-            assert (mapped.relay, mapped.domain) == ("", "web.example.org")
+            await _wait_for_relay(client)
+            mapped = await client.map_port(local_port, "App.Example.org")
+            assert mapped.domain == "app.example.org"
             async with httpx.AsyncClient() as http:
                 answer = await http.get(
-                    f"http://127.0.0.1:{http_port}/x", headers={"Host": "web.example.org"}
+                    f"http://127.0.0.1:{http_port}/", headers={"Host": "app.example.org"}
                 )
-            assert answer.content == BODY
-    finally:
-        server.close()
-        await server.wait_closed()
+                assert answer.content == BODY
+            # Another node may not take the domain while home holds it.
+            async with AsyncClient(home=tmp_path / "other") as other_client:
+                await _wait_for_relay(other_client)
+                with pytest.raises(DomainTaken):
+                    await other_client.map_port(local_port, "app.example.org")
+            # The NAT'd node's API is published through the relay and named in its record.
+            view = None
+            for _ in range(100):
+                views = await relay_client.peers()
+                view = next(v for v in views if v.node_id == home.identity.node_id)
+                if view.public_api:
+                    break
+                await asyncio.sleep(0.1)
+            assert view is not None
+            assert view.relay == relay.identity.node_id
+            assert view.api.startswith("http://127.0.0.1:")
+            assert view.api != home.api_url
+            async with AsyncClient(view.api, home=tmp_path / "relay") as through:
+                status = await through.status()
+            assert status.node_id == home.identity.node_id
+            # Unmapping frees the domain for the other node.
+            await client.unmap_port(local_port)
+            async with AsyncClient(home=tmp_path / "other") as other_client:
+                taken = await other_client.map_port(local_port, "app.example.org")
+                assert taken.domain == "app.example.org"
+            assert other.relay is None
+
+
+async def test_a_public_node_routes_a_domain_itself(tmp_path: Path, web_port: int) -> None:
+    port = web_port
+    http_port = _free_port()
+    async with (
+        _node(tmp_path, "plain", behind_nat=False) as _p,
+        AsyncClient(home=tmp_path / "plain") as plain,
+    ):
+        with pytest.raises(InvalidRequest, match=r"relay\.http_port"):
+            await plain.map_port(port, "web.example.org")
+        with pytest.raises(InvalidRequest, match="not a domain"):
+            await plain.map_port(port, "web example")
+    relay = RelayConfig(enabled=True, port=0, public_host="127.0.0.1", http_port=http_port)
+    async with (
+        _node(tmp_path, "public", behind_nat=False, relay=relay) as _n,
+        AsyncClient(home=tmp_path / "public") as client,
+    ):
+        mapped = await client.map_port(port, "web.example.org")
+        assert (mapped.relay, mapped.domain) == ("", "web.example.org")
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(
+                f"http://127.0.0.1:{http_port}/x", headers={"Host": "web.example.org"}
+            )
+        assert answer.content == BODY
 
 
 async def test_containers_on_a_nat_node_are_reached_through_its_relay(tmp_path: Path) -> None:
-    relay_config = {
-        "trust": TrustConfig(mode="open"),
-        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
-        "behind_nat": False,
-    }
+    relay_config = _relay_config()
     async with _node(tmp_path, "relay", **relay_config) as relay:
         home_dir = Home(tmp_path / "home")
         settings, identity = init_home(
@@ -293,11 +271,7 @@ async def test_udp_port_through_a_relay(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     echo, _ = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
     port = echo.get_extra_info("sockname")[1]
-    relay_config = {
-        "trust": TrustConfig(mode="open"),
-        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
-        "behind_nat": False,
-    }
+    relay_config = _relay_config()
     try:
         async with _node(tmp_path, "relay", **relay_config) as relay:
             natted = {"behind_nat": True, "bootstrap": [relay.api_url.removeprefix("http://")]}
