@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from p2prc.identity import Identity
+from p2prc.peers.records import PeerRecord
 
 BENCH = Path(__file__).parent
 RESULTS = BENCH / "results"
@@ -79,3 +83,28 @@ def print_table(rows: list[tuple[str, object, object]], header: tuple[str, str, 
     print(f"{header[0]:40} {header[1]:>14} {header[2]:>14}")
     for name, ours, base in rows:
         print(f"{name:40} {ours!s:>14} {base!s:>14}")
+
+
+# Gossip benchmarks: SWIM period and fanout, and the push-gossip model they are held to.
+GOSSIP_PERIOD, GOSSIP_FANOUT = 0.2, 3
+
+
+def gossip_model_seconds(n: int) -> float:
+    """Push gossip: log_(fanout+1)(n) rounds to reach everyone, plus ln(n)/fanout."""
+    return GOSSIP_PERIOD * (math.log(n) / math.log(GOSSIP_FANOUT + 1) + math.log(n) / GOSSIP_FANOUT)
+
+
+def sim_record(
+    identity: Identity, name: str, port: int, version: int, metadata: str = ""
+) -> PeerRecord:
+    """A signed record of a simulated node on loopback."""
+    return PeerRecord(
+        node_id=identity.node_id,
+        public_key=identity.public_key,
+        name=name,
+        version=version,
+        addresses=("127.0.0.1",),
+        api_port=1,
+        gossip_port=port,
+        metadata=metadata,
+    ).signed(identity)

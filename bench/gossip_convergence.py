@@ -22,18 +22,15 @@ import random
 import time
 from collections.abc import Callable
 
-from _common import write_result
+from _common import GOSSIP_FANOUT, GOSSIP_PERIOD, gossip_model_seconds, sim_record, write_result
 
 from p2prc.identity import Identity
 from p2prc.peers.records import PeerRecord
 from p2prc.peers.swim import Outgoing, Swim, SwimSettings
 from p2prc.peers.table import MemberState, PeerTable
 
-PERIOD, FANOUT = 0.2, 3
-
-
-def model_seconds(n: int) -> float:
-    return PERIOD * (math.log(n) / math.log(FANOUT + 1) + math.log(n) / FANOUT)
+PERIOD, FANOUT = GOSSIP_PERIOD, GOSSIP_FANOUT
+model_seconds = gossip_model_seconds
 
 
 class Cluster:
@@ -57,17 +54,7 @@ class Cluster:
         self.down: set[int] = {n}
 
     def _record(self, i: int, version: int, metadata: str = "") -> PeerRecord:
-        identity = self.identities[i]
-        return PeerRecord(
-            node_id=identity.node_id,
-            public_key=identity.public_key,
-            name=f"sim{i}",
-            version=version,
-            addresses=("127.0.0.1",),
-            api_port=1,
-            gossip_port=self.ports[i],
-            metadata=metadata,
-        ).signed(identity)
+        return sim_record(self.identities[i], f"sim{i}", self.ports[i], version, metadata)
 
     def index_of(self, port: int) -> int:
         return port - self.ports[0]

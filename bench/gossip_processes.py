@@ -18,31 +18,19 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from _common import write_result
+from _common import GOSSIP_FANOUT, GOSSIP_PERIOD, gossip_model_seconds, sim_record, write_result
 
 from p2prc.identity import Identity
 from p2prc.peers.records import PeerRecord
 from p2prc.peers.swim import Swim, SwimSettings
 from p2prc.peers.table import Member, MemberState, PeerTable
 
-PERIOD, FANOUT = 0.2, 3
-
-
-def model_seconds(n: int) -> float:
-    return PERIOD * (math.log(n) / math.log(FANOUT + 1) + math.log(n) / FANOUT)
+PERIOD, FANOUT = GOSSIP_PERIOD, GOSSIP_FANOUT
+model_seconds = gossip_model_seconds
 
 
 def _record(identity: Identity, port: int, version: int, metadata: str = "") -> PeerRecord:
-    return PeerRecord(
-        node_id=identity.node_id,
-        public_key=identity.public_key,
-        name=f"sim-{port}",
-        version=version,
-        addresses=("127.0.0.1",),
-        api_port=1,
-        gossip_port=port,
-        metadata=metadata,
-    ).signed(identity)
+    return sim_record(identity, f"sim-{port}", port, version, metadata)
 
 
 class _Udp(asyncio.DatagramProtocol):

@@ -12,8 +12,9 @@ from rich.table import Table
 
 from ..client import Client
 from ..config import Home
-from ..errors import ContainerNotFound, InvalidRequest
-from ..models import ContainerView, CreateContainer, TrackedContainer
+from ..containers.store import pick_tracked
+from ..errors import InvalidRequest
+from ..models import ContainerView, CreateContainer
 from ._common import Options, emit, err, options_of
 
 __all__ = [
@@ -143,7 +144,7 @@ def ssh_command(
     """Log in to a container with this node's key; words after -- run as a command."""
     options = options_of(ctx)
     with Client(home=options.home) as client:
-        item = _find(client.tracked(), container_id)
+        item = pick_tracked(client.tracked(), container_id)
     argv = ssh_argv(options.home, item.container, list(ctx.args))
     if shutil.which("ssh") is None:
         raise InvalidRequest("no 'ssh' command on this machine; install openssh-client")
@@ -170,19 +171,6 @@ def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
         f"{view.ssh.user}@{view.ssh.host}",
         *command,
     ]
-
-
-def _find(tracked: list[TrackedContainer], prefix: str) -> TrackedContainer:
-    matches = [
-        item
-        for item in tracked
-        if item.container.id.startswith(prefix) or item.container.name == prefix
-    ]
-    if not matches:
-        raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
-    if len(matches) > 1:
-        raise InvalidRequest(f"{prefix!r} matches {len(matches)} containers; give more of the id")
-    return matches[0]
 
 
 def images(options: Options, peer: str) -> None:

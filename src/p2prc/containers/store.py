@@ -7,7 +7,7 @@ import sqlite3
 from ..errors import ContainerNotFound, InvalidRequest
 from ..models import ContainerView, TrackedContainer
 
-__all__ = ["ContainerStore"]
+__all__ = ["ContainerStore", "pick_tracked"]
 
 
 class ContainerStore:
@@ -85,16 +85,23 @@ class ContainerStore:
 
     def one_tracked(self, prefix: str) -> TrackedContainer:
         """The one tracked container with this id prefix or name."""
-        matches = self.find_tracked(prefix)
-        if not matches:
-            raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
-        if len(matches) > 1:
-            raise InvalidRequest(
-                f"{prefix!r} matches {len(matches)} containers; give more of the id"
-            )
-        return matches[0]
+        return pick_tracked(self.find_tracked(prefix), prefix)
 
     def remove_tracked(self, peer: str, container_id: str) -> None:
         self._db.execute(
             "DELETE FROM tracked_containers WHERE peer = ? AND id = ?", (peer, container_id)
         )
+
+
+def pick_tracked(tracked: list[TrackedContainer], prefix: str) -> TrackedContainer:
+    """The one container among ``tracked`` with this id prefix or name; clear errors else."""
+    matches = [
+        item
+        for item in tracked
+        if item.container.id.startswith(prefix) or item.container.name == prefix
+    ]
+    if not matches:
+        raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
+    if len(matches) > 1:
+        raise InvalidRequest(f"{prefix!r} matches {len(matches)} containers; give more of the id")
+    return matches[0]
