@@ -1,6 +1,7 @@
 """The relay and tunnel client on loopback: byte-exact, half-close, isolation, faults."""
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -178,3 +179,68 @@ async def test_the_relay_is_no_udp_reflector(relay: RelayServer) -> None:
     finally:
         server.close()
         victim.close()
+
+
+async def test_a_connection_flood_is_capped_and_others_keep_working(
+    tmp_path: Path, echo_port: int
+) -> None:
+    """One client's public port gets 400 connections that never finish; the relay caps
+    them (closing the excess cleanly) and another client's port still echoes."""
+    limits = RelayLimits(connections_per_client=32, pending_connections=16)
+    server = RelayServer(RELAY, tmp_path, host="127.0.0.1", public_host="127.0.0.1", limits=limits)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accept and never answer
+
+    sink = await asyncio.start_server(hold, "127.0.0.1", 0)
+    other = Identity.generate()
+    async with (
+        server,
+        TunnelClient(CLIENT, "127.0.0.1", server.port, RELAY.node_id) as flooded,
+        TunnelClient(other, "127.0.0.1", server.port, RELAY.node_id) as fine,
+    ):
+        public = await flooded.expose(sink.sockets[0].getsockname()[1])
+        opened = []
+        for _ in range(400):
+            reader, writer = await asyncio.open_connection("127.0.0.1", public)
+            opened.append((reader, writer))
+        closed = 0
+        for reader, _writer in opened:
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                if await asyncio.wait_for(reader.read(), 0.05) == b"":
+                    closed += 1
+        assert closed >= 400 - 32 - 16  # the excess was closed, not left hanging
+        assert len(held) <= 32 + 16  # active, plus those pending when the cap was reached
+        good = await fine.expose(echo_port)
+        assert await _round_trip(good, b"still fine") == b"still fine"
+        for _, writer in opened:
+            writer.close()
+    sink.close()
+
+
+async def test_a_relay_that_vanishes_mid_transfer(tmp_path: Path) -> None:
+    """The transfer ends (no hang), the tunnel client notices, nothing crashes."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunk = os.urandom(64 * 1024)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100_000):  # bounded: about 6 GiB, far more than the test reads
+                writer.write(chunk)
+                await writer.drain()
+
+    source = await asyncio.start_server(endless, "127.0.0.1", 0)
+    relay = RelayServer(RELAY, tmp_path, host="127.0.0.1", public_host="127.0.0.1")
+    await relay.start()
+    async with TunnelClient(CLIENT, "127.0.0.1", relay.port, RELAY.node_id) as client:
+        public = await client.expose(source.sockets[0].getsockname()[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", public)
+        received = len(await reader.readexactly(1024 * 1024))
+        await relay.aclose()  # the relay goes away mid-transfer
+        with contextlib.suppress(ConnectionError):
+            while data := await asyncio.wait_for(reader.read(1 << 20), 10):
+                received += len(data)
+        assert received >= 1024 * 1024
+        await asyncio.wait_for(client.closed.wait(), 15)
+        writer.close()
+    source.close()

@@ -125,6 +125,32 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert direct.returncode != 0  # the home host itself is unreachable from outside
+        # Half-close across the NAT: a server on home1 answers only after the client's EOF.
+        after_eof = (
+            "import socket;s=socket.socket();"
+            "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+            "s.bind(('127.0.0.1',8100));s.listen()\n"
+            "for _ in range(5):\n"
+            " c,_a=s.accept();d=b''\n"
+            " while (x:=c.recv(65536)): d+=x\n"
+            " c.sendall(b'got %d' % len(d));c.close()"
+        )
+        processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", "p2t-home1", sys.executable, "-c", after_eof],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+        half = json.loads(_cli("home1", nat_home, "--json", "map-port", "8100").stdout)
+        talk = (
+            "import socket,sys;c=socket.create_connection((sys.argv[1],int(sys.argv[2])),10);"
+            "c.sendall(b'x'*3000000);c.shutdown(socket.SHUT_WR);c.settimeout(20);"
+            "print(c.recv(100).decode())"
+        )
+        answer = subprocess.run(
+            ["ip", "netns", "exec", "p2t-pub2", sys.executable, "-c", talk, RELAY_IP,
+             str(half["PortNo"])],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert answer.stdout.strip() == "got 3000000", answer.stderr
         # UDP: an echo server on home1, published with --udp, answered to pub2.
         echo = (
             "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"

@@ -109,6 +109,8 @@ class RelayServer:
         self._tasks = TaskSet()
         self._wanted_http, self._wanted_https = http_port, https_port
         self._routes: dict[str, _Route] = {}
+        # Both sockets of every connection being forwarded, so closing the relay ends them.
+        self._open: set[asyncio.StreamWriter] = set()
         self._web: list[asyncio.Server] = []
         self.port = 0
         self.http_port = 0
@@ -154,6 +156,8 @@ class RelayServer:
             self._server.close()
         for tunnel in list(self._tunnels.values()):
             await self._drop(tunnel)
+        await close_quietly(*self._open)  # connections being forwarded end with the relay
+        self._open.clear()
         await self._tasks.cancel_all()
 
     async def __aenter__(self) -> RelayServer:
@@ -335,7 +339,11 @@ class RelayServer:
                 await close_quietly(writer)
                 return
             far[1].write(initial)
-            await pipe(reader, writer, *far)
+            self._open.update((writer, far[1]))
+            try:
+                await pipe(reader, writer, *far)
+            finally:
+                self._open.difference_update((writer, far[1]))
         elif route is not None and tunnel is not None:
             await self._forward(tunnel, route.local_port, reader, writer, initial)
         elif http:
@@ -439,6 +447,7 @@ class RelayServer:
         finally:
             self._pending.pop(token, None)
         tunnel.active += 1
+        self._open.update((writer, data.writer))
         try:
             if initial:
                 await data.send({"type": "d", "b": initial})
@@ -448,6 +457,7 @@ class RelayServer:
             data.closed()
         finally:
             tunnel.active -= 1
+            self._open.difference_update((writer, data.writer))
 
     async def _attach_data(self, stream: FramedStream, message: dict[str, Any]) -> None:
         waiter = self._pending.get(str(message.get("token", "")))
