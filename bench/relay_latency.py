@@ -53,7 +53,7 @@ async def measure(pings: int, tunnels: int, per_tunnel: int) -> dict[str, object
     echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = echo.sockets[0].getsockname()[1]
     direct = await _pings(port, pings)
-    limits = RelayLimits(ports_per_client=64, pending_connections=4096)
+    limits = RelayLimits(ports_per_client=64, max_connections=4096)
     with tempfile.TemporaryDirectory() as tmp:
         async with RelayServer(
             relay_id, Path(tmp), host="127.0.0.1", public_host="127.0.0.1", limits=limits

@@ -145,7 +145,7 @@ async def _commands(trace: bool) -> None:
 
 
 async def relay_child(trace: bool) -> None:
-    limits = RelayLimits(ports_per_client=64, pending_connections=4096)
+    limits = RelayLimits(ports_per_client=64, max_connections=4096)
     with tempfile.TemporaryDirectory() as tmp:
         identity = Identity.generate()
         async with RelayServer(

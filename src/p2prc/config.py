@@ -216,7 +216,7 @@ class RelayConfig(_Section):
     public_host: str = "0.0.0.0"
     ports_per_client: int = Field(default=16, ge=1, le=1024)
     connections_per_client: int = Field(default=1024, ge=1, le=100_000)
-    pending_connections: int = Field(default=256, ge=1, le=100_000)
+    max_connections: int = Field(default=4096, ge=1, le=100_000)
     # Domains: HTTP routed by Host, TLS by SNI (passed through); 0 is off. 80 and 443 for
     # real use (binding them needs root or CAP_NET_BIND_SERVICE).
     http_port: int = Field(default=0, ge=0, le=65535)

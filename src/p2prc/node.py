@@ -305,7 +305,7 @@ class Node:
             limits = RelayLimits(
                 ports_per_client=relay.ports_per_client,
                 connections_per_client=relay.connections_per_client,
-                pending_connections=relay.pending_connections,
+                max_connections=relay.max_connections,
                 domains_per_client=relay.domains_per_client,
                 port_range=relay.port_range,
             )

@@ -186,7 +186,7 @@ async def test_a_connection_flood_is_capped_and_others_keep_working(
 ) -> None:
     """One client's public port gets 400 connections that never finish; the relay caps
     them (closing the excess cleanly) and another client's port still echoes."""
-    limits = RelayLimits(connections_per_client=32, pending_connections=16)
+    limits = RelayLimits(connections_per_client=32)
     server = RelayServer(RELAY, tmp_path, host="127.0.0.1", public_host="127.0.0.1", limits=limits)
     held: list[asyncio.StreamWriter] = []
 
@@ -216,6 +216,8 @@ async def test_a_connection_flood_is_capped_and_others_keep_working(
         assert await _round_trip(good, b"still fine") == b"still fine"
         for _, writer in opened:
             writer.close()
+    for writer in held:
+        writer.close()
     sink.close()
 
 
@@ -244,3 +246,34 @@ async def test_a_relay_that_vanishes_mid_transfer(tmp_path: Path) -> None:
         await asyncio.wait_for(client.closed.wait(), 15)
         writer.close()
     source.close()
+
+
+async def test_a_stalled_stream_stops_only_itself(relay: RelayServer, echo_port: int) -> None:
+    """Per-stream flow control: a local server that stops reading holds back its own
+    stream (its window fills, nothing is dropped or aborted), while another stream on the
+    same tunnel finishes at once; then the stalled one completes byte-exact."""
+    got = bytearray()
+    release = asyncio.Event()
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        while data := await reader.read(1 << 20):
+            got.extend(data)
+        writer.write(b"%d" % len(got))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(stalled, "127.0.0.1", 0)
+    async with TunnelClient(CLIENT, "127.0.0.1", relay.port, RELAY.node_id) as client:
+        stalled_public = await client.expose(server.sockets[0].getsockname()[1])
+        fast_public = await client.expose(echo_port)
+        payload = os.urandom(24 * 1024 * 1024)  # more than the kernel buffers and the window
+        stalled_task = asyncio.create_task(_round_trip(stalled_public, payload))
+        await asyncio.sleep(1)  # the stalled stream fills its buffers and its window
+        quick = os.urandom(256 * 1024)
+        assert await asyncio.wait_for(_round_trip(fast_public, quick), 10) == quick
+        assert not stalled_task.done()
+        release.set()
+        assert await asyncio.wait_for(stalled_task, 60) == b"%d" % len(payload)
+        assert bytes(got) == payload
+    server.close()

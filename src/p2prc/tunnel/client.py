@@ -11,8 +11,9 @@ from .._aio import TaskSet
 from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError, error_class
 from ..identity import Identity, b64encode
 from .frames import FrameDecoder
+from .mux import STREAM_FRAMES, Mux, MuxStream
 from .relay import challenge_message
-from .streams import FramedStream, close_quietly, splice
+from .streams import FramedStream, close_quietly
 from .tls import client_context, verify_peer
 from .udp import SESSION_IDLE, Datagrams, datagram_frame, parse
 
@@ -69,7 +70,7 @@ class TunnelClient:
         if answer["type"] != "welcome":
             raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
         self._last_heard = asyncio.get_running_loop().time()
-        self._tasks.spawn(self._control_loop(self._control))
+        self._tasks.spawn(self._control_loop(self._control, Mux(self._control)))
         self._tasks.spawn(self._heartbeat(self._control))
 
     async def expose(
@@ -100,6 +101,7 @@ class TunnelClient:
         """Have the relay send ``domain``'s HTTP and TLS connections to ``local_port``."""
         await self._ask({"type": "route", "domain": domain, "local_port": local_port}, "routed")
         self.routed[domain] = local_port
+        self._local_hosts.setdefault(local_port, "127.0.0.1")
 
     async def unroute(self, domain: str) -> None:
         if self.routed.pop(domain, None) is not None and self._control is not None:
@@ -174,22 +176,36 @@ class TunnelClient:
             with contextlib.suppress(OSError):
                 await control.send({"type": "ping"})
 
-    async def _control_loop(self, control: FramedStream) -> None:
+    async def _control_loop(self, control: FramedStream, mux: Mux) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(asyncio.IncompleteReadError, OSError, TunnelProtocolError):
             while True:
                 message = await control.receive()
                 self._last_heard = loop.time()
-                if message["type"] == "u":
+                if message["type"] in STREAM_FRAMES:
+                    mux.dispatch(message)
+                elif message["type"] == "u":
                     await self._datagram_in(control, message)
-                elif message["type"] == "connect":
-                    self._tasks.spawn(
-                        self._serve(str(message["token"]), int(message["local_port"]))
-                    )
+                elif message["type"] == "open":
+                    self._open(control, mux, message)
                 elif message["type"] in ("exposed", "routed", "error"):
                     await self._answers.put(message)
         log.info("relay control connection closed")
+        mux.abort_all()
         self.closed.set()
+
+    def _open(self, control: FramedStream, mux: Mux, message: dict[str, Any]) -> None:
+        """The relay opens a stream: only to a port we exposed (a relay picks no others)."""
+        sid, port = message.get("s"), message.get("local_port")
+        if not isinstance(sid, int) or port not in self._local_hosts:
+            control.try_send({"type": "x", "s": sid if isinstance(sid, int) else 0})
+            return
+        try:
+            stream = mux.open(sid)
+        except TunnelProtocolError:
+            return  # a duplicate id: the first stream keeps it
+        assert isinstance(port, int)
+        self._tasks.spawn(self._serve(control, mux, stream, port))
 
     async def _datagram_in(self, control: FramedStream, message: dict[str, Any]) -> None:
         """A datagram from the relay: into the session of its remote address."""
@@ -226,23 +242,17 @@ class TunnelClient:
                 transport.close()
                 del self._sessions[key]
 
-    async def _serve(self, token: str, local_port: int) -> None:
-        """One forwarded connection: a data connection to the relay <-> the local port."""
+    async def _serve(
+        self, control: FramedStream, mux: Mux, stream: MuxStream, local_port: int
+    ) -> None:
+        """One forwarded connection: a stream <-> the local port."""
+        host = self._local_hosts.get(local_port, "127.0.0.1")
         try:
-            host = self._local_hosts.get(local_port, "127.0.0.1")
             reader, writer = await asyncio.open_connection(host, local_port)
         except OSError as exc:
             log.info("nothing listens on local port %d: %s", local_port, exc)
-            if self._control is not None:
-                with contextlib.suppress(OSError):
-                    await self._control.send({"type": "refused", "token": token})
+            mux.streams.pop(stream.sid, None)
+            with contextlib.suppress(OSError, P2PRCError):
+                await control.send({"type": "x", "s": stream.sid})
             return
-        try:
-            data = await self._connect()
-            await data.receive()  # the relay's challenge; data connections answer with a token
-            await data.send({"type": "data", "token": token})
-        except (OSError, P2PRCError, asyncio.IncompleteReadError) as exc:
-            log.info("cannot reach the relay for a forwarded connection: %s", exc)
-            await close_quietly(writer)
-            return
-        await splice(reader, writer, data)
+        await mux.pump(stream, reader, writer)

@@ -1,12 +1,11 @@
 """``RelayServer``: public ports on a reachable node for tunnel clients behind NAT.
 
-Control: a tunnel client opens one TLS connection (it pins the relay's node key), proves
-its own key by signing the relay's nonce, and asks to ``expose`` ports. For every
-connection to a public port the relay sends ``connect`` with a one-time token; the client
-opens a data connection (TLS) that starts with ``data``+token, and the relay joins the two.
-Bytes on data connections travel as ``d`` frames and end with ``e`` (TLS cannot half-close,
-so end-of-stream is a frame). One process serves every tunnel; limits cap ports per
-client, active connections per client and pending connections.
+A tunnel client opens one TLS connection (it pins the relay's node key), proves its own
+key by signing the relay's nonce, and asks to ``expose`` ports. Every connection to a
+public port becomes a stream multiplexed over that one connection, with per-stream flow
+control (``tunnel/mux.py``); UDP datagrams ride it too (``tunnel/udp.py``). One process
+serves every tunnel; limits cap ports, connections and domains per client, and
+connections in all.
 
 Domains: a client may ``route`` a domain to one of its local ports. On the relay's HTTP
 port, requests go to the tunnel that routes their ``Host``; on its HTTPS port, connections
@@ -32,8 +31,9 @@ from ..errors import DomainTaken, InvalidRequest, P2PRCError, TunnelProtocolErro
 from ..identity import Identity, b64decode, node_id_of, verify_signature
 from .domains import MAX_HEAD, normalize_domain, request_host
 from .frames import FrameDecoder
+from .mux import STREAM_FRAMES, Mux
 from .sni import MAX_HELLO, NeedMore, server_name
-from .streams import FramedStream, close_quietly, pipe, splice
+from .streams import FramedStream, close_quietly, pipe
 from .tls import server_context
 from .udp import Datagrams, RecentPeers, datagram_frame, parse
 
@@ -53,7 +53,7 @@ class RelayLimits:
 
     ports_per_client: int = 16
     connections_per_client: int = 1024
-    pending_connections: int = 256
+    max_connections: int = 4096  # all clients together
     connect_timeout: float = 10.0
     port_range: tuple[int, int] = (0, 0)  # (0, 0): any free port
     domains_per_client: int = 16
@@ -64,9 +64,9 @@ class RelayLimits:
 class _Tunnel:
     node_id: str
     control: FramedStream
+    mux: Mux
     servers: dict[int, asyncio.Server] = field(default_factory=dict)
     udp: dict[int, tuple[asyncio.DatagramTransport, RecentPeers]] = field(default_factory=dict)
-    active: int = 0
 
     @property
     def ports(self) -> int:
@@ -105,11 +105,10 @@ class RelayServer:
         self.limits = limits or RelayLimits()
         self._server: asyncio.Server | None = None
         self._tunnels: dict[str, _Tunnel] = {}
-        self._pending: dict[str, asyncio.Future[FramedStream]] = {}
         self._tasks = TaskSet()
         self._wanted_http, self._wanted_https = http_port, https_port
         self._routes: dict[str, _Route] = {}
-        # Both sockets of every connection being forwarded, so closing the relay ends them.
+        # The public sockets of connections being forwarded: closing the relay ends them.
         self._open: set[asyncio.StreamWriter] = set()
         self._web: list[asyncio.Server] = []
         self.port = 0
@@ -175,11 +174,8 @@ class RelayServer:
                 {"type": "challenge", "nonce": nonce, "relay": self._identity.node_id}
             )
             first = await asyncio.wait_for(stream.receive(), self.limits.connect_timeout)
-            if first["type"] == "data":
-                await self._attach_data(stream, first)
-                return
             node_id = self._authenticate(first, nonce)
-            await self._serve_tunnel(_Tunnel(node_id, stream))
+            await self._serve_tunnel(_Tunnel(node_id, stream, Mux(stream)))
         except (P2PRCError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.info("relay connection closed: %s", exc or type(exc).__name__)
             if not writer.is_closing():
@@ -212,7 +208,9 @@ class RelayServer:
         try:
             while True:
                 message = await tunnel.control.receive()
-                if message["type"] == "expose":
+                if message["type"] in STREAM_FRAMES:
+                    tunnel.mux.dispatch(message)
+                elif message["type"] == "expose":
                     await self._expose(tunnel, message)
                 elif message["type"] == "u":
                     self._datagram_out(tunnel, message)
@@ -230,10 +228,6 @@ class RelayServer:
                     self.unroute(str(message.get("domain", "")), tunnel.node_id)
                 elif message["type"] == "ping":
                     await tunnel.control.send({"type": "pong"})
-                elif message["type"] == "refused":
-                    waiter = self._pending.get(str(message.get("token", "")))
-                    if waiter is not None and not waiter.done():
-                        waiter.set_exception(TunnelProtocolError("nothing listens there"))
         finally:
             if self._tunnels.get(tunnel.node_id) is tunnel:
                 del self._tunnels[tunnel.node_id]
@@ -431,42 +425,31 @@ class RelayServer:
         writer: asyncio.StreamWriter,
         initial: bytes = b"",
     ) -> None:
-        busy = tunnel.active >= self.limits.connections_per_client
-        if busy or len(self._pending) >= self.limits.pending_connections:
+        busy = len(tunnel.mux.streams) >= self.limits.connections_per_client
+        if busy or len(self._open) >= self.limits.max_connections:
             await close_quietly(writer)
             return
-        token = secrets.token_hex(16)
-        waiter: asyncio.Future[FramedStream] = asyncio.get_running_loop().create_future()
-        self._pending[token] = waiter
+        mux = tunnel.mux
         try:
-            await tunnel.control.send({"type": "connect", "token": token, "local_port": local})
-            data = await asyncio.wait_for(waiter, self.limits.connect_timeout)
-        except (OSError, TimeoutError, P2PRCError):
+            stream = mux.open(mux.new_id())
+        except TunnelProtocolError:  # its tunnel just went away
             await close_quietly(writer)
             return
-        finally:
-            self._pending.pop(token, None)
-        tunnel.active += 1
-        self._open.update((writer, data.writer))
+        self._open.add(writer)
         try:
-            if initial:
-                await data.send({"type": "d", "b": initial})
-            await splice(reader, writer, data)
+            await tunnel.control.send({"type": "open", "s": stream.sid, "local_port": local})
+            if initial:  # bytes read to route it (an HTTP head, a ClientHello): under WINDOW
+                stream.credit -= len(initial)
+                await tunnel.control.send({"type": "d", "s": stream.sid, "b": initial})
         except (OSError, P2PRCError):
-            await close_quietly(writer, data.writer)
-            data.closed()
+            mux.streams.pop(stream.sid, None)
+            self._open.discard(writer)
+            await close_quietly(writer)
+            return
+        try:
+            await mux.pump(stream, reader, writer)
         finally:
-            tunnel.active -= 1
-            self._open.difference_update((writer, data.writer))
-
-    async def _attach_data(self, stream: FramedStream, message: dict[str, Any]) -> None:
-        waiter = self._pending.get(str(message.get("token", "")))
-        if waiter is None or waiter.done():
-            raise TunnelProtocolError("unknown or used token")
-        done = asyncio.get_running_loop().create_future()
-        stream.on_close = done
-        waiter.set_result(stream)
-        await done  # the forwarding side owns the stream now; keep this handler alive
+            self._open.discard(writer)
 
     async def _drop(self, tunnel: _Tunnel) -> None:
         for server in tunnel.servers.values():
@@ -475,6 +458,7 @@ class RelayServer:
         for transport, _ in tunnel.udp.values():
             transport.close()
         tunnel.udp.clear()
+        tunnel.mux.abort_all()  # its streams' public sockets close as their pumps end
         await close_quietly(tunnel.control.writer)
 
 

@@ -1,4 +1,4 @@
-"""Framed messages over asyncio streams, and the pumps between plain and framed sides."""
+"""Framed messages over asyncio streams, and a pipe between two plain sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import contextlib
 from collections import deque
 from typing import Any
 
-from ..errors import P2PRCError, TunnelProtocolError
 from .frames import FrameDecoder, encode
 
 __all__ = [
@@ -15,14 +14,10 @@ __all__ = [
     "FramedStream",
     "close_quietly",
     "pipe",
-    "relay_frames_to_plain",
-    "relay_plain_to_frames",
-    "splice",
 ]
 
-# Bytes per data frame: one frame (with its 4-byte length and msgpack overhead) fits in
-# one 16 KiB TLS record, which keeps OpenSSL's buffers small on idle connections.
-CHUNK = 32 * 1024
+# Bytes per data frame: well under MAX_FRAME with the msgpack overhead.
+CHUNK = 60 * 1024
 
 
 class FramedStream:
@@ -34,7 +29,6 @@ class FramedStream:
         self.reader, self.writer, self._decoder = reader, writer, decoder
         self._queue: deque[dict[str, Any]] = deque()
         self._lock = asyncio.Lock()
-        self.on_close: asyncio.Future[None] | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
         """Write one frame, waiting while the peer is slow (backpressure)."""
@@ -58,49 +52,6 @@ class FramedStream:
                 raise asyncio.IncompleteReadError(b"", None)
             self._queue.extend(self._decoder.feed(data))
         return self._queue.popleft()
-
-    def closed(self) -> None:
-        if self.on_close is not None and not self.on_close.done():
-            self.on_close.set_result(None)
-
-
-async def relay_plain_to_frames(reader: asyncio.StreamReader, framed: FramedStream) -> None:
-    """Plain bytes into ``d`` frames; end-of-stream becomes an ``e`` frame."""
-    while data := await reader.read(CHUNK):
-        await framed.send({"type": "d", "b": data})
-        del data  # not kept alive while the next read waits (memory per idle connection)
-    await framed.send({"type": "e"})
-
-
-async def relay_frames_to_plain(framed: FramedStream, writer: asyncio.StreamWriter) -> None:
-    """``d`` frames into plain bytes; an ``e`` frame half-closes the plain side."""
-    while True:
-        message = await framed.receive()
-        if message["type"] == "e":
-            if writer.can_write_eof():
-                writer.write_eof()
-            return
-        payload = message.get("b")
-        if message["type"] != "d" or not isinstance(payload, bytes):
-            raise TunnelProtocolError("expected a data frame")
-        writer.write(payload)
-        del message, payload
-        await writer.drain()
-
-
-async def splice(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: FramedStream
-) -> None:
-    """Plain socket <-> framed data connection, both directions, then close both."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(relay_plain_to_frames(reader, data))
-            group.create_task(relay_frames_to_plain(data, writer))
-    except* (OSError, P2PRCError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        await close_quietly(writer, data.writer)
-        data.closed()
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

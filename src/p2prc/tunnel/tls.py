@@ -25,11 +25,11 @@ __all__ = ["client_context", "ensure_certificate", "peer_node_id", "server_conte
 
 _VALID_DAYS = 3650
 
-# asyncio gives every TLS connection a read buffer of SSLProtocol.max_size (256 KiB); a
-# relay holds two per forwarded connection. 16 KiB (one TLS record) keeps a relayed
-# connection near 62 KiB per end at 1.6 Gbit/s through two hops (bench/relay_latency.py).
+# asyncio gives every TLS connection a read buffer of SSLProtocol.max_size (256 KiB). A
+# tunnel is one TLS connection carrying all its streams; 64 KiB keeps a relay with 100
+# tunnels small and still moves 1.5 Gbit/s through both hops (bench/relay_throughput.py).
 # It is a class attribute read when a connection is made, so this sets it process-wide.
-asyncio.sslproto.SSLProtocol.max_size = 16 * 1024
+asyncio.sslproto.SSLProtocol.max_size = 64 * 1024
 
 
 def ensure_certificate(identity: Identity, directory: Path) -> tuple[Path, Path]:
