@@ -277,3 +277,21 @@ async def test_a_stalled_stream_stops_only_itself(relay: RelayServer, echo_port:
         assert await asyncio.wait_for(stalled_task, 60) == b"%d" % len(payload)
         assert bytes(got) == payload
     server.close()
+
+
+async def test_a_reconnecting_client_keeps_its_public_ports(
+    relay: RelayServer, echo_port: int
+) -> None:
+    async with TunnelClient(CLIENT, "127.0.0.1", relay.port, RELAY.node_id) as first:
+        public = await first.expose(echo_port)
+    # The tunnel dropped; the same node connects again and asks for the same port.
+    async with TunnelClient(CLIENT, "127.0.0.1", relay.port, RELAY.node_id) as again:
+        for _ in range(50):  # the relay closes the old port as it notices the drop
+            try:
+                assert await again.expose(echo_port, public) == public
+                break
+            except AssertionError:
+                await again.unexpose(echo_port)
+                await asyncio.sleep(0.05)
+        assert again.exposed[echo_port] == public
+        assert await _round_trip(public, b"same port") == b"same port"

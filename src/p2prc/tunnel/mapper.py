@@ -52,6 +52,7 @@ class PortMapper:
         self._identity, self._config, self._db = identity, config, db
         self._gossip, self._addresses = gossip, addresses
         self._api_port, self._api_host = api_port, api_host
+        self._last_api: tuple[str, int] = ("", 0)  # (relay, public port) of the API
         self._own_relay = relay
         # Ports the node publishes for itself (containers), by port: the host they are on.
         self._system: dict[int, str] = {}
@@ -209,14 +210,20 @@ class PortMapper:
                 await client.aclose()
                 continue
             if self._api_port and self._gossip is not None:
+                # Back on the same relay: ask for the API's previous public port.
+                last_relay, last_port = self._last_api
+                wanted = last_port if last_relay == record.node_id else None
                 try:
-                    public_api = await client.expose(self._api_port, local_host=self._api_host)
+                    public_api = await client.expose(
+                        self._api_port, wanted, local_host=self._api_host
+                    )
                 except (P2PRCError, OSError, TimeoutError) as exc:
                     log.info("relay %s does not publish our API: %s", record.name, exc)
                     await client.aclose()
                     continue
                 host = f"[{record.host}]" if ":" in record.host else record.host
                 self._gossip.set_relay(record.node_id, f"{host}:{public_api}")
+                self._last_api = (record.node_id, public_api)
             for port, host in list(self._system.items()):
                 try:
                     await client.expose(port, local_host=host)
