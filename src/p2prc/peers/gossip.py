@@ -203,6 +203,19 @@ class Gossip:
             answer = await client.exchange(self.export())
         return self.merge(answer)
 
+    async def refresh(self, count: int = 3) -> int:
+        """Exchange tables now with a few alive members and the root nodes (for a node
+        that needs something it does not know of, like another relay); returns how many
+        answered."""
+        members = self.table.alive()
+        targets = [self.api_url(m) for m in random.sample(members, min(count, len(members)))]
+        answered = 0
+        for address in dict.fromkeys([*targets, *self.bootstrap_addresses()]):
+            with contextlib.suppress(P2PRCError):
+                await self.push_pull(address)
+                answered += 1
+        return answered
+
     def bootstrap_addresses(self) -> list[str]:
         return list(self._config.bootstrap)
 

@@ -273,6 +273,8 @@ class PortMapper:
                 return
             except P2PRCError as exc:
                 log.info("publishing through a relay: %s; again in %.0f s", exc, delay)
+                if isinstance(exc, RelayUnavailable) and self._gossip is not None:
+                    await self._gossip.refresh()  # learn of relays we do not know yet
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
