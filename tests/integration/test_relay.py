@@ -295,3 +295,33 @@ async def test_a_reconnecting_client_keeps_its_public_ports(
                 await asyncio.sleep(0.05)
         assert again.exposed[echo_port] == public
         assert await _round_trip(public, b"same port") == b"same port"
+
+
+async def test_a_silent_relay_is_noticed_by_heartbeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that welcomes the client, then neither answers nor closes (a frozen
+    process): the client gives up after three heartbeat periods."""
+    import p2prc.tunnel.client as client_module
+    from p2prc.tunnel.frames import FrameDecoder
+    from p2prc.tunnel.streams import FramedStream
+    from p2prc.tunnel.tls import server_context
+
+    monkeypatch.setattr(client_module, "_HEARTBEAT", 0.1)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        stream = FramedStream(reader, writer, FrameDecoder())
+        await stream.send({"type": "challenge", "nonce": "n", "relay": RELAY.node_id})
+        await stream.receive()
+        await stream.send({"type": "welcome", "node_id": CLIENT.node_id})
+        # ... and nothing more: pings go unanswered, the connection stays open.
+
+    server = await asyncio.start_server(frozen, "127.0.0.1", 0, ssl=server_context(RELAY, tmp_path))
+    port = server.sockets[0].getsockname()[1]
+    async with TunnelClient(CLIENT, "127.0.0.1", port, RELAY.node_id) as client:
+        await asyncio.wait_for(client.closed.wait(), 5)
+    for writer in writers:
+        writer.close()
+    server.close()

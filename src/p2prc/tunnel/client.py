@@ -171,6 +171,7 @@ class TunnelClient:
             self._expire_sessions()
             if loop.time() - self._last_heard > 3 * _HEARTBEAT:
                 log.info("relay %s:%d stopped answering", self._host, self._port)
+                self.closed.set()  # now: a silent peer can hold a TLS close for 30 s
                 await close_quietly(control.writer)
                 return
             with contextlib.suppress(OSError):
@@ -178,21 +179,23 @@ class TunnelClient:
 
     async def _control_loop(self, control: FramedStream, mux: Mux) -> None:
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(asyncio.IncompleteReadError, OSError, TunnelProtocolError):
-            while True:
-                message = await control.receive()
-                self._last_heard = loop.time()
-                if message["type"] in STREAM_FRAMES:
-                    mux.dispatch(message)
-                elif message["type"] == "u":
-                    await self._datagram_in(control, message)
-                elif message["type"] == "open":
-                    self._open(control, mux, message)
-                elif message["type"] in ("exposed", "routed", "error"):
-                    await self._answers.put(message)
-        log.info("relay control connection closed")
-        mux.abort_all()
-        self.closed.set()
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, OSError, TunnelProtocolError):
+                while True:
+                    message = await control.receive()
+                    self._last_heard = loop.time()
+                    if message["type"] in STREAM_FRAMES:
+                        mux.dispatch(message)
+                    elif message["type"] == "u":
+                        await self._datagram_in(control, message)
+                    elif message["type"] == "open":
+                        self._open(control, mux, message)
+                    elif message["type"] in ("exposed", "routed", "error"):
+                        await self._answers.put(message)
+            log.info("relay control connection closed")
+        finally:  # whatever ended the loop, the tunnel is done: the mapper moves on
+            mux.abort_all()
+            self.closed.set()
 
     def _open(self, control: FramedStream, mux: Mux, message: dict[str, Any]) -> None:
         """The relay opens a stream: only to a port we exposed (a relay picks no others)."""
