@@ -205,6 +205,22 @@ def _fetch(ns: str, url: str, host: str) -> str:
     return got.stdout.strip() or got.stderr.strip()[-300:]
 
 
+def _tls(ns: str, relay_ip: str, cert: Path) -> str:
+    """Say hello over TLS to secure.example.org at the relay's HTTPS port, verifying the
+    node's own certificate end to end."""
+    hello = (
+        "import socket,ssl,sys;ctx=ssl.create_default_context(cafile=sys.argv[2]);"
+        "c=socket.create_connection((sys.argv[1],8443),10);"
+        "t=ctx.wrap_socket(c,server_hostname='secure.example.org');t.sendall(b'hello');"
+        "print(t.recv(100).decode())"
+    )
+    got = subprocess.run(
+        ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", hello, relay_ip, str(cert)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return got.stdout.strip() or got.stderr.strip()[-300:]
+
+
 def _json(ns: str, home: Path, *args: str) -> Any:
     result = _cli(ns, home, "--json", *args, check=False)
     return json.loads(result.stdout) if result.returncode == 0 else None
@@ -229,8 +245,8 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
     digest = hashlib.sha256(blob).hexdigest()
     quiet = {"gossip.lan_discovery": "false"}
     boot = {"bootstrap": f"{RELAY_IP}:8088"}
-    relay = {**quiet, "relay.enabled": "true", "relay.http_port": "8080", "trust.mode": "open",
-             "behind_nat": "false"}  # fmt: skip
+    relay = {**quiet, "relay.enabled": "true", "relay.http_port": "8080",
+             "relay.https_port": "8443", "trust.mode": "open", "behind_nat": "false"}  # fmt: skip
     _configure("pub1", homes["r1"], {**relay, "name": "r1", "gossip.advertise": RELAY_IP})
     _configure("pub2", homes["r2"], {**relay, **boot, "name": "r2",
                "gossip.advertise": RELAY2_IP})  # fmt: skip
@@ -247,6 +263,7 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
         "client": _start("pub3", homes["client"], CLIENT_IP),
     }
     server = subprocess.Popen(web, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra: list[subprocess.Popen[bytes]] = []
     try:
         mapped: dict[str, str] = {}
 
@@ -263,6 +280,35 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
         assert mapped["domain"] == "app.example.org"
         # By domain through the relay's HTTP port, byte-exact.
         assert _fetch("pub3", f"http://{relay_ip}:8080/blob.bin", "app.example.org") == digest
+        # HTTPS by SNI: the TLS server on home1 holds the certificate; the relay only reads
+        # the server name and passes the bytes through.
+        cert, key = tmp_path / "secure.crt", tmp_path / "secure.key"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "1", "-subj", "/CN=secure.example.org", "-addext",
+             "subjectAltName=DNS:secure.example.org", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        tls_server = (
+            "import socket,ssl,sys\n"
+            "ctx=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER);ctx.load_cert_chain(sys.argv[1],sys.argv[2])\n"
+            "s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            "s.bind(('127.0.0.1',8443));s.listen()\n"
+            "for _ in range(5):\n"
+            " c,_a=s.accept()\n"
+            " try:\n"
+            "  t=ctx.wrap_socket(c,server_side=True);t.sendall(b'tls:'+t.recv(100));t.close()\n"
+            " except OSError:\n"
+            "  c.close()\n"
+        )
+        extra.append(subprocess.Popen(
+            ["ip", "netns", "exec", "p2t-home1", sys.executable, "-c", tls_server, str(cert),
+             str(key)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+        secure = _json("home1", homes["home"], "map-port", "8443", "--domain", "secure.example.org")
+        assert isinstance(secure, dict)
+        assert secure["domain"] == "secure.example.org"
+        assert _tls("pub3", relay_ip, cert) == "tls:hello", "HTTPS by SNI through the relay"
         # The client node sees the NAT'd node alive, with its API on the relay, and uses it:
         # it asks the NAT'd node (through its relay) to map the port again (--remote).
         views: list[dict[str, object]] = []
@@ -300,6 +346,7 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
 
         _wait("the mapping to move to the other relay", mapping_moved, 40, *homes.values())
         assert _fetch("pub3", f"http://{other_ip}:8080/blob.bin", "app.example.org") == digest
+        assert _tls("pub3", other_ip, cert) == "tls:hello"
         assert _fetch("pub3", f"http://{moved[0]['EntireAddress']}/blob.bin", "x") == digest
 
         def api_moved() -> bool:
@@ -311,9 +358,9 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
         assert isinstance(again, dict)
         assert again["IPAddress"] == other_ip
     finally:
-        for process in [*nodes.values(), server]:
+        for process in [*nodes.values(), server, *extra]:
             process.terminate()
-        for process in [*nodes.values(), server]:
+        for process in [*nodes.values(), server, *extra]:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
