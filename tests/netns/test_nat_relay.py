@@ -120,22 +120,9 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
         me = next(v for v in json.loads(_cli("home1", nat_home, "--json", "peers", "list").stdout)
                   if v["me"])  # fmt: skip
         assert me["behind_nat"] is True
-        fetch = (
-            "import hashlib,sys,urllib.request;"
-            "body = urllib.request.urlopen(sys.argv[1], timeout=20).read();"
-            "print(hashlib.sha256(body).hexdigest())"
-        )
-        got = subprocess.run(
-            ["ip", "netns", "exec", "p2t-pub2", sys.executable, "-c", fetch,
-             f"http://{address}/blob.bin"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert got.stdout.strip() == hashlib.sha256(blob).hexdigest(), got.stderr
-        direct = subprocess.run(
-            ["ip", "netns", "exec", "p2t-pub2", sys.executable, "-c", fetch,
-             f"http://{HOME_IP}:8000/blob.bin"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        digest = hashlib.sha256(blob).hexdigest()
+        assert _fetch("pub2", f"http://{address}/blob.bin", "any") == digest
+        direct = _python("pub2", FETCH, f"http://{HOME_IP}:8000/blob.bin", "any")
         assert direct.returncode != 0  # the home host itself is unreachable from outside
         # Half-close across the NAT: a server on home1 answers only after the client's EOF.
         after_eof = (
@@ -147,32 +134,21 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
             " while (x:=c.recv(65536)): d+=x\n"
             " c.sendall(b'got %d' % len(d));c.close()"
         )
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", "p2t-home1", sys.executable, "-c", after_eof],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
+        processes.append(_serve("home1", after_eof))
         half = json.loads(_cli("home1", nat_home, "--json", "map-port", "8100").stdout)
         talk = (
             "import socket,sys;c=socket.create_connection((sys.argv[1],int(sys.argv[2])),10);"
             "c.sendall(b'x'*3000000);c.shutdown(socket.SHUT_WR);c.settimeout(20);"
             "print(c.recv(100).decode())"
         )
-        answer = subprocess.run(
-            ["ip", "netns", "exec", "p2t-pub2", sys.executable, "-c", talk, RELAY_IP,
-             str(half["PortNo"])],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert answer.stdout.strip() == "got 3000000", answer.stderr
+        assert _output("pub2", talk, RELAY_IP, half["PortNo"]) == "got 3000000"
         # UDP: an echo server on home1, published with --udp, answered to pub2.
         echo = (
             "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
             "s.bind(('127.0.0.1',9000));"
             "[s.sendto(b'echo:'+d,a) for d,a in iter(lambda: s.recvfrom(65535), None)]"
         )
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", "p2t-home1", sys.executable, "-c", echo],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
+        processes.append(_serve("home1", echo))
         udp = json.loads(_cli("home1", nat_home, "--json", "map-port", "9000", "--udp").stdout)
         assert udp["udp"] is True
         assert udp["IPAddress"] == RELAY_IP
@@ -181,12 +157,7 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
             "s.settimeout(5);s.sendto(b'ping',(sys.argv[1],int(sys.argv[2])));"
             "print(s.recvfrom(100)[0].decode())"
         )
-        answer = subprocess.run(
-            ["ip", "netns", "exec", "p2t-pub2", sys.executable, "-c", ask, RELAY_IP,
-             str(udp["PortNo"])],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        assert answer.stdout.strip() == "echo:ping", answer.stderr
+        assert _output("pub2", ask, RELAY_IP, udp["PortNo"]) == "echo:ping"
     finally:
         for process in processes:
             process.terminate()
@@ -197,12 +168,26 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
                 process.kill()
 
 
+def _python(ns: str, code: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet on host ``ns`` of the test bed."""
+    command = ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", code, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _output(ns: str, code: str, *args: object) -> str:
+    """What the snippet printed, or the end of its error."""
+    done = _python(ns, code, *args)
+    return done.stdout.strip() or done.stderr.strip()[-300:]
+
+
+def _serve(ns: str, code: str, *args: object) -> subprocess.Popen[bytes]:
+    """A Python snippet running in the background on host ``ns`` (a server)."""
+    command = ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", code, *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _fetch(ns: str, url: str, host: str) -> str:
-    got = subprocess.run(
-        ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", FETCH, url, host],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    return got.stdout.strip() or got.stderr.strip()[-300:]
+    return _output(ns, FETCH, url, host)
 
 
 def _tls(ns: str, relay_ip: str, cert: Path) -> str:
@@ -214,11 +199,7 @@ def _tls(ns: str, relay_ip: str, cert: Path) -> str:
         "t=ctx.wrap_socket(c,server_hostname='secure.example.org');t.sendall(b'hello');"
         "print(t.recv(100).decode())"
     )
-    got = subprocess.run(
-        ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", hello, relay_ip, str(cert)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    return got.stdout.strip() or got.stderr.strip()[-300:]
+    return _output(ns, hello, relay_ip, cert)
 
 
 def _json(ns: str, home: Path, *args: str) -> Any:
@@ -301,10 +282,7 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
             " except OSError:\n"
             "  c.close()\n"
         )
-        extra.append(subprocess.Popen(
-            ["ip", "netns", "exec", "p2t-home1", sys.executable, "-c", tls_server, str(cert),
-             str(key)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
+        extra.append(_serve("home1", tls_server, cert, key))
         secure = _json("home1", homes["home"], "map-port", "8443", "--domain", "secure.example.org")
         assert isinstance(secure, dict)
         assert secure["domain"] == "secure.example.org"
