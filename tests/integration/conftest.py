@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +103,19 @@ def running_node(node_factory: object) -> NodeProcess:
     node = node_factory()
     assert isinstance(node, NodeProcess)
     return node
+
+
+# The relay and the tunnel run under uvloop in a real node (uvicorn picks it) and under
+# asyncio's own loop when embedded: their tests run on both (a UDP transport difference
+# between the two once broke UDP mapping under uvloop only).
+_BOTH_LOOPS = {"test_relay.py", "test_relay_domains.py"}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+    if item.path.name not in _BOTH_LOOPS:
+        return None
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
