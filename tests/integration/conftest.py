@@ -113,9 +113,9 @@ _BOTH_LOOPS = {"test_relay.py", "test_relay_domains.py"}
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     if item.path.name not in _BOTH_LOOPS:
-        return None
+        return {"asyncio": asyncio.new_event_loop}  # the default, one variant
     import uvloop
 
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
