@@ -24,7 +24,7 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from .config import Home, resolve_home, split_address
+from .config import Home, join_address, resolve_home, split_address
 from .errors import (
     InvalidRequest,
     NodeNotRunning,
@@ -82,9 +82,7 @@ def peer_url(address: str) -> str:
         host, port = split_address(address)
     except ValueError as exc:
         raise PeerUnreachable(str(exc)) from None
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"http://{join_address(host, port)}"
 
 
 _ADDRESS = re.compile(r"^(https?://|\[.*\](:\d+)?$|[^:\s]+:\d{1,5}$)")

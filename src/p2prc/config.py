@@ -299,6 +299,11 @@ def split_address(address: str, default_port: int = 8088) -> tuple[str, int]:
     return host, port
 
 
+def join_address(host: str, port: int) -> str:
+    """The inverse of ``split_address``: ``host:port``, with brackets around IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _port(text: str, address: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise ValueError(f"{address!r} has no valid port (1-65535)")

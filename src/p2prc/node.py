@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import uvicorn
 
 from .api import create_app
-from .config import Home, NodeConfig, atomic_write
+from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
@@ -195,9 +195,7 @@ class Node:
         host = self._host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1" if host != "::" else "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self._port}"
+        return f"http://{join_address(host, self._port)}"
 
     async def start(self) -> None:
         """Take the home's lock, open the state and start serving the API."""

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._aio import TaskSet
+from ..config import join_address
 
 __all__ = ["SERVICE", "LanDiscovery"]
 
@@ -90,9 +91,8 @@ class LanDiscovery:
         if not await info.async_request(zeroconf, 3000) or not info.port:
             return
         for address in info.parsed_addresses():
-            host = f"[{address}]" if ":" in address else address
             try:
-                await self._join(f"http://{host}:{info.port}")
+                await self._join(f"http://{join_address(address, info.port)}")
             except Exception as exc:  # any failure just means: try the next address
                 log.debug("LAN peer %s at %s: %s", name, address, exc)
                 continue

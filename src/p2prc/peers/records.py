@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from ..config import join_address
 from ..errors import PeerProtocolError
 from ..identity import Identity, node_id_of, verify_signature
 
@@ -113,10 +114,7 @@ class PeerRecord:
     @property
     def api_url(self) -> str:
         """Where peers reach the node's API: through its relay when it has one there."""
-        if self.public_api:
-            return f"http://{self.public_api}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.api_port}"
+        return f"http://{self.public_api or join_address(self.host, self.api_port)}"
 
 
 @dataclass(frozen=True, slots=True)

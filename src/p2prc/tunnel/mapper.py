@@ -17,7 +17,7 @@ import contextlib
 import logging
 import sqlite3
 
-from ..config import NodeConfig
+from ..config import NodeConfig, join_address
 from ..errors import InvalidRequest, NotFound, P2PRCError, RelayUnavailable
 from ..identity import Identity
 from ..models import MappedPort
@@ -29,6 +29,7 @@ from .relay import RelayServer
 
 __all__ = ["PortMapper"]
 
+_COLUMNS = "port, public_host, public_port, relay, domain, udp"
 # Seconds a map request waits for NAT detection when behind_nat is "auto".
 _NAT_WAIT = 15.0
 
@@ -93,10 +94,7 @@ class PortMapper:
         return bool(self._gossip and self._gossip.table.me.behind_nat)
 
     def mappings(self) -> list[MappedPort]:
-        rows = self._db.execute(
-            "SELECT port, public_host, public_port, relay, domain, udp FROM port_mappings"
-            " ORDER BY port, udp"
-        )
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM port_mappings ORDER BY port, udp")
         return [_mapped(*row[:5], udp=bool(row[5])) for row in rows]
 
     async def map(self, port: int, domain: str | None = None, *, udp: bool = False) -> MappedPort:
@@ -177,7 +175,10 @@ class PortMapper:
         self._db.execute("DELETE FROM port_mappings WHERE port = ? AND udp = ?", (port, int(udp)))
 
     def _mapping(self, port: int, udp: bool = False) -> MappedPort | None:
-        return next((m for m in self.mappings() if (m.local_port, m.udp) == (port, udp)), None)
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM port_mappings WHERE port = ? AND udp = ?", (port, int(udp))
+        ).fetchone()
+        return None if row is None else _mapped(*row[:5], udp=bool(row[5]))
 
     def _route_here(self, domain: str, port: int) -> None:
         relay = self._own_relay
@@ -221,8 +222,7 @@ class PortMapper:
                     log.info("relay %s does not publish our API: %s", record.name, exc)
                     await client.aclose()
                     continue
-                host = f"[{record.host}]" if ":" in record.host else record.host
-                self._gossip.set_relay(record.node_id, f"{host}:{public_api}")
+                self._gossip.set_relay(record.node_id, join_address(record.host, public_api))
                 self._last_api = (record.node_id, public_api)
             for port, host in list(self._system.items()):
                 try:
@@ -293,11 +293,10 @@ async def _listening(port: int) -> bool:
 def _mapped(
     port: int, host: str, public_port: int, relay: str, domain: str | None, *, udp: bool = False
 ) -> MappedPort:
-    address = f"[{host}]" if ":" in host else host
     return MappedPort(
         IPAddress=host,
         PortNo=public_port,
-        EntireAddress=f"{address}:{public_port}",
+        EntireAddress=join_address(host, public_port),
         local_port=port,
         relay=relay,
         domain=domain,
