@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from .._aio import TaskSet
@@ -21,6 +22,15 @@ from .udp import SESSION_IDLE, Datagrams, datagram_frame, parse
 _MAX_SESSIONS = 1024
 
 __all__ = ["TunnelClient"]
+
+
+@dataclass(slots=True)
+class _Session:
+    """A remote UDP address's socket towards the local port, and when it was last used."""
+
+    transport: asyncio.DatagramTransport
+    used: float
+
 
 # Seconds between heartbeats on the control connection.
 _HEARTBEAT = 3.0
@@ -44,10 +54,7 @@ class TunnelClient:
         self._local_hosts: dict[int, str] = {}
         self.udp_exposed: dict[int, int] = {}
         self._udp_targets: dict[int, tuple[str, int]] = {}
-        # (public port, remote address) -> (socket towards the local port, last use)
-        self._sessions: dict[
-            tuple[int, tuple[str, int]], tuple[asyncio.DatagramTransport, list[float]]
-        ] = {}
+        self._sessions: dict[tuple[int, tuple[str, int]], _Session] = {}
         self._asking = asyncio.Lock()
         self.closed = asyncio.Event()
         self._last_heard = 0.0
@@ -129,13 +136,13 @@ class TunnelClient:
         if udp and public is not None:
             self._udp_targets.pop(public, None)
             for key in [key for key in self._sessions if key[0] == public]:
-                self._sessions.pop(key)[0].close()
+                self._sessions.pop(key).transport.close()
         if public is not None and self._control is not None:
             await self._control.send({"type": "unexpose", "public_port": public})
 
     async def aclose(self) -> None:
-        for transport, _ in self._sessions.values():
-            transport.close()
+        for session in self._sessions.values():
+            session.transport.close()
         self._sessions.clear()
         await self._tasks.cancel_all()
         if self._control is not None:
@@ -200,15 +207,15 @@ class TunnelClient:
     def _open(self, control: FramedStream, mux: Mux, message: dict[str, Any]) -> None:
         """The relay opens a stream: only to a port we exposed (a relay picks no others)."""
         sid, port = message.get("s"), message.get("local_port")
-        if not isinstance(sid, int) or port not in self._local_hosts:
+        # isinstance first: 8000.0 would match the key 8000 of _local_hosts.
+        if not isinstance(sid, int) or not isinstance(port, int) or port not in self._local_hosts:
             control.try_send({"type": "x", "s": sid if isinstance(sid, int) else 0})
             return
         try:
             stream = mux.open(sid)
         except TunnelProtocolError:
             return  # a duplicate id: the first stream keeps it
-        assert isinstance(port, int)
-        self._tasks.spawn(self._serve(control, mux, stream, port))
+        self._tasks.spawn(self._serve(control, mux, stream, self._local_hosts[port], port))
 
     async def _datagram_in(self, control: FramedStream, message: dict[str, Any]) -> None:
         """A datagram from the relay: into the session of its remote address."""
@@ -216,16 +223,17 @@ class TunnelClient:
         if parsed is None or parsed[0] not in self._udp_targets:
             return
         public, address, data = parsed
+        key = (public, address)
         loop = asyncio.get_running_loop()
-        session = self._sessions.get((public, address))
+        session = self._sessions.get(key)
         if session is None:
             if len(self._sessions) >= _MAX_SESSIONS:
                 return
 
             def answer(reply: bytes, _source: tuple[str, int]) -> None:
                 control.try_send(datagram_frame(public, address, reply))
-                if (entry := self._sessions.get((public, address))) is not None:
-                    entry[1][0] = loop.time()
+                if (entry := self._sessions.get(key)) is not None:
+                    entry.used = loop.time()
 
             try:
                 transport, _ = await loop.create_datagram_endpoint(
@@ -234,22 +242,21 @@ class TunnelClient:
             except OSError as exc:
                 log.info("cannot open a UDP session to local port: %s", exc)
                 return
-            session = self._sessions[(public, address)] = (transport, [loop.time()])
-        session[1][0] = loop.time()
-        session[0].sendto(data)
+            session = self._sessions[key] = _Session(transport, loop.time())
+        session.used = loop.time()
+        session.transport.sendto(data)
 
     def _expire_sessions(self) -> None:
         now = asyncio.get_running_loop().time()
-        for key, (transport, used) in list(self._sessions.items()):
-            if now - used[0] > SESSION_IDLE:
-                transport.close()
+        for key, session in list(self._sessions.items()):
+            if now - session.used > SESSION_IDLE:
+                session.transport.close()
                 del self._sessions[key]
 
     async def _serve(
-        self, control: FramedStream, mux: Mux, stream: MuxStream, local_port: int
+        self, control: FramedStream, mux: Mux, stream: MuxStream, host: str, local_port: int
     ) -> None:
         """One forwarded connection: a stream <-> the local port."""
-        host = self._local_hosts.get(local_port, "127.0.0.1")
         try:
             reader, writer = await asyncio.open_connection(host, local_port)
         except OSError as exc:

@@ -21,10 +21,10 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .._aio import TaskSet
 from ..errors import DomainTaken, InvalidRequest, P2PRCError, TunnelProtocolError
@@ -38,6 +38,8 @@ from .tls import server_context
 from .udp import Datagrams, RecentPeers, datagram_frame, parse
 
 __all__ = ["RelayLimits", "RelayServer", "challenge_message"]
+
+_Bound = TypeVar("_Bound")
 
 log = logging.getLogger(__name__)
 
@@ -362,12 +364,11 @@ class RelayServer:
         async def public(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._forward(tunnel, local, reader, writer)
 
-        for port in self._public_ports(message.get("public_port")):
-            with contextlib.suppress(OSError):  # taken: try the next one
-                server = await asyncio.start_server(public, self._public_host, port)
-                break
-        else:
-            await tunnel.control.send({"type": "error", "message": "no free public port"})
+        async def listen(port: int) -> asyncio.Server:
+            return await asyncio.start_server(public, self._public_host, port)
+
+        server = await self._bind_public(tunnel, message, listen)
+        if server is None:
             return
         public_port = server.sockets[0].getsockname()[1]
         tunnel.servers[public_port] = server
@@ -384,14 +385,14 @@ class RelayServer:
             peers.saw(address, loop.time())
             tunnel.control.try_send(datagram_frame(public, address, data))  # else dropped
 
-        for port in self._public_ports(message.get("public_port")):
-            with contextlib.suppress(OSError):
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: Datagrams(inbound), local_addr=(self._public_host, port)
-                )
-                break
-        else:
-            await tunnel.control.send({"type": "error", "message": "no free public port"})
+        async def listen(port: int) -> asyncio.DatagramTransport:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: Datagrams(inbound), local_addr=(self._public_host, port)
+            )
+            return transport
+
+        transport = await self._bind_public(tunnel, message, listen)
+        if transport is None:
             return
         public = transport.get_extra_info("sockname")[1]
         tunnel.udp[public] = (transport, peers)
@@ -408,6 +409,19 @@ class RelayServer:
         entry = tunnel.udp.get(public)
         if entry is not None and entry[1].allows(address, asyncio.get_running_loop().time()):
             entry[0].sendto(data, address)
+
+    async def _bind_public(
+        self,
+        tunnel: _Tunnel,
+        message: dict[str, Any],
+        listen: Callable[[int], Awaitable[_Bound]],
+    ) -> _Bound | None:
+        """Listen on the first free public port (TCP or UDP); tell the client when none is."""
+        for port in self._public_ports(message.get("public_port")):
+            with contextlib.suppress(OSError):  # taken: try the next one
+                return await listen(port)
+        await tunnel.control.send({"type": "error", "message": "no free public port"})
+        return None
 
     def _public_ports(self, wanted: object) -> list[int]:
         """Ports to try: the one asked for (a reconnect keeps its port), then the range."""

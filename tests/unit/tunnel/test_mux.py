@@ -77,3 +77,18 @@ def test_a_closed_mux_opens_nothing() -> None:
     assert stream.aborted
     with pytest.raises(TunnelProtocolError, match="closed"):
         mux.open(2)
+
+
+def test_a_relay_cannot_open_a_stream_to_a_port_the_client_did_not_expose() -> None:
+    from p2prc.identity import Identity
+    from p2prc.tunnel.client import TunnelClient
+
+    client = TunnelClient(Identity.generate(), "127.0.0.1", 1, "relay")
+    client._local_hosts[8000] = "127.0.0.1"
+    mux, control = _mux()
+    for sid, port in [(1, 22), (2, 8000.0), (3, "8000"), (4, None)]:
+        client._open(
+            cast(FramedStream, control), mux, {"type": "open", "s": sid, "local_port": port}
+        )
+    assert control.sent == [{"type": "x", "s": sid} for sid in (1, 2, 3, 4)]
+    assert mux.streams == {}
