@@ -18,7 +18,6 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -192,10 +191,15 @@ class Node:
     @property
     def api_url(self) -> str:
         """Base URL of the API, reachable from this machine."""
+        return f"http://{join_address(self._local_host, self._port)}"
+
+    @property
+    def _local_host(self) -> str:
+        """Where this machine reaches the API: its listen address, loopback for a wildcard."""
         host = self._host
         if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1" if host != "::" else "::1"
-        return f"http://{join_address(host, self._port)}"
+            return "127.0.0.1" if host != "::" else "::1"
+        return host
 
     async def start(self) -> None:
         """Take the home's lock, open the state and start serving the API."""
@@ -370,7 +374,7 @@ class Node:
             self.advertised_addresses(),
             api_port=self._port,
             relay=self.relay,
-            api_host=urlsplit(self.api_url).hostname or "127.0.0.1",
+            api_host=self._local_host,
         )
         self._mapper = await self._stack.enter_async_context(mapper)
         if self._containers is not None:

@@ -220,7 +220,7 @@ class ContainerService:
         if self.publisher is None:
             return
         host = self._connect_host()
-        for port in [view.ssh.port, *(p.host_port for p in view.ports)]:
+        for port in _host_ports(view):
             try:
                 await self.publisher.publish(host, port)
             except (P2PRCError, OSError) as exc:  # it still works on the node's own network
@@ -229,7 +229,7 @@ class ContainerService:
     async def _withdraw(self, view: ContainerView) -> None:
         if self.publisher is None:
             return
-        for port in [view.ssh.port, *(p.host_port for p in view.ports)]:
+        for port in _host_ports(view):
             with contextlib.suppress(P2PRCError, OSError):
                 await self.publisher.withdraw(port)
 
@@ -362,6 +362,11 @@ class ContainerService:
             created_at=self._clock(),
             expires_at=plan.expires_at,
         )
+
+
+def _host_ports(view: ContainerView) -> list[int]:
+    """The node's ports of a container: SSH first, then the extra ones."""
+    return [view.ssh.port, *(p.host_port for p in view.ports)]
 
 
 async def _ssh_banner(host: str, port: int) -> bool:

@@ -207,14 +207,15 @@ class Swim:
                 return candidate
         self._order = [m.record.node_id for m in self.table.alive()]
         self._rng.shuffle(self._order)
+        # Once per round: forget addresses and send times of members no longer known.
+        self._seen = {k: v for k, v in self._seen.items() if self.table.get(k) is not None}
+        self._sent_at = {k: v for k, v in self._sent_at.items() if self.table.get(k) is not None}
         return self._order.pop() if self._order else None
 
     def _keepalives(self, now: float) -> list[Outgoing]:
         """Behind NAT: ping members not sent to for ``keepalive`` s (a few per period)."""
         if self.table.me.behind_nat is not True:
             return []
-        self._seen = {k: v for k, v in self._seen.items() if self.table.get(k) is not None}
-        self._sent_at = {k: v for k, v in self._sent_at.items() if self.table.get(k) is not None}
         stale = [
             m.record.node_id
             for m in self.table.alive()
