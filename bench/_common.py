@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import math
@@ -17,6 +18,14 @@ from p2prc.peers.records import PeerRecord
 
 BENCH = Path(__file__).parent
 RESULTS = BENCH / "results"
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A TCP echo server's connection handler."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
 
 
 def free_port() -> int:

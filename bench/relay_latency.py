@@ -16,18 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import rss_mib, write_result
+from _common import echo_handler, rss_mib, write_result
 
 from p2prc.identity import Identity
 from p2prc.tunnel.client import TunnelClient
 from p2prc.tunnel.relay import RelayLimits, RelayServer
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
 
 
 async def _pings(port: int, count: int) -> list[float]:
@@ -50,7 +43,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 async def measure(pings: int, tunnels: int, per_tunnel: int) -> dict[str, object]:
     relay_id = Identity.generate()
-    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
     port = echo.sockets[0].getsockname()[1]
     direct = await _pings(port, pings)
     limits = RelayLimits(ports_per_client=64, max_connections=4096)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _common import write_result
+from _common import echo_handler, write_result
 
 from p2prc.identity import Identity
 from p2prc.tunnel.client import TunnelClient
@@ -217,13 +217,6 @@ class Child:
             await self.process.wait()
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
@@ -297,7 +290,7 @@ async def measure(tunnels: int, connections: int, burst_kib: int, trace: bool) -
     raise_fd_limit(4 * connections + 4 * tunnels + 256)
     flags = ["--tunnels", str(tunnels), "--connections", str(connections)]
     flags += ["--trace"] if trace else []
-    echoes = [await asyncio.start_server(_echo, "127.0.0.1", 0) for _ in range(tunnels)]
+    echoes = [await asyncio.start_server(echo_handler, "127.0.0.1", 0) for _ in range(tunnels)]
     echo_ports = [server.sockets[0].getsockname()[1] for server in echoes]
     relay = await Child.start("--role", "relay", *flags)
     clients: Child | None = None
