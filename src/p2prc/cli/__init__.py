@@ -158,7 +158,8 @@ def _map_port(
     data = mapped.model_dump(by_alias=True, include={"ip_address", "port_no", "entire_address"})
     data["domain"] = mapped.domain
     data["udp"] = mapped.udp
-    emit(options, data, mapped.entire_address)
+    human = mapped.entire_address + (f"  (domain {mapped.domain})" if mapped.domain else "")
+    emit(options, data, human)
 
 
 @app.command("generate")
