@@ -27,9 +27,10 @@ from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
 from .errors import AddressInUse, NodeAlreadyRunning, NodeError, P2PRCError
-from .identity import Identity, node_id_of, parse_public_key
+from .identity import Identity
 from .peers.gossip import Gossip
 from .state import State
+from .trust import TrustPolicy
 from .tunnel.mapper import PortMapper
 from .tunnel.relay import RelayLimits, RelayServer
 
@@ -124,6 +125,7 @@ class Node:
         self._port = 0
         self._lifecycle = _NodeState.CREATED
         self._state: State | None = None
+        self._trust: TrustPolicy | None = None
         self._server: _Server | None = None
         self._lock_fd: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -210,6 +212,7 @@ class Node:
             self._lock_home()
             if self._identity is None:
                 self._identity = Identity.load(self._home.identity_dir)
+            self._trust = TrustPolicy(self._config.trust, self._identity.public_key)
             self._state = State(self._home.state_file)
             self._started_at = time.time()
             sock = self._listen = self._bind()
@@ -317,7 +320,7 @@ class Node:
                 host=self._host,
                 port=relay.port,
                 public_host=relay.public_host,
-                allowed=self._relay_allowed,
+                allowed=self.trust.allows_node,
                 limits=limits,
                 http_port=relay.http_port or None,
                 https_port=relay.https_port or None,
@@ -381,12 +384,12 @@ class Node:
             self._containers.publisher = mapper
             self._spawn(self._containers.publish_hosted(), name="publish-containers")
 
-    def _relay_allowed(self, node_id: str) -> bool:
-        """The trust policy decides who may tunnel through this node's relay."""
-        trust = self._config.trust
-        if trust.mode == "open" or node_id == self.identity.node_id:
-            return True
-        return any(node_id_of(parse_public_key(key)) == node_id for key in trust.allow)
+    @property
+    def trust(self) -> TrustPolicy:
+        """The trust policy every check of this node asks."""
+        if self._trust is None:
+            raise RuntimeError("The node has no trust policy before start().")
+        return self._trust
 
     def advertised_addresses(self) -> list[str]:
         """Addresses in this node's record: configured, else the listen address, else all."""

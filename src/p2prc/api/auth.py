@@ -34,6 +34,7 @@ from ..identity import (
 )
 from ..models import CallerInfo
 from ..state import State
+from ..trust import TrustPolicy
 
 __all__ = ["RequestVerifier"]
 
@@ -50,14 +51,12 @@ class RequestVerifier:
         self._identity = identity
         self._trust = trust
         self._state = state
-        self._allowed = {parse_public_key(key) for key in trust.allow}
+        self.policy = TrustPolicy(trust, identity.public_key)
 
     async def peer(self, request: Request) -> CallerInfo:
         """FastAPI dependency: any caller the trust policy accepts."""
         caller = await self._authenticate(request)
-        if caller.role == "owner" or self._trust.mode == "open":
-            return caller
-        if parse_public_key(request.headers[HEADER_KEY]) in self._allowed:
+        if self.policy.allows_key(parse_public_key(request.headers[HEADER_KEY])):
             return caller
         raise NotTrusted(f"node {caller.node_id} is not in this node's trust.allow list")
 
