@@ -79,6 +79,9 @@ class FakeNode:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def component_health(self) -> dict[str, str]:
+        return {"containers": "ok"}
+
 
 async def _ssh_answers(host: str, port: int) -> bool:
     return True

@@ -3,30 +3,65 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["TaskSet"]
+__all__ = ["CrashHandler", "TaskSet", "log_crash"]
+
+log = logging.getLogger(__name__)
+
+# Told about a task that ended with an exception (never about one that was cancelled).
+CrashHandler = Callable[[asyncio.Task[Any], BaseException], None]
+
+
+def log_crash(task: asyncio.Task[Any], exc: BaseException) -> None:
+    """The handler for library use: log the crash with its traceback."""
+    log.error("background task %s crashed", task.get_name(), exc_info=exc)
 
 
 class TaskSet:
-    """Background tasks a component owns: tracked while they run, cancelled on close."""
+    """Background tasks a component owns: tracked while they run, cancelled on close.
 
-    def __init__(self) -> None:
+    A task that ends with an exception is reaped at once: its exception is retrieved (so
+    asyncio never prints "Task exception was never retrieved") and handed to
+    ``on_crash``, which a node uses to log it and stop.
+    """
+
+    def __init__(self, on_crash: CrashHandler = log_crash) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._on_crash = on_crash
 
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str | None = None) -> None:
+    def spawn(
+        self, coroutine: Coroutine[Any, Any, Any], name: str | None = None
+    ) -> asyncio.Task[Any]:
         """Run ``coroutine`` as a task that is forgotten when it finishes."""
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            try:
+                self._on_crash(task, exc)
+            except Exception:  # a broken handler must not hide the crash it was told of
+                log.exception("crash handler failed for %s", task.get_name())
+                log_crash(task, exc)
 
     async def cancel_all(self) -> None:
-        """Cancel every task and wait for all of them to end."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every task (and any a cancelled task spawned) and wait for them to end."""
+        for _ in range(100):  # bounded: each round only meets tasks spawned while cancelling
+            tasks = list(self._tasks)
+            if not tasks:
+                return
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

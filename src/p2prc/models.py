@@ -45,9 +45,13 @@ class _Model(BaseModel):
 
 
 class Health(_Model):
-    """Liveness answer."""
+    """Liveness answer, and whether every component of the node still runs."""
 
-    ok: bool = True
+    ok: bool = Field(default=True, description="False when a component is down")
+    status: str = Field(default="ok", description='"ok", or "degraded" when a component is down')
+    components: dict[str, str] = Field(
+        default_factory=dict, description='Each component: "ok", or "down: <why>"'
+    )
 
 
 class NodeStatus(_Model):

@@ -21,6 +21,7 @@ from typing import Any, Self
 
 import uvicorn
 
+from ._aio import CrashHandler, TaskSet
 from .api import create_app
 from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
@@ -128,7 +129,11 @@ class Node:
         self._trust: TrustPolicy | None = None
         self._server: _Server | None = None
         self._lock_fd: int | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(self._crash_handler(None))
+        self._api_task: asyncio.Task[None] | None = None
+        # Started components by name: "ok", or "down: <why>" once one of their tasks crashed.
+        self._components: dict[str, str] = {}
+        self._failure: str | None = None
         # Feature components (gossip, runtime, relay ...) are entered here in dependency
         # order by _start_components() and exited in reverse by aclose().
         self._stack = contextlib.AsyncExitStack()
@@ -240,25 +245,40 @@ class Node:
         """Wait until something asked the node to stop."""
         await self._closing.wait()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the node stopped on its own (a crashed component), else None."""
+        return self._failure
+
+    def component_health(self) -> dict[str, str]:
+        """Each started component: "ok", or "down: <why>"."""
+        return dict(self._components)
+
     async def aclose(self) -> None:
-        """Stop serving, cancel background tasks, release the home."""
+        """Stop serving, cancel background tasks, release the home.
+
+        Errors while closing a component are logged, never raised: the home is released
+        whatever happens.
+        """
         if self._lifecycle is _NodeState.CLOSED:
             return
         self._lifecycle = _NodeState.CLOSED
         self.close()
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._config.timeouts.shutdown + 1):
-                    await asyncio.shield(self._serve_done())
+        if self._server is not None and self._api_task is not None:
+            await asyncio.wait({self._api_task}, timeout=self._config.timeouts.shutdown + 1)
             self._server.force_exit = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._stack.aclose()
+        await self._tasks.cancel_all()
+        try:
+            await self._stack.aclose()
+        except Exception:
+            log.exception("closing the node's components failed")
         if self._listen is not None:
             self._listen.close()
         if self._state is not None:
-            self._state.close()
+            try:
+                self._state.close()
+            except Exception:
+                log.exception("closing the state failed")
         if self._lock_fd is not None:
             # Only the holder of the home's lock owns the runtime file.
             self._home.runtime_file.unlink(missing_ok=True)
@@ -282,17 +302,25 @@ class Node:
         return self._spawn(coro, name=name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
+        return self._tasks.spawn(coro, name)
 
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        # A crashed loop stops the node loudly rather than leaving it half-alive.
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("%s crashed; stopping the node", task.get_name(), exc_info=exc)
+    def _crash_handler(self, component: str | None) -> CrashHandler:
+        """What a component's task set calls when one of its tasks crashes (``None``: the
+        node's own tasks, each its own component)."""
+
+        def crashed(task: asyncio.Task[Any], exc: BaseException) -> None:
+            # A crashed task stops the node loudly rather than leaving it half-alive.
+            name = component or task.get_name()
+            reason = f"{task.get_name()} crashed: {type(exc).__name__}: {exc}"
+            self._components[name] = f"down: {reason}"
+            if self._closing.is_set():
+                log.error("%s: %s while the node was stopping", name, reason, exc_info=exc)
+                return
+            log.error("%s: %s; stopping the node", name, reason, exc_info=exc)
+            self._failure = f"{name}: {reason}"
             self.close()
+
+        return crashed
 
     async def _start_components(self) -> None:
         """Start each feature's component; each later feature adds its line here."""
@@ -302,9 +330,14 @@ class Node:
 
             runtime = self._runtime = DockerRuntime(self._config.containers.docker_host)
         service = ContainerService(
-            self._config, self.identity.node_id, self.container_store, runtime
+            self._config,
+            self.identity.node_id,
+            self.container_store,
+            runtime,
+            on_crash=self._crash_handler("containers"),
         )
         self._containers = await self._stack.enter_async_context(service)
+        self._components["containers"] = "ok"
         relay = self._config.relay
         if relay.enabled:
             limits = RelayLimits(
@@ -324,8 +357,10 @@ class Node:
                 limits=limits,
                 http_port=relay.http_port or None,
                 https_port=relay.https_port or None,
+                on_crash=self._crash_handler("relay"),
             )
             self.relay = await self._stack.enter_async_context(server)
+            self._components["relay"] = "ok"
         if self._config.gossip.enabled:
             from .specs import gpus
 
@@ -337,15 +372,22 @@ class Node:
                 addresses=self.advertised_addresses(),
                 gpus=lambda: len(gpus()),
                 relay_port=self.relay.port if self.relay else 0,
+                on_crash=self._crash_handler("gossip"),
             )
             self._gossip = await self._stack.enter_async_context(gossip)
+            self._components["gossip"] = "ok"
             if self._config.gossip.lan_discovery and self._host not in ("127.0.0.1", "::1"):
                 from .peers.lan import LanDiscovery
 
                 lan = LanDiscovery(
-                    self.identity.node_id, self.advertised_addresses(), self._port, gossip.push_pull
+                    self.identity.node_id,
+                    self.advertised_addresses(),
+                    self._port,
+                    gossip.push_pull,
+                    on_crash=self._crash_handler("lan"),
                 )
                 await self._stack.enter_async_context(lan)
+                self._components["lan"] = "ok"
 
         await self._start_mapper()
 
@@ -378,8 +420,10 @@ class Node:
             api_port=self._port,
             relay=self.relay,
             api_host=self._local_host,
+            on_crash=self._crash_handler("mapper"),
         )
         self._mapper = await self._stack.enter_async_context(mapper)
+        self._components["mapper"] = "ok"
         if self._containers is not None:
             self._containers.publisher = mapper
             self._spawn(self._containers.publish_hosted(), name="publish-containers")
@@ -401,11 +445,6 @@ class Node:
             return [self._host]
         return own_addresses() or ["127.0.0.1"]
 
-    async def _serve_done(self) -> None:
-        for task in list(self._tasks):
-            if task.get_name() == "api":
-                await asyncio.gather(task, return_exceptions=True)
-
     async def _start_api(self, sock: socket.socket) -> None:
         config = uvicorn.Config(
             create_app(self),
@@ -416,12 +455,13 @@ class Node:
             timeout_graceful_shutdown=int(self._config.timeouts.shutdown),
         )
         self._server = _Server(config)
-        task = self._spawn(self._server.serve(sockets=[sock]), name="api")
+        task = self._api_task = self._spawn(self._server.serve(sockets=[sock]), name="api")
         while not self._server.started:
             if task.done():
                 await task
                 raise NodeError("the API server stopped while starting")
             await asyncio.sleep(0.005)
+        self._components["api"] = "ok"
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET

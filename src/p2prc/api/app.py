@@ -59,6 +59,7 @@ class NodeView(Protocol):
     def mapper(self) -> PortMapper: ...
     def close(self) -> None: ...
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
+    def component_health(self) -> dict[str, str]: ...
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -109,8 +110,11 @@ def create_app(node: NodeView) -> FastAPI:
 
     @app.get("/health", tags=["read"])
     async def health() -> Health:
-        """Liveness: answers as soon as the node serves."""
-        return Health()
+        """Liveness (answers as soon as the node serves) and each component's state."""
+        components = node.component_health()
+        if all(state == "ok" for state in components.values()):
+            return Health(components=components)
+        return Health(ok=False, status="degraded", components=components)
 
     public_key = node.identity.openssh_public_key(node.config.name)
 

@@ -3,9 +3,9 @@
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
@@ -40,6 +40,7 @@ class PluginNode(Protocol):
     def state(self) -> State: ...
     @property
     def home_path(self) -> Path: ...
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
 
 def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
@@ -141,7 +142,9 @@ def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
             event = PluginEvent(event="progress", host=host, task=task, status=status)
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        async def work() -> PluginEvent:
+        finished: list[PluginEvent] = []
+
+        async def work() -> None:
             try:
                 result = await asyncio.to_thread(
                     run_playbook,
@@ -160,16 +163,20 @@ def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
                     started_at=time.time(), finished_at=time.time(), ok=False, output=str(exc),
                 )  # fmt: skip
             RunStore(node.state.connection).save(result)
-            return PluginEvent(event="finished", run=result)
+            finished.append(PluginEvent(event="finished", run=result))
 
-        task = asyncio.create_task(work())
+        # A node task: the run ends and is saved even if the caller goes away.
+        task = node.spawn(work(), name="plugin-run")
         while not task.done() or not queue.empty():
             getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
             if getter in done:
                 yield getter.result().model_dump_json(exclude_none=True).encode() + b"\n"
-            else:
-                getter.cancel()
-        yield (await task).model_dump_json(exclude_none=True).encode() + b"\n"
+        await task
+        yield finished[0].model_dump_json(exclude_none=True).encode() + b"\n"
 
     return routes

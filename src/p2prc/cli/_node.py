@@ -14,8 +14,8 @@ from rich.table import Table
 
 from ..client import Client
 from ..config import Home, import_original, load, set_value
-from ..errors import NodeNotRunning
-from ..models import NodeStatus, Specs
+from ..errors import NodeError, NodeNotRunning
+from ..models import Health, NodeStatus, Specs
 from ..node import Node, home_locked, init_home
 from ..specs import collect_specs, interfaces
 from ._common import Options, emit, options_of, out
@@ -63,13 +63,17 @@ def _loop_factory() -> Any:
 
 
 async def _serve(node: Node, options: Options) -> None:
+    """Serve until a signal (exit 0) or a crashed component (exit 1) stops the node."""
     loop = asyncio.get_running_loop()
+    # Before start: a signal while starting stops the node cleanly once it is up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.close)
     async with node:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, node.close)
         ready = {"node_id": node.identity.node_id, "name": node.config.name, "api": node.api_url}
         emit(options, ready, f"p2prc node {ready['name']} ({ready['node_id']}) at {ready['api']}")
         await node.wait_closed()
+    if node.failure is not None:
+        raise NodeError(f"the node stopped: {node.failure}")
 
 
 def status(ctx: typer.Context) -> None:
@@ -77,14 +81,20 @@ def status(ctx: typer.Context) -> None:
     options = options_of(ctx)
     with Client(home=options.home) as client:
         result = client.status()
-    emit(options, result, _status_table(result))
+        health = client.health()
+    data = {**result.model_dump(mode="json"), "health": health.model_dump(mode="json")}
+    emit(options, data, _status_table(result, health))
 
 
-def _status_table(status: NodeStatus) -> Table:
+def _status_table(status: NodeStatus, health: Health) -> Table:
     table = Table(show_header=False, box=None)
     for key in ("name", "node_id", "api", "version", "trust_mode", "uptime_s"):
         table.add_row(key, str(getattr(status, key)))
     table.add_row("addresses", ", ".join(status.addresses))
+    table.add_row("health", health.status)
+    for name, state in health.components.items():
+        if state != "ok":
+            table.add_row(f"  {name}", state)
     return table
 
 

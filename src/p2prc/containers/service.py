@@ -14,6 +14,7 @@ from typing import Protocol
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import NodeConfig, parse_duration, parse_size
 from ..errors import (
     ContainerError,
@@ -76,6 +77,7 @@ class ContainerService:
         runtime: ContainerRuntime,
         clock: Callable[[], float] = time.time,
         ssh_probe: Callable[[str, int], Awaitable[bool]] | None = None,
+        on_crash: CrashHandler = log_crash,
     ) -> None:
         self._ssh_probe = ssh_probe or _ssh_banner
         self._config = config
@@ -86,7 +88,7 @@ class ContainerService:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._pending: dict[str, str] = {}
-        self._expiry: asyncio.Task[None] | None = None
+        self._tasks = TaskSet(on_crash)
         # Set by the node once its port mapper runs: SSH and extra ports of containers on
         # a node behind NAT are published through its relay, and views show those addresses.
         self.publisher: PortPublisher | None = None
@@ -101,12 +103,10 @@ class ContainerService:
     async def start(self) -> None:
         """Reconcile records with the runtime, then expire leases in the background."""
         await self.reconcile()
-        self._expiry = asyncio.create_task(self._expire_loop(), name="container-expiry")
+        self._tasks.spawn(self._expire_loop(), "container-expiry")
 
     async def aclose(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
+        await self._tasks.cancel_all()
         await self._runtime.aclose()
 
     async def __aenter__(self) -> ContainerService:

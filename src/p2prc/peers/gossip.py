@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import psutil
 
-from .._aio import TaskSet
+from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import NodeConfig
 from ..errors import P2PRCError, PeerProtocolError
 from ..identity import Identity
@@ -59,6 +59,7 @@ class Gossip:
         addresses: list[str],
         gpus: Callable[[], int] = lambda: 0,
         relay_port: int = 0,
+        on_crash: CrashHandler = log_crash,
     ) -> None:
         self._relay_port = relay_port
         self._relay, self._public_api = "", ""
@@ -77,7 +78,7 @@ class Gossip:
         self._addresses = addresses
         self._gpus = gpus
         self._transport: asyncio.DatagramTransport | None = None
-        self._tasks = TaskSet()
+        self._tasks = TaskSet(on_crash)
         self.swim: Swim | None = None
         self.port = 0
 

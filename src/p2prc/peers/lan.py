@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .._aio import TaskSet
+from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import join_address
 
 __all__ = ["SERVICE", "LanDiscovery"]
@@ -33,6 +33,8 @@ class LanDiscovery:
         addresses: list[str],
         api_port: int,
         join: Callable[[str], Awaitable[object]],
+        *,
+        on_crash: CrashHandler = log_crash,
     ) -> None:
         self._node_id = node_id
         self._addresses = [a for a in addresses if not ipaddress.ip_address(a).is_loopback]
@@ -41,7 +43,7 @@ class LanDiscovery:
         self._zeroconf: Any = None
         self._browser: Any = None
         self._info: Any = None
-        self._tasks = TaskSet()
+        self._tasks = TaskSet(on_crash)
         self.seen: set[str] = set()
 
     async def start(self) -> None:

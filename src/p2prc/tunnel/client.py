@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .._aio import TaskSet
+from .._aio import CrashHandler, TaskSet, log_crash
 from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError, error_class
 from ..identity import Identity, b64encode
 from .frames import FrameDecoder
@@ -42,13 +42,19 @@ class TunnelClient:
     """Exposes local TCP ports on a relay's public ports."""
 
     def __init__(
-        self, identity: Identity, relay_host: str, relay_port: int, relay_node_id: str
+        self,
+        identity: Identity,
+        relay_host: str,
+        relay_port: int,
+        relay_node_id: str,
+        *,
+        on_crash: CrashHandler = log_crash,
     ) -> None:
         self._identity = identity
         self._host, self._port, self._relay_id = relay_host, relay_port, relay_node_id
         self._control: FramedStream | None = None
         self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._tasks = TaskSet()
+        self._tasks = TaskSet(on_crash)
         self.exposed: dict[int, int] = {}
         self.routed: dict[str, int] = {}
         self._local_hosts: dict[int, str] = {}

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import sqlite3
 
+from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import NodeConfig, join_address
 from ..errors import InvalidRequest, NotFound, P2PRCError, RelayUnavailable
 from ..identity import Identity
@@ -49,6 +50,7 @@ class PortMapper:
         api_port: int = 0,
         relay: RelayServer | None = None,
         api_host: str = "127.0.0.1",
+        on_crash: CrashHandler = log_crash,
     ) -> None:
         self._identity, self._config, self._db = identity, config, db
         self._gossip, self._addresses = gossip, addresses
@@ -61,21 +63,19 @@ class PortMapper:
         self._relay_id = ""
         self._relay_host = ""
         self._lock = asyncio.Lock()
-        self._restore: asyncio.Task[None] | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._on_crash = on_crash
+        # port-restore and relay-watch; a tunnel client's own tasks report to the same handler.
+        self._tasks = TaskSet(on_crash)
 
     def __repr__(self) -> str:
         return f"<PortMapper [{len(self.mappings())} ports | relay {self._relay_id[:8] or '-'}]>"
 
     async def start(self) -> None:
         if self.mappings() or (self._api_port and self._gossip is not None):
-            self._restore = asyncio.create_task(self._restore_all(), name="port-restore")
+            self._tasks.spawn(self._restore_all(), "port-restore")
 
     async def aclose(self) -> None:
-        for task in (self._restore, self._watch):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._client is not None:
             await self._client.aclose()
 
@@ -203,7 +203,13 @@ class PortMapper:
             return self._client
         for member in self._relays():
             record = member.record
-            client = TunnelClient(self._identity, record.host, record.relay_port, record.node_id)
+            client = TunnelClient(
+                self._identity,
+                record.host,
+                record.relay_port,
+                record.node_id,
+                on_crash=self._on_crash,
+            )
             try:
                 await client.start()
             except P2PRCError as exc:
@@ -231,7 +237,7 @@ class PortMapper:
                     log.warning("relay %s does not publish port %d: %s", record.name, port, exc)
             self._client, self._relay_id, self._relay_host = client, record.node_id, record.host
             log.info("tunnel through relay %s (%s)", record.name, record.host)
-            self._watch = asyncio.create_task(self._failover(client), name="relay-watch")
+            self._tasks.spawn(self._failover(client), "relay-watch")
             return client
         raise RelayUnavailable("no reachable relay among known peers (a public peer enables relay)")
 
@@ -255,7 +261,7 @@ class PortMapper:
                 if self._gossip is not None:
                     self._gossip.set_relay("", "")
         await client.aclose()
-        self._restore = asyncio.create_task(self._restore_all(), name="port-restore")
+        self._tasks.spawn(self._restore_all(), "port-restore")
 
     async def _restore_all(self) -> None:
         """Publish again what was published (and the API, behind NAT), until it works."""

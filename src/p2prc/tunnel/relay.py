@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._aio import TaskSet
+from .._aio import CrashHandler, TaskSet, log_crash
 from ..errors import DomainTaken, InvalidRequest, P2PRCError, TunnelProtocolError
 from ..identity import Identity, b64decode, node_id_of, verify_signature
 from .domains import MAX_HEAD, normalize_domain, request_host
@@ -99,6 +99,7 @@ class RelayServer:
         limits: RelayLimits | None = None,
         http_port: int | None = None,
         https_port: int | None = None,
+        on_crash: CrashHandler = log_crash,
     ) -> None:
         self._identity = identity
         self._tls = server_context(identity, tls_dir)
@@ -107,7 +108,7 @@ class RelayServer:
         self.limits = limits or RelayLimits()
         self._server: asyncio.Server | None = None
         self._tunnels: dict[str, _Tunnel] = {}
-        self._tasks = TaskSet()
+        self._tasks = TaskSet(on_crash)
         self._wanted_http, self._wanted_https = http_port, https_port
         self._routes: dict[str, _Route] = {}
         # The public sockets of connections being forwarded: closing the relay ends them.

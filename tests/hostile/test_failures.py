@@ -1,0 +1,189 @@
+"""Failures are loud: a crashed component stops the node with its traceback, health says
+which component is down, cleanup errors never keep the home locked, cancellation is never
+swallowed."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+
+from p2prc import FakeRuntime, Home, Node, NodeConfig, init_home
+from p2prc._aio import TaskSet
+from p2prc.api import create_app
+from p2prc.client import AsyncClient
+from p2prc.config import GossipConfig
+from p2prc.node import home_locked
+from p2prc.peers.gossip import Gossip
+from p2prc.peers.swim import Swim
+from p2prc.tunnel.streams import close_quietly
+
+_NEVER_RETRIEVED = "exception was never retrieved"
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    home = Home(tmp_path / "home")
+    config = NodeConfig(name="loud", gossip=GossipConfig(lan_discovery=False))
+    settings, identity = init_home(home, config)
+    node = Node(settings, home, identity=identity, host="127.0.0.1", port=0, runtime=FakeRuntime())
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.aclose()
+
+
+async def _health(node: Node) -> dict[str, Any]:
+    transport = httpx.ASGITransport(app=create_app(node))
+    async with httpx.AsyncClient(transport=transport, base_url="http://node.test") as http:
+        answer = await http.get("/health")
+    assert answer.status_code == 200
+    return cast(dict[str, Any], answer.json())
+
+
+def _never_retrieved(caplog: pytest.LogCaptureFixture) -> list[str]:
+    gc.collect()  # asyncio reports an unretrieved exception when the task is collected
+    return [r.getMessage() for r in caplog.records if _NEVER_RETRIEVED in r.getMessage()]
+
+
+async def test_health_lists_components_when_all_run(node: Node) -> None:
+    health = await _health(node)
+    assert health["ok"] is True
+    assert health["status"] == "ok"
+    assert {"api", "containers", "gossip", "mapper"} <= set(health["components"])
+    assert set(health["components"].values()) == {"ok"}
+    async with AsyncClient(node.api_url, home=node.home_path) as client:
+        assert (await client.health()).components == health["components"]
+
+
+async def test_crashed_gossip_task_stops_the_node_loudly(
+    node: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the tick loop died inside its task set, logged only as "Task exception was
+    # never retrieved", and the node kept serving without ever probing anyone again.
+    def broken_tick(self: Swim, now: float) -> list[object]:
+        raise RuntimeError("tick exploded")
+
+    caplog.set_level(logging.ERROR)
+    monkeypatch.setattr(Swim, "tick", broken_tick)
+    async with asyncio.timeout(10):
+        await node.wait_closed()
+
+    crash = [r for r in caplog.records if r.exc_info and "tick exploded" in str(r.exc_info[1])]
+    assert crash, "the crash was not logged with its traceback"
+    assert "gossip" in crash[0].getMessage()
+    assert "stopping the node" in crash[0].getMessage()
+    assert node.failure is not None
+    assert "gossip-tick crashed" in node.failure
+
+    health = await _health(node)
+    assert health["ok"] is False
+    assert health["status"] == "degraded"
+    down = health["components"]["gossip"]
+    assert down.startswith("down: gossip-tick crashed: RuntimeError: tick exploded")
+    assert health["components"]["api"] == "ok"
+    monkeypatch.undo()
+    await node.aclose()
+    assert not _never_retrieved(caplog)
+
+
+async def test_crashed_node_task_stops_the_node(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken() -> None:
+        raise ValueError("background work failed")
+
+    node.spawn(broken(), name="some-work")
+    async with asyncio.timeout(10):
+        await node.wait_closed()
+    assert (await _health(node))["components"]["some-work"].startswith("down: some-work crashed")
+    await node.aclose()
+    assert not _never_retrieved(caplog)
+
+
+async def test_cleanup_error_is_logged_and_the_home_released(
+    node: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: Gossip.aclose raising (uvloop's "socket family mismatch" on a dual-stack
+    # machine) escaped Node.aclose, which then never closed the state nor released the home.
+    original = Gossip.aclose
+
+    async def failing_aclose(self: Gossip) -> None:
+        await original(self)
+        raise ValueError("socket family mismatch")
+
+    monkeypatch.setattr(Gossip, "aclose", failing_aclose)
+    home = Home(node.home_path)
+    assert home_locked(home)
+    await node.aclose()
+    assert not home_locked(home)
+    assert not home.runtime_file.exists()
+    logged = [r for r in caplog.records if r.exc_info and "family mismatch" in str(r.exc_info[1])]
+    assert logged
+    assert logged[0].levelno == logging.ERROR
+
+
+async def test_task_set_reaps_crashes_and_reports_them() -> None:
+    crashes: list[tuple[str, BaseException]] = []
+    tasks = TaskSet(lambda task, exc: crashes.append((task.get_name(), exc)))
+
+    async def fail() -> None:
+        raise OSError("gone")
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    tasks.spawn(fail(), "failing")
+    tasks.spawn(forever(), "waiting")
+    await asyncio.sleep(0.01)
+    assert [(name, str(exc)) for name, exc in crashes] == [("failing", "gone")]
+    assert len(tasks) == 1
+    await tasks.cancel_all()
+    assert len(tasks) == 0
+    assert len(crashes) == 1
+
+
+async def test_task_set_default_handler_logs_the_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = TaskSet()
+
+    async def fail() -> None:
+        raise KeyError("lost")
+
+    tasks.spawn(fail(), "library-task")
+    await asyncio.sleep(0.01)
+    records = [r for r in caplog.records if "library-task" in r.getMessage()]
+    assert records
+    assert records[0].levelno == logging.ERROR
+    assert records[0].exc_info
+    assert not _never_retrieved(caplog)
+
+
+class _HangingWriter:
+    """A connection whose close never completes."""
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_close_quietly_does_not_swallow_cancellation() -> None:
+    # Before: close_quietly suppressed CancelledError, so cancelling a task that was
+    # closing a connection let it carry on as if nothing had happened.
+    writer = cast(asyncio.StreamWriter, _HangingWriter())
+    task = asyncio.create_task(close_quietly(writer))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
