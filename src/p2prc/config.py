@@ -5,6 +5,7 @@ This is the only module that reads the environment (``P2PRC_HOME``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -76,6 +77,18 @@ class Home:
     @property
     def lock_file(self) -> Path:
         return self.path / "node.lock"
+
+    def make_private(self) -> None:
+        """Create the home and its plugins dir as 0700, or take them back to it.
+
+        Only modes change: nothing in an existing home is removed or replaced.
+        """
+        for directory in (self.path, self.plugins_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        for file in (self.config_file, self.path / "known_hosts"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(file, 0o600)
 
 
 def resolve_home(explicit: Path | str | None = None) -> Home:
@@ -343,7 +356,7 @@ def load(home: Home) -> NodeConfig:
 def save(home: Home, config: NodeConfig) -> None:
     """Write ``config.toml`` atomically."""
     text = tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
-    atomic_write(home.config_file, text.encode())
+    atomic_write(home.config_file, text.encode(), mode=0o600)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:

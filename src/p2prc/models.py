@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import base64
+import contextlib
+import ipaddress
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
     "CallerInfo",
@@ -37,6 +43,7 @@ __all__ = [
     "SshAccess",
     "SyncResult",
     "TrackedContainer",
+    "parse_host_key",
 ]
 
 
@@ -123,6 +130,14 @@ class CallerInfo(_Model):
 # Containers ---------------------------------------------------------------------------
 
 _CONTAINER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+CONTAINER_ID = r"^[0-9a-f]{12}$"
+NODE_ID = r"^[0-9a-f]{32}$"
+POSIX_USER = r"^[a-z_][a-z0-9_-]{0,31}$"
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_PUBLIC_ADDRESS = r"^(?:|(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5})$"
+# What an image name shown to (or run by) the owner may contain: no spaces, braces or markup.
+_IMAGE_CHARS = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
+_ED25519_PREFIX = b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x20"
 # A Docker image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path.
 IMAGE_REFERENCE = (
     r"^(?:[a-zA-Z0-9.-]+(?::[0-9]{1,5})?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*"
@@ -154,36 +169,71 @@ class CreateContainer(BaseModel):
     )
 
 
+def _host_name(value: str) -> str:
+    """An IP literal or a DNS name: nothing else may name a container's SSH host."""
+    if "%" not in value:  # no scoped IPv6 addresses: '%' is template syntax downstream
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(value))
+    if len(value) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in value.split(".")):
+        raise ValueError("must be an IP address or a DNS name")
+    return value
+
+
+def parse_host_key(value: str) -> str:
+    """An ``ssh-ed25519`` public key line, re-serialised without its comment; or empty."""
+    if not value:
+        return value
+    words = value.split()
+    try:
+        blob = base64.b64decode(words[1], validate=True) if len(words) >= 2 else b""
+    except ValueError:
+        blob = b""
+    # The wire form is string "ssh-ed25519", then string <32 key bytes>.
+    if words[0] != "ssh-ed25519" or len(blob) != len(_ED25519_PREFIX) + 32:
+        raise ValueError("must be an ssh-ed25519 public key")
+    if not blob.startswith(_ED25519_PREFIX):
+        raise ValueError("must be an ssh-ed25519 public key")
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()}"
+
+
 class SshAccess(_Model):
-    host: str
-    port: int
-    user: str
+    host: Annotated[str, AfterValidator(_host_name)] = Field(max_length=253)
+    port: int = Field(ge=1, le=65535)
+    user: str = Field(pattern=POSIX_USER, description="A POSIX user name")
+    host_key: Annotated[str, AfterValidator(parse_host_key)] = Field(
+        default="",
+        max_length=200,
+        description="The container's SSH host key (ssh-ed25519 ...); empty when unknown",
+    )
 
 
 class PortMapping(_Model):
-    container_port: int
-    host_port: int
+    container_port: int = Field(ge=1, le=65535)
+    host_port: int = Field(ge=1, le=65535)
     public: str = Field(
-        default="", description="host:port on the node's relay when it is behind NAT; else empty"
+        default="",
+        max_length=300,
+        pattern=_PUBLIC_ADDRESS,
+        description="host:port on the node's relay when it is behind NAT; else empty",
     )
 
 
 class ContainerView(_Model):
-    """A container on a peer, as its creator sees it."""
+    """A container on a peer, as its creator sees it; every field is checked, peers lie."""
 
-    id: str
-    name: str
-    peer: str = Field(description="The hosting node's id")
-    image: str
+    id: str = Field(pattern=CONTAINER_ID, description="12 hex digits, as Docker shortens it")
+    name: str = Field(pattern=_CONTAINER_NAME)
+    peer: str = Field(pattern=NODE_ID, description="The hosting node's id")
+    image: str = Field(max_length=255, pattern=_IMAGE_CHARS)
     ssh: SshAccess
-    ports: list[PortMapping]
+    ports: list[PortMapping] = Field(max_length=64)
     gpu: bool
-    cpus: float
-    memory: int
-    owner: str = Field(description="Node id of the creator")
-    created_at: float
-    expires_at: float | None = None
-    status: str = "running"
+    cpus: float = Field(ge=0, allow_inf_nan=False)
+    memory: int = Field(ge=0)
+    owner: str = Field(pattern=NODE_ID, description="Node id of the creator")
+    created_at: float = Field(allow_inf_nan=False)
+    expires_at: float | None = Field(default=None, allow_inf_nan=False)
+    status: str = Field(default="running", pattern=r"^[a-z]{1,16}$")
 
 
 class CreateEvent(_Model):

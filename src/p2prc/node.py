@@ -44,14 +44,13 @@ def init_home(home: Home, config: NodeConfig | None = None) -> tuple[NodeConfig,
     """Create the home's files that are missing; never replaces anything that exists."""
     from .config import load, save
 
-    home.path.mkdir(parents=True, exist_ok=True)
+    home.make_private()
     if home.config_file.exists():
         config = load(home)
     else:
         config = config or NodeConfig()
         save(home, config)
     identity = Identity.load_or_create(home.identity_dir, comment=f"p2prc@{config.name}")
-    home.plugins_dir.mkdir(exist_ok=True)
     State(home.state_file).close()
     return config, identity
 

@@ -8,6 +8,8 @@ with a clear error instead of being replaced.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -119,11 +121,13 @@ class State:
     def _open(path: Path) -> sqlite3.Connection:
         existed = path.exists() and path.stat().st_size > 0
         try:
+            _make_private(path)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StateError(f"cannot open {path}: {exc}") from None
         try:
             _check_and_migrate(db, path, existed)
+            _make_private(path)  # SQLite made the -wal and -shm files by now
         except BaseException:
             db.close()
             raise
@@ -174,6 +178,14 @@ class State:
             self._db.execute("DELETE FROM seen_nonces WHERE nonce = ?", (nonce,))
             raise OverflowError("too many signed requests in the replay window")
         return True
+
+
+def _make_private(path: Path) -> None:
+    """The database and its -wal and -shm files: 0600, created so if missing."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(file, 0o600)
 
 
 def _check_and_migrate(db: sqlite3.Connection, path: Path, existed: bool) -> None:

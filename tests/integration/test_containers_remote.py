@@ -46,8 +46,12 @@ async def test_create_track_and_remove_on_peer(tmp_path: Path) -> None:
         tracked = await client.tracked()
         assert [item.container.id for item in tracked] == [view.id]
         assert tracked[0].peer_address == bob.api_url
+        known_hosts = alice.home_path / "known_hosts"
+        assert view.ssh.host_key.startswith("ssh-ed25519 ")
+        assert known_hosts.read_text() == f"p2prc-{view.id} {view.ssh.host_key}\n"
         await client.remove_tracked(view.id[:6])
         assert await client.tracked() == []
+        assert known_hosts.read_text() == ""
         assert await bob.containers.runtime.list_containers({}) == []
 
 

@@ -4,11 +4,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from ..containers import hostkeys
 from ..containers.groups import GroupStore
 from ..containers.service import ContainerService
 from ..containers.store import ContainerStore
@@ -44,6 +46,8 @@ class ContainerNode(Protocol):
     def container_store(self) -> ContainerStore: ...
     @property
     def state(self) -> State: ...
+    @property
+    def home_path(self) -> Path: ...
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
 
@@ -120,8 +124,12 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
 
         async def work(progress: Callable[[str], Awaitable[None]]) -> ContainerView:
             async with AsyncClient(address, identity=node.identity) as peer:
+                # Keyed by the node we asked: its signed record's id, else its own word.
+                asked = (await peer.status()).node_id
                 view = await peer.create_container(body.spec, progress=progress)
-            node.container_store.add_tracked(TrackedContainer(container=view, peer_address=address))
+            # A refused view is not removed on the peer: a signed DELETE for an id the
+            # peer chose is just what a liar would want from us.
+            _track(node, TrackedContainer(container=view, peer_address=address), asked)
             return view
 
         return _event_stream(node, work)
@@ -146,6 +154,16 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
                 log.info("container %s was already gone on its peer", view.id)
         node.container_store.remove_tracked(view.peer, view.id)
         GroupStore(node.state.connection).forget_container(view.peer, view.id)
+        hostkeys.unpin(node.home_path / "known_hosts", hostkeys.alias(view.id))
         return {"removed": view.id}
 
     return routes
+
+
+def _track(node: ContainerNode, tracked: TrackedContainer, asked: str) -> None:
+    """Check and store a container the peer ``asked`` made for us; pin its SSH host key."""
+    node.container_store.add_tracked(tracked, peer=asked)
+    view = tracked.container
+    if view.ssh.host_key:
+        known_hosts = node.home_path / "known_hosts"
+        hostkeys.pin(known_hosts, hostkeys.alias(view.id), view.ssh.host_key)

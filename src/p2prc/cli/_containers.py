@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..client import Client
 from ..config import Home
+from ..containers import hostkeys
 from ..containers.store import pick_tracked
 from ..errors import InvalidRequest
 from ..models import ContainerView, CreateContainer
@@ -148,11 +149,21 @@ def ssh_command(
     argv = ssh_argv(options.home, item.container, list(ctx.args))
     if shutil.which("ssh") is None:
         raise InvalidRequest("no 'ssh' command on this machine; install openssh-client")
+    pin_host_key(options.home, item.container)
     os.execvp(argv[0], argv)
+
+
+def pin_host_key(home: Home, view: ContainerView) -> None:
+    """Write the host key the peer gave at creation to known_hosts (it is there already
+    unless someone removed it)."""
+    if view.ssh.host_key:
+        hostkeys.pin(home.path / "known_hosts", hostkeys.alias(view.id), view.ssh.host_key)
 
 
 def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
     """The ssh command line for a container; an argument list, never a shell string."""
+    # A key pinned at creation must match; without one, the first login decides.
+    checking = "yes" if view.ssh.host_key else "accept-new"
     return [
         "ssh",
         "-i",
@@ -162,12 +173,14 @@ def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
         "-o",
         "IdentitiesOnly=yes",
         "-o",
-        "StrictHostKeyChecking=accept-new",
+        f"StrictHostKeyChecking={checking}",
         "-o",
         f"UserKnownHostsFile={home.path / 'known_hosts'}",
         # Each container has its own host key; ports are reused by later containers.
         "-o",
-        f"HostKeyAlias=p2prc-{view.id}",
+        f"HostKeyAlias={hostkeys.alias(view.id)}",
+        # "--" ends the options: nothing a peer said can become one.
+        "--",
         f"{view.ssh.user}@{view.ssh.host}",
         *command,
     ]

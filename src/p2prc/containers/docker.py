@@ -61,6 +61,9 @@ class DockerRuntime:
         info: dict[str, Any] = await self._call(lambda: self._docker().info())
         return "nvidia" in (info.get("Runtimes") or {})
 
+    async def host_key(self, container_id: str) -> str:
+        return await self._call(self._host_key, container_id)
+
     async def aclose(self) -> None:
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
@@ -124,6 +127,16 @@ class DockerRuntime:
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
         found = self._docker().containers.list(all=True, filters=filters)
         return [_info(container.attrs) for container in found]
+
+    def _host_key(self, container_id: str) -> str:
+        """The public host key the entrypoint made before sshd started."""
+        container = self._docker().containers.get(container_id)
+        code, output = container.exec_run(
+            ["cat", "/etc/ssh/ssh_host_ed25519_key.pub"], stderr=False, user="root"
+        )
+        if code != 0:
+            raise ContainerError(f"container {container_id} has no ed25519 host key")
+        return bytes(output or b"").decode("ascii", "replace").strip()
 
     def _images(self) -> list[str]:
         tags: list[str] = []

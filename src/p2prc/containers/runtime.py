@@ -65,6 +65,10 @@ class ContainerRuntime(Protocol):
     async def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]: ...
     async def images(self) -> list[str]: ...
     async def has_gpu_runtime(self) -> bool: ...
+    async def host_key(self, container_id: str) -> str:
+        """The container's ``ssh-ed25519`` host public key line."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -80,6 +84,7 @@ class FakeRuntime:
         self._ssh_banner = ssh_banner
         self._servers: dict[str, asyncio.Server] = {}
         self.specs: dict[str, ContainerSpec] = {}
+        self.host_keys: dict[str, str] = {}
         self._images = images if images is not None else ["p2prc/sshd:latest"]
         self._gpu = gpu
         self._ports = itertools.count(40000)
@@ -108,6 +113,7 @@ class FakeRuntime:
         )
         self.containers[container_id] = info
         self.specs[container_id] = spec
+        self.host_keys[container_id] = _fake_host_key()
         return info
 
     async def remove(self, container_id: str) -> None:
@@ -140,6 +146,10 @@ class FakeRuntime:
     async def has_gpu_runtime(self) -> bool:
         return self._gpu
 
+    async def host_key(self, container_id: str) -> str:
+        await self.get(container_id)
+        return self.host_keys[container_id]
+
     async def aclose(self) -> None:
         for container_id in list(self._servers):
             await self._close_server(container_id)
@@ -158,3 +168,16 @@ async def _greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.write(b"SSH-2.0-p2prc-fake\r\n")
     await writer.drain()
     writer.close()
+
+
+def _fake_host_key() -> str:
+    """A real Ed25519 public key line, as a container's sshd would have made."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return f"{public.decode()} root@fake"

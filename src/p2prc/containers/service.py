@@ -13,6 +13,7 @@ from typing import Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from pydantic import ValidationError
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import NodeConfig, parse_duration, parse_size
@@ -27,7 +28,15 @@ from ..errors import (
     QuotaExceeded,
 )
 from ..identity import b64decode
-from ..models import CallerInfo, ContainerView, CreateContainer, ImageList, PortMapping, SshAccess
+from ..models import (
+    CallerInfo,
+    ContainerView,
+    CreateContainer,
+    ImageList,
+    PortMapping,
+    SshAccess,
+    parse_host_key,
+)
 from .runtime import (
     LABEL_EXPIRES,
     LABEL_NODE,
@@ -148,6 +157,7 @@ class ContainerService:
         self, request: CreateContainer, caller: CallerInfo, ssh_host: str, progress: Progress
     ) -> ContainerView:
         """Validate, reserve a quota slot, start the container and wait until SSH answers."""
+        _check_ssh_host(ssh_host)
         plan = self._plan(request, caller)
         await self._check_gpu(plan)
         async with self._lock:
@@ -159,11 +169,12 @@ class ContainerService:
             try:
                 await progress("waiting for sshd")
                 await self._wait_for_ssh(info)
+                host_key = await self._host_key(info.id)
+                view = self._view(info, plan, caller.node_id, ssh_host, host_key)
             except BaseException:
                 with contextlib.suppress(P2PRCError):
                     await self._runtime.remove(info.id)
                 raise
-            view = self._view(info, plan, caller.node_id, ssh_host)
             self._store.add_hosted(view)
         finally:
             self._pending.pop(plan.spec.name, None)
@@ -343,25 +354,50 @@ class ContainerService:
             f"sshd in the container did not answer within {self._limits.ssh_wait:g} s"
         )
 
-    def _view(self, info: ContainerInfo, plan: _Plan, owner: str, ssh_host: str) -> ContainerView:
+    async def _host_key(self, container_id: str) -> str:
+        """The container's SSH host key, for its creator to pin; empty if unreadable."""
+        try:
+            return parse_host_key(await self._runtime.host_key(container_id))
+        except (P2PRCError, ValueError) as exc:  # the creator falls back to trust on first use
+            log.warning("cannot read the SSH host key of container %s: %s", container_id, exc)
+            return ""
+
+    def _view(
+        self, info: ContainerInfo, plan: _Plan, owner: str, ssh_host: str, host_key: str
+    ) -> ContainerView:
         assert info.ssh_port is not None
-        return ContainerView(
-            id=info.id,
-            name=info.name,
-            peer=self._node_id,
-            image=plan.spec.image,
-            ssh=SshAccess(host=ssh_host, port=info.ssh_port, user=self._limits.user),
-            ports=[
-                PortMapping(container_port=p.container_port, host_port=p.host_port)
-                for p in info.ports
-            ],
-            gpu=plan.spec.gpu,
-            cpus=plan.spec.cpus,
-            memory=plan.spec.memory,
-            owner=owner,
-            created_at=self._clock(),
-            expires_at=plan.expires_at,
-        )
+        try:
+            return ContainerView(
+                id=info.id,
+                name=info.name,
+                peer=self._node_id,
+                image=plan.spec.image,
+                ssh=SshAccess(
+                    host=ssh_host, port=info.ssh_port, user=self._limits.user, host_key=host_key
+                ),
+                ports=[
+                    PortMapping(container_port=p.container_port, host_port=p.host_port)
+                    for p in info.ports
+                ],
+                gpu=plan.spec.gpu,
+                cpus=plan.spec.cpus,
+                memory=plan.spec.memory,
+                owner=owner,
+                created_at=self._clock(),
+                expires_at=plan.expires_at,
+            )
+        except ValidationError as exc:  # e.g. containers.user is not a POSIX user name
+            raise ContainerError(f"cannot describe container {info.id}: {exc}") from None
+
+
+def _check_ssh_host(host: str) -> None:
+    """The host the caller reached us by must be fit for its view (an IP or DNS name)."""
+    try:
+        SshAccess(host=host, port=22, user="p2prc")
+    except ValidationError:
+        raise InvalidRequest(
+            f"cannot give {host!r} as SSH host; call this node by IP or name"
+        ) from None
 
 
 def _host_ports(view: ContainerView) -> list[int]:

@@ -1,12 +1,18 @@
 """Run a plugin's playbook with ansible-runner against tracked containers.
 
-The inventory is built in memory from the containers' SSH addresses and the node's key
-path (the key itself is never copied); ansible-runner's working directory is a private
-temporary directory removed afterwards. Nothing is passed through a shell.
+The inventory is built from the containers' SSH addresses and the node's key path (the
+key itself is never copied); ansible-runner's working directory is a private temporary
+directory removed afterwards. Nothing is passed through a shell.
+
+Every inventory value came from a peer or may contain what one chose, and Ansible
+templates inventory strings on this machine: the inventory is written as YAML with each
+string tagged ``!unsafe`` (never templated), and values holding template syntax are
+refused outright.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -16,12 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..containers import hostkeys
 from ..errors import PluginError
 from ..models import HostResult, PluginInfo, PluginRun, TrackedContainer
 
-__all__ = ["host_name", "inventory", "run_playbook"]
+__all__ = ["host_name", "inventory", "inventory_yaml", "run_playbook"]
 
 EventCallback = Callable[[str, str, str], None]
+_TEMPLATE_MARKS = ("{", "%", "#")
 _STATUS = {
     "runner_on_ok": "ok",
     "runner_on_failed": "failed",
@@ -39,13 +47,14 @@ def inventory(items: list[TrackedContainer], key: Path, known_hosts: Path) -> di
     hosts: dict[str, Any] = {}
     for item in items:
         view = item.container
+        checking = "yes" if view.ssh.host_key else "accept-new"
         ssh_options = [
             "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"StrictHostKeyChecking={checking}",
             "-o", f"UserKnownHostsFile={known_hosts}",
-            "-o", f"HostKeyAlias=p2prc-{view.id}",
+            "-o", f"HostKeyAlias={hostkeys.alias(view.id)}",
         ]  # fmt: skip
-        hosts[host_name(item)] = {
+        host = {
             "ansible_host": view.ssh.host,
             "ansible_port": view.ssh.port,
             "ansible_user": view.ssh.user,
@@ -53,7 +62,29 @@ def inventory(items: list[TrackedContainer], key: Path, known_hosts: Path) -> di
             "ansible_ssh_common_args": shlex.join(ssh_options),
             "ansible_python_interpreter": "/usr/bin/python3",
         }
+        _refuse_templates(host_name(item), host)
+        hosts[host_name(item)] = host
     return {"all": {"hosts": hosts}}
+
+
+def inventory_yaml(hosts: dict[str, Any]) -> str:
+    """``inventory``'s answer as YAML, every string value tagged ``!unsafe``."""
+    lines = ["all:", "  hosts:"]
+    for name, variables in hosts["all"]["hosts"].items():
+        lines.append(f"    {json.dumps(name)}:")
+        for variable, value in variables.items():
+            # A JSON string is a YAML double-quoted scalar; ints cannot hold templates.
+            tag = "" if isinstance(value, int) else "!unsafe "
+            lines.append(f"      {json.dumps(variable)}: {tag}{json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _refuse_templates(name: str, host: dict[str, Any]) -> None:
+    for variable, value in [("host", name), *host.items()]:
+        if isinstance(value, str) and any(mark in value for mark in _TEMPLATE_MARKS):
+            raise PluginError(
+                f"{name}: {variable} {value!r} holds template syntax ({{, % or #); refused"
+            )
 
 
 def run_playbook(
@@ -72,6 +103,12 @@ def run_playbook(
         import ansible_runner
     except ImportError:
         raise PluginError("ansible-runner is not installed (pip install ansible-runner)") from None
+    hosts = inventory(items, key, known_hosts)
+    for item in items:
+        if item.container.ssh.host_key:
+            hostkeys.pin(
+                known_hosts, hostkeys.alias(item.container.id), item.container.ssh.host_key
+            )
     started = time.time()
     output: list[str] = []
 
@@ -87,11 +124,14 @@ def run_playbook(
     # ansible-runner finds ansible-playbook on PATH only: put this interpreter's bin first.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with tempfile.TemporaryDirectory(prefix="p2prc-ansible-") as private:
+        hosts_file = Path(private) / "inventory" / "hosts.yml"
+        hosts_file.parent.mkdir(mode=0o700)
+        hosts_file.write_text(inventory_yaml(hosts))
         runner = ansible_runner.run(
             private_data_dir=private,
             project_dir=plugin.path,
             playbook="site.yml",
-            inventory=inventory(items, key, known_hosts),
+            inventory=str(hosts_file),
             extravars=dict(variables),
             envvars={"PATH": path, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"},
             quiet=True,
@@ -99,9 +139,9 @@ def run_playbook(
             timeout=3600,
         )
         stats = runner.stats or {}
-    hosts = {host_name(item): _host_result(stats, host_name(item)) for item in items}
+    results = {host_name(item): _host_result(stats, host_name(item)) for item in items}
     ok = runner.status == "successful" and all(
-        r.failed == 0 and r.unreachable == 0 for r in hosts.values()
+        r.failed == 0 and r.unreachable == 0 for r in results.values()
     )
     return PluginRun(
         id=run_id,
@@ -110,7 +150,7 @@ def run_playbook(
         started_at=started,
         finished_at=time.time(),
         ok=ok,
-        hosts=hosts,
+        hosts=results,
         output="\n".join(output)[-200_000:],
     )
 

@@ -240,3 +240,37 @@ async def test_runtime_down_is_a_clear_error(make_fake_node: Any, tmp_path: Any)
         images = await client.images()
         assert images.available == []
         assert images.default == "p2prc/sshd:latest"
+
+
+async def test_view_carries_the_containers_host_key(node: FakeNode, tmp_path: Any) -> None:
+    async with _client(node, Identity.generate(), tmp_path) as client:
+        view = await client.create_container()
+        listed = await client.containers()
+    key = node.runtime.host_keys[view.id]
+    assert view.ssh.host_key == key.rsplit(" ", 1)[0]  # the comment does not travel
+    assert listed[0].ssh.host_key == view.ssh.host_key
+
+
+async def test_unreadable_host_key_leaves_it_empty(make_fake_node: Any, tmp_path: Any) -> None:
+    class _NoKey(FakeRuntime):
+        async def host_key(self, container_id: str) -> str:
+            return "ssh-ed25519 not-base64 {{ x }}"
+
+    config = NodeConfig(name="nokey", trust=TrustConfig(mode="open"))
+    node = make_fake_node(config, runtime=_NoKey())
+    async with _client(node, Identity.generate(), tmp_path) as client:
+        view = await client.create_container()
+    assert view.ssh.host_key == ""
+
+
+async def test_a_host_header_unfit_for_ssh_creates_nothing(node: FakeNode, tmp_path: Any) -> None:
+    transport = httpx.ASGITransport(app=create_app(node))
+    async with AsyncClient(
+        "http://bad_host.test",
+        home=tmp_path / "x",
+        identity=Identity.generate(),
+        transport=transport,
+    ) as client:
+        with pytest.raises(InvalidRequest, match="SSH host"):
+            await client.create_container()
+    assert node.runtime.containers == {}

@@ -55,16 +55,40 @@ def test_inventory_holds_paths_not_secrets(tmp_path: Path) -> None:
     from p2prc.models import ContainerView, PortMapping, SshAccess, TrackedContainer
 
     view = ContainerView(
-        id="abc123", name="p2prc-x", peer="p" * 32, image="i",
+        id="abc123abc123", name="p2prc-x", peer="a" * 32, image="i",
         ssh=SshAccess(host="192.0.2.7", port=32770, user="p2prc"),
         ports=[PortMapping(container_port=8000, host_port=32771)],
-        gpu=False, cpus=1, memory=1, owner="o", created_at=0,
+        gpu=False, cpus=1, memory=1, owner="b" * 32, created_at=0,
     )  # fmt: skip
     hosts = inventory(
         [TrackedContainer(container=view, peer_address="x")], tmp_path / "key", tmp_path / "kh"
     )
-    host = hosts["all"]["hosts"]["c-abc123"]
+    host = hosts["all"]["hosts"]["c-abc123abc123"]
     assert host["ansible_host"] == "192.0.2.7"
     assert host["ansible_port"] == 32770
     assert host["ansible_ssh_private_key_file"] == str(tmp_path / "key")
-    assert "HostKeyAlias=p2prc-abc123" in host["ansible_ssh_common_args"]
+    assert "HostKeyAlias=p2prc-abc123abc123" in host["ansible_ssh_common_args"]
+    assert "StrictHostKeyChecking=accept-new" in host["ansible_ssh_common_args"]
+    pinned = view.ssh.model_copy(update={"host_key": "ssh-ed25519 AAAA"})
+    strict = inventory(
+        [TrackedContainer(container=view.model_copy(update={"ssh": pinned}), peer_address="x")],
+        tmp_path / "key",
+        tmp_path / "kh",
+    )
+    assert (
+        "StrictHostKeyChecking=yes"
+        in strict["all"]["hosts"]["c-abc123abc123"]["ansible_ssh_common_args"]
+    )
+
+
+def test_inventory_yaml_marks_every_string_unsafe(tmp_path: Path) -> None:
+    from ansible.parsing.utils.yaml import from_yaml  # type: ignore[import-untyped]
+
+    from p2prc.plugins.runner import inventory_yaml
+
+    hosts = {"all": {"hosts": {"c-1": {"ansible_user": 'a"b\\c\n', "ansible_port": 22}}}}
+    text = inventory_yaml(hosts)
+    assert '"ansible_user": !unsafe "a\\"b\\\\c\\n"' in text
+    assert '"ansible_port": 22' in text
+    loaded = from_yaml(text)
+    assert loaded["all"]["hosts"]["c-1"] == {"ansible_user": 'a"b\\c\n', "ansible_port": 22}
