@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def _families() -> set[int]:
-    versions = set()
+    versions: set[int] = set()
     for address in own_addresses():
         ip = ipaddress.ip_address(address)
         if not ip.is_loopback and not ip.is_link_local:
