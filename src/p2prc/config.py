@@ -169,6 +169,11 @@ class ContainerConfig(_Section):
     default_memory: str = "1GiB"
     max_memory: str = "4GiB"
     pids: int = Field(default=512, ge=16, le=1_000_000)
+    # Disk per container where the storage driver can limit it ("0": no limit asked for).
+    disk: str = "10GiB"
+    max_gpus: int = Field(default=1, ge=0, le=64)
+    # Networks a container may not reach (besides this host's own addresses).
+    blocked_networks: list[str] = Field(default_factory=lambda: ["169.254.0.0/16"])
     max_ports: int = Field(default=16, ge=0, le=64)
     max_per_peer: int = Field(default=4, ge=0)
     max_total: int = Field(default=16, ge=0)
@@ -176,11 +181,17 @@ class ContainerConfig(_Section):
     max_ttl: str = "7d"
     ssh_wait: float = Field(default=20.0, gt=0, le=300)
 
-    @field_validator("default_memory", "max_memory")
+    @field_validator("default_memory", "max_memory", "disk")
     @classmethod
-    def _sizes(cls, value: str) -> str:
-        parse_size(value)
+    def _sizes(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
         return value
+
+    @field_validator("blocked_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(item, strict=False)) for item in value]
 
     @field_validator("default_ttl", "max_ttl")
     @classmethod

@@ -154,7 +154,8 @@ class CreateContainer(BaseModel):
     name: str | None = Field(default=None, pattern=_CONTAINER_NAME)
     image: str | None = Field(default=None, max_length=255, pattern=IMAGE_REFERENCE)
     ports: int = Field(default=0, ge=0, le=64, description="How many extra TCP ports to publish")
-    gpu: bool = False
+    gpu: bool = Field(default=False, description="The original flag: one GPU (see gpus)")
+    gpus: int = Field(default=0, ge=0, le=64, description="How many GPUs; 0 = none")
     cpus: float | None = Field(default=None, gt=0, le=1024)
     memory: str | None = Field(
         default=None, max_length=32, description="Bytes, or with a unit: 512MiB, 2GiB, 1g"
@@ -167,6 +168,11 @@ class CreateContainer(BaseModel):
         max_length=8,
         description="Extra OpenSSH public keys; the caller's node key is always installed",
     )
+
+    @property
+    def gpu_count(self) -> int:
+        """The GPUs asked for: ``gpus``, or one for the original ``gpu`` flag."""
+        return self.gpus or int(self.gpu)
 
 
 def _host_name(value: str) -> str:
@@ -228,6 +234,10 @@ class ContainerView(_Model):
     ssh: SshAccess
     ports: list[PortMapping] = Field(max_length=64)
     gpu: bool
+    gpus: int = Field(default=0, ge=0, le=1024, description="GPUs given to the container")
+    disk: int | None = Field(
+        default=None, ge=0, description="Disk limit in bytes; none: this node cannot limit disk"
+    )
     cpus: float = Field(ge=0, allow_inf_nan=False)
     memory: int = Field(ge=0)
     owner: str = Field(pattern=NODE_ID, description="Node id of the creator")

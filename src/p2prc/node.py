@@ -327,7 +327,10 @@ class Node:
         if runtime is None:
             from .containers.docker import DockerRuntime
 
-            runtime = self._runtime = DockerRuntime(self._config.containers.docker_host)
+            offer = self._config.containers
+            runtime = self._runtime = DockerRuntime(
+                offer.docker_host, blocked=offer.blocked_networks
+            )
         service = ContainerService(
             self._config,
             self.identity.node_id,

@@ -61,6 +61,17 @@ def node_factory(tmp_path: Path, docker_client: Any) -> Iterator[Any]:
             all=True, filters={"label": f"p2prc.node={node_id}"}
         ):
             container.remove(force=True)
+    remove_idle_tenant_networks(docker_client)
+
+
+def remove_idle_tenant_networks(docker_client: Any) -> None:
+    """Tenant networks a failed test left behind (the runtime removes them with their last
+    container)."""
+    for network in docker_client.networks.list(filters={"label": "p2prc.tenant"}):
+        network.reload()
+        if not network.attrs.get("Containers"):
+            with contextlib.suppress(Exception):
+                network.remove()
 
 
 def ssh(

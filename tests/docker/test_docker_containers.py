@@ -89,6 +89,7 @@ async def test_injection_attempts_run_nothing(
 async def test_gpu_on_a_node_without_gpu_leaves_nothing(docker_client: Any) -> None:
     runtime = DockerRuntime()
     before = len(docker_client.containers.list(all=True))
+    networks = len(docker_client.networks.list())
     spec = ContainerSpec(
         name="p2prc-gpu-test",
         image="p2prc/sshd:latest",
@@ -96,7 +97,7 @@ async def test_gpu_on_a_node_without_gpu_leaves_nothing(docker_client: Any) -> N
         memory=256 * 1024**2,
         pids=64,
         ports=(),
-        gpu=True,
+        gpus=1,
         authorized_keys=(),
         labels={"p2prc.node": "test"},
     )
@@ -106,6 +107,7 @@ async def test_gpu_on_a_node_without_gpu_leaves_nothing(docker_client: Any) -> N
     finally:
         await runtime.aclose()
     assert len(docker_client.containers.list(all=True)) == before
+    assert len(docker_client.networks.list()) == networks
 
 
 async def test_docker_down_is_clear_and_node_keeps_serving(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ def create_container(
     *,
     ports: int = 0,
     gpu: bool = False,
+    gpus: int = 0,
     name: str | None = None,
     image: str | None = None,
     cpus: float | None = None,
@@ -49,6 +50,7 @@ def create_container(
         spec = CreateContainer(
             ports=ports,
             gpu=gpu,
+            gpus=gpus,
             name=name,
             image=image,
             cpus=cpus,
@@ -81,7 +83,8 @@ def create_command(
     ctx: typer.Context,
     peer: Annotated[str, typer.Argument(help="host:port of the peer (or its URL).")],
     ports: Annotated[int, typer.Option("--ports", "-p", min=0, help="Extra TCP ports.")] = 0,
-    gpu: Annotated[bool, typer.Option("--gpu", help="Ask for the peer's GPUs.")] = False,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Ask for one GPU.")] = False,
+    gpus: Annotated[int, typer.Option("--gpus", min=0, help="Ask for N GPUs.")] = 0,
     name: Annotated[str | None, typer.Option("--name", help="Container name.")] = None,
     image: Annotated[str | None, typer.Option("--image", help="An image the peer offers.")] = None,
     cpus: Annotated[float | None, typer.Option("--cpus", help="CPU cores, e.g. 1.5.")] = None,
@@ -97,6 +100,7 @@ def create_command(
         peer,
         ports=ports,
         gpu=gpu,
+        gpus=gpus,
         name=name,
         image=image,
         cpus=cpus,
@@ -225,10 +229,11 @@ def build_image(options: Options, context: Path, tag: str) -> None:
 
 
 def _container_table(views: list[ContainerView]) -> Table:
-    table = Table("id", "name", "peer", "ssh", "ports", "gpu", "expires", box=None)
+    table = Table("id", "name", "peer", "ssh", "ports", "gpus", "expires", box=None)
     for view in views:
         ports = ", ".join(f"{p.container_port}->{p.host_port}" for p in view.ports)
         ssh = f"{view.ssh.user}@{view.ssh.host}:{view.ssh.port}"
         expires = "never" if view.expires_at is None else f"{view.expires_at:.0f}"
-        table.add_row(view.id, view.name, view.peer[:8], ssh, ports, str(view.gpu), expires)
+        gpus = str(view.gpus or int(view.gpu))
+        table.add_row(view.id, view.name, view.peer[:8], ssh, ports, gpus, expires)
     return table

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..errors import (
@@ -16,7 +17,15 @@ from ..errors import (
     ImageNotFound,
     RuntimeUnavailable,
 )
-from .runtime import SSH_PORT, ContainerInfo, ContainerSpec, PortBinding
+from .confine import (
+    CAPABILITIES,
+    DEFAULT_BLOCKED,
+    NETWORK_PREFIX,
+    Firewall,
+    disk_limit_support,
+    tenant_network,
+)
+from .runtime import LABEL_OWNER, SSH_PORT, ContainerInfo, ContainerSpec, PortBinding
 
 __all__ = ["DEFAULT_DOCKER_HOST", "DockerRuntime"]
 
@@ -28,15 +37,31 @@ _T = TypeVar("_T")
 
 # Phrases the daemon uses when a device request cannot be met (no NVIDIA runtime).
 _GPU_FAILURES = ("could not select device driver", "nvidia", "capabilities: [[gpu]]")
+_LABEL_TENANT = "p2prc.tenant"
+# Open files per process inside a container (pids_limit bounds the processes).
+_NOFILE = 8192
 
 
 class DockerRuntime:
     """Containers on the local Docker daemon; connects lazily, so a node starts without it."""
 
-    def __init__(self, base_url: str = DEFAULT_DOCKER_HOST, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_DOCKER_HOST,
+        timeout: float = 60.0,
+        *,
+        blocked: Sequence[str] = DEFAULT_BLOCKED,
+        firewall: Firewall | None = None,
+    ) -> None:
         self._base_url = base_url
         self._timeout = timeout
         self._client: Any = None
+        self._firewall = firewall or Firewall(blocked)
+        # Creating a tenant's network and attaching a container, or detaching the last one
+        # and removing the network, happen under this lock, so neither sees the other half-done.
+        self._networks = threading.Lock()
+        self._disk_problem: str | None = None
+        self._disk_checked = False
 
     def __repr__(self) -> str:
         state = "connected" if self._client is not None else "not connected"
@@ -60,6 +85,13 @@ class DockerRuntime:
     async def has_gpu_runtime(self) -> bool:
         info: dict[str, Any] = await self._call(lambda: self._docker().info())
         return "nvidia" in (info.get("Runtimes") or {})
+
+    async def gpu_count(self) -> int:
+        if not await self.has_gpu_runtime():
+            return 0
+        from ..specs import gpus
+
+        return len(await asyncio.to_thread(gpus))
 
     async def host_key(self, container_id: str) -> str:
         return await self._call(self._host_key, container_id)
@@ -87,38 +119,119 @@ class DockerRuntime:
     def _create(self, spec: ContainerSpec) -> ContainerInfo:
         import docker
 
-        client = self._docker()
         ports: dict[str, Any] = {f"{SSH_PORT}/tcp": (spec.publish_host, None)}
         for port in spec.ports:
             ports[f"{port}/tcp"] = (spec.publish_host, None)
         device_requests = (
-            [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if spec.gpu else None
+            [docker.types.DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
+            if spec.gpus > 0
+            else None
         )
-        container = client.containers.create(
-            spec.image,
-            name=spec.name,
-            detach=True,
-            environment={"P2PRC_AUTHORIZED_KEYS": "\n".join(spec.authorized_keys)},
-            labels=spec.labels,
-            ports=ports,
-            nano_cpus=int(spec.cpus * 1e9),
-            mem_limit=spec.memory,
-            memswap_limit=spec.memory,
-            pids_limit=spec.pids,
-            device_requests=device_requests,
-            init=True,
-        )
-        try:
-            container.start()
-            container.reload()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
-            raise
+        options: dict[str, Any] = {
+            "name": spec.name,
+            "detach": True,
+            "environment": {"P2PRC_AUTHORIZED_KEYS": "\n".join(spec.authorized_keys)},
+            "labels": spec.labels,
+            "ports": ports,
+            "nano_cpus": int(spec.cpus * 1e9),
+            "mem_limit": spec.memory,
+            "memswap_limit": spec.memory,
+            "pids_limit": spec.pids,
+            "ulimits": [docker.types.Ulimit(name="nofile", soft=_NOFILE, hard=_NOFILE)],
+            "cap_drop": ["ALL"],
+            "cap_add": list(CAPABILITIES),
+            "device_requests": device_requests,
+            "init": True,
+        }
+        if spec.disk is not None and self._disk_supported():
+            options["storage_opt"] = {"size": str(spec.disk)}
+        self._firewall.ensure()
+        with self._networks:
+            options["network"] = self._tenant_network(spec)
+            container = self._create_container(spec.image, options)
+            try:
+                container.start()
+                container.reload()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
+                self._release_networks([options["network"]])
+                raise
         return _info(container.attrs)
 
+    def _create_container(self, image: str, options: dict[str, Any]) -> Any:
+        """Create; where the driver refuses a size limit, say so once and create without it."""
+        import docker.errors
+
+        containers = self._docker().containers
+        try:
+            return containers.create(image, **options)
+        except docker.errors.APIError as exc:
+            if "storage_opt" not in options or "storage" not in _explanation(exc).lower():
+                raise
+            self._no_disk_limit(_explanation(exc))
+            del options["storage_opt"]
+            return containers.create(image, **options)
+
+    def _disk_supported(self) -> bool:
+        if not self._disk_checked:
+            self._disk_checked = True
+            problem = disk_limit_support(self._docker().info())
+            if problem is not None:
+                self._no_disk_limit(problem)
+        return self._disk_problem is None
+
+    def _no_disk_limit(self, problem: str) -> None:
+        self._disk_problem = problem
+        log.warning("containers get NO disk limit on this node: %s", problem)
+
+    def _tenant_network(self, spec: ContainerSpec) -> str:
+        """The owner's own network (created on demand): no traffic between its containers."""
+        import docker.errors
+
+        name, bridge = tenant_network(spec.labels.get(LABEL_OWNER) or spec.name)
+        networks = self._docker().networks
+        try:
+            networks.get(name)
+        except docker.errors.NotFound:
+            networks.create(
+                name,
+                driver="bridge",
+                check_duplicate=True,
+                options={
+                    "com.docker.network.bridge.enable_icc": "false",
+                    "com.docker.network.bridge.name": bridge,
+                },
+                labels={_LABEL_TENANT: spec.labels.get(LABEL_OWNER, "")},
+            )
+            log.info("created network %s (bridge %s) for a tenant", name, bridge)
+        return name
+
+    def _release_networks(self, names: list[str]) -> None:
+        """Remove each tenant network no container uses any more."""
+        import docker.errors
+
+        for name in names:
+            try:
+                network = self._docker().networks.get(name)
+                network.reload()
+                if not network.attrs.get("Containers") and not self._attached(name):
+                    network.remove()
+                    log.info("removed network %s (its last container went)", name)
+            except docker.errors.APIError as exc:  # in use again, or gone already
+                log.debug("network %s kept: %s", name, _explanation(exc))
+
+    def _attached(self, name: str) -> bool:
+        """Whether any container, running or not, names the network (Containers lists running)."""
+        found = self._docker().containers.list(all=True, filters={"network": name})
+        return bool(found)
+
     def _remove(self, container_id: str) -> None:
-        self._docker().containers.get(container_id).remove(force=True)
+        container = self._docker().containers.get(container_id)
+        networks = (container.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        with self._networks:
+            container.remove(force=True)
+            self._release_networks([name for name in networks if name.startswith(NETWORK_PREFIX)])
 
     def _get(self, container_id: str) -> ContainerInfo:
         return _info(self._docker().containers.get(container_id).attrs)
@@ -205,6 +318,24 @@ def _info(attrs: dict[str, Any]) -> ContainerInfo:
         status=str((attrs.get("State") or {}).get("Status", "unknown")),
         ssh_port=ssh_port,
         ports=tuple(bindings),
-        gpu=bool(host_config.get("DeviceRequests")),
+        gpus=_gpus(host_config.get("DeviceRequests") or []),
+        disk=_disk(host_config.get("StorageOpt") or {}),
         labels=dict(config.get("Labels") or {}),
     )
+
+
+def _gpus(requests: list[dict[str, Any]]) -> int:
+    """How many GPUs a container's device requests ask for (-1, all, counts as 1 at least)."""
+    total = 0
+    for request in requests:
+        count = int(request.get("Count") or 0)
+        total += len(request.get("DeviceIDs") or []) or (count if count > 0 else 1)
+    return total
+
+
+def _disk(storage: dict[str, Any]) -> int | None:
+    size = storage.get("size")
+    try:
+        return int(size) if size is not None else None
+    except (TypeError, ValueError):
+        return None

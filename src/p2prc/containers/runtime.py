@@ -36,10 +36,11 @@ class ContainerSpec:
     memory: int
     pids: int
     ports: tuple[int, ...]
-    gpu: bool
+    gpus: int
     authorized_keys: tuple[str, ...]
     labels: dict[str, str] = field(default_factory=dict)
     publish_host: str = "0.0.0.0"
+    disk: int | None = None  # bytes; applied where the storage driver can limit disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +53,9 @@ class ContainerInfo:
     status: str
     ssh_port: int | None
     ports: tuple[PortBinding, ...]
-    gpu: bool
+    gpus: int
     labels: dict[str, str]
+    disk: int | None = None  # the disk limit in force, None where there is none
 
 
 class ContainerRuntime(Protocol):
@@ -65,6 +67,10 @@ class ContainerRuntime(Protocol):
     async def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]: ...
     async def images(self) -> list[str]: ...
     async def has_gpu_runtime(self) -> bool: ...
+    async def gpu_count(self) -> int:
+        """How many GPUs containers here can be given (0 without a GPU runtime)."""
+        ...
+
     async def host_key(self, container_id: str) -> str:
         """The container's ``ssh-ed25519`` host public key line."""
         ...
@@ -76,7 +82,7 @@ class FakeRuntime:
     """An in-memory runtime for unit tests: no Docker, no sockets."""
 
     def __init__(
-        self, images: list[str] | None = None, *, gpu: bool = False, ssh_banner: bool = False
+        self, images: list[str] | None = None, *, gpus: int = 0, ssh_banner: bool = False
     ) -> None:
         self.containers: dict[str, ContainerInfo] = {}
         # With ssh_banner, each container's SSH port is a real loopback socket that greets
@@ -86,15 +92,15 @@ class FakeRuntime:
         self.specs: dict[str, ContainerSpec] = {}
         self.host_keys: dict[str, str] = {}
         self._images = images if images is not None else ["p2prc/sshd:latest"]
-        self._gpu = gpu
+        self._gpus = gpus
         self._ports = itertools.count(40000)
         self.closed = False
 
     async def create(self, spec: ContainerSpec) -> ContainerInfo:
         if spec.image not in self._images:
             raise ImageNotFound(f"image {spec.image!r} is not available on this node")
-        if spec.gpu and not self._gpu:
-            raise GpuUnavailable("this node has no GPU runtime")
+        if spec.gpus > self._gpus:
+            raise GpuUnavailable(f"this node has {self._gpus} GPUs")
         container_id = secrets.token_hex(6)
         ssh_port = next(self._ports)
         if self._ssh_banner:
@@ -108,8 +114,9 @@ class FakeRuntime:
             status="running",
             ssh_port=ssh_port,
             ports=tuple(PortBinding(port, next(self._ports)) for port in spec.ports),
-            gpu=spec.gpu,
+            gpus=spec.gpus,
             labels=dict(spec.labels),
+            disk=spec.disk,
         )
         self.containers[container_id] = info
         self.specs[container_id] = spec
@@ -144,7 +151,10 @@ class FakeRuntime:
         return list(self._images)
 
     async def has_gpu_runtime(self) -> bool:
-        return self._gpu
+        return self._gpus > 0
+
+    async def gpu_count(self) -> int:
+        return self._gpus
 
     async def host_key(self, container_id: str) -> str:
         await self.get(container_id)

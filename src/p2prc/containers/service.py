@@ -267,8 +267,18 @@ class ContainerService:
                 log.warning("lease expiry failed, will retry: %s", exc)
 
     async def _check_gpu(self, plan: _Plan) -> None:
-        if plan.spec.gpu and not await self._runtime.has_gpu_runtime():
+        wanted = plan.spec.gpus
+        if wanted == 0:
+            return
+        if wanted > self._limits.max_gpus:
+            raise LimitExceeded(
+                f"gpus {wanted} is above this node's maximum {self._limits.max_gpus} per container"
+            )
+        if not await self._runtime.has_gpu_runtime():
             raise GpuUnavailable("this node has no GPU runtime; ask a peer whose specs list GPUs")
+        have = await self._runtime.gpu_count()
+        if wanted > have:
+            raise LimitExceeded(f"gpus {wanted} is more than the {have} GPUs this node has")
 
     def _check_quota(self, caller: CallerInfo, name: str) -> None:
         hosted = self._store.hosted()
@@ -315,10 +325,11 @@ class ContainerService:
             memory=memory,
             pids=limits.pids,
             ports=tuple(range(FIRST_EXTRA_PORT, FIRST_EXTRA_PORT + request.ports)),
-            gpu=request.gpu,
+            gpus=request.gpu_count,
             authorized_keys=keys,
             labels=labels,
             publish_host=limits.publish_host,
+            disk=parse_size(limits.disk) or None,
         )
         return _Plan(spec=spec, expires_at=expires_at)
 
@@ -379,7 +390,9 @@ class ContainerService:
                     PortMapping(container_port=p.container_port, host_port=p.host_port)
                     for p in info.ports
                 ],
-                gpu=plan.spec.gpu,
+                gpu=info.gpus > 0,
+                gpus=info.gpus,
+                disk=info.disk,
                 cpus=plan.spec.cpus,
                 memory=plan.spec.memory,
                 owner=owner,

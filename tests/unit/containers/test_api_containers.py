@@ -19,8 +19,8 @@ from p2prc.errors import (
     QuotaExceeded,
     RuntimeUnavailable,
 )
-from p2prc.identity import Identity, parse_public_key
-from p2prc.models import CreateContainer
+from p2prc.identity import Identity, b64encode, parse_public_key
+from p2prc.models import CallerInfo, CreateContainer
 from tests.conftest import FakeNode
 
 
@@ -63,7 +63,8 @@ async def test_create_with_ports_installs_callers_key(node: FakeNode, tmp_path: 
     assert spec.cpus == 1.0
     assert spec.memory == 1024**3
     assert spec.pids == 512
-    assert not spec.gpu
+    assert spec.gpus == 0
+    assert spec.disk == 10 * 1024**3
 
 
 async def test_extra_keys_are_reserialised(node: FakeNode, tmp_path: Any) -> None:
@@ -87,6 +88,8 @@ async def test_extra_keys_are_reserialised(node: FakeNode, tmp_path: Any) -> Non
         ({"ttl": "0"}, InvalidRequest),
         ({"image": "evil/miner:latest"}, ImageNotFound),
         ({"gpu": True}, GpuUnavailable),
+        ({"gpus": 1}, GpuUnavailable),
+        ({"gpus": 2}, LimitExceeded),
         ({"authorized_keys": ["ssh-ed25519 AAAA; rm -rf /"]}, InvalidRequest),
         ({"authorized_keys": ['command="sh" ssh-ed25519 AAAA']}, InvalidRequest),
     ],
@@ -135,11 +138,34 @@ async def test_injection_and_junk_are_rejected_before_docker(
 
 async def test_gpu_request_reaches_the_runtime(make_fake_node: Any, tmp_path: Any) -> None:
     config = NodeConfig(name="gpu", trust=TrustConfig(mode="open"))
-    node = make_fake_node(config, runtime=FakeRuntime(gpu=True))
+    node = make_fake_node(config, runtime=FakeRuntime(gpus=1))
     async with _client(node, Identity.generate(), tmp_path) as client:
         view = await client.create_container(CreateContainer(gpu=True))
     assert view.gpu
-    assert node.runtime.specs[view.id].gpu
+    assert view.gpus == 1
+    assert node.runtime.specs[view.id].gpus == 1
+
+
+@pytest.mark.parametrize(
+    ("max_gpus", "asked", "error"),
+    [(4, 3, None), (2, 3, "maximum 2 per container"), (8, 5, "more than the 4 GPUs")],
+)
+async def test_gpu_count_is_limited(
+    make_fake_node: Any, tmp_path: Any, max_gpus: int, asked: int, error: str | None
+) -> None:
+    config = NodeConfig(
+        name="gpu", trust=TrustConfig(mode="open"), containers=ContainerConfig(max_gpus=max_gpus)
+    )
+    node = make_fake_node(config, runtime=FakeRuntime(gpus=4))
+    async with _client(node, Identity.generate(), tmp_path) as client:
+        if error is None:
+            view = await client.create_container(CreateContainer(gpus=asked))
+            assert view.gpus == asked
+            assert node.runtime.specs[view.id].gpus == asked
+        else:
+            with pytest.raises(LimitExceeded, match=error):
+                await client.create_container(CreateContainer(gpus=asked))
+            assert node.runtime.containers == {}
 
 
 async def test_only_the_creator_may_remove(node: FakeNode, tmp_path: Any) -> None:
@@ -263,14 +289,13 @@ async def test_unreadable_host_key_leaves_it_empty(make_fake_node: Any, tmp_path
     assert view.ssh.host_key == ""
 
 
-async def test_a_host_header_unfit_for_ssh_creates_nothing(node: FakeNode, tmp_path: Any) -> None:
-    transport = httpx.ASGITransport(app=create_app(node))
-    async with AsyncClient(
-        "http://bad_host.test",
-        home=tmp_path / "x",
-        identity=Identity.generate(),
-        transport=transport,
-    ) as client:
-        with pytest.raises(InvalidRequest, match="SSH host"):
-            await client.create_container()
+async def test_a_host_unfit_for_ssh_creates_nothing(node: FakeNode) -> None:
+    alice = Identity.generate()
+    caller = CallerInfo(node_id=alice.node_id, role="peer", public_key=b64encode(alice.public_key))
+
+    async def progress(message: str) -> None:
+        pass
+
+    with pytest.raises(InvalidRequest, match="SSH host"):
+        await node.containers.create(CreateContainer(), caller, "evil{{7*7}}", progress)
     assert node.runtime.containers == {}
