@@ -133,7 +133,8 @@ _CONTAINER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 CONTAINER_ID = r"^[0-9a-f]{12}$"
 NODE_ID = r"^[0-9a-f]{32}$"
 POSIX_USER = r"^[a-z_][a-z0-9_-]{0,31}$"
-_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# Underscores too: real networks name hosts so (compose services), and they are inert.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _PUBLIC_ADDRESS = r"^(?:|(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5})$"
 # What an image name shown to (or run by) the owner may contain: no spaces, braces or markup.
 _IMAGE_CHARS = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
