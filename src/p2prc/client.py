@@ -33,6 +33,7 @@ from .errors import (
     PeerProtocolError,
     PeerTimeout,
     PeerUnreachable,
+    WrongNode,
     error_class,
 )
 from .identity import Identity
@@ -107,12 +108,17 @@ def local_api_url(home: Home) -> str:
 class _SignatureAuth(httpx.Auth):
     """Signs state-changing requests for the node they are sent to.
 
+    The audience is the expected node id when the caller knows it (from that node's
+    signed peer record), so a server cannot have us sign requests for another node by
+    claiming its id. Otherwise it is learned once per origin from ``GET /status``.
+
     Async only (the sync ``Client`` runs ``AsyncClient``): the probe that learns the
     node's id is read here, while the signed request's answer may be a stream.
     """
 
-    def __init__(self, identity: Identity | None) -> None:
+    def __init__(self, identity: Identity | None, audience: str | None = None) -> None:
         self._identity = identity
+        self._audience = audience
         self._audiences: dict[tuple[str, str, int | None], str] = {}
 
     def sync_auth_flow(
@@ -129,7 +135,7 @@ class _SignatureAuth(httpx.Auth):
             yield request
             return
         origin = (request.url.scheme, request.url.host, request.url.port)
-        audience = self._audiences.get(origin)
+        audience = self._audience or self._audiences.get(origin)
         if audience is None:
             probe = httpx.Request("GET", request.url.copy_with(raw_path=b"/status"))
             response = yield probe
@@ -175,17 +181,20 @@ class AsyncClient:
         *,
         home: Home | Path | str | None = None,
         identity: Identity | None = None,
+        audience: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
     ) -> None:
+        """``audience``: the node id expected at ``base_url``; requests are signed for it."""
         self._home = home if isinstance(home, Home) else resolve_home(home)
+        self.audience = audience
         self._local = base_url is None
         self.base_url = local_api_url(self._home) if base_url is None else peer_url(base_url)
         if identity is None:
             identity = _identity_if_any(self._home)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
-            auth=_SignatureAuth(identity),
+            auth=_SignatureAuth(identity, audience),
             transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             trust_env=False,
@@ -200,7 +209,12 @@ class AsyncClient:
 
     async def status(self) -> NodeStatus:
         """``GET /status``: the node's id, name, version and addresses."""
-        return await self._call("GET", "/status", NodeStatus)
+        status = await self._call("GET", "/status", NodeStatus)
+        if self.audience is not None and status.node_id != self.audience:
+            raise WrongNode(
+                f"{self.base_url} says it is node {status.node_id}, not {self.audience}"
+            )
+        return status
 
     async def specs(self) -> Specs:
         """``GET /specs``: CPU, memory, disk and GPUs."""
@@ -532,13 +546,14 @@ class Client:
         *,
         home: Home | Path | str | None = None,
         identity: Identity | None = None,
+        audience: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
     ) -> None:
         self._runner = asyncio.Runner()
         try:
             self._async = self._runner.run(
-                _make_async(base_url, home, identity, transport, timeout)
+                _make_async(base_url, home, identity, audience, transport, timeout)
             )
         except BaseException:
             self._runner.close()
@@ -718,10 +733,16 @@ async def _make_async(
     base_url: str | None,
     home: Home | Path | str | None,
     identity: Identity | None,
+    audience: str | None,
     transport: httpx.AsyncBaseTransport | None,
     request_timeout: float,
 ) -> AsyncClient:
     # httpx binds its connection pool to the loop that first uses it: build it inside the runner.
     return AsyncClient(
-        base_url, home=home, identity=identity, transport=transport, timeout=request_timeout
+        base_url,
+        home=home,
+        identity=identity,
+        audience=audience,
+        transport=transport,
+        timeout=request_timeout,
     )

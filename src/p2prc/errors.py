@@ -10,6 +10,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     +-- IdentityError               identity_error (500)
     +-- StateError                  state_error (500)
     +-- InvalidRequest              invalid_request (422)
+    |   +-- RequestTooLarge         too_large (413)
     +-- NotFound                    not_found (404)
     +-- NodeError                   node_error (500)
     |   +-- NodeNotRunning          node_not_running (503)
@@ -80,6 +81,7 @@ __all__ = [
     "RateLimited",
     "RelayUnavailable",
     "RequestReplayed",
+    "RequestTooLarge",
     "RuntimeUnavailable",
     "SignatureExpired",
     "SignatureInvalid",
@@ -135,6 +137,13 @@ class InvalidRequest(P2PRCError):
 
     status = 422
     code = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    """A request's body is larger than its route accepts."""
+
+    status = 413
+    code = "too_large"
 
 
 class NotFound(P2PRCError):

@@ -39,6 +39,12 @@ __all__ = ["Node", "home_locked", "init_home"]
 
 log = logging.getLogger(__name__)
 
+# Bounds on the API server (uvicorn): connections and requests in flight, the listen
+# backlog, and seconds an idle keep-alive connection stays open.
+_API_CONCURRENCY = 256
+_API_BACKLOG = 1024
+_API_KEEP_ALIVE = 5
+
 
 def init_home(home: Home, config: NodeConfig | None = None) -> tuple[NodeConfig, Identity]:
     """Create the home's files that are missing; never replaces anything that exists."""
@@ -402,7 +408,8 @@ class Node:
             answers = []
             for member in peers:
                 try:
-                    async with AsyncClient(gossip.api_url(member), identity=self.identity) as peer:
+                    url, audience = gossip.api_url(member), member.record.node_id
+                    async with AsyncClient(url, identity=self.identity, audience=audience) as peer:
                         answers.append((await peer.reachability(self._port)).reachable)
                 except P2PRCError as exc:
                     log.debug("NAT check via %s failed: %s", member.record.name, exc)
@@ -455,6 +462,13 @@ class Node:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=int(self._config.timeouts.shutdown),
+            # Every relayed caller connects from loopback: never take X-Forwarded-For's word.
+            proxy_headers=False,
+            # Connections and requests at once (idle keep-alives included): past this uvicorn
+            # answers 503, well before the usual 1,024 file descriptors run out.
+            limit_concurrency=_API_CONCURRENCY,
+            backlog=_API_BACKLOG,
+            timeout_keep_alive=_API_KEEP_ALIVE,
         )
         self._server = _Server(config)
         task = self._api_task = self._spawn(self._server.serve(sockets=[sock]), name="api")
@@ -473,7 +487,7 @@ class Node:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((self._host, self._requested_port))
-            sock.listen(1024)
+            sock.listen(_API_BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()

@@ -105,6 +105,13 @@ _MIGRATIONS: list[str] = [
     DROP TABLE port_mappings;
     ALTER TABLE port_mappings_v6 RENAME TO port_mappings;
     """,
+    # 7: each nonce remembers the key that used it and its budget pool (per-key budgets).
+    """
+    ALTER TABLE seen_nonces ADD COLUMN key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE seen_nonces ADD COLUMN pool TEXT NOT NULL DEFAULT '';
+    CREATE INDEX seen_nonces_key ON seen_nonces (key, expires);
+    CREATE INDEX seen_nonces_pool ON seen_nonces (pool, expires);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -163,21 +170,41 @@ class State:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    def remember_nonce(self, nonce: str, expires: float, limit: int) -> bool:
-        """Record a nonce; False if it was seen before. Refuses past ``limit`` live nonces."""
+    def remember_nonce(
+        self,
+        nonce: str,
+        expires: float,
+        limit: int,
+        *,
+        key: str = "",
+        pool: str = "",
+        key_limit: int | None = None,
+    ) -> bool:
+        """Record a nonce; False if it was seen before.
+
+        Refuses (``OverflowError``) past ``key_limit`` live nonces of ``key`` or ``limit``
+        live nonces in ``pool``, so one key's flood never uses up another pool's room.
+        """
         now = time.time()
-        self._db.execute("DELETE FROM seen_nonces WHERE expires < ?", (now,))
-        try:
-            self._db.execute(
-                "INSERT INTO seen_nonces (nonce, expires) VALUES (?, ?)", (nonce, expires)
-            )
-        except sqlite3.IntegrityError:
+        db = self._db
+        db.execute("DELETE FROM seen_nonces WHERE expires < ?", (now,))
+        if db.execute("SELECT 1 FROM seen_nonces WHERE nonce = ?", (nonce,)).fetchone():
             return False
-        count = self._db.execute("SELECT count(*) FROM seen_nonces").fetchone()[0]
-        if count > limit:
-            self._db.execute("DELETE FROM seen_nonces WHERE nonce = ?", (nonce,))
+        if key_limit is not None and _live(db, "key", key, now) >= key_limit:
+            raise OverflowError("too many signed requests from this key in the replay window")
+        if _live(db, "pool", pool, now) >= limit:
             raise OverflowError("too many signed requests in the replay window")
+        db.execute(
+            "INSERT INTO seen_nonces (nonce, expires, key, pool) VALUES (?, ?, ?, ?)",
+            (nonce, expires, key, pool),
+        )
         return True
+
+
+def _live(db: sqlite3.Connection, column: str, value: str, now: float) -> int:
+    # Served by the (column, expires) index: counts only that key's or pool's rows.
+    query = f"SELECT count(*) FROM seen_nonces WHERE {column} = ? AND expires >= ?"
+    return int(db.execute(query, (value, now)).fetchone()[0])
 
 
 def _make_private(path: Path) -> None:

@@ -6,12 +6,14 @@ import httpx
 import pytest
 
 from p2prc.api import create_app
+from p2prc.api.auth import KeyRate
 from p2prc.client import AsyncClient
 from p2prc.config import NodeConfig, TrustConfig
 from p2prc.errors import (
     AuthError,
     NotTrusted,
     OwnerOnly,
+    RateLimited,
     RequestReplayed,
     SignatureExpired,
     SignatureInvalid,
@@ -155,3 +157,29 @@ async def test_signature_binds_the_path(fake_node: FakeNode) -> None:
         response = await http.post("/shutdown", headers=headers)
     assert _error(response) == SignatureInvalid.code
     assert not fake_node.closed
+
+
+def test_key_rate_counts_each_key_in_its_window() -> None:
+    rate = KeyRate(limit=2, window=10.0, max_keys=2)
+    rate.hit("a", now=0.0)
+    rate.hit("a", now=1.0)
+    with pytest.raises(RateLimited):
+        rate.hit("a", now=2.0)
+    rate.hit("b", now=2.0)
+    rate.hit("a", now=10.5)  # the first hit left the window
+    with pytest.raises(RateLimited):
+        rate.hit("c", now=10.5)  # room for two keys, both still counting
+    rate.hit("c", now=30.0)  # idle keys are dropped to make room
+
+
+async def test_owner_only_refusal_stores_no_nonce(make_fake_node: object, tmp_path: object) -> None:
+    assert callable(make_fake_node)
+    node = make_fake_node(NodeConfig(name="n", trust=TrustConfig(mode="open")))
+    peer = Identity.generate()
+    async with _client(node, peer, tmp_path) as client:
+        for _ in range(3):
+            with pytest.raises(OwnerOnly):
+                await client.shutdown()
+        await client.whoami()
+    rows = node.state.connection.execute("SELECT key, pool FROM seen_nonces").fetchall()
+    assert rows == [(peer.node_id, "other")]

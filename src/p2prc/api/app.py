@@ -1,7 +1,10 @@
 """Routes of the node's HTTP API and the one error-to-response table."""
 
 import asyncio
+import contextlib
+import json
 import logging
+import re
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -12,22 +15,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import NodeConfig
 from ..containers.service import ContainerService
 from ..containers.store import ContainerStore
-from ..errors import P2PRCError
+from ..errors import P2PRCError, RateLimited, RequestTooLarge
 from ..identity import Identity
 from ..models import CallerInfo, Health, NodeStatus, Specs
-from ..peers.gossip import Gossip
+from ..peers.gossip import MAX_EXCHANGE_BYTES, Gossip
 from ..specs import collect_specs, own_addresses
 from ..state import State
 from ..tunnel.mapper import PortMapper
 from . import containers, peers, plugins, tunnel
 from .auth import RequestVerifier
 
-__all__ = ["NodeView", "create_app"]
+__all__ = ["NodeView", "RequestLimits", "body_limit", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,120 @@ class NodeView(Protocol):
     def close(self) -> None: ...
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
     def component_health(self) -> dict[str, str]: ...
+
+
+# Request bodies are bounded before they are read: 64 KiB fits every route's model (a
+# container create with eight RSA-16384 keys is under 24 KiB), except these.
+_DEFAULT_BODY_LIMIT = 64 * 1024
+_PLUGIN_RUN = re.compile(r"^/plugins/[^/]+/run$")
+_PLUGIN_RUN_BODY_LIMIT = 1024 * 1024
+# Answers that cost the node much memory or bandwidth: at most this many at once.
+_CONCURRENT = {("GET", "/peers/speedtest"): 2}
+
+
+def body_limit(method: str, path: str) -> int:
+    """How many body bytes a request to this route may carry."""
+    if method == "POST" and path == "/peers/exchange":
+        return MAX_EXCHANGE_BYTES
+    if method == "POST" and _PLUGIN_RUN.match(path):
+        return _PLUGIN_RUN_BODY_LIMIT
+    return _DEFAULT_BODY_LIMIT
+
+
+class RequestLimits:
+    """ASGI middleware: refuses oversized bodies before reading them, and bounds costly routes.
+
+    A declared ``Content-Length`` over the route's limit is refused at once; a chunked
+    body is read only up to the limit. What passes reaches the app as one message, so
+    nothing behind this middleware ever holds more than the limit.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._running: dict[tuple[str, str], int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = str(scope["method"]), str(scope["path"])
+        limit = body_limit(method, path)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(send, RequestTooLarge(_too_large(method, path, limit)))
+            return
+        try:
+            body = await _read_body(receive, limit)
+        except _Disconnected:
+            return
+        if body is None:
+            await _refuse(send, RequestTooLarge(_too_large(method, path, limit)))
+            return
+        route = (method, path)
+        if route in _CONCURRENT and self._running.get(route, 0) >= _CONCURRENT[route]:
+            await _refuse(send, RateLimited(f"{method} {path} is busy; try again shortly"))
+            return
+        self._running[route] = self._running.get(route, 0) + 1
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self._running[route] -= 1
+
+
+class _Disconnected(Exception):
+    """The client went away before its body was complete."""
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None once it grows past ``limit`` (the rest is never read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _Disconnected
+        chunk = bytes(message.get("body", b""))
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the buffered body first, then the connection's own events."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+def _too_large(method: str, path: str, limit: int) -> str:
+    return f"the body of {method} {path} may be at most {limit} bytes"
+
+
+async def _refuse(send: Send, error: P2PRCError) -> None:
+    """Answer with our error body and close: the unread rest of the request is dropped."""
+    body = json.dumps(error.to_body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -104,6 +222,7 @@ def create_app(node: NodeView) -> FastAPI:
         redoc_url=None,
     )
     _install_error_handlers(app)
+    app.add_middleware(RequestLimits)
     verifier = RequestVerifier(node.identity, node.config.trust, node.state)
     Peer = Annotated[CallerInfo, Depends(verifier.peer)]
     Owner = Annotated[CallerInfo, Depends(verifier.owner)]

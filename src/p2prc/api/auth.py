@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
@@ -36,16 +38,35 @@ from ..models import CallerInfo
 from ..state import State
 from ..trust import TrustPolicy
 
-__all__ = ["RequestVerifier"]
+__all__ = ["KeyRate", "RequestVerifier"]
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
-# Live nonces kept for replay protection; past this the node refuses signed calls.
-_NONCE_LIMIT = 100_000
+# Live nonces (each lives up to twice trust.clock_skew) kept for replay protection, as
+# (per key, whole pool). The owner has a pool of its own, so no other key can use up its
+# room; keys in trust.allow share a second; every other key (any key costs nothing to
+# make) shares the third, and each of those keys has a small budget of its own.
+_OWNER_NONCES = 100_000
+_LISTED_NONCES = (5_000, 200_000)
+_STRANGER_NONCES = (1_000, 20_000)
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """A request whose signature verified; its nonce is not recorded yet."""
+
+    caller: CallerInfo
+    public_key: bytes
+    nonce: str
+    expires: float
 
 
 class RequestVerifier:
-    """Checks a request's signature, freshness and nonce, then the trust policy."""
+    """Checks a request's signature and freshness, then the trust policy, then its nonce.
+
+    The nonce is recorded last, so a key the policy refuses never takes room in the
+    replay table.
+    """
 
     def __init__(self, identity: Identity, trust: TrustConfig, state: State) -> None:
         self._identity = identity
@@ -55,23 +76,43 @@ class RequestVerifier:
 
     async def peer(self, request: Request) -> CallerInfo:
         """FastAPI dependency: any caller the trust policy accepts."""
-        caller = await self._authenticate(request)
-        if self.policy.allows_key(parse_public_key(request.headers[HEADER_KEY])):
-            return caller
-        raise NotTrusted(f"node {caller.node_id} is not in this node's trust.allow list")
+        signed = await self._verify(request)
+        if not self.policy.allows_key(signed.public_key):
+            node_id = signed.caller.node_id
+            raise NotTrusted(f"node {node_id} is not in this node's trust.allow list")
+        return self._remember(signed)
 
     async def authenticated(self, request: Request) -> CallerInfo:
         """FastAPI dependency: any caller with a valid signature, trusted or not."""
-        return await self._authenticate(request)
+        return self._remember(await self._verify(request))
 
     async def owner(self, request: Request) -> CallerInfo:
         """FastAPI dependency: only the node's own key."""
-        caller = await self._authenticate(request)
-        if caller.role != "owner":
+        signed = await self._verify(request)
+        if signed.caller.role != "owner":
             raise OwnerOnly("only this node's own key may do this")
-        return caller
+        return self._remember(signed)
 
-    async def _authenticate(self, request: Request) -> CallerInfo:
+    def _remember(self, signed: _Signed) -> CallerInfo:
+        """Record the nonce in the caller's budget; refuses a replay or a spent budget."""
+        node_id = signed.caller.node_id
+        if signed.caller.role == "owner":
+            pool, (key_limit, limit) = "owner", (None, _OWNER_NONCES)
+        elif self.policy.listed(node_id):
+            pool, (key_limit, limit) = "listed", _LISTED_NONCES
+        else:
+            pool, (key_limit, limit) = "other", _STRANGER_NONCES
+        try:
+            fresh = self._state.remember_nonce(
+                signed.nonce, signed.expires, limit, key=node_id, pool=pool, key_limit=key_limit
+            )
+        except OverflowError as exc:
+            raise RateLimited(f"{exc}; try again later") from None
+        if not fresh:
+            raise RequestReplayed("this request was already received")
+        return signed.caller
+
+    async def _verify(self, request: Request) -> _Signed:
         headers = request.headers
         names = (HEADER_KEY, HEADER_AUDIENCE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
         missing = [name for name in names if name not in headers]
@@ -90,21 +131,48 @@ class RequestVerifier:
             raise SignatureExpired(f"timestamp is more than {skew:g} s from this node's clock")
         if headers[HEADER_AUDIENCE] != self._identity.node_id:
             raise WrongAudience("request was signed for another node")
+        # The body limit middleware has already bounded what this reads.
         body = await request.body()
         message = signing_message(
             request.method, _target(request), headers[HEADER_AUDIENCE], timestamp, nonce, body
         )
         verify_signature(public_key, signature, message)
-        try:
-            fresh = self._state.remember_nonce(nonce, int(timestamp) + skew, _NONCE_LIMIT)
-        except OverflowError as exc:
-            raise RateLimited(str(exc)) from None
-        if not fresh:
-            raise RequestReplayed("this request was already received")
-        role = "owner" if public_key == self._identity.public_key else "peer"
-        return CallerInfo(
+        role = "owner" if self.policy.is_owner(public_key) else "peer"
+        caller = CallerInfo(
             node_id=node_id_of(public_key), role=role, public_key=b64encode(public_key)
         )
+        return _Signed(caller, public_key, nonce, int(timestamp) + skew)
+
+
+class KeyRate:
+    """At most ``limit`` events per key in any ``window`` seconds (in memory, bounded)."""
+
+    def __init__(self, limit: int, window: float, *, max_keys: int = 4096) -> None:
+        self._limit = limit
+        self._window = window
+        self._max_keys = max_keys
+        self._events: dict[str, deque[float]] = {}
+
+    def hit(self, key: str, now: float | None = None) -> None:
+        """Count one event for ``key``; ``RateLimited`` when it is over its limit."""
+        now = time.monotonic() if now is None else now
+        events = self._events.get(key)
+        if events is None:
+            if len(self._events) >= self._max_keys:
+                self._prune(now)
+            if len(self._events) >= self._max_keys:
+                raise RateLimited("too many callers right now; try again later")
+            events = self._events[key] = deque()
+        while events and events[0] <= now - self._window:
+            events.popleft()
+        if len(events) >= self._limit:
+            raise RateLimited(f"at most {self._limit} of these per {self._window:g} s; try later")
+        events.append(now)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self._window
+        for key in [key for key, events in self._events.items() if events[-1] <= horizon]:
+            del self._events[key]
 
 
 def _target(request: Request) -> str:

@@ -25,6 +25,7 @@ from ..models import (
     RemoteCreate,
     TrackedContainer,
 )
+from ..peers.gossip import Gossip
 from ..state import State
 from .auth import RequestVerifier
 
@@ -46,6 +47,8 @@ class ContainerNode(Protocol):
     def container_store(self) -> ContainerStore: ...
     @property
     def state(self) -> State: ...
+    @property
+    def gossip(self) -> Gossip: ...
     @property
     def home_path(self) -> Path: ...
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
@@ -123,9 +126,10 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
         address = peer_url(body.peer)
 
         async def work(progress: Callable[[str], Awaitable[None]]) -> ContainerView:
-            async with AsyncClient(address, identity=node.identity) as peer:
+            audience = _audience(node, address)
+            async with AsyncClient(address, identity=node.identity, audience=audience) as peer:
                 # Keyed by the node we asked: its signed record's id, else its own word.
-                asked = (await peer.status()).node_id
+                asked = audience or (await peer.status()).node_id
                 view = await peer.create_container(body.spec, progress=progress)
             # A refused view is not removed on the peer: a signed DELETE for an id the
             # peer chose is just what a liar would want from us.
@@ -147,7 +151,9 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
 
         item = node.container_store.one_tracked(container_id)
         view = item.container
-        async with AsyncClient(item.peer_address, identity=node.identity) as peer:
+        address = item.peer_address
+        audience = _audience(node, address)
+        async with AsyncClient(address, identity=node.identity, audience=audience) as peer:
             try:
                 await peer.remove_container(view.id)
             except ContainerNotFound:
@@ -158,6 +164,15 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
         return {"removed": view.id}
 
     return routes
+
+
+def _audience(node: ContainerNode, address: str) -> str | None:
+    """The node id whose signed peer record publishes ``address``, if one does."""
+    try:
+        gossip = node.gossip
+    except RuntimeError:  # gossip is off: no signed records to go by
+        return None
+    return gossip.member_at(address)
 
 
 def _track(node: ContainerNode, tracked: TrackedContainer, asked: str) -> None:

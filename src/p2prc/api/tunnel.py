@@ -2,20 +2,31 @@
 
 import asyncio
 import contextlib
+import ipaddress
 from typing import Annotated, Protocol
 
 from fastapi import APIRouter, Depends, Request
 
+from ..config import NodeConfig
+from ..errors import InvalidRequest, NotFound
 from ..models import CallerInfo, MappedPort, MapPortRequest, Reachability, ReachabilityRequest
+from ..peers.gossip import Gossip
 from ..tunnel.mapper import PortMapper
-from .auth import RequestVerifier
+from .auth import KeyRate, RequestVerifier
 
 __all__ = ["router"]
+
+# Dial-backs one key may have per minute (NAT detection needs one per peer it asks).
+_DIAL_BACKS_PER_MINUTE = 6
 
 
 class TunnelNode(Protocol):
     @property
     def mapper(self) -> PortMapper: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def gossip(self) -> Gossip: ...
 
 
 def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
@@ -30,19 +41,21 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
         """Publish one of this node's local ports (trusted peers may ask: the original --ra)."""
         return await node.mapper.map(body.port, body.domain, udp=body.udp)
 
+    dial_backs = KeyRate(limit=_DIAL_BACKS_PER_MINUTE, window=60.0)
+
     @routes.post("/reachability")
     async def reachability(
         body: ReachabilityRequest, request: Request, caller: Signed
     ) -> Reachability:
-        """Try to connect back to the caller's own address (NAT detection).
+        """Try to connect back to the caller (NAT detection).
 
-        Only the address the request came from is ever dialled, so this cannot be used to
-        probe anyone else.
+        Only the connection's own source address is dialled, at the API port of the
+        caller's signed peer record: nothing in the request chooses where to connect.
         """
-        address = request.client.host if request.client else ""
-        return Reachability(
-            address=address, port=body.port, reachable=await _connects(address, body.port)
-        )
+        host = request.client.host if request.client else ""
+        port = _dial_back_port(node, caller.node_id, host, body.port)
+        dial_backs.hit(caller.node_id)
+        return Reachability(address=host, port=port, reachable=await _connects(host, port))
 
     @routes.get("/map-port")
     async def mappings(caller: Owner) -> list[MappedPort]:
@@ -56,6 +69,37 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
         return {"unmapped": port}
 
     return routes
+
+
+def _dial_back_port(node: TunnelNode, node_id: str, host: str, asked: int) -> int:
+    """The port to dial back for a reachability check, or a clear refusal."""
+    if not node.config.gossip.enabled:
+        raise InvalidRequest("this node runs without gossip, so it knows no peer records")
+    gossip = node.gossip
+    if gossip.me.behind_nat is True:
+        raise InvalidRequest("this node is behind NAT; ask a public node to check reachability")
+    member = gossip.table.get(node_id)
+    if member is None:
+        raise NotFound(f"node {node_id} is not in this node's peer table; push-pull first")
+    record = member.record
+    if asked != record.api_port:
+        raise InvalidRequest(f"port {asked} is not the API port of your signed record")
+    if not host:
+        raise InvalidRequest("the connection's source address is unknown")
+    if _is_loopback(host) and not any(_is_loopback(address) for address in record.addresses):
+        # A caller relayed to us (the tunnel connects from loopback) cannot be dialled back.
+        raise InvalidRequest("this request came through a relay; its source cannot be dialled")
+    return record.api_port
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 async def _connects(host: str, port: int) -> bool:

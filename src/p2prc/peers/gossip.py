@@ -196,13 +196,30 @@ class Gossip:
         after = self.table.snapshot()
         return sum(1 for key, value in after.items() if before.get(key) != value)
 
-    async def push_pull(self, address: str) -> int:
-        """Exchange tables with the node at ``address`` over its API."""
+    async def push_pull(self, address: str, audience: str | None = None) -> int:
+        """Exchange tables with the node at ``address`` over its API.
+
+        Signed for ``audience``, else for the alive member whose signed record publishes
+        that address; only an address no record names (a root node) is asked who it is.
+        """
         from ..client import AsyncClient
 
-        async with AsyncClient(address, identity=self._identity, timeout=10) as client:
+        audience = audience or self.member_at(address)
+        async with AsyncClient(
+            address, identity=self._identity, audience=audience, timeout=10
+        ) as client:
             answer = await client.exchange(self.export())
         return self.merge(answer)
+
+    def member_at(self, address: str) -> str | None:
+        """The node id of the alive member whose signed record has this API address."""
+        from ..client import peer_url
+
+        url = peer_url(address)
+        for member in self.table.alive():
+            if self.api_url(member) == url:
+                return member.record.node_id
+        return None
 
     async def refresh(self, count: int = 3) -> int:
         """Exchange tables now with a few alive members and the root nodes (for a node
@@ -259,7 +276,7 @@ class Gossip:
             if alive:
                 member = random.choice(alive)
                 with contextlib.suppress(P2PRCError):
-                    await self.push_pull(self.api_url(member))
+                    await self.push_pull(self.api_url(member), member.record.node_id)
 
     async def _bootstrap(self) -> None:
         """Exchange with the configured root nodes until one answers (bounded retries)."""
