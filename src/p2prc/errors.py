@@ -341,7 +341,7 @@ class DomainTaken(TunnelError):
 
 
 class WrongNode(TunnelError):
-    """The far end of a TLS connection does not hold the expected node key."""
+    """The far end is not the node expected: another TLS key, or another id in /status."""
 
     code = "wrong_node"
 
