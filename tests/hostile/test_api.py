@@ -272,6 +272,9 @@ async def test_only_two_speedtests_run_at_once() -> None:
     release.set()
     assert [(await task)[0] for task in running] == [200, 200]
     assert (await call())[0] == 200
+    for index in range(100):  # other routes, even made-up ones, are not tracked
+        await _asgi(app, "GET", f"/made-up/{index}", {}, _Body(0, iter([])))
+    assert app._running == {("GET", "/peers/speedtest"): 0}
 
 
 # 6: untrusted keys cannot fill the nonce table ----------------------------------------

@@ -94,7 +94,7 @@ class RequestLimits:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._running: dict[tuple[str, str], int] = {}
+        self._running = dict.fromkeys(_CONCURRENT, 0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,10 +114,13 @@ class RequestLimits:
             await _refuse(send, RequestTooLarge(_too_large(method, path, limit)))
             return
         route = (method, path)
-        if route in _CONCURRENT and self._running.get(route, 0) >= _CONCURRENT[route]:
+        if route not in _CONCURRENT:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        if self._running[route] >= _CONCURRENT[route]:
             await _refuse(send, RateLimited(f"{method} {path} is busy; try again shortly"))
             return
-        self._running[route] = self._running.get(route, 0) + 1
+        self._running[route] += 1
         try:
             await self.app(scope, _replay(body, receive), send)
         finally:
