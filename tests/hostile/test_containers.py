@@ -92,6 +92,7 @@ class _Docker:
 
     info_answer: dict[str, Any] = field(default_factory=lambda: dict(_XFS))
     refuse_storage: bool = False
+    lose_network: bool = False  # another node removes the network between get and create
     created: list[dict[str, Any]] = field(default_factory=list)
     networks_by_name: dict[str, _Network] = field(default_factory=dict)
     running: list[_Container] = field(default_factory=list)
@@ -124,6 +125,10 @@ class _Docker:
             raise docker.errors.APIError(
                 "500", explanation="--storage-opt is supported only for overlay over xfs"
             )
+        if self.lose_network:
+            self.lose_network = False
+            self.networks_by_name.pop(options["network"])
+            raise docker.errors.NotFound(f"network {options['network']} not found")
         self.created.append(options)
         return _Container(f"{len(self.created):012x}", options["network"], options, self)
 
@@ -199,6 +204,14 @@ async def test_each_tenant_gets_its_own_network_without_inter_container_traffic(
         assert len(network.options["com.docker.network.bridge.name"]) <= 15
     await runtime.remove(first.id)
     assert list(client.networks_by_name) == [theirs]  # gone with its last container
+
+
+async def test_a_network_removed_by_another_node_meanwhile_is_made_again() -> None:
+    client = _Docker(lose_network=True)
+    runtime, _ = _runtime(client)
+    await runtime.create(_spec())
+    assert list(client.networks_by_name) == [tenant_network(_OWNER)[0]]
+    assert len(client.running) == 1
 
 
 async def test_gpus_are_a_counted_request_never_all_of_them() -> None:

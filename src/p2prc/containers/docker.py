@@ -117,7 +117,8 @@ class DockerRuntime:
         return self._client
 
     def _create(self, spec: ContainerSpec) -> ContainerInfo:
-        import docker
+        import docker.errors
+        import docker.types
 
         ports: dict[str, Any] = {f"{SSH_PORT}/tcp": (spec.publish_host, None)}
         for port in spec.ports:
@@ -148,7 +149,14 @@ class DockerRuntime:
         self._firewall.ensure()
         with self._networks:
             options["network"] = self._tenant_network(spec)
-            container = self._create_container(spec.image, options)
+            try:
+                container = self._create_container(spec.image, options)
+            except docker.errors.NotFound as exc:
+                if "network" not in _explanation(exc).lower():
+                    raise
+                # Another node on this daemon removed the network in between: make it again.
+                options["network"] = self._tenant_network(spec)
+                container = self._create_container(spec.image, options)
             try:
                 container.start()
                 container.reload()
@@ -194,17 +202,21 @@ class DockerRuntime:
         try:
             networks.get(name)
         except docker.errors.NotFound:
-            networks.create(
-                name,
-                driver="bridge",
-                check_duplicate=True,
-                options={
-                    "com.docker.network.bridge.enable_icc": "false",
-                    "com.docker.network.bridge.name": bridge,
-                },
-                labels={_LABEL_TENANT: spec.labels.get(LABEL_OWNER, "")},
-            )
-            log.info("created network %s (bridge %s) for a tenant", name, bridge)
+            try:
+                networks.create(
+                    name,
+                    driver="bridge",
+                    check_duplicate=True,
+                    options={
+                        "com.docker.network.bridge.enable_icc": "false",
+                        "com.docker.network.bridge.name": bridge,
+                    },
+                    labels={_LABEL_TENANT: spec.labels.get(LABEL_OWNER, "")},
+                )
+            except docker.errors.APIError:  # another node on this daemon made it first
+                networks.get(name)
+            else:
+                log.info("created network %s (bridge %s) for a tenant", name, bridge)
         return name
 
     def _release_networks(self, names: list[str]) -> None:
