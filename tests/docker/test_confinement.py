@@ -21,7 +21,7 @@ import pytest
 
 from p2prc import AsyncClient
 from p2prc.containers.confine import CAPABILITIES, NETWORK_PREFIX
-from p2prc.containers.images import DEFAULT_IMAGE
+from p2prc.containers.images import DEFAULT_IMAGE, IMAGE_VERSION, image_version
 from p2prc.models import ContainerView
 from tests.docker.conftest import ssh
 
@@ -182,6 +182,7 @@ def _capabilities(line: str) -> set[int]:
 async def test_capabilities_are_dropped_and_ssh_and_sudo_still_work(
     node_factory: Any, docker_client: Any, tmp_path: Path
 ) -> None:
+    assert image_version(DEFAULT_IMAGE) == IMAGE_VERSION, "run scripts/build-image"
     async with (
         node_factory("alice") as _alice,
         node_factory("bob") as bob,

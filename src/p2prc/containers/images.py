@@ -25,12 +25,14 @@ __all__ = [
     "BASE_OFFLINE",
     "BASE_PULL",
     "DEFAULT_IMAGE",
+    "IMAGE_VERSION",
     "apt_mirror",
     "bootstrap_base",
     "build_default_image",
     "build_offered_image",
     "ensure_default_image",
     "image_exists",
+    "image_version",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "p2prc/sshd:latest"
 BASE_PULL = "debian:bookworm-slim"
 BASE_OFFLINE = "p2prc/base:bookworm"
+# The sshd layer's version (its Dockerfile label); an older default image gets this layer
+# rebuilt on its base, e.g. for the entrypoint that needs no DAC_OVERRIDE.
+IMAGE_VERSION = "2"
+_VERSION_LABEL = "org.p2prc.image-version"
 _PACKAGES = ["openssh-server", "python3", "sudo", "ca-certificates", "iproute2", "procps"]
 _DEBIAN_PATH = re.compile(r"/debian/?$")
 
@@ -99,6 +105,22 @@ def image_exists(tag: str) -> bool:
     finally:
         client.close()
     return True
+
+
+def image_version(tag: str) -> str | None:
+    """The sshd layer version label of ``tag`` (None when absent or unlabelled)."""
+    import docker.errors
+
+    client = _client()
+    try:
+        with _docker_errors():
+            labels = client.images.get(tag).labels or {}
+    except (docker.errors.ImageNotFound, ContainerError):
+        return None
+    finally:
+        client.close()
+    version = labels.get(_VERSION_LABEL)
+    return str(version) if version is not None else None
 
 
 def bootstrap_base(tag: str = BASE_OFFLINE, *, mirror: str | None = None) -> None:
@@ -192,7 +214,13 @@ def ensure_default_image(*, offline: bool | None = None, force: bool = False) ->
     ``offline=None`` tries the registry first and falls back to debootstrap.
     """
     if image_exists(DEFAULT_IMAGE) and not force:
-        return "present"
+        if image_version(DEFAULT_IMAGE) == IMAGE_VERSION:
+            return "present"
+        for base in (BASE_OFFLINE, BASE_PULL):
+            if image_exists(base):
+                log.info("rebuilding the sshd layer of %s on %s", DEFAULT_IMAGE, base)
+                build_default_image(base)
+                return "updated"
     base = BASE_OFFLINE if offline else BASE_PULL
     if offline is not True and not image_exists(BASE_PULL):
         try:
