@@ -1,7 +1,10 @@
 """A real ``p2prc start`` process, queried by the real CLI and the client library."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ def test_status_and_specs_from_cli(running_node: NodeProcess) -> None:
     assert status["node_id"] == running_node.node_id
     assert status["api"] == running_node.api
     assert {"name", "version"} <= set(status)
+    assert status["health"]["status"] == "ok"
+    assert {"api", "gossip", "containers"} <= set(status["health"]["components"])
     specs = json.loads(run_cli(running_node.home, "--json", "specs").stdout)
     assert {"cpu", "memory", "gpus"} <= set(specs)
     address = running_node.api.removeprefix("http://")
@@ -23,6 +28,7 @@ def test_status_and_specs_from_cli(running_node: NodeProcess) -> None:
     assert legacy["cpu"]["cores"] == specs["cpu"]["cores"]
     human = run_cli(running_node.home, "status").stdout
     assert running_node.node_id in human
+    assert "health" in human
 
 
 def test_client_library(running_node: NodeProcess) -> None:
@@ -102,3 +108,30 @@ def test_restart_keeps_identity(node_factory: object) -> None:
     first.stop()
     second = node_factory("same")
     assert second.node_id == first.node_id
+
+
+def test_plugin_pull_of_a_relative_directory_without_git(
+    node_factory: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stock Debian 12 has no git: a local directory is copied, relative to the CLI's
+    # working directory (not the node's).
+    no_git = tmp_path / "bin"
+    no_git.mkdir()
+    monkeypatch.setenv("PATH", str(no_git))
+    assert callable(node_factory)
+    node = node_factory("plain")
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "p2prc", "--json", "plugin", "pull", "./http-share"],
+        env={**os.environ, "P2PRC_HOME": str(node.home)},
+        cwd=repo / "plugins",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "http-share"
+    url = run_cli(node.home, "plugin", "pull", "https://example.invalid/x.git", check=False)
+    assert url.returncode == 1
+    assert "git is not installed; it is needed to pull" in url.stderr

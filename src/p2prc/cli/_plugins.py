@@ -1,5 +1,6 @@
 """``p2prc group ...`` and ``p2prc plugin ...``: automate containers with Ansible."""
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -112,7 +113,10 @@ def list_plugins(options: Options) -> None:
 
 
 def pull_plugin(options: Options, source: str) -> None:
-    with Client(home=options.home) as client, err.status(f"cloning {source}"):
+    local = Path(source).expanduser()
+    if not source.startswith("-") and local.is_dir():
+        source = str(local.resolve())  # the node runs elsewhere: relative to here, not there
+    with Client(home=options.home) as client, err.status(f"pulling {source}"):
         plugin = client.pull_plugin(source)
     emit(options, plugin, f"installed {plugin.name}: {plugin.summary}")
 

@@ -8,8 +8,11 @@
     port = "port to serve on (default 8000)"
 
 The original P2PRC's ``description.txt`` is accepted as the summary when there is no
-``plugin.toml``. Pulls clone into a hidden directory beside the plugins, validate it, and
-rename it into place, so a failed pull leaves nothing half-installed.
+``plugin.toml``. A pull stages into a hidden directory beside the plugins (a ``git clone``
+for a URL; a plain copy, without git, for a local directory), validates it, and renames it
+into place, so a failed pull leaves nothing half-installed. A plugin holds only directories,
+regular files and symlinks that stay inside it: Ansible reads its files on this machine, so
+a link to ``~/.ssh`` or the node key would hand them to every container it runs on.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import tomllib
 from pathlib import Path
@@ -70,17 +74,23 @@ class PluginStore:
         shutil.rmtree(info.path)
 
     def pull(self, source: str) -> PluginInfo:
-        """Install a plugin from a git repository (URL or local path) or a plain directory."""
-        if shutil.which("git") is None:
-            raise PluginError("git is not installed")
+        """Install a plugin from a git URL (cloned) or a local directory (copied)."""
         url = _source(source)
+        local = not _URL.match(url)
+        if not local and shutil.which("git") is None:
+            raise PluginError(
+                f"git is not installed; it is needed to pull {url} (a local directory is "
+                "copied without it)"
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
         staging = self.directory / f".pull-{secrets.token_hex(4)}"
         try:
-            if Path(url).is_dir() and not (Path(url) / ".git").exists():
-                shutil.copytree(url, staging, symlinks=True)
+            if local:
+                _check_tree(Path(url), url)
+                _copy(Path(url), staging)
             else:
                 _clone(url, staging)
+            _check_tree(staging, url)
             guess = re.sub(r"\.git$", "", url.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1])
             info = _describe(staging, guess)
             target = self.directory / validate_name(info.name)
@@ -102,6 +112,37 @@ def _source(source: str) -> str:
     if path.is_dir():
         return str(path.resolve())
     raise InvalidRequest(f"{source!r} is neither a git URL nor a local directory")
+
+
+def _check_tree(root: Path, source: str) -> None:
+    """Refuse what a plugin may not hold: special files, and symlinks leaving ``root``."""
+    top = root.resolve()
+    for folder, dirs, files in os.walk(root, onerror=_unreadable):
+        dirs[:] = [name for name in dirs if name != ".git"]  # never copied, never used
+        for name in [*dirs, *files]:
+            if name == ".git":
+                continue
+            path = Path(folder, name)
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                target = Path(os.path.realpath(path))
+                if target != top and top not in target.parents:
+                    where = path.relative_to(root)
+                    raise PluginError(f"{source}: {where} links outside the plugin")
+            elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                where = path.relative_to(root)
+                raise PluginError(f"{source}: {where} is not a regular file or directory")
+
+
+def _copy(source: Path, target: Path) -> None:
+    try:
+        shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    except (OSError, shutil.Error) as exc:
+        raise PluginError(f"cannot copy {source}: {exc}") from None
+
+
+def _unreadable(exc: OSError) -> None:
+    raise PluginError(f"cannot read {exc.filename}: {exc.strerror}")
 
 
 def _clone(url: str, target: Path) -> None:
