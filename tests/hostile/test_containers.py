@@ -307,6 +307,22 @@ def test_firewall_that_cannot_run_says_so_loudly(caplog: pytest.LogCaptureFixtur
     assert "P2PRC-INPUT" in caplog.text
 
 
+def test_a_remote_docker_daemon_is_not_confined_by_this_hosts_rules(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[list[str]] = []
+
+    def run(command: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    firewall = Firewall(run=run, remote="tcp://10.0.0.5:2375")
+    with caplog.at_level(logging.WARNING):
+        assert not firewall.ensure()
+    assert calls == []
+    assert "tcp://10.0.0.5:2375" in caplog.text
+
+
 async def test_a_peer_asking_for_more_gpus_than_allowed_gets_none(
     make_fake_node: Any, tmp_path: Path
 ) -> None:

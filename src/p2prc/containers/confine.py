@@ -101,9 +101,12 @@ def _run(command: list[str], stdin: str | None) -> subprocess.CompletedProcess[s
 class Firewall:
     """Installs the tenant rules on this host; says loudly, once, when it cannot."""
 
-    def __init__(self, blocked: Sequence[str] = DEFAULT_BLOCKED, run: Runner = _run) -> None:
+    def __init__(
+        self, blocked: Sequence[str] = DEFAULT_BLOCKED, run: Runner = _run, *, remote: str = ""
+    ) -> None:
         self._blocked = tuple(blocked)
         self._run = run
+        self._remote = remote  # a Docker daemon elsewhere: its host's rules are not ours
         self._warned = False
 
     def ensure(self) -> bool:
@@ -124,6 +127,8 @@ class Firewall:
         return True
 
     def _install(self) -> None:
+        if self._remote:
+            raise ContainerError(f"the Docker daemon ({self._remote}) is not on this machine")
         if shutil.which("iptables") is None or shutil.which("iptables-restore") is None:
             raise ContainerError("iptables is not installed")
         self._check(

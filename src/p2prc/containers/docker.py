@@ -56,7 +56,8 @@ class DockerRuntime:
         self._base_url = base_url
         self._timeout = timeout
         self._client: Any = None
-        self._firewall = firewall or Firewall(blocked)
+        remote = "" if base_url.startswith("unix://") else base_url
+        self._firewall = firewall or Firewall(blocked, remote=remote)
         # Creating a tenant's network and attaching a container, or detaching the last one
         # and removing the network, happen under this lock, so neither sees the other half-done.
         self._networks = threading.Lock()
