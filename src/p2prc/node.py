@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 _API_CONCURRENCY = 256
 _API_BACKLOG = 1024
 _API_KEEP_ALIVE = 5
+# Seconds a connection may take to send a request's head (method, path, headers), so
+# idle or trickling connections cannot hold the concurrency limit.
+_API_HEAD_TIMEOUT = 10.0
 
 
 def init_home(home: Home, config: NodeConfig | None = None) -> tuple[NodeConfig, Identity]:
@@ -95,6 +98,48 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _http_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with a deadline on every request head."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools (a bare install): uvicorn's own choice, no deadline
+        return "auto"
+
+    class HeadDeadline(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(_API_HEAD_TIMEOUT, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline
 
 
 class Node:
@@ -469,6 +514,7 @@ class Node:
             limit_concurrency=_API_CONCURRENCY,
             backlog=_API_BACKLOG,
             timeout_keep_alive=_API_KEEP_ALIVE,
+            http=_http_protocol(),
         )
         self._server = _Server(config)
         task = self._api_task = self._spawn(self._server.serve(sockets=[sock]), name="api")
