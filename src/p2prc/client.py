@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import json
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
@@ -84,6 +85,29 @@ def peer_url(address: str) -> str:
     except ValueError as exc:
         raise PeerUnreachable(str(exc)) from None
     return f"http://{join_address(host, port)}"
+
+
+def _pinned(base_url: str, audience: str | None) -> tuple[str, str | None]:
+    """The URL for httpx, and the node id its TLS certificate must hold, if any.
+
+    ``https://<node id>@host:port`` (a NAT'd node's ``public_api`` in its signed record)
+    names the node; so does ``audience`` for any ``https`` URL. The node id is checked
+    against the server's key during the handshake, before the request is sent.
+    """
+    url = httpx.URL(base_url)
+    if url.scheme != "https":
+        return base_url, None
+    named = url.username
+    if named and audience is not None and named != audience:
+        raise WrongNode(f"{base_url} names node {named}, not {audience}")
+    pin = named or audience
+    return (str(url.copy_with(username=None, password=None)).rstrip("/"), pin or None)
+
+
+def _pinned_context(node_id: str) -> ssl.SSLContext:
+    from .tunnel.tls import pinned_context  # the TLS helpers load only when a peer uses TLS
+
+    return pinned_context(node_id)
 
 
 _ADDRESS = re.compile(r"^(https?://|\[.*\](:\d+)?$|[^:\s]+:\d{1,5}$)")
@@ -190,12 +214,16 @@ class AsyncClient:
         self.audience = audience
         self._local = base_url is None
         self.base_url = local_api_url(self._home) if base_url is None else peer_url(base_url)
+        url, pin = _pinned(self.base_url, audience)
+        if pin is not None and audience is None:
+            audience = self.audience = pin  # TLS proves the node: sign for it, no probe
         if identity is None:
             identity = _identity_if_any(self._home)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url,
+            base_url=url,
             auth=_SignatureAuth(identity, audience),
             transport=transport,
+            verify=_pinned_context(pin) if pin is not None else True,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             trust_env=False,
         )

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NODE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +247,27 @@ class RelayConfig(_Section):
     http_port: int = Field(default=0, ge=0, le=65535)
     https_port: int = Field(default=0, ge=0, le=65535)
     domains_per_client: int = Field(default=16, ge=0, le=1024)
-    # Public ports handed out for tunnels: [low, high]; [0, 0] is any free port.
+    # Public ports handed out for tunnels: [low, high]; [0, 0] is any free port from 1024 up.
     port_range: tuple[int, int] = (0, 0)
+    # Relays this node may tunnel through (node ids or public keys), besides the keys in
+    # trust.allow; NAT detection believes these nodes' answers too. Open trust mode does
+    # not make strangers relays.
+    use: list[str] = Field(default_factory=list, max_length=64)
 
     @field_validator("public_host")
     @classmethod
     def _public_host_is_ip(cls, value: str) -> str:
         ipaddress.ip_address(value)
+        return value
+
+    @field_validator("use")
+    @classmethod
+    def _relays_parse(cls, value: list[str]) -> list[str]:
+        from .identity import parse_public_key
+
+        for entry in value:
+            if not _NODE_ID.match(entry.strip()):
+                parse_public_key(entry)
         return value
 
     @field_validator("port_range")

@@ -445,11 +445,19 @@ class Node:
         await self._start_mapper()
 
     async def _detect_nat(self, gossip: Gossip) -> None:
-        """Ask peers to connect back to our API port; behind NAT when none can."""
+        """Ask peers to connect back to our API port; behind NAT when none can.
+
+        Only peers the owner vouched for (``trust.allow``, ``relay.use``) are asked and
+        believed: a stranger's "unreachable" would push us onto a relay of its choosing.
+        """
         from .client import AsyncClient
 
         for _ in range(60):
-            peers = [m for m in gossip.table.alive() if m.record.behind_nat is not True][:3]
+            peers = [
+                m
+                for m in gossip.table.alive()
+                if m.record.behind_nat is not True and self.mapper.trusts(m.record.node_id)
+            ][:3]
             answers = []
             for member in peers:
                 try:
@@ -475,7 +483,17 @@ class Node:
             relay=self.relay,
             api_host=self._local_host,
             on_crash=self._crash_handler("mapper"),
+            trust=self.trust,
+            tls_dir=self._home.identity_dir,
         )
+        store = self.container_store
+
+        def container_ports(node_id: str) -> set[int]:
+            """The host ports of ``node_id``'s containers here: what that peer may map."""
+            views = store.hosted(node_id)
+            return {p for v in views for p in (v.ssh.port, *(m.host_port for m in v.ports))}
+
+        mapper.peer_ports = container_ports
         self._mapper = await self._stack.enter_async_context(mapper)
         self._components["mapper"] = "ok"
         if self._containers is not None:

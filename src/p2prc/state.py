@@ -112,6 +112,10 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX seen_nonces_key ON seen_nonces (key, expires);
     CREATE INDEX seen_nonces_pool ON seen_nonces (pool, expires);
     """,
+    # 8: who asked for each mapping ('' is the node's owner): a peer changes only its own.
+    """
+    ALTER TABLE port_mappings ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

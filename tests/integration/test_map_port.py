@@ -63,6 +63,16 @@ def _relay_config(**relay: Any) -> dict[str, Any]:
     }
 
 
+def _natted(*relays: Node, **config: Any) -> dict[str, Any]:
+    """A node behind NAT that bootstraps from the first relay and may use them all."""
+    return {
+        "behind_nat": True,
+        "bootstrap": [relays[0].api_url.removeprefix("http://")],
+        "relay": RelayConfig(use=[r.identity.node_id for r in relays]),
+        **config,
+    }
+
+
 async def _wait_for_relay(client: AsyncClient) -> None:
     for _ in range(100):
         if any(p.relay_port and p.state == "alive" for p in await client.peers() if not p.me):
@@ -74,32 +84,31 @@ async def _wait_for_relay(client: AsyncClient) -> None:
 async def test_map_port_through_a_relay(tmp_path: Path, web_port: int) -> None:
     local_port = web_port
     relay_config = _relay_config()
-    async with _node(tmp_path, "relay", **relay_config) as relay:
-        natted = {"behind_nat": True, "bootstrap": [relay.api_url.removeprefix("http://")]}
-        async with (
-            _node(tmp_path, "home", **natted) as home,
-            AsyncClient(home=tmp_path / "home") as client,
-        ):
-            await _wait_for_relay(client)
-            mapped = await client.map_port(local_port)
-            assert mapped.relay == relay.identity.node_id
-            assert (await client.map_port(local_port)).port_no == mapped.port_no
-            assert mapped.entire_address == f"127.0.0.1:{mapped.port_no}"
-            async with httpx.AsyncClient() as http:
-                answer = await http.get(f"http://{mapped.entire_address}/")
-            assert answer.content == BODY
-            assert [m.local_port for m in await client.mappings()] == [local_port]
-            with pytest.raises(InvalidRequest, match="nothing listens"):
-                await client.map_port(1)
-            with pytest.raises(InvalidRequest, match="domain"):
-                await client.map_port(local_port, "app.example.com")
+    async with (
+        _node(tmp_path, "relay", **relay_config) as relay,
+        _node(tmp_path, "home", **_natted(relay)) as home,
+        AsyncClient(home=tmp_path / "home") as client,
+    ):
+        await _wait_for_relay(client)
+        mapped = await client.map_port(local_port)
+        assert mapped.relay == relay.identity.node_id
+        assert (await client.map_port(local_port)).port_no == mapped.port_no
+        assert mapped.entire_address == f"127.0.0.1:{mapped.port_no}"
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"http://{mapped.entire_address}/")
+        assert answer.content == BODY
+        assert [m.local_port for m in await client.mappings()] == [local_port]
+        with pytest.raises(InvalidRequest, match="nothing listens"):
+            await client.map_port(1)
+        with pytest.raises(InvalidRequest, match="domain"):
+            await client.map_port(local_port, "app.example.com")
+        await client.unmap_port(local_port)
+        with pytest.raises(NotFound):
             await client.unmap_port(local_port)
-            with pytest.raises(NotFound):
-                await client.unmap_port(local_port)
-            async with httpx.AsyncClient() as http:
-                with pytest.raises(httpx.HTTPError):
-                    await http.get(f"http://{mapped.entire_address}/", timeout=2)
-            assert home.relay is None
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get(f"http://{mapped.entire_address}/", timeout=2)
+        assert home.relay is None
 
 
 async def test_public_node_maps_on_itself(tmp_path: Path, web_port: int) -> None:
@@ -124,7 +133,7 @@ async def test_mapping_moves_when_its_relay_dies(tmp_path: Path, web_port: int) 
             _node(tmp_path, "r2", bootstrap=[boot], **relay_config)
         )
         relays = {first.identity.node_id: first, second.identity.node_id: second}
-        await stack.enter_async_context(_node(tmp_path, "home", behind_nat=True, bootstrap=[boot]))
+        await stack.enter_async_context(_node(tmp_path, "home", **_natted(first, second)))
         client = await stack.enter_async_context(AsyncClient(home=tmp_path / "home"))
         for _ in range(100):
             offering = [p for p in await client.peers() if p.relay_port and p.state == "alive"]
@@ -157,48 +166,48 @@ async def test_domains_and_the_nat_nodes_api_through_its_relay(
     local_port = web_port
     http_port = _free_port()
     relay_config = _relay_config(http_port=http_port)
-    async with _node(tmp_path, "relay", **relay_config) as relay:
-        boot = [relay.api_url.removeprefix("http://")]
-        async with (
-            _node(tmp_path, "home", behind_nat=True, bootstrap=boot) as home,
-            _node(tmp_path, "other", behind_nat=True, bootstrap=boot) as other,
-            AsyncClient(home=tmp_path / "home") as client,
-            AsyncClient(home=tmp_path / "relay") as relay_client,
-        ):
-            await _wait_for_relay(client)
-            mapped = await client.map_port(local_port, "App.Example.org")
-            assert mapped.domain == "app.example.org"
-            async with httpx.AsyncClient() as http:
-                answer = await http.get(
-                    f"http://127.0.0.1:{http_port}/", headers={"Host": "app.example.org"}
-                )
-                assert answer.content == BODY
-            # Another node may not take the domain while home holds it.
-            async with AsyncClient(home=tmp_path / "other") as other_client:
-                await _wait_for_relay(other_client)
-                with pytest.raises(DomainTaken):
-                    await other_client.map_port(local_port, "app.example.org")
-            # The NAT'd node's API is published through the relay and named in its record.
-            view = None
-            for _ in range(100):
-                views = await relay_client.peers()
-                view = next(v for v in views if v.node_id == home.identity.node_id)
-                if view.public_api:
-                    break
-                await asyncio.sleep(0.1)
-            assert view is not None
-            assert view.relay == relay.identity.node_id
-            assert view.api.startswith("http://127.0.0.1:")
-            assert view.api != home.api_url
-            async with AsyncClient(view.api, home=tmp_path / "relay") as through:
-                status = await through.status()
-            assert status.node_id == home.identity.node_id
-            # Unmapping frees the domain for the other node.
-            await client.unmap_port(local_port)
-            async with AsyncClient(home=tmp_path / "other") as other_client:
-                taken = await other_client.map_port(local_port, "app.example.org")
-                assert taken.domain == "app.example.org"
-            assert other.relay is None
+    async with (
+        _node(tmp_path, "relay", **relay_config) as relay,
+        _node(tmp_path, "home", **_natted(relay)) as home,
+        _node(tmp_path, "other", **_natted(relay)) as other,
+        AsyncClient(home=tmp_path / "home") as client,
+        AsyncClient(home=tmp_path / "relay") as relay_client,
+    ):
+        await _wait_for_relay(client)
+        mapped = await client.map_port(local_port, "App.Example.org")
+        assert mapped.domain == "app.example.org"
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(
+                f"http://127.0.0.1:{http_port}/", headers={"Host": "app.example.org"}
+            )
+            assert answer.content == BODY
+        # Another node may not take the domain while home holds it.
+        async with AsyncClient(home=tmp_path / "other") as other_client:
+            await _wait_for_relay(other_client)
+            with pytest.raises(DomainTaken):
+                await other_client.map_port(local_port, "app.example.org")
+        # The NAT'd node's API is published through the relay and named in its record,
+        # over TLS pinned to its node id.
+        view = None
+        for _ in range(100):
+            views = await relay_client.peers()
+            view = next(v for v in views if v.node_id == home.identity.node_id)
+            if view.public_api:
+                break
+            await asyncio.sleep(0.1)
+        assert view is not None
+        assert view.relay == relay.identity.node_id
+        assert view.api.startswith(f"https://{home.identity.node_id}@127.0.0.1:")
+        assert view.public_api in view.api
+        async with AsyncClient(view.api, home=tmp_path / "relay") as through:
+            status = await through.status()
+        assert status.node_id == home.identity.node_id
+        # Unmapping frees the domain for the other node.
+        await client.unmap_port(local_port)
+        async with AsyncClient(home=tmp_path / "other") as other_client:
+            taken = await other_client.map_port(local_port, "app.example.org")
+            assert taken.domain == "app.example.org"
+        assert other.relay is None
 
 
 async def test_a_public_node_routes_a_domain_itself(tmp_path: Path, web_port: int) -> None:
@@ -232,10 +241,7 @@ async def test_containers_on_a_nat_node_are_reached_through_its_relay(tmp_path: 
         home_dir = Home(tmp_path / "home")
         settings, identity = init_home(
             home_dir,
-            NodeConfig(
-                name="home", behind_nat=True, trust=TrustConfig(mode="open"),
-                bootstrap=[relay.api_url.removeprefix("http://")],
-            ),
+            NodeConfig(name="home", trust=TrustConfig(mode="open"), **_natted(relay)),
         )  # fmt: skip
         runtime = FakeRuntime(ssh_banner=True)
         async with (
@@ -281,25 +287,24 @@ async def test_udp_port_through_a_relay(tmp_path: Path) -> None:
     port = echo.get_extra_info("sockname")[1]
     relay_config = _relay_config()
     try:
-        async with _node(tmp_path, "relay", **relay_config) as relay:
-            natted = {"behind_nat": True, "bootstrap": [relay.api_url.removeprefix("http://")]}
-            async with (
-                _node(tmp_path, "home", **natted) as _home,
-                AsyncClient(home=tmp_path / "home") as client,
-            ):
-                await _wait_for_relay(client)
-                mapped = await client.map_port(port, udp=True)
-                assert mapped.udp
-                assert mapped.relay == relay.identity.node_id
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                    sock.setblocking(False)
-                    await loop.sock_sendto(sock, b"ping", ("127.0.0.1", mapped.port_no))
-                    data = await asyncio.wait_for(loop.sock_recv(sock, 100), 10)
-                assert data == b"echo:ping"
-                with pytest.raises(InvalidRequest, match="TCP"):
-                    await client.map_port(port, "udp.example.org", udp=True)
-                assert {(m.local_port, m.udp) for m in await client.mappings()} == {(port, True)}
-                await client.unmap_port(port, udp=True)
-                assert await client.mappings() == []
+        async with (
+            _node(tmp_path, "relay", **relay_config) as relay,
+            _node(tmp_path, "home", **_natted(relay)) as _home,
+            AsyncClient(home=tmp_path / "home") as client,
+        ):
+            await _wait_for_relay(client)
+            mapped = await client.map_port(port, udp=True)
+            assert mapped.udp
+            assert mapped.relay == relay.identity.node_id
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                await loop.sock_sendto(sock, b"ping", ("127.0.0.1", mapped.port_no))
+                data = await asyncio.wait_for(loop.sock_recv(sock, 100), 10)
+            assert data == b"echo:ping"
+            with pytest.raises(InvalidRequest, match="TCP"):
+                await client.map_port(port, "udp.example.org", udp=True)
+            assert {(m.local_port, m.udp) for m in await client.mappings()} == {(port, True)}
+            await client.unmap_port(port, udp=True)
+            assert await client.mappings() == []
     finally:
         echo.close()

@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 
+from p2prc.config import Home
+from p2prc.identity import Identity
+
 pytestmark = pytest.mark.netns
 
 TESTBED = Path(__file__).resolve().parents[3] / "shared" / "testbed" / "netns-nat.sh"
@@ -89,6 +92,10 @@ def _configure(ns: str, home: Path, settings: dict[str, str]) -> None:
         _cli(ns, home, "config", "set", key, value)
 
 
+def _node_id(home: Path) -> str:
+    return Identity.load(Home(home).identity_dir).node_id
+
+
 def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
     relay_home, nat_home, www = tmp_path / "relay", tmp_path / "home", tmp_path / "www"
     www.mkdir()
@@ -97,9 +104,10 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
     quiet = {"gossip.lan_discovery": "false"}
     _configure("pub1", relay_home, {**quiet, "relay.enabled": "true", "trust.mode": "open",
                "behind_nat": "false", "gossip.advertise": RELAY_IP})  # fmt: skip
-    # behind_nat stays "auto": the node must find out by asking the relay to connect back.
+    # behind_nat stays "auto": the node must find out by asking the relay to connect back
+    # (a relay it names in relay.use: open trust mode does not make a node a relay).
     _configure("home1", nat_home, {**quiet, "bootstrap": f"{RELAY_IP}:8088",
-               "gossip.advertise": HOME_IP})  # fmt: skip
+               "gossip.advertise": HOME_IP, "relay.use": _node_id(relay_home)})  # fmt: skip
     web = ["ip", "netns", "exec", "p2t-home1", sys.executable, "-m", "http.server", "8000",
            "--bind", "127.0.0.1", "--directory", str(www)]  # fmt: skip
     processes = [
@@ -231,8 +239,9 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
     _configure("pub1", homes["r1"], {**relay, "name": "r1", "gossip.advertise": RELAY_IP})
     _configure("pub2", homes["r2"], {**relay, **boot, "name": "r2",
                "gossip.advertise": RELAY2_IP})  # fmt: skip
+    relays = f"{_node_id(homes['r1'])},{_node_id(homes['r2'])}"
     _configure("home1", homes["home"], {**quiet, **boot, "name": "home", "trust.mode": "open",
-               "gossip.advertise": HOME_IP})  # fmt: skip
+               "gossip.advertise": HOME_IP, "relay.use": relays})  # fmt: skip
     _configure("pub3", homes["client"], {**quiet, **boot, "name": "client", "behind_nat": "false",
                "gossip.advertise": CLIENT_IP})  # fmt: skip
     web = ["ip", "netns", "exec", "p2t-home1", sys.executable, "-m", "http.server", "8000",
@@ -287,8 +296,9 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
         assert isinstance(secure, dict)
         assert secure["domain"] == "secure.example.org"
         assert _tls("pub3", relay_ip, cert) == "tls:hello", "HTTPS by SNI through the relay"
-        # The client node sees the NAT'd node alive, with its API on the relay, and uses it:
-        # it asks the NAT'd node (through its relay) to map the port again (--remote).
+        # The client node sees the NAT'd node alive, with its API on the relay over TLS
+        # pinned to its node id, and uses it: a signed call answers; map-port of the NAT'd
+        # node's own web server is refused (a peer maps only its own containers' ports).
         views: list[dict[str, object]] = []
 
         def home_seen() -> bool:
@@ -297,10 +307,14 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
             return bool(views) and views[0]["state"] == "alive" and bool(views[0]["public_api"])
 
         _wait("the NAT'd node's API in the client's table", home_seen, 40, *homes.values())
-        assert str(views[0]["api"]).startswith(f"http://{relay_ip}:")
-        remote = _json("pub3", homes["client"], "map-port", "8000", "--remote", "home")
-        assert isinstance(remote, dict), "the NAT'd node's API did not answer through the relay"
-        assert remote["IPAddress"] == relay_ip
+        home_id = _node_id(homes["home"])
+        assert str(views[0]["api"]).startswith(f"https://{home_id}@{relay_ip}:")
+        speed = _json("pub3", homes["client"], "peers", "speedtest", "home", "--size", "1")
+        assert isinstance(speed, dict), "the NAT'd node's API did not answer through the relay"
+        refused = _cli("pub3", homes["client"], "map-port", "8000", "--remote", "home",
+                       check=False)  # fmt: skip
+        assert refused.returncode != 0
+        assert "not a TCP port of your containers" in refused.stderr + refused.stdout
 
         # The network has converged: the NAT'd node knows both relays (as it would long
         # before one fails in real use).
@@ -329,12 +343,11 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
 
         def api_moved() -> bool:
             home_seen()
-            return bool(views) and str(views[0]["api"]).startswith(f"http://{other_ip}:")
+            return bool(views) and f"@{other_ip}:" in str(views[0]["api"])
 
         _wait("the NAT'd node's API to move", api_moved, 40, *homes.values())
-        again = _json("pub3", homes["client"], "map-port", "8000", "--remote", "home")
+        again = _json("pub3", homes["client"], "peers", "speedtest", "home", "--size", "1")
         assert isinstance(again, dict)
-        assert again["IPAddress"] == other_ip
     finally:
         for process in [*nodes.values(), server, *extra]:
             process.terminate()

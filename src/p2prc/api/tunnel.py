@@ -39,7 +39,9 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
     @routes.post("/map-port")
     async def map_port(body: MapPortRequest, caller: Peer) -> MappedPort:
         """Publish one of this node's local ports (trusted peers may ask: the original --ra)."""
-        return await node.mapper.map(body.port, body.domain, udp=body.udp)
+        # The owner any port; a peer only its own containers' (the mapper checks).
+        by = "" if caller.role == "owner" else caller.node_id
+        return await node.mapper.map(body.port, body.domain, udp=body.udp, by=by)
 
     dial_backs = KeyRate(limit=_DIAL_BACKS_PER_MINUTE, window=60.0)
 

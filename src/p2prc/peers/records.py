@@ -57,7 +57,8 @@ class PeerRecord:
     gpus: int = 0
     metadata: str = ""
     custom: dict[str, str] = field(default_factory=dict)
-    # "host:port" where the node's API is published by its relay (behind NAT), else "".
+    # "host:port" where the node's API is published by its relay (behind NAT), else "";
+    # always TLS with the node's own key (see api_url).
     public_api: str = ""
     signature: bytes = b""
 
@@ -113,8 +114,14 @@ class PeerRecord:
 
     @property
     def api_url(self) -> str:
-        """Where peers reach the node's API: through its relay when it has one there."""
-        return f"http://{self.public_api or join_address(self.host, self.api_port)}"
+        """Where peers reach the node's API: through its relay when it has one there.
+
+        ``public_api`` is always TLS with the node's own key; the URL names the node id
+        (``https://<node id>@host:port``) so clients pin it and the relay sees only TLS.
+        """
+        if self.public_api:
+            return f"https://{self.node_id}@{self.public_api}"
+        return f"http://{join_address(self.host, self.api_port)}"
 
 
 @dataclass(frozen=True, slots=True)

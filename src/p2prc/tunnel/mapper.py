@@ -1,13 +1,20 @@
 """``PortMapper``: publish local ports, on this node when it is public, else via a relay.
 
-A relay is chosen from the peer table: alive nodes whose signed record offers a relay
-port and does not say they are behind NAT, lowest RTT first; its node id, from that signed
-record, is what the TLS connection pins. Mappings persist in the state and are restored
-when the node starts again.
+A relay is chosen from the peer table: alive nodes the owner vouched for (a key in
+``trust.allow``, or an entry of ``relay.use``; open trust mode does not make strangers
+relays) whose signed record offers a relay port and does not say they are behind NAT,
+lowest RTT first; its node id, from that signed record, is what the TLS connection pins.
+Mappings persist in the state and are restored when the node starts again.
 
-Behind NAT, the node's own API port is published through the relay too, as soon as NAT
+Who may map what: the owner any local port and any domain. A trusted peer only a TCP port
+of its own containers here that listens beyond loopback, and never a domain that another
+caller mapped (``DomainTaken``); every mapping remembers who asked for it. A peer's refusal
+reads the same whether the port is not its own or nothing listens, so it scans nothing.
+
+Behind NAT, the node's own API is published through the relay too, as soon as NAT
 detection says so, and the relay's address for it goes into the node's signed record
-(``public_api``), so peers reach the node's API with no extra steps.
+(``public_api``). That address is always TLS, terminated here with the node's own
+certificate, so callers pin the node id and the relay can neither read nor change it.
 """
 
 from __future__ import annotations
@@ -16,21 +23,27 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Callable, Collection
+from pathlib import Path
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import NodeConfig, join_address
-from ..errors import InvalidRequest, NotFound, P2PRCError, RelayUnavailable
-from ..identity import Identity
+from ..errors import DomainTaken, InvalidRequest, NotFound, OwnerOnly, P2PRCError, RelayUnavailable
+from ..identity import Identity, node_id_of, parse_public_key
 from ..models import MappedPort
 from ..peers.gossip import Gossip
 from ..peers.table import Member
+from ..trust import TrustPolicy
 from .client import TunnelClient
 from .domains import normalize_domain
+from .listeners import loopback_only, read_listening
 from .relay import RelayServer
+from .streams import close_quietly, pipe
+from .tls import server_context
 
 __all__ = ["PortMapper"]
 
-_COLUMNS = "port, public_host, public_port, relay, domain, udp"
+_COLUMNS = "port, public_host, public_port, relay, domain, udp, owner"
 # Seconds a map request waits for NAT detection when behind_nat is "auto".
 _NAT_WAIT = 15.0
 
@@ -51,11 +64,21 @@ class PortMapper:
         relay: RelayServer | None = None,
         api_host: str = "127.0.0.1",
         on_crash: CrashHandler = log_crash,
+        *,
+        trust: TrustPolicy | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
         self._identity, self._config, self._db = identity, config, db
         self._gossip, self._addresses = gossip, addresses
         self._api_port, self._api_host = api_port, api_host
         self._last_api: tuple[str, int] = ("", 0)  # (relay, public port) of the API
+        self._trust, self._tls_dir = trust, tls_dir
+        self._relay_use = {_relay_id(entry) for entry in config.relay.use}
+        # The API's TLS listener (behind NAT): what the relay publishes for the API.
+        self._api_tls: asyncio.Server | None = None
+        self._api_conns: set[asyncio.StreamWriter] = set()
+        # The node's host ports of a node id's containers here: what that peer may map.
+        self.peer_ports: Callable[[str], Collection[int]] = lambda node_id: ()
         self._own_relay = relay
         # Ports the node publishes for itself (containers), by port: the host they are on.
         self._system: dict[int, str] = {}
@@ -78,6 +101,10 @@ class PortMapper:
         await self._tasks.cancel_all()
         if self._client is not None:
             await self._client.aclose()
+        if self._api_tls is not None:
+            self._api_tls.close()
+        await close_quietly(*self._api_conns)
+        self._api_conns.clear()
 
     async def __aenter__(self) -> PortMapper:
         await self.start()
@@ -93,44 +120,104 @@ class PortMapper:
             return bool(self._config.behind_nat)
         return bool(self._gossip and self._gossip.table.me.behind_nat)
 
+    def trusts(self, node_id: str) -> bool:
+        """Whether this node takes ``node_id`` as a relay and believes its NAT answers:
+        a key the owner listed in ``trust.allow``, or an entry of ``relay.use``."""
+        if node_id in self._relay_use:
+            return True
+        return self._trust is not None and self._trust.listed(node_id)
+
     def mappings(self) -> list[MappedPort]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM port_mappings ORDER BY port, udp")
         return [_mapped(*row[:5], udp=bool(row[5])) for row in rows]
 
-    async def map(self, port: int, domain: str | None = None, *, udp: bool = False) -> MappedPort:
-        """Publish TCP (or UDP) ``port``, and route ``domain`` to it; a clear error when
-        nothing listens on a TCP port (UDP cannot be checked)."""
+    async def map(
+        self, port: int, domain: str | None = None, *, udp: bool = False, by: str = ""
+    ) -> MappedPort:
+        """Publish TCP (or UDP) ``port``, and route ``domain`` to it, for the owner (``by``
+        empty) or for the peer ``by``; a clear error when nothing listens on a TCP port
+        (UDP cannot be checked), the same one for a peer whatever the reason."""
         if domain is not None:
             if udp:
                 raise InvalidRequest("domains route HTTP and TLS, which are TCP: map without --udp")
             domain = normalize_domain(domain)
-        if not udp and not await _listening(port):
+        if by:
+            if udp or not await self._peer_may_use(by, port):
+                raise NotFound(
+                    f"local port {port} is not a TCP port of your containers on this node"
+                    " that listens beyond loopback"
+                )
+        elif not udp and not await _listening(port):
             raise InvalidRequest(f"nothing listens on local port {port}")
         await self._nat_settled()
         async with self._lock:
-            before = self._mapping(port, udp)
-            if domain is None and before is not None:
-                domain = before.domain  # mapping again keeps the domain; unmap drops it
-            if self.behind_nat:
-                client = await self._tunnel()
-                # Ask for the same public port again when it was on this relay.
-                wanted = before.port_no if before and before.relay == self._relay_id else None
-                exposed = client.udp_exposed if udp else client.exposed
-                public_port = exposed.get(port) or await client.expose(port, wanted, udp=udp)
-                if domain is not None and client.routed.get(domain) != port:
-                    await client.route(domain, port)
-                host, relay = self._relay_host, self._relay_id
-            else:
-                if domain is not None:
-                    self._route_here(domain, port)
-                host, public_port, relay = self._public_address(), port, ""
-            if before is not None and before.domain and before.domain != domain:
-                await self._unroute(before.domain)
+            if by and self._owner(port, udp) not in (None, by):
+                raise OwnerOnly(f"local port {port} was mapped by the node's owner or another peer")
+            return await self._publish_mapping(port, domain, udp, by)
+
+    async def _peer_may_use(self, node_id: str, port: int) -> bool:
+        """A port of the peer's own containers, listening beyond loopback (Linux's tables;
+        elsewhere peers map nothing). A port that connects with no listening socket at all
+        is Docker's NAT (no userland proxy): a container's, not a local service's."""
+        if port not in self.peer_ports(node_id):
+            return False
+        addresses = await asyncio.to_thread(read_listening, port)
+        if addresses is None or loopback_only(addresses):
+            return False
+        return await _listening(port)
+
+    def _owner(self, port: int, udp: bool) -> str | None:
+        """Who mapped ``port`` ('' for the owner), ``None`` when it is not mapped."""
+        row = self._db.execute(
+            "SELECT owner FROM port_mappings WHERE port = ? AND udp = ?", (port, int(udp))
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _domain_elsewhere(self, domain: str, port: int, udp: bool, by: str) -> list[int]:
+        """The other mappings (ports) routing ``domain``; ``DomainTaken`` when a peer asks
+        for a domain that another caller mapped."""
+        rows = self._db.execute(
+            "SELECT port, owner FROM port_mappings WHERE domain = ? AND NOT (port = ? AND udp = ?)",
+            (domain, port, int(udp)),
+        ).fetchall()
+        if by and any(owner != by for _, owner in rows):
+            raise DomainTaken(f"{domain} is already mapped on this node by another caller")
+        return [other for other, _ in rows]
+
+    async def _publish_mapping(
+        self, port: int, domain: str | None, udp: bool, by: str
+    ) -> MappedPort:
+        """Publish and store one mapping for ``by`` ('' the owner), whose authority over
+        ``port`` is checked (the lock held); a mapping belongs to whoever last made it."""
+        before = self._mapping(port, udp)
+        if domain is None and before is not None:
+            domain = before.domain  # mapping again keeps the domain; unmap drops it
+        moved = [] if domain is None else self._domain_elsewhere(domain, port, udp, by)
+        if self.behind_nat:
+            client = await self._tunnel()
+            # Ask for the same public port again when it was on this relay.
+            wanted = before.port_no if before and before.relay == self._relay_id else None
+            exposed = client.udp_exposed if udp else client.exposed
+            public_port = exposed.get(port) or await client.expose(port, wanted, udp=udp)
+            if domain is not None and client.routed.get(domain) != port:
+                await client.route(domain, port)
+            host, relay = self._relay_host, self._relay_id
+        else:
+            if domain is not None:
+                self._route_here(domain, port)
+            host, public_port, relay = self._public_address(), port, ""
+        if before is not None and before.domain and before.domain != domain:
+            await self._unroute(before.domain)
+        for other in moved:  # the owner (or the same peer) points the domain here now
             self._db.execute(
-                "INSERT OR REPLACE INTO port_mappings"
-                " (port, udp, public_host, public_port, relay, domain) VALUES (?, ?, ?, ?, ?, ?)",
-                (port, int(udp), host, public_port, relay, domain),
+                "UPDATE port_mappings SET domain = NULL WHERE port = ? AND domain = ?",
+                (other, domain),
             )
+        self._db.execute(
+            "INSERT OR REPLACE INTO port_mappings (port, udp, public_host, public_port,"
+            " relay, domain, owner) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (port, int(udp), host, public_port, relay, domain, by),
+        )
         return _mapped(port, host, public_port, relay, domain, udp=udp)
 
     async def publish(self, host: str, port: int) -> tuple[str, int] | None:
@@ -174,6 +261,17 @@ class PortMapper:
             await self._unroute(mapping.domain)
         self._db.execute("DELETE FROM port_mappings WHERE port = ? AND udp = ?", (port, int(udp)))
 
+    def _to_restore(self) -> list[tuple[int, str | None, bool, str]]:
+        """(port, domain, udp, owner) of the mappings that need publishing again."""
+        rows = self._db.execute(
+            "SELECT port, domain, udp, owner, relay FROM port_mappings ORDER BY port, udp"
+        ).fetchall()
+        return [
+            (int(port), domain, bool(udp), str(owner))
+            for port, domain, udp, owner, relay in rows
+            if relay or domain or self.behind_nat
+        ]
+
     def _mapping(self, port: int, udp: bool = False) -> MappedPort | None:
         row = self._db.execute(
             f"SELECT {_COLUMNS} FROM port_mappings WHERE port = ? AND udp = ?", (port, int(udp))
@@ -216,14 +314,12 @@ class PortMapper:
                 log.info("relay %s not usable: %s", record.name, exc)
                 await client.aclose()
                 continue
-            if self._api_port and self._gossip is not None:
+            if self._api_port and self._gossip is not None and self._tls_dir is not None:
                 # Back on the same relay: ask for the API's previous public port.
                 last_relay, last_port = self._last_api
                 wanted = last_port if last_relay == record.node_id else None
                 try:
-                    public_api = await client.expose(
-                        self._api_port, wanted, local_host=self._api_host
-                    )
+                    public_api = await client.expose(await self._api_endpoint(), wanted)
                 except (P2PRCError, OSError, TimeoutError) as exc:
                     log.info("relay %s does not publish our API: %s", record.name, exc)
                     await client.aclose()
@@ -239,7 +335,41 @@ class PortMapper:
             log.info("tunnel through relay %s (%s)", record.name, record.host)
             self._tasks.spawn(self._failover(client), "relay-watch")
             return client
-        raise RelayUnavailable("no reachable relay among known peers (a public peer enables relay)")
+        raise RelayUnavailable(
+            "no reachable relay among trusted peers (a public node in trust.allow or relay.use"
+            " that enables relay)"
+        )
+
+    async def _api_endpoint(self) -> int:
+        """The local port of the API's TLS listener (started on first use)."""
+        if self._api_tls is None:
+            assert self._tls_dir is not None
+            context = server_context(self._identity, self._tls_dir)
+            self._api_tls = await asyncio.start_server(
+                self._serve_api_tls, "127.0.0.1", 0, ssl=context, ssl_handshake_timeout=10
+            )
+        return int(self._api_tls.sockets[0].getsockname()[1])
+
+    async def _serve_api_tls(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A TLS connection from the relay: decrypted here, then to the plain local API."""
+        self._api_conns.add(writer)
+        far: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            far = await asyncio.wait_for(
+                asyncio.open_connection(self._api_host, self._api_port), 10
+            )
+            self._api_conns.add(far[1])
+            await pipe(reader, writer, *far)
+        except (OSError, TimeoutError) as exc:
+            log.info("API over TLS: %s", exc or type(exc).__name__)
+        finally:
+            self._api_conns.discard(writer)
+            if far is not None:
+                self._api_conns.discard(far[1])
+                await close_quietly(far[1])
+            await close_quietly(writer)
 
     def _relays(self) -> list[Member]:
         if self._gossip is None:
@@ -247,7 +377,10 @@ class PortMapper:
         candidates = [
             m
             for m in self._gossip.table.alive()
-            if m.record.relay_port and m.record.behind_nat is not True and m.record.host
+            if m.record.relay_port
+            and m.record.behind_nat is not True
+            and m.record.host
+            and self.trusts(m.record.node_id)
         ]
         return sorted(candidates, key=lambda m: (m.rtt_ms is None, m.rtt_ms or 0.0))
 
@@ -273,9 +406,15 @@ class PortMapper:
                 if self.behind_nat and self._api_port:
                     async with self._lock:
                         await self._tunnel()
-                pending = [m for m in self.mappings() if m.relay or m.domain or self.behind_nat]
-                for mapping in pending:
-                    await self.map(mapping.local_port, mapping.domain, udp=mapping.udp)
+                for port, domain, udp, owner in self._to_restore():
+                    if not owner:
+                        await self.map(port, domain, udp=udp)
+                    elif port in self.peer_ports(owner):
+                        async with self._lock:
+                            await self._publish_mapping(port, domain, udp, owner)
+                    else:  # the peer's container is gone: so is its right to the port
+                        log.info("dropping the mapping of port %d: no longer %s's", port, owner)
+                        await self.unmap(port, udp=udp)
                 return
             except P2PRCError as exc:
                 log.info("publishing through a relay: %s; again in %.0f s", exc, delay)
@@ -294,6 +433,14 @@ async def _listening(port: int) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
+
+
+def _relay_id(entry: str) -> str:
+    """A ``relay.use`` entry (a node id, or a public key) as a node id."""
+    text = entry.strip()
+    if len(text) == 32 and not text.strip("0123456789abcdef"):
+        return text
+    return node_id_of(parse_public_key(text))
 
 
 def _mapped(

@@ -13,6 +13,14 @@ go by the ClientHello's server name, passed through undecrypted (the node holds 
 certificate). A domain belongs to one node: while its tunnel is connected, for a grace
 period after it drops (so a reconnect keeps it), and only while the relay allows that node.
 The relay's own node routes domains to its local ports with ``route_local``.
+
+Claims are first come, first served: the relay checks no proof that a node owns a domain
+(no DNS or ACME challenge), so on a relay shared by many users a free name goes to whoever
+asks first; a relay operator who hands out names should allow only the nodes it knows. Which
+of a node's callers may point its domains where is the node's decision (``PortMapper``).
+
+Public ports: the client may ask for one (a reconnect keeps its port), but never a
+privileged one (below 1024) unless the operator's ``port_range`` includes it.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from .udp import Datagrams, RecentPeers, datagram_frame, parse
 __all__ = ["RelayLimits", "RelayServer", "challenge_message"]
 
 _Bound = TypeVar("_Bound")
+# Below this, ports are privileged: a client asks for one only inside an explicit range.
+_UNPRIVILEGED = 1024
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +67,7 @@ class RelayLimits:
     connections_per_client: int = 1024
     max_connections: int = 4096  # all clients together
     connect_timeout: float = 10.0
-    port_range: tuple[int, int] = (0, 0)  # (0, 0): any free port
+    port_range: tuple[int, int] = (0, 0)  # (0, 0): any free port from 1024 up
     domains_per_client: int = 16
     domain_grace: float = 300.0
 
@@ -428,7 +438,9 @@ class RelayServer:
         """Ports to try: the one asked for (a reconnect keeps its port), then the range."""
         low, high = self.limits.port_range
         ports = list(range(low, high + 1)) if low else [0]
-        if isinstance(wanted, int) and (low <= wanted <= high if low else 0 < wanted < 65536):
+        if isinstance(wanted, int) and (
+            low <= wanted <= high if low else _UNPRIVILEGED <= wanted < 65536
+        ):
             ports.insert(0, wanted)
         return ports
 

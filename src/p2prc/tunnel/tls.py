@@ -21,7 +21,14 @@ from ..config import atomic_write
 from ..errors import WrongNode
 from ..identity import Identity, node_id_of
 
-__all__ = ["client_context", "ensure_certificate", "peer_node_id", "server_context", "verify_peer"]
+__all__ = [
+    "client_context",
+    "ensure_certificate",
+    "peer_node_id",
+    "pinned_context",
+    "server_context",
+    "verify_peer",
+]
 
 _VALID_DAYS = 3650
 
@@ -91,6 +98,35 @@ def client_context() -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # replaced by verify_peer(): pinning by node id
+    return context
+
+
+class _PinnedObject(ssl.SSLObject):
+    """A client TLS object whose handshake fails unless the server holds ``expected``'s key.
+
+    The check runs as the handshake completes, so not one byte of the request is sent to
+    a server that is not the node we mean (a relay in the middle, say).
+    """
+
+    expected = ""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        found = peer_node_id(self)
+        if found != self.expected:
+            raise ssl.SSLCertVerificationError(
+                f"expected node {self.expected}, the far end is {found or 'anonymous'}"
+            )
+
+
+def pinned_context(node_id: str) -> ssl.SSLContext:
+    """TLS 1.3 client side that accepts only the server holding node ``node_id``'s key.
+
+    For connections over memory BIOs (asyncio, anyio, so httpx): each gets the pinned
+    object class, whose handshake verifies the key before any data flows.
+    """
+    context = client_context()
+    context.sslobject_class = type("PinnedSSLObject", (_PinnedObject,), {"expected": node_id})
     return context
 
 

@@ -25,10 +25,11 @@ def test_record_round_trip() -> None:
 def test_a_relayed_record_names_its_api_on_the_relay() -> None:
     record = make_record(ALICE, 1, relay=BOB.node_id, public_api="198.51.100.7:40001")
     assert decode_record(record.encode()) == record
-    assert record.api_url == "http://198.51.100.7:40001"
+    # The relay publishes it over TLS, pinned to the node id the URL names.
+    assert record.api_url == f"https://{ALICE.node_id}@198.51.100.7:40001"
     assert make_record(ALICE, 1).api_url == "http://10.0.0.1:8001"
     v6 = make_record(ALICE, 1, public_api="[2001:db8::1]:443")
-    assert decode_record(v6.encode()).api_url == "http://[2001:db8::1]:443"
+    assert decode_record(v6.encode()).api_url == f"https://{ALICE.node_id}@[2001:db8::1]:443"
 
 
 @pytest.mark.parametrize(

@@ -59,3 +59,30 @@ def test_certificate_is_kept_and_replaced_for_another_identity(tmp_path: Path) -
 
 def test_client_context_is_tls13_only() -> None:
     assert client_context().minimum_version is ssl.TLSVersion.TLSv1_3
+
+
+async def test_a_pinned_context_checks_the_key_during_the_handshake(tmp_path: Path) -> None:
+    from p2prc.tunnel.tls import pinned_context
+
+    node, impostor = Identity.generate(), Identity.generate()
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(100))
+        writer.close()
+
+    server = await asyncio.start_server(
+        serve, "127.0.0.1", 0, ssl=server_context(impostor, tmp_path)
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=pinned_context(impostor.node_id)
+        )
+        writer.close()
+        with pytest.raises(ssl.SSLCertVerificationError, match="expected node"):
+            await asyncio.open_connection("127.0.0.1", port, ssl=pinned_context(node.node_id))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert b"".join(received) == b""
