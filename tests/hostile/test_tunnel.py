@@ -185,6 +185,45 @@ async def test_a_peer_publishes_only_its_own_containers_ports(tmp_path: Path) ->
                 await peer.map_port(own_port, "mallory2.example.org")
 
 
+async def test_a_peers_mapping_goes_with_its_container(tmp_path: Path) -> None:
+    mallory = Identity.generate()
+    async with (
+        _public_node_with_peers(tmp_path, mallory) as (node, http_port),
+        AsyncClient(home=node.home_path) as owner,
+        AsyncClient(node.api_url, identity=mallory) as peer,
+    ):
+        container = await peer.create_container(CreateContainer(ports=1))
+        await peer.map_port(container.ports[0].host_port, "mallory.example.org")
+        await peer.remove_container(container.id)
+        # Whatever takes that port next is not the peer's to publish.
+        assert await owner.mappings() == []
+        assert "not routed" in await _get(http_port, "mallory.example.org")
+
+
+async def test_the_domain_check_holds_behind_nat_too(tmp_path: Path) -> None:
+    mallory = Identity.generate()
+    http_port = _free_port()
+    async with _node(tmp_path, "relay", **_open_relay(http_port=http_port)) as relay:
+        config: dict[str, Any] = {
+            "behind_nat": True,
+            "bootstrap": [relay.api_url.removeprefix("http://")],
+            "relay": RelayConfig(use=[relay.identity.node_id]),
+            "trust": TrustConfig(allow=[mallory.public_key_b64]),
+        }
+        async with (
+            _node(tmp_path, "home", _Runtime(), **config) as home,
+            _server(_site("owner's site")) as owner_site,
+            AsyncClient(home=home.home_path) as owner,
+            AsyncClient(home.api_url, identity=mallory) as peer,
+        ):
+            await _peer_view(owner, relay.identity.node_id, lambda v: v.state == "alive")
+            await owner.map_port(owner_site, "app.example.org")
+            container = await peer.create_container(CreateContainer(ports=1))
+            with pytest.raises(DomainTaken):
+                await peer.map_port(container.ports[0].host_port, "app.example.org")
+            assert await _get(http_port, "app.example.org") == "owner's site"
+
+
 # Row 15: privileged public ports on a relay --------------------------------------------
 
 

@@ -233,9 +233,13 @@ class PortMapper:
             return self._relay_host, public
 
     async def withdraw(self, port: int) -> None:
-        """Stop publishing a port given to ``publish``."""
+        """Stop publishing a port given to ``publish`` (its container is going away); a
+        peer's mapping of it goes too: the right to the port went with the container."""
         if self._system.pop(port, None) is not None and self._client is not None:
             await self._client.unexpose(port)
+        if self._owner(port, False):
+            log.info("dropping the mapping of port %d: its container is gone", port)
+            await self.unmap(port)
 
     def public_address(self, port: int) -> tuple[str, int] | None:
         """Where a port given to ``publish`` is reachable now (it moves with the relay)."""
