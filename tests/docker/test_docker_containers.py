@@ -162,8 +162,10 @@ async def test_ssh_into_a_container_on_a_nat_node_through_its_relay(
     relay_config = RelayConfig(enabled=True, port=0, public_host="127.0.0.1")
     async with node_factory("relay", relay=relay_config, behind_nat=False) as relay:
         boot = [relay.api_url.removeprefix("http://")]
+        # The NAT'd node tunnels only through relays its owner named (or trusts).
+        use = RelayConfig(use=[relay.identity.node_id])
         async with (
-            node_factory("home", behind_nat=True, bootstrap=boot) as home,
+            node_factory("home", behind_nat=True, bootstrap=boot, relay=use) as home,
             AsyncClient(home=tmp_path / "relay") as client,
         ):
             api = ""
