@@ -187,3 +187,46 @@ async def test_close_quietly_does_not_swallow_cancellation() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
+
+
+_CRASHING_GOSSIP = """
+import os, time
+import p2prc.peers.swim as swim
+
+_tick, _at = swim.Swim.tick, time.monotonic() + float(os.environ["P2PRC_TEST_GOSSIP_CRASH"])
+
+
+def tick(self, now):
+    if time.monotonic() > _at:
+        raise RuntimeError("injected gossip crash")
+    return _tick(self, now)
+
+
+swim.Swim.tick = tick
+"""
+
+
+def test_a_node_process_with_a_crashed_component_exits_1_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the node process kept serving with dead gossip until someone killed it.
+    from tests.integration.conftest import close, start_node
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_CRASHING_GOSSIP)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    monkeypatch.setenv("P2PRC_TEST_GOSSIP_CRASH", "1")
+    node = start_node(tmp_path / "home", "--host", "127.0.0.1", "--port", "0")
+    try:
+        assert node.process.wait(timeout=30) == 1
+        assert node.process.stderr is not None
+        log = node.process.stderr.read()
+    finally:
+        close(node)
+    assert "injected gossip crash" in log
+    assert "Traceback" in log
+    assert "gossip: gossip-tick crashed: RuntimeError: injected gossip crash; stopping" in log
+    assert log.strip().splitlines()[-1].startswith("NodeError: the node stopped: gossip")
+    assert _NEVER_RETRIEVED not in log
+    assert not (tmp_path / "home" / "node.json").exists()
