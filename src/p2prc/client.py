@@ -512,6 +512,8 @@ class AsyncClient:
                     "start one with 'p2prc start'"
                 ) from None
             raise PeerUnreachable(f"{self.base_url}: {exc or type(exc).__name__}") from None
+        except httpx.HTTPError as exc:  # an answer httpx cannot read (bad encoding, redirects)
+            raise PeerProtocolError(f"{self.base_url}: {exc or type(exc).__name__}") from None
 
 
 async def _handle_event(

@@ -19,6 +19,7 @@ from p2prc._aio import TaskSet
 from p2prc.api import create_app
 from p2prc.client import AsyncClient
 from p2prc.config import GossipConfig
+from p2prc.errors import PeerProtocolError
 from p2prc.node import home_locked
 from p2prc.peers.gossip import Gossip
 from p2prc.peers.swim import Swim
@@ -230,3 +231,32 @@ def test_a_node_process_with_a_crashed_component_exits_1_loudly(
     assert log.strip().splitlines()[-1].startswith("NodeError: the node stopped: gossip")
     assert _NEVER_RETRIEVED not in log
     assert not (tmp_path / "home" / "node.json").exists()
+
+
+async def _undecodable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A hostile peer's API: every answer claims gzip and is not."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+            b"content-length: 5\r\nconnection: close\r\n\r\nxxxxx"
+        )
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_an_undecodable_answer_is_a_peer_error_not_a_crash(node: Node) -> None:
+    # Before: httpx's DecodingError escaped the client, past the push-pull loop's
+    # P2PRCError handler: one such member would have stopped every node gossiping with it.
+    server = await asyncio.start_server(_undecodable, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(PeerProtocolError, match="decompressing"):
+            await node.gossip.push_pull(f"http://127.0.0.1:{port}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert node.failure is None
