@@ -1,6 +1,7 @@
 """Owner-only routes for groups of tracked containers and Ansible plugins."""
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -31,6 +32,8 @@ from ..state import State
 from .auth import RequestVerifier
 
 __all__ = ["router"]
+
+log = logging.getLogger(__name__)
 
 
 class PluginNode(Protocol):
@@ -157,10 +160,13 @@ def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
                     target=body.target,
                     on_event=on_event,
                 )
-            except P2PRCError as exc:
+            except Exception as exc:  # a failed run, not a failed node: logged, then recorded
+                if not isinstance(exc, P2PRCError):
+                    log.exception("plugin %s crashed", plugin.name)
                 result = PluginRun(
                     id=run_id, plugin=plugin.name, target=body.target,
-                    started_at=time.time(), finished_at=time.time(), ok=False, output=str(exc),
+                    started_at=time.time(), finished_at=time.time(), ok=False,
+                    output=str(exc) if isinstance(exc, P2PRCError) else f"internal error: {exc!r}",
                 )  # fmt: skip
             RunStore(node.state.connection).save(result)
             finished.append(PluginEvent(event="finished", run=result))
