@@ -19,7 +19,8 @@ from p2prc._aio import TaskSet
 from p2prc.api import create_app
 from p2prc.client import AsyncClient
 from p2prc.config import GossipConfig
-from p2prc.errors import PeerProtocolError
+from p2prc.errors import PeerProtocolError, RelayUnavailable
+from p2prc.identity import Identity
 from p2prc.node import home_locked
 from p2prc.peers.gossip import Gossip
 from p2prc.peers.swim import Swim
@@ -260,3 +261,35 @@ async def test_an_undecodable_answer_is_a_peer_error_not_a_crash(node: Node) -> 
         server.close()
         await server.wait_closed()
     assert node.failure is None
+
+
+@pytest.mark.parametrize("behaviour", ["hang up", "no nonce"])
+async def test_a_relay_failing_its_handshake_is_unavailable_not_a_crash(
+    tmp_path: Path, behaviour: str
+) -> None:
+    # Before: the relay's EOF (IncompleteReadError) or a challenge without a nonce
+    # (KeyError) escaped TunnelClient.start past the mapper's P2PRCError handler, and the
+    # port-restore task died; with failures loud, that would have stopped a NAT'd node.
+    from p2prc.tunnel.client import TunnelClient
+    from p2prc.tunnel.frames import encode
+    from p2prc.tunnel.tls import server_context
+
+    relay = Identity.generate()
+
+    async def misbehave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if behaviour == "no nonce":
+            writer.write(encode({"type": "challenge"}))
+            await writer.drain()
+        writer.close()
+
+    tls = server_context(relay, tmp_path)
+    server = await asyncio.start_server(misbehave, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    client = TunnelClient(Identity.generate(), "127.0.0.1", port, relay.node_id)
+    try:
+        with pytest.raises(RelayUnavailable):
+            await client.start()
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()

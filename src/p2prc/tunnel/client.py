@@ -70,16 +70,24 @@ class TunnelClient:
 
     async def start(self) -> None:
         self._control = await self._connect()
-        challenge = await self._control.receive()
-        signature = self._identity.sign(challenge_message(str(challenge["nonce"]), self._relay_id))
-        await self._control.send(
-            {
-                "type": "hello",
-                "key": self._identity.public_key_b64,
-                "signature": b64encode(signature),
-            }
-        )
-        answer = await self._control.receive()
+        try:
+            # A relay that hangs up or stays silent mid-handshake is unavailable, not a crash.
+            async with asyncio.timeout(10):
+                challenge = await self._control.receive()
+                nonce = str(challenge["nonce"])
+                signature = self._identity.sign(challenge_message(nonce, self._relay_id))
+                await self._control.send(
+                    {
+                        "type": "hello",
+                        "key": self._identity.public_key_b64,
+                        "signature": b64encode(signature),
+                    }
+                )
+                answer = await self._control.receive()
+        except (OSError, TimeoutError, EOFError, KeyError) as exc:
+            await close_quietly(self._control.writer)
+            reason = type(exc).__name__ if isinstance(exc, EOFError | KeyError) else exc
+            raise RelayUnavailable(f"relay {self._host}:{self._port}: {reason}") from None
         if answer["type"] != "welcome":
             raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
         self._last_heard = asyncio.get_running_loop().time()
