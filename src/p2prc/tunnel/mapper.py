@@ -420,8 +420,8 @@ class PortMapper:
                         log.info("dropping the mapping of port %d: no longer %s's", port, owner)
                         await self.unmap(port, udp=udp)
                 return
-            except P2PRCError as exc:
-                log.info("publishing through a relay: %s; again in %.0f s", exc, delay)
+            except (P2PRCError, OSError, EOFError) as exc:  # a relay lost mid-publish: retry
+                log.info("publishing through a relay: %r; again in %.0f s", exc, delay)
                 if isinstance(exc, RelayUnavailable) and self._gossip is not None:
                     await self._gossip.refresh()  # learn of relays we do not know yet
                 await asyncio.sleep(delay)
