@@ -293,3 +293,27 @@ async def test_a_relay_failing_its_handshake_is_unavailable_not_a_crash(
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_lan_announcement_that_cannot_be_resolved_is_dropped() -> None:
+    # What a LAN host announces is input: a resolution that raises must not end the task
+    # (with failures loud, it would have stopped the node).
+    from p2prc.peers.lan import LanDiscovery
+
+    joined: list[str] = []
+
+    async def join(url: str) -> None:
+        joined.append(url)
+
+    class Unresolvable:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        async def async_request(self, *args: object) -> bool:
+            raise ValueError("malformed mDNS answer")
+
+    lan = LanDiscovery("a" * 32, ["192.0.2.1"], 8088, join)
+    cast(Any, lan)._resolver = Unresolvable
+    await lan._resolve(object(), f"b{'0' * 31}._p2prc._tcp.local.")
+    assert joined == []
+    assert not lan.seen

@@ -89,8 +89,12 @@ class LanDiscovery:
         await self.aclose()
 
     async def _resolve(self, zeroconf: Any, name: str) -> None:
-        info = self._resolver(SERVICE, name)
-        if not await info.async_request(zeroconf, 3000) or not info.port:
+        try:
+            info = self._resolver(SERVICE, name)
+            if not await info.async_request(zeroconf, 3000) or not info.port:
+                return
+        except Exception as exc:  # what a LAN host announces is input: dropped, never fatal
+            log.info("LAN peer %s cannot be resolved: %r", name, exc)
             return
         for address in info.parsed_addresses():
             try:
