@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import shutil
 import subprocess
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,21 @@ pytestmark = pytest.mark.docker
 
 
 def _docker() -> Any:
-    try:
-        import docker
+    import docker
 
+    try:
         client = docker.from_env(timeout=30)
         client.ping()
     except Exception as exc:
-        pytest.skip(f"no Docker daemon: {exc}")
-    return client
+        reason = str(exc)
+    else:
+        return client
+    # docker-py leaks the socket of the client it could not hand back; collect it quietly
+    # (else its ResourceWarning fails the whole run where Docker is absent).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    pytest.skip(f"no Docker daemon: {reason}")
 
 
 @pytest.fixture(scope="session")
