@@ -317,3 +317,10 @@ async def test_a_lan_announcement_that_cannot_be_resolved_is_dropped() -> None:
     await lan._resolve(object(), f"b{'0' * 31}._p2prc._tcp.local.")
     assert joined == []
     assert not lan.seen
+
+
+async def test_close_quietly_waits_two_seconds_in_all_not_each() -> None:
+    # A relay closing with many dead connections open: shutdown must not take 2 s apiece.
+    writers = [cast(asyncio.StreamWriter, _HangingWriter()) for _ in range(8)]
+    async with asyncio.timeout(8):  # 16 s before, one writer after another
+        await close_quietly(*writers)

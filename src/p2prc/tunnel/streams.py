@@ -79,16 +79,18 @@ async def pipe(
 
 
 async def close_quietly(*writers: asyncio.StreamWriter) -> None:
-    """Close every writer, ignoring the errors of connections already gone."""
+    """Close every writer and wait (2 s in all, not each) for them, ignoring the errors of
+    connections already gone; cancelling the caller still cancels it."""
     for writer in writers:
         writer.close()
-    for writer in writers:
-        try:
-            await asyncio.wait_for(writer.wait_closed(), 2)
-        except asyncio.CancelledError:
-            # wait_closed() of a connection already gone can raise it too; ours goes on.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-        except Exception:  # OSError, TimeoutError, SSL errors: the connection is gone anyway
-            pass
+    if not writers:
+        return
+    waits = [asyncio.ensure_future(writer.wait_closed()) for writer in writers]
+    try:
+        await asyncio.wait(waits, timeout=2)
+    finally:
+        for wait in waits:
+            if not wait.done():
+                wait.cancel()
+            elif not wait.cancelled():
+                wait.exception()  # retrieved: OSError, SSL errors of a connection gone anyway
