@@ -318,8 +318,12 @@ class Node:
             await asyncio.wait({self._api_task}, timeout=self._config.timeouts.shutdown + 1)
             self._server.force_exit = True
         await self._tasks.cancel_all()
+        limit = self._config.timeouts.shutdown + 5
         try:
-            await self._stack.aclose()
+            async with asyncio.timeout(limit):
+                await self._stack.aclose()
+        except TimeoutError:
+            log.error("the node's components did not stop within %.0f s; leaving them", limit)
         except Exception:
             log.exception("closing the node's components failed")
         if self._listen is not None:

@@ -324,3 +324,18 @@ async def test_close_quietly_waits_two_seconds_in_all_not_each() -> None:
     writers = [cast(asyncio.StreamWriter, _HangingWriter()) for _ in range(8)]
     async with asyncio.timeout(8):  # 16 s before, one writer after another
         await close_quietly(*writers)
+
+
+async def test_a_component_that_never_closes_does_not_hold_the_home(
+    node: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM must end the process: a stuck close is logged, and the home released anyway.
+    async def stuck(self: Gossip) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Gossip, "aclose", stuck)
+    home = Home(node.home_path)
+    async with asyncio.timeout(30):
+        await node.aclose()
+    assert not home_locked(home)
+    assert any("did not stop within" in r.getMessage() for r in caplog.records)
