@@ -249,9 +249,12 @@ class PortMapper:
 
     async def _nat_settled(self) -> None:
         gossip = self._gossip
-        expects_peers = bool(self._config.bootstrap) or bool(gossip and gossip.table.alive())
-        if gossip is not None and not gossip.nat_known.is_set() and expects_peers:
-            # Detection needs peers; a node that has none and expects none maps as public.
+        # Only peers this node trusts answer NAT checks and relay for it: with none known
+        # and none listed by the owner, there is nothing to wait for, so it maps as public.
+        listed = bool(self._config.trust.allow) or bool(self._relay_use)
+        if gossip is None or gossip.nat_known.is_set():
+            return
+        if listed or any(self.trusts(m.record.node_id) for m in gossip.table.alive()):
             with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
                 await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
 
