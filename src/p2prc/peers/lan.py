@@ -66,7 +66,7 @@ class LanDiscovery:
             if event["state_change"] is ServiceStateChange.Added:
                 name = str(event["name"])
                 if not name.startswith(self._node_id) and name not in self.seen:
-                    self._tasks.spawn(self._resolve(event["zeroconf"], name))
+                    self._tasks.spawn(self._resolve(event["zeroconf"], name), "lan-resolve")
 
         self._browser = AsyncServiceBrowser(self._zeroconf.zeroconf, [SERVICE], handlers=[changed])
         self._resolver = AsyncServiceInfo

@@ -91,8 +91,8 @@ class TunnelClient:
         if answer["type"] != "welcome":
             raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
         self._last_heard = asyncio.get_running_loop().time()
-        self._tasks.spawn(self._control_loop(self._control, Mux(self._control)))
-        self._tasks.spawn(self._heartbeat(self._control))
+        self._tasks.spawn(self._control_loop(self._control, Mux(self._control)), "tunnel-control")
+        self._tasks.spawn(self._heartbeat(self._control), "tunnel-heartbeat")
 
     async def expose(
         self,
@@ -229,7 +229,9 @@ class TunnelClient:
             stream = mux.open(sid)
         except TunnelProtocolError:
             return  # a duplicate id: the first stream keeps it
-        self._tasks.spawn(self._serve(control, mux, stream, self._local_hosts[port], port))
+        self._tasks.spawn(
+            self._serve(control, mux, stream, self._local_hosts[port], port), "tunnel-stream"
+        )
 
     async def _datagram_in(self, control: FramedStream, message: dict[str, Any]) -> None:
         """A datagram from the relay: into the session of its remote address."""
