@@ -72,6 +72,9 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 _UNSIGNED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # A GET carrying this header is signed too (reads of private data, such as /tracked).
 _SIGN_HEADER = "P2PRC-Sign"
+# GET /peers pages: the most one answer holds, and how many pages a client follows.
+_PEER_PAGE = 1024
+_MAX_PEER_PAGES = 64
 
 ProgressCallback = Callable[[str], Any]
 
@@ -299,9 +302,22 @@ class AsyncClient:
         await self._request("DELETE", f"/tracked/{_path_part(container_id)}")
 
     async def peers(self) -> list[PeerView]:
-        """``GET /peers``: the node's view of the network, itself first."""
-        response = await self._request("GET", "/peers")
-        return _validate_list(PeerView, response, self.base_url)
+        """``GET /peers``, every page: the node's view of the network, itself first, then
+        by name."""
+        from urllib.parse import quote
+
+        views: dict[str, PeerView] = {}
+        after = ""
+        for _ in range(_MAX_PEER_PAGES):
+            query = f"?limit={_PEER_PAGE}" + (f"&after={after}" if after else "")
+            response = await self._request("GET", f"/peers{query}")
+            page = _validate_list(PeerView, response, self.base_url)
+            fresh = [view for view in page if view.node_id not in views]
+            views.update((view.node_id, view) for view in fresh)
+            if len(page) < _PEER_PAGE or not fresh:
+                break
+            after = quote(page[-1].node_id, safe="")
+        return sorted(views.values(), key=lambda view: (not view.me, view.name, view.node_id))
 
     async def resolve(self, peer: str) -> str:
         """API base URL of ``peer``: a URL, ``host:port``, a peer name or a node id prefix."""

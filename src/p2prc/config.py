@@ -222,6 +222,8 @@ class GossipConfig(_Section):
     indirect_checks: int = Field(default=3, ge=0, le=16)
     suspicion_mult: float = Field(default=4.0, ge=1, le=20)
     push_pull_interval: float = Field(default=15.0, ge=1, le=3600)
+    # The most members the table holds; listed (trusted) keys are never crowded out.
+    max_members: int = Field(default=1024, ge=8, le=65536)
     # mDNS on the LAN; only active when the node listens on a non-loopback address.
     lan_discovery: bool = True
 

@@ -430,6 +430,7 @@ class Node:
                 gpus=lambda: len(gpus()),
                 relay_port=self.relay.port if self.relay else 0,
                 on_crash=self._crash_handler("gossip"),
+                trust=self.trust,
             )
             self._gossip = await self._stack.enter_async_context(gossip)
             self._components["gossip"] = "ok"

@@ -5,7 +5,7 @@ from typing import Annotated, Protocol
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from ..errors import InvalidRequest, NotFound, P2PRCError
+from ..errors import InvalidRequest, NotFound, P2PRCError, PeerProtocolError
 from ..models import CallerInfo, MetadataUpdate, PeerAddress, PeerView, SyncResult
 from ..peers.gossip import MAX_EXCHANGE_BYTES, Gossip, member_state
 from ..peers.records import PeerRecord
@@ -16,6 +16,8 @@ __all__ = ["router", "view_of"]
 
 _MSGPACK = "application/msgpack"
 MAX_SPEEDTEST_BYTES = 64 * 1024 * 1024
+PEERS_PAGE = 256
+MAX_PEERS_PAGE = 1024
 
 
 class PeerNode(Protocol):
@@ -57,11 +59,21 @@ def router(node: PeerNode, verifier: RequestVerifier) -> APIRouter:
     Owner = Annotated[CallerInfo, Depends(verifier.owner)]
 
     @routes.get("/peers")
-    async def peers() -> list[PeerView]:
-        """Every node this node knows, itself first (the original --ls)."""
+    async def peers(
+        limit: Annotated[int, Query(ge=1, le=MAX_PEERS_PAGE)] = PEERS_PAGE,
+        after: Annotated[str, Query(max_length=64)] = "",
+    ) -> list[PeerView]:
+        """The nodes this node knows, a page at a time (the original --ls): itself first,
+        then members by node id; ``after`` is the last node id of the previous page."""
         gossip = node.gossip
-        members = sorted(gossip.table.members.values(), key=lambda m: m.record.name)
-        return [view_of(gossip, gossip.me, None)] + [view_of(gossip, m.record, m) for m in members]
+        views = [] if after else [view_of(gossip, gossip.me, None)]
+        start = "" if after == gossip.me.node_id else after
+        members = sorted(
+            (m for node_id, m in gossip.table.members.items() if node_id > start),
+            key=lambda m: m.record.node_id,
+        )
+        room = limit - len(views)
+        return views + [view_of(gossip, m.record, m) for m in members[:room]]
 
     @routes.get("/peers/stats")
     async def stats() -> dict[str, object]:
@@ -74,28 +86,34 @@ def router(node: PeerNode, verifier: RequestVerifier) -> APIRouter:
             "dropped_datagrams": dict(swim.stats.dropped) if swim else {},
             "datagrams_sent": swim.stats.sent if swim else 0,
             "bytes_sent": swim.stats.bytes_sent if swim else 0,
+            "unsent_datagrams": dict(swim.stats.unsent) if swim else {},
+            "max_members": gossip.table.max_members,
             "local_health": swim.awareness if swim else 0,
         }
 
     @routes.post("/peers/exchange", response_class=Response)
     async def exchange(request: Request, caller: Caller) -> Response:
-        """Push-pull anti-entropy: merge the caller's table, answer with ours (msgpack)."""
+        """Push-pull anti-entropy (msgpack): merge what the caller pushed, answer one
+        bounded page of what its digest lacks and the ids we want from it."""
         body = await request.body()
         if len(body) > MAX_EXCHANGE_BYTES:
             raise InvalidRequest("exchange payload too large")
-        node.gossip.merge(body)
-        return Response(node.gossip.export(), media_type=_MSGPACK)
+        try:
+            answer = node.gossip.exchange(body, caller.node_id)
+        except PeerProtocolError as exc:
+            raise InvalidRequest(f"bad exchange payload: {exc}") from None
+        return Response(answer, media_type=_MSGPACK)
 
     @routes.post("/peers")
     async def add(body: PeerAddress, caller: Owner) -> SyncResult:
         """Exchange tables with a node now (bootstrap; the original --as / --arn)."""
-        return await _sync(node.gossip, [body.address])
+        return await _sync(node.gossip, [body.address], trusted=True)
 
     @routes.post("/peers/sync")
     async def sync(caller: Owner) -> SyncResult:
         """Exchange tables with a few known nodes now (the original --us)."""
         gossip = node.gossip
-        targets = [gossip.api_url(m) for m in gossip.table.alive()[:3]]
+        targets = [gossip.api_url(m) for m in gossip.reachable()[:3]]
         return await _sync(gossip, targets or list(gossip.bootstrap_addresses()))
 
     @routes.delete("/peers/{node_id}")
@@ -121,11 +139,11 @@ def router(node: PeerNode, verifier: RequestVerifier) -> APIRouter:
     return routes
 
 
-async def _sync(gossip: Gossip, addresses: list[str]) -> SyncResult:
+async def _sync(gossip: Gossip, addresses: list[str], *, trusted: bool = False) -> SyncResult:
     changed, contacted, failed = 0, [], []
     for address in addresses:
         try:
-            changed += await gossip.push_pull(address)
+            changed += await gossip.push_pull(address, trusted=trusted)
             contacted.append(address)
         except P2PRCError as exc:
             failed.append(f"{address}: {exc}")

@@ -1,13 +1,21 @@
-"""``Gossip``: the node's membership component (UDP SWIM + HTTP push-pull + SQLite)."""
+"""``Gossip``: the node's membership component (UDP SWIM + HTTP push-pull + SQLite).
+
+One UDP socket serves both families: an IPv6 socket with ``IPV6_V6ONLY`` off, bound to
+``::``, sending to IPv4 peers as ``::ffff:a.b.c.d`` (and reading such sources back as
+IPv4); where IPv6 is unavailable, an IPv4 socket that skips IPv6 peers. A datagram that
+cannot be sent is counted in ``swim.stats.unsent`` and skipped, never fatal.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import getpass
+import ipaddress
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,17 +28,30 @@ from ..config import NodeConfig
 from ..errors import P2PRCError, PeerProtocolError
 from ..identity import Identity
 from ..state import State
-from .records import Claim, PeerRecord, claim_from_fields, record_from_fields
+from ..trust import TrustPolicy
+from . import exchange
+from .exchange import MAX_EXCHANGE_BYTES
+from .records import (
+    MAX_ADDRESSES,
+    VERSION_BOUND,
+    Claim,
+    PeerRecord,
+    ip_literal,
+    plausible_version,
+)
 from .store import PeerStore
 from .swim import Outgoing, Swim, SwimSettings
-from .table import Member, MemberState, PeerTable
+from .table import STORED, Member, MemberState, PeerTable
 
 __all__ = ["MAX_EXCHANGE_BYTES", "Gossip"]
 
 log = logging.getLogger(__name__)
 
-MAX_EXCHANGE_BYTES = 4 * 1024 * 1024
 _TICK = 0.05
+# Push-pull rounds with one node (each moves at most a page of records each way).
+_ROUNDS = 4
+# New members one introducer may add a minute (listed keys are not limited).
+_NEW_PER_MINUTE = 64
 _RTT_WEIGHT = 0.2
 _BOOTSTRAP_RETRY = 2.0
 
@@ -39,8 +60,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, gossip: Gossip) -> None:
         self._gossip = gossip
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._gossip.datagram(data, (addr[0], addr[1]))
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._gossip.datagram(data, (_unmapped(str(addr[0])), int(addr[1])))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("gossip socket error: %s", exc)
@@ -60,7 +81,10 @@ class Gossip:
         gpus: Callable[[], int] = lambda: 0,
         relay_port: int = 0,
         on_crash: CrashHandler = log_crash,
+        trust: TrustPolicy | None = None,
     ) -> None:
+        self._trust = trust or TrustPolicy(config.trust, identity.public_key)
+        self._ipv6 = False
         self._relay_port = relay_port
         self._relay, self._public_api = "", ""
         configured = config.behind_nat
@@ -98,13 +122,21 @@ class Gossip:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        host = "::" if any(":" in a for a in self._addresses) else "0.0.0.0"
         wanted = self._settings.port if self._settings.port is not None else self._api_port
+        sock, self._ipv6 = _udp_socket(wanted)
         self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(host, wanted)
+            lambda: _UdpProtocol(self), sock=sock
         )
         self.port = self._transport.get_extra_info("sockname")[1]
-        table = PeerTable(self._sign_record(self._metadata()))
+        self._recover_version()
+        table = PeerTable(
+            self._sign_record(self._metadata()),
+            max_members=self._settings.max_members,
+            new_per_minute=_NEW_PER_MINUTE,
+            listed=self._trust.listed,
+            skew=self._config.trust.clock_skew,
+        )
+        table.on_evict = self._store.delete
         settings = SwimSettings(
             period=self._settings.interval,
             probe_timeout=self._settings.interval / 2,
@@ -125,8 +157,7 @@ class Gossip:
         if self.swim is not None and self._transport is not None:
             leave = Claim("left", self.me.node_id, self.me.version, "").signed(self._identity)
             self.swim.broadcast_claim(leave)
-            with contextlib.suppress(OSError):
-                self._send(self.swim.tick(asyncio.get_running_loop().time() + 3600))
+            self._send(self.swim.tick(asyncio.get_running_loop().time() + 3600))
         await self._tasks.cancel_all()
         if self._transport is not None:
             self._transport.close()
@@ -162,54 +193,69 @@ class Gossip:
             self._relay, self._public_api = relay, public_api
             self._replace_me(self._sign_record(self._metadata()))
 
-    def export(self) -> bytes:
-        """Everything we know, for a push-pull exchange."""
-        table = self.table
-        records = [table.me.encode(), *(m.record.encode() for m in table.members.values())]
-        claims = [claim.encode() for claim in table.claims()]
-        return bytes(msgpack.packb([records, claims], use_bin_type=True))
+    def exchange(self, body: bytes, caller: str) -> bytes:
+        """Answer a push-pull post from ``caller`` (a node id, the signed sender).
 
-    def merge(self, data: bytes) -> int:
-        """Apply a push-pull payload; returns how many entries were accepted or changed."""
-        if len(data) > MAX_EXCHANGE_BYTES:
-            raise PeerProtocolError("exchange payload too large")
-        try:
-            records, claims = msgpack.unpackb(data, raw=False, max_bin_len=MAX_EXCHANGE_BYTES)
-        except Exception:
-            raise PeerProtocolError("undecodable exchange payload") from None
-        if not isinstance(records, list) or not isinstance(claims, list):
-            raise PeerProtocolError("malformed exchange payload")
-        swim, now, before = self._swim(), asyncio.get_running_loop().time(), self.table.snapshot()
-        for raw, build in [(r, record_from_fields) for r in records] + [
-            (c, claim_from_fields) for c in claims
-        ]:
-            try:
-                item = build(msgpack.unpackb(raw, raw=False)) if isinstance(raw, bytes) else None
-            except (PeerProtocolError, ValueError, TypeError, msgpack.UnpackException):
-                item = None
-            if isinstance(item, PeerRecord):
-                swim.apply_record(item, now)
-            elif isinstance(item, Claim):
-                swim.apply_claim(item, now)
-            else:
-                self.table.rejected["malformed"] += 1
-        after = self.table.snapshot()
-        return sum(1 for key, value in after.items() if before.get(key) != value)
+        Merges what it pushed (introduced by ``caller``) and answers one bounded page of
+        what its digest lacks plus the ids we want; see :mod:`p2prc.peers.exchange`.
+        """
+        request = exchange.decode_request(body)
+        self._merge(request.records, request.claims, caller)
+        if request.legacy:
+            answer = exchange.plan(self.table, {})
+            return exchange.Answer(answer.records, answer.claims, legacy=True).encode()
+        if request.digest is None:
+            return exchange.Answer().encode()
+        return exchange.plan(self.table, request.digest).encode()
 
-    async def push_pull(self, address: str, audience: str | None = None) -> int:
-        """Exchange tables with the node at ``address`` over its API.
+    async def push_pull(
+        self, address: str, audience: str | None = None, *, trusted: bool = False
+    ) -> int:
+        """Exchange tables with the node at ``address`` over its API: digests first, then
+        only what either side lacks, a page at a time; returns how many entries changed.
 
         Signed for ``audience``, else for the alive member whose signed record publishes
         that address; only an address no record names (a root node) is asked who it is.
+        What it answers counts against that member's share of new members, unless it is
+        a root node or ``trusted`` (an address the owner gave).
         """
         from ..client import AsyncClient
 
         audience = audience or self.member_at(address)
+        rooted = trusted or address in self._config.bootstrap
+        introducer = None if rooted else (audience or f"address:{address}")
+        request = exchange.Request(exchange.digest(self.table))
+        changed = 0
         async with AsyncClient(
             address, identity=self._identity, audience=audience, timeout=10
         ) as client:
-            answer = await client.exchange(self.export())
-        return self.merge(answer)
+            for round_ in range(_ROUNDS):
+                answer = exchange.decode_answer(await client.exchange(request.encode()))
+                changed += self._merge(answer.records, answer.claims, introducer)
+                if answer.legacy or not (answer.want or answer.more):
+                    break
+                request = exchange.pushed(self.table, answer.want)
+                if answer.more and round_ < _ROUNDS - 2:
+                    request.digest = exchange.digest(self.table)
+                if not (request.records or request.claims or request.digest):
+                    break
+        return changed
+
+    def _merge(self, records: list[bytes], claims: list[bytes], introducer: str | None) -> int:
+        """Apply pushed records, then claims; returns how many entries changed."""
+        swim, now, before = self._swim(), asyncio.get_running_loop().time(), self.table.snapshot()
+        for raw in records:
+            try:
+                swim.apply_record(exchange.record_of(raw), now, introducer)
+            except PeerProtocolError:
+                self.table.rejected["malformed"] += 1
+        for raw in claims:
+            try:
+                swim.apply_claim(exchange.claim_of(raw), now)
+            except PeerProtocolError:
+                self.table.rejected["malformed"] += 1
+        after = self.table.snapshot()
+        return sum(1 for key, value in after.items() if before.get(key) != value)
 
     def member_at(self, address: str) -> str | None:
         """The node id of the alive member whose signed record has this API address."""
@@ -225,7 +271,7 @@ class Gossip:
         """Exchange tables now with a few alive members and the root nodes (for a node
         that needs something it does not know of, like another relay); returns how many
         answered."""
-        members = self.table.alive()
+        members = self.reachable()
         targets = [self.api_url(m) for m in random.sample(members, min(count, len(members)))]
         answered = 0
         for address in dict.fromkeys([*targets, *self.bootstrap_addresses()]):
@@ -244,6 +290,11 @@ class Gossip:
     def api_url(self, member: Member) -> str:
         return member.record.api_url
 
+    def reachable(self) -> list[Member]:
+        """Alive members that proved their address: the only ones we start exchanges with."""
+        swim = self._swim()
+        return [m for m in self.table.alive() if swim.proven(m.record.node_id)]
+
     # Internals ------------------------------------------------------------------------
 
     def datagram(self, data: bytes, source: tuple[str, int] | None = None) -> None:
@@ -257,10 +308,32 @@ class Gossip:
         return self.swim
 
     def _send(self, outgoing: list[Outgoing]) -> None:
+        """Send each datagram; one that cannot go (family, route) is counted, not fatal."""
         if self._transport is None:
             return
         for item in outgoing:
-            self._transport.sendto(item.data, item.address)
+            address = self._wire_address(item.address)
+            if address is None:
+                self._swim().stats.unsent["address family"] += 1
+                continue
+            try:
+                self._transport.sendto(item.data, address)
+            except (OSError, ValueError) as exc:
+                self._swim().stats.unsent[type(exc).__name__] += 1
+                log.debug("gossip datagram to %s not sent: %s", item.address, exc)
+
+    def _wire_address(self, address: tuple[str, int]) -> tuple[str, int] | None:
+        """The destination as our socket's family writes it, or None if it cannot reach it."""
+        try:
+            ip = ipaddress.ip_address(address[0])
+        except ValueError:
+            return None
+        if self._ipv6:
+            return (f"::ffff:{ip}" if ip.version == 4 else str(ip), address[1])
+        if ip.version == 6:
+            mapped = ip.ipv4_mapped
+            return None if mapped is None else (str(mapped), address[1])
+        return (str(ip), address[1])
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -272,7 +345,7 @@ class Gossip:
         await self._bootstrap()
         while True:
             await asyncio.sleep(self._settings.push_pull_interval * random.uniform(0.75, 1.25))
-            alive = self.table.alive()
+            alive = self.reachable()
             if alive:
                 member = random.choice(alive)
                 with contextlib.suppress(P2PRCError):
@@ -296,7 +369,7 @@ class Gossip:
     def _load(self) -> None:
         table = self.table
         for record, claim, rtt in self._store.load():
-            table.apply_record(record)
+            table.apply_record(record, introducer=STORED)
             if claim is not None:
                 table.apply_claim(claim)
             member = table.get(record.node_id)
@@ -319,7 +392,18 @@ class Gossip:
 
     def _refute(self, doubted: int) -> None:
         """Someone doubts us or holds a newer record of us: sign a newer one."""
+        if not plausible_version(doubted + 1, time.time(), self._config.trust.clock_skew):
+            log.warning("not refuting a claim dated in the future (version %d)", doubted)
+            return
         self._replace_me(self._sign_record(self._metadata(), at_least=doubted + 1))
+
+    def _recover_version(self) -> None:
+        """A saved version at the codec's bound or in the future is poisoned: start over."""
+        saved = self._state.get_meta("record_version") or "0"
+        last = int(saved) if saved.isdigit() else VERSION_BOUND
+        if not plausible_version(last, time.time(), self._config.trust.clock_skew):
+            log.warning("saved record version %s is in the future; resetting it to now", saved)
+            self._state.set_meta("record_version", str(int(time.time() * 1000)))
 
     def _replace_me(self, record: PeerRecord) -> None:
         self.table.me = record
@@ -337,7 +421,10 @@ class Gossip:
     def _sign_record(self, metadata: dict[str, Any], at_least: int = 0) -> PeerRecord:
         # Millisecond versions, strictly increasing even across restarts and clock skew.
         last = int(self._state.get_meta("record_version") or 0)
-        version = max(int(time.time() * 1000), last + 1, at_least)
+        now = int(time.time() * 1000)
+        version = max(now, last + 1, at_least)
+        if not plausible_version(version, time.time(), self._config.trust.clock_skew):
+            version = max(now, last + 1)  # never sign (or save) a version from the future
         self._state.set_meta("record_version", str(version))
         behind_nat = self._behind_nat
         record = PeerRecord(
@@ -345,7 +432,7 @@ class Gossip:
             public_key=self._identity.public_key,
             name=self._config.name,
             version=version,
-            addresses=tuple(self._addresses),
+            addresses=_advertisable(self._addresses),
             api_port=self._api_port,
             gossip_port=self.port,
             relay_port=self._relay_port,
@@ -371,3 +458,48 @@ def _user() -> str:
 
 def member_state(member: Member) -> str:
     return MemberState(member.state).name.lower()
+
+
+def _udp_socket(port: int) -> tuple[socket.socket, bool]:
+    """A UDP socket on ``port`` for both families (IPv4 mapped), else IPv4 only."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        sock = None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+        except OSError:
+            sock.close()
+        else:
+            sock.setblocking(False)
+            return sock, True
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, False
+
+
+def _advertisable(addresses: list[str]) -> tuple[str, ...]:
+    """The addresses a record may carry: unicast IP literals, at most as many as decoders
+    take (a machine with many interfaces, like a Docker host, has more)."""
+    usable = []
+    for address in addresses:
+        with contextlib.suppress(PeerProtocolError):
+            usable.append(ip_literal(address))
+    return tuple(dict.fromkeys(usable))[:MAX_ADDRESSES]
+
+
+def _unmapped(host: str) -> str:
+    """``::ffff:a.b.c.d`` as ``a.b.c.d``; anything else unchanged."""
+    if host.startswith("::ffff:"):
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+            if mapped is not None:
+                return str(mapped)
+    return host

@@ -23,12 +23,25 @@ from ..config import join_address
 from ..errors import PeerProtocolError
 from ..identity import Identity, node_id_of, verify_signature
 
-__all__ = ["MAX_RECORD_BYTES", "Claim", "PeerRecord", "decode_claim", "decode_record"]
+__all__ = [
+    "MAX_ADDRESSES",
+    "MAX_RECORD_BYTES",
+    "VERSION_BOUND",
+    "Claim",
+    "PeerRecord",
+    "decode_claim",
+    "decode_record",
+    "ip_literal",
+    "plausible_version",
+]
 
 MAX_RECORD_BYTES = 1100
+# Every decoder refuses an integer at or above this; versions (millisecond timestamps,
+# about 2**41 today) are never signed, stored or accepted near it (see plausible_version).
+VERSION_BOUND = 2**62
 _MAX_TEXT = 512
 _MAX_METADATA = 400
-_MAX_ADDRESSES = 8
+MAX_ADDRESSES = 8
 _SIGNATURE = 64
 
 
@@ -174,7 +187,12 @@ def _text(value: Any, limit: int = _MAX_TEXT) -> str:
     return value
 
 
-def _int(value: Any, high: int = 2**62) -> int:
+def plausible_version(version: int, wall: float, skew: float) -> bool:
+    """Whether a version (ms timestamp) is no later than ``wall`` (s) plus ``skew`` (s)."""
+    return 0 <= version <= int((wall + skew) * 1000) and version < VERSION_BOUND // 2
+
+
+def _int(value: Any, high: int = VERSION_BOUND) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < high:
         raise PeerProtocolError("bad integer field")
     return value
@@ -190,19 +208,37 @@ def _bytes(value: Any, size: int) -> bytes:
     return value
 
 
+def ip_literal(value: Any, what: str = "address") -> str:
+    """An IP literal a datagram or connection can go to (no names, scopes or wildcards)."""
+    text = _text(value, 64)
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise PeerProtocolError(f"bad {what}: not an IP literal") from None
+    if "%" in text or address.is_unspecified or address.is_multicast:
+        raise PeerProtocolError(f"bad {what}: not a unicast address")
+    return text
+
+
 def _endpoint(value: Any) -> str:
-    """``host:port`` (``[v6]:port``) or empty; anything else is refused."""
+    """``host:port`` (``[v6]:port``) with an IP literal host, or empty; else refused."""
     text = _text(value, 80)
     if not text:
         return text
     host, _, port = text.rpartition(":")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(bare)
-    except ValueError:
-        raise PeerProtocolError("bad public_api") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    v6 = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if v6 else host
+    ip_literal(bare, "public_api")
+    if v6 != (":" in bare) or not port.isdigit() or not 0 < int(port) < 65536:
         raise PeerProtocolError("bad public_api")
+    return text
+
+
+def _node_id(value: Any, what: str) -> str:
+    """Empty or a node id: 32 lower-case hex digits."""
+    text = _text(value, 64)
+    if text and (len(text) != 32 or text.strip("0123456789abcdef")):
+        raise PeerProtocolError(f"bad {what}")
     return text
 
 
@@ -211,7 +247,7 @@ def record_from_fields(fields: list[Any]) -> PeerRecord:
     if len(fields) != 18:
         raise PeerProtocolError("record has the wrong number of fields")
     addresses, custom, behind_nat = fields[4], fields[15], fields[8]
-    if not isinstance(addresses, list) or len(addresses) > _MAX_ADDRESSES:
+    if not isinstance(addresses, list) or len(addresses) > MAX_ADDRESSES:
         raise PeerProtocolError("bad addresses")
     if not isinstance(custom, dict) or len(custom) > 32:
         raise PeerProtocolError("bad custom table")
@@ -222,12 +258,12 @@ def record_from_fields(fields: list[Any]) -> PeerRecord:
         public_key=_bytes(fields[1], 32),
         name=_text(fields[2], 64),
         version=_int(fields[3]),
-        addresses=tuple(_text(address, 64) for address in addresses),
+        addresses=tuple(ip_literal(address) for address in addresses),
         api_port=_port(fields[5]),
         gossip_port=_port(fields[6]),
         relay_port=_port(fields[7]),
         behind_nat=behind_nat,
-        relay=_text(fields[9], 64),
+        relay=_node_id(fields[9], "relay"),
         user=_text(fields[10], 64),
         cores=_int(fields[11], 1 << 20),
         memory=_int(fields[12]),

@@ -11,6 +11,14 @@ death after a Lifeguard-style timeout that shrinks as other nodes confirm it. Up
 Every datagram is signed by its sender; datagrams from unknown or forged senders are
 counted and dropped.
 
+No amplification: a record can name any address, so a member is only *proven* once a
+signed datagram of its own came from the address we would send to, or it acked a ping
+(random sequence number) we sent there. Probes, ping-req helpers, relayed pings, gossip
+fanout and piggybacked updates go only to proven members. An unproven member gets at most
+``_INTRO_TRIES`` bare pings a minute (one a period at most, none to dead or gone members)
+and is suspected when they all go unanswered; its silence says nothing about our own
+health, so it does not raise Lifeguard's awareness.
+
 Members behind NAT: their advertised address is private, so datagrams to them go to the
 address their own datagrams last came from (the NAT's mapping), and a node that is itself
 behind NAT pings every member at least every ``keepalive`` seconds, which keeps those
@@ -31,7 +39,7 @@ import msgpack
 from ..errors import PeerProtocolError
 from ..identity import Identity, verify_signature
 from .records import Claim, PeerRecord, claim_from_fields, record_from_fields, retransmit_limit
-from .table import MemberState, PeerTable, Verdict
+from .table import Member, MemberState, PeerTable, Verdict
 
 __all__ = ["MAX_DATAGRAM", "Outgoing", "Swim", "SwimSettings"]
 
@@ -40,6 +48,8 @@ _MAGIC = b"P2G1"
 _SIGNATURE = 64
 _HEADER_BUDGET = 200
 _MAX_AWARENESS = 8
+_INTRO_TRIES = 3
+_INTRO_WINDOW = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +90,17 @@ class _Relay:
     requester: str
     requester_seq: int
     expires: float
+    source: tuple[str, int] | None = None
+
+
+@dataclass(slots=True)
+class _Ping:
+    """A ping we sent: an ack for its sequence number proves the address it went to."""
+
+    target: str
+    address: tuple[str, int]
+    sent: float
+    intro: bool
 
 
 @dataclass(slots=True)
@@ -98,6 +119,8 @@ class Stats:
     received: int = 0
     bytes_sent: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    # Datagrams that could not be sent (no route, wrong address family), by reason.
+    unsent: Counter[str] = field(default_factory=Counter)
 
 
 class Swim:
@@ -114,7 +137,6 @@ class Swim:
         self.table = table
         self.settings = settings or SwimSettings()
         self._rng = rng or random.Random()
-        self._seq = 0
         self._probe: _Probe | None = None
         self._order: list[str] = []
         self._next_period = 0.0
@@ -133,6 +155,12 @@ class Swim:
         self._seen: dict[str, tuple[str, int]] = {}
         self._sent_at: dict[str, float] = {}
         self._clock = 0.0
+        # Members' proven addresses; pings awaiting an ack; unproven members' recent pings
+        # and unanswered ones (see the module docstring).
+        self._proven: dict[str, tuple[str, int]] = {}
+        self._pings: dict[int, _Ping] = {}
+        self._tries: dict[str, list[float]] = {}
+        self._misses: Counter[str] = Counter()
 
     # Inputs ---------------------------------------------------------------------------
 
@@ -157,11 +185,19 @@ class Swim:
         if now >= self._next_period:
             self._next_period = now + self.settings.period * (self.awareness + 1)
             self._finish_probe(now)
+            self._finish_intros(now)
             out += self._start_probe(now)
+            out += self._introduce(now)
             out += self._gossip()
             out += self._keepalives(now)
         self._relays = {s: r for s, r in self._relays.items() if r.expires > now}
         return out
+
+    def proven(self, node_id: str) -> bool:
+        """Whether the member has shown it really listens where we would send to it."""
+        member = self.table.get(node_id)
+        address = self._proven.get(node_id)
+        return member is not None and address is not None and address == self._destination(member)
 
     def receive(
         self, data: bytes, now: float, source: tuple[str, int] | None = None
@@ -177,40 +213,109 @@ class Swim:
         self._clock = now
         if source is not None:
             self._seen[sender] = source
-        self._apply_updates(updates, now)
+            member = self.table.get(sender)
+            if member is not None and source == self._destination(member):
+                self._prove(sender, source)
+        self._apply_updates(updates, now, sender)
         if kind == "ping":
             return self._send(sender, ["ack", seq, ""], source)
         if kind == "ack":
             return self._on_ack(sender, seq, target, now)
-        if kind == "ping_req" and target:
-            self._seq += 1
-            self._relays[self._seq] = _Relay(sender, seq, now + self.settings.period * 2)
-            return self._send(target, ["ping", self._seq, ""])
+        if kind == "ping_req" and target and self.proven(target) and self.proven(sender):
+            seq_out = self._next_seq()
+            expires = now + self.settings.period * 2
+            self._relays[seq_out] = _Relay(sender, seq, expires, source)
+            return self._ping(target, seq_out, now)
         return []
 
     # Probing --------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        """A fresh random sequence number: an ack for it proves our ping got there."""
+        seq = self._rng.getrandbits(48) + 1
+        while seq in self._pings or seq in self._relays:
+            seq = self._rng.getrandbits(48) + 1
+        return seq
+
+    def _ping(self, target: str, seq: int, now: float) -> list[Outgoing]:
+        member = self.table.get(target)
+        if member is None:
+            return []
+        address = self._destination(member)
+        if address is None:
+            return []
+        intro = not self.proven(target)
+        if intro:
+            tries = self._tries.setdefault(target, [])
+            tries[:] = [t for t in tries if now - t < _INTRO_WINDOW]
+            if len(tries) >= _INTRO_TRIES or (tries and now - tries[-1] < self.settings.period):
+                return []
+            tries.append(now)
+        self._pings[seq] = _Ping(target, address, now, intro)
+        return self._send(target, ["ping", seq, ""])
 
     def _start_probe(self, now: float) -> list[Outgoing]:
         target = self._next_target()
         if target is None:
             self._probe = None
             return []
-        self._seq += 1
-        self._probe = _Probe(target, self._seq, now)
-        return self._send(target, ["ping", self._seq, ""])
+        seq = self._next_seq()
+        self._probe = _Probe(target, seq, now)
+        return self._ping(target, seq, now)
 
     def _next_target(self) -> str | None:
+        """Round-robin over the proven members not known to be dead or gone."""
         while self._order:
             candidate = self._order.pop()
             member = self.table.get(candidate)
-            if member is not None and member.state <= MemberState.SUSPECT:
+            alive = member is not None and member.state <= MemberState.SUSPECT
+            if alive and self.proven(candidate):
                 return candidate
-        self._order = [m.record.node_id for m in self.table.alive()]
+        self._order = [
+            m.record.node_id for m in self.table.alive() if self.proven(m.record.node_id)
+        ]
         self._rng.shuffle(self._order)
-        # Once per round: forget addresses and send times of members no longer known.
-        self._seen = {k: v for k, v in self._seen.items() if self.table.get(k) is not None}
-        self._sent_at = {k: v for k, v in self._sent_at.items() if self.table.get(k) is not None}
+        # Once per round: forget what we hold about members no longer known.
+        known = self.table.get
+        self._seen = {k: v for k, v in self._seen.items() if known(k) is not None}
+        self._sent_at = {k: v for k, v in self._sent_at.items() if known(k) is not None}
+        self._proven = {k: v for k, v in self._proven.items() if known(k) is not None}
+        self._tries = {k: v for k, v in self._tries.items() if known(k) is not None}
+        self._misses = Counter({k: v for k, v in self._misses.items() if known(k) is not None})
         return self._order.pop() if self._order else None
+
+    def _introduce(self, now: float) -> list[Outgoing]:
+        """One bare ping a period to an unproven member that has tries left."""
+        candidates = [
+            m.record.node_id
+            for m in self.table.alive()
+            if not self.proven(m.record.node_id) and self._may_try(m.record.node_id, now)
+        ]
+        if not candidates:
+            return []
+        target = min(candidates, key=lambda node_id: len(self._tries.get(node_id, ())))
+        return self._ping(target, self._next_seq(), now)
+
+    def _may_try(self, node_id: str, now: float) -> bool:
+        tries = [t for t in self._tries.get(node_id, ()) if now - t < _INTRO_WINDOW]
+        return len(tries) < _INTRO_TRIES and (not tries or now - tries[-1] >= self.settings.period)
+
+    def _finish_intros(self, now: float) -> None:
+        """Count unanswered pings to unproven members; suspect one when all went unanswered."""
+        horizon = self.settings.period * (self.awareness + 1)
+        for seq, ping in list(self._pings.items()):
+            if now - ping.sent < horizon:
+                continue
+            del self._pings[seq]
+            if not ping.intro or self.proven(ping.target):
+                continue
+            self._misses[ping.target] += 1
+            member = self.table.get(ping.target)
+            if self._misses[ping.target] >= _INTRO_TRIES and member is not None:
+                self._misses.pop(ping.target)
+                if member.state is MemberState.ALIVE:
+                    claim = Claim("suspect", ping.target, member.record.version, "")
+                    self.apply_claim(claim.signed(self._identity), now)
 
     def _keepalives(self, now: float) -> list[Outgoing]:
         """Behind NAT: ping members not sent to for ``keepalive`` s (a few per period)."""
@@ -222,21 +327,36 @@ class Swim:
             if now - self._sent_at.get(m.record.node_id, -math.inf) >= self.settings.keepalive
         ]
         out: list[Outgoing] = []
-        for target in stale[:8]:
-            out += self._send(target, ["ping", 0, ""])
+        for target in stale:
+            if len(out) >= 8:
+                break
+            out += self._ping(target, self._next_seq(), now)
         return out
 
     def _ping_requests(self, probe: _Probe) -> list[Outgoing]:
-        helpers = [m.record.node_id for m in self.table.alive() if m.record.node_id != probe.target]
+        helpers = [
+            m.record.node_id
+            for m in self.table.alive()
+            if m.record.node_id != probe.target and self.proven(m.record.node_id)
+        ]
         out: list[Outgoing] = []
         for helper in self._rng.sample(helpers, min(self.settings.indirect, len(helpers))):
             out += self._send(helper, ["ping_req", probe.seq, probe.target])
         return out
 
+    def _prove(self, node_id: str, address: tuple[str, int]) -> None:
+        self._proven[node_id] = address
+        self._tries.pop(node_id, None)
+        self._misses.pop(node_id, None)
+
     def _on_ack(self, sender: str, seq: int, target: str, now: float) -> list[Outgoing]:
+        ping = self._pings.get(seq)
+        if ping is not None and ping.target == sender:
+            del self._pings[seq]
+            self._prove(sender, ping.address)
         relay = self._relays.pop(seq, None)
         if relay is not None:
-            return self._send(relay.requester, ["ack", relay.requester_seq, sender])
+            return self._send(relay.requester, ["ack", relay.requester_seq, sender], relay.source)
         probe = self._probe
         answered = probe is not None and probe.seq == seq and not probe.acked
         if probe is not None and answered and probe.target in (sender, target):
@@ -252,9 +372,11 @@ class Swim:
         if probe.acked:
             self.awareness = max(0, self.awareness - 1)
             return
-        self.awareness = min(_MAX_AWARENESS, self.awareness + 1)
         member = self.table.get(probe.target)
-        if member is None or member.state is not MemberState.ALIVE:
+        if member is None or not self.proven(probe.target):
+            return  # never sent, or to an unproven address: says nothing about our health
+        self.awareness = min(_MAX_AWARENESS, self.awareness + 1)
+        if member.state is not MemberState.ALIVE:
             return
         claim = Claim("suspect", probe.target, member.record.version, "").signed(self._identity)
         self.apply_claim(claim, now)
@@ -280,20 +402,21 @@ class Swim:
 
     # Updates --------------------------------------------------------------------------
 
-    def _apply_updates(self, updates: list[Any], now: float) -> None:
+    def _apply_updates(self, updates: list[Any], now: float, sender: str) -> None:
         for update in updates:
             try:
                 if not isinstance(update, list) or not update or update[0] not in (0, 1):
                     raise PeerProtocolError("bad update")
                 if update[0] == 0:
-                    self.apply_record(record_from_fields(update[1:]), now)
+                    self.apply_record(record_from_fields(update[1:]), now, sender)
                 else:
                     self.apply_claim(claim_from_fields(update[1:]), now)
             except PeerProtocolError as exc:
                 self.stats.dropped[str(exc)] += 1
 
-    def apply_record(self, record: PeerRecord, now: float) -> None:
-        verdict = self.table.apply_record(record, now)
+    def apply_record(self, record: PeerRecord, now: float, introducer: str | None = None) -> None:
+        """Merge a record handed to us by ``introducer`` (see ``PeerTable.apply_record``)."""
+        verdict = self.table.apply_record(record, now, introducer)
         if verdict is Verdict.CHANGED:
             self.broadcast_record(record)
             self._changed(record.node_id)
@@ -315,6 +438,8 @@ class Swim:
             self.on_refute(doubted)
             return
         me = self.table.me
+        if not self.table.plausible(doubted + 1):
+            return  # never sign a version from the far future (nor near the codec's bound)
         self.table.me = replace(me, version=max(me.version, doubted) + 1).signed(self._identity)
         self.broadcast_record(self.table.me)
 
@@ -342,9 +467,7 @@ class Swim:
     def _gossip(self) -> list[Outgoing]:
         if not self._queue:
             return []
-        members = [
-            m.record.node_id for m in self.table.members.values() if m.state < MemberState.LEFT
-        ]
+        members = [m.record.node_id for m in self.table.alive() if self.proven(m.record.node_id)]
         out: list[Outgoing] = []
         for target in self._rng.sample(members, min(self.settings.fanout, len(members))):
             out += self._send(target, ["gossip", 0, ""])
@@ -356,18 +479,28 @@ class Swim:
         self, target: str, message: list[Any], address: tuple[str, int] | None = None
     ) -> list[Outgoing]:
         member = self.table.get(target)
-        if member is None or not member.record.host or not member.record.gossip_port:
+        destination = address or (self._destination(member) if member is not None else None)
+        if member is None or destination is None:
             return []
-        seen = self._seen.get(target) if member.record.behind_nat else None
-        destination = address or seen or (member.record.host, member.record.gossip_port)
         self._sent_at[target] = self._clock
-        budget = MAX_DATAGRAM - _HEADER_BUDGET - _SIGNATURE
-        body = [self._identity.node_id, *message, self._piggyback(budget)]
+        # Updates ride only to proven addresses: a bare ping or ack is no bigger than what
+        # made us send it, so nobody can aim our traffic at a third party.
+        proven = self._proven.get(target) == destination
+        updates = self._piggyback(MAX_DATAGRAM - _HEADER_BUDGET - _SIGNATURE) if proven else []
+        body = [self._identity.node_id, *message, updates]
         payload = _MAGIC + msgpack.packb(body, use_bin_type=True)
         data = payload + self._identity.sign(payload)
         self.stats.sent += 1
         self.stats.bytes_sent += len(data)
         return [Outgoing(destination, data)]
+
+    def _destination(self, member: Member) -> tuple[str, int] | None:
+        """Where datagrams to a member go: behind NAT, where its own last came from."""
+        record = member.record
+        seen = self._seen.get(record.node_id) if record.behind_nat else None
+        if seen is not None:
+            return seen
+        return (record.host, record.gossip_port) if record.host and record.gossip_port else None
 
     def _open(self, data: bytes) -> tuple[str, str, int, str, list[Any]]:
         if (
