@@ -157,3 +157,56 @@ def test_any_interleaving_converges(items: list[object], rng: random.Random) -> 
                 table.apply_record(item)  # type: ignore[arg-type]
         tables.append(table.snapshot())
     assert tables[0] == tables[1] == tables[2]
+
+
+def test_a_claim_ahead_of_the_record_waits_for_that_record() -> None:
+    table = PeerTable(make_record(BOB, 2))
+    table.apply_record(make_record(ALICE, 1, version=5))
+    assert table.apply_claim(Claim("dead", ALICE.node_id, 7, "").signed(CAROL)) is Verdict.UNCHANGED
+    assert table.members[ALICE.node_id].state is MemberState.ALIVE
+    table.apply_record(make_record(ALICE, 1, version=6))
+    assert table.members[ALICE.node_id].state is MemberState.ALIVE
+    table.apply_record(make_record(ALICE, 1, version=7))
+    assert table.members[ALICE.node_id].key == (7, int(MemberState.DEAD))
+    assert table.members[ALICE.node_id].claim is not None
+
+
+def test_nothing_dated_beyond_the_clock_and_skew_is_taken() -> None:
+    table = PeerTable(make_record(BOB, 2, version=5), wall=lambda: 1000.0, skew=60.0)
+    future = make_record(ALICE, 1, version=1_061_001)
+    assert table.apply_record(future) is Verdict.REJECTED
+    assert table.apply_record(make_record(ALICE, 1, version=1_060_000)) is Verdict.CHANGED
+    late = Claim("dead", ALICE.node_id, 2**62 - 1, "").signed(CAROL)
+    assert table.apply_claim(late) is Verdict.REJECTED
+    assert table.rejected["future"] == 2
+    # About us: a claim above our own version is a lie, not a reason to refute.
+    assert table.apply_claim(Claim("dead", BOB.node_id, 6, "").signed(CAROL)) is Verdict.REJECTED
+    assert table.apply_claim(Claim("dead", BOB.node_id, 5, "").signed(CAROL)) is Verdict.REFUTE
+
+
+def test_the_table_is_capped_and_each_introducer_rate_limited() -> None:
+    listed = Identity.generate()
+    table = PeerTable(
+        make_record(BOB, 2), max_members=10, new_per_minute=4, listed=lambda i: i == listed.node_id
+    )
+    strangers = [make_record(Identity.generate(), 3) for _ in range(12)]
+    verdicts = [table.apply_record(r, now=0.0, introducer="x" * 32) for r in strangers[:6]]
+    assert verdicts.count(Verdict.CHANGED) == 4
+    assert table.rejected["introducer_rate"] == 2
+    later = [table.apply_record(r, now=61.0, introducer="x" * 32) for r in strangers[4:8]]
+    assert later.count(Verdict.CHANGED) == 4
+    for index, record in enumerate(strangers[8:]):
+        table.apply_record(record, now=61.0, introducer=f"{index:032x}")
+    assert len(table) == 10
+    assert table.rejected["table_full"] == 2
+    # A record a listed key introduces (or a listed key's own) crowds out a stranger.
+    evicted: list[str] = []
+    table.on_evict = evicted.append
+    assert table.apply_record(make_record(listed, 4), now=62.0, introducer="y" * 32) is (
+        Verdict.CHANGED
+    )
+    newcomer = make_record(Identity.generate(), 5)
+    assert table.apply_record(newcomer, now=62.0, introducer=listed.node_id) is Verdict.CHANGED
+    assert len(table) == 10
+    assert len(evicted) == 2
+    assert table.members[newcomer.node_id].trusted

@@ -3,6 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2prc.identity import Identity
 from p2prc.peers.records import Claim
 from p2prc.peers.swim import SwimSettings
 from p2prc.peers.table import MemberState
@@ -138,3 +139,31 @@ def test_keepalives_hold_the_nat_open_in_a_large_network() -> None:
         refutations[keepalive] = network.nodes[4].table.me.version - version
     assert refutations[10.0] == 0
     assert refutations[1e9] > 0
+
+
+def test_a_push_pull_answer_is_one_bounded_page() -> None:
+    from p2prc.peers.exchange import PAGE, digest, plan, pushed
+
+    network = SimNetwork(2)
+    table = network.nodes[0].table
+    for index in range(300):
+        table.apply_record(make_record(Identity.generate(), index))
+    first = plan(table, {})
+    assert len(first.records) == PAGE
+    assert first.more
+    assert plan(table, digest(table)).records == []
+    other = network.nodes[1].table
+    wanted = plan(other, digest(table)).want
+    assert len(wanted) == PAGE  # the other node lacks 300 records: it asks for a page
+    assert len(pushed(table, wanted).records) == PAGE
+    assert plan(table, digest(other)).want == []  # it knows nothing we lack
+
+
+def test_a_record_advertises_at_most_eight_usable_addresses() -> None:
+    from p2prc.peers.gossip import _advertisable
+
+    addresses = [f"10.0.0.{i}" for i in range(1, 12)] + ["fe80::1%eth0", "localhost"]
+    assert _advertisable(["localhost", "fd00::2", *addresses]) == (
+        "fd00::2",
+        *addresses[:7],
+    )
