@@ -108,6 +108,8 @@ class _Broadcast:
     key: str
     item: list[Any]
     size: int
+    # Lower goes first: our own record, then claims about proven members, then records.
+    priority: int = 2
     sent: int = 0
 
 
@@ -161,15 +163,19 @@ class Swim:
         self._pings: dict[int, _Ping] = {}
         self._tries: dict[str, list[float]] = {}
         self._misses: Counter[str] = Counter()
+        self._unspread: set[str] = set()
 
     # Inputs ---------------------------------------------------------------------------
 
     def broadcast_record(self, record: PeerRecord) -> None:
         """Spread a record (ours after a change, or one we learned)."""
-        self._enqueue(f"r:{record.node_id}", [0, *record.body(), record.signature])
+        priority = 0 if record.node_id == self.table.me.node_id else 2
+        self._enqueue(f"r:{record.node_id}", [0, *record.body(), record.signature], priority)
 
     def broadcast_claim(self, claim: Claim) -> None:
-        self._enqueue(f"c:{claim.target}", [1, *claim.body(), claim.signature])
+        ours = claim.target == self.table.me.node_id
+        priority = 1 if ours or self.proven(claim.target) else 3
+        self._enqueue(f"c:{claim.target}", [1, *claim.body(), claim.signature], priority)
 
     def tick(self, now: float) -> list[Outgoing]:
         """Advance timers; returns what to send."""
@@ -282,6 +288,7 @@ class Swim:
         self._proven = {k: v for k, v in self._proven.items() if known(k) is not None}
         self._tries = {k: v for k, v in self._tries.items() if known(k) is not None}
         self._misses = Counter({k: v for k, v in self._misses.items() if known(k) is not None})
+        self._unspread = {k for k in self._unspread if known(k) is not None}
         return self._order.pop() if self._order else None
 
     def _introduce(self, now: float) -> list[Outgoing]:
@@ -345,9 +352,17 @@ class Swim:
         return out
 
     def _prove(self, node_id: str, address: tuple[str, int]) -> None:
+        if self._proven.get(node_id) == address:
+            return
         self._proven[node_id] = address
         self._tries.pop(node_id, None)
         self._misses.pop(node_id, None)
+        member = self.table.get(node_id)
+        if member is not None and node_id in self._unspread:
+            self._unspread.discard(node_id)
+            self.broadcast_record(member.record)
+        if member is not None and member.claim is not None:
+            self.broadcast_claim(member.claim)  # so it hears that it must refute
 
     def _on_ack(self, sender: str, seq: int, target: str, now: float) -> list[Outgoing]:
         ping = self._pings.get(seq)
@@ -418,7 +433,13 @@ class Swim:
         """Merge a record handed to us by ``introducer`` (see ``PeerTable.apply_record``)."""
         verdict = self.table.apply_record(record, now, introducer)
         if verdict is Verdict.CHANGED:
-            self.broadcast_record(record)
+            member = self.table.get(record.node_id)
+            if self.proven(record.node_id) or (member is not None and member.trusted):
+                self.broadcast_record(record)
+            else:
+                # Spread by gossip once it proves its address: a record naming a third
+                # party (or nobody) never rides our datagrams.
+                self._unspread.add(record.node_id)
             self._changed(record.node_id)
         elif verdict is Verdict.REFUTE:
             self._refute(record.version)
@@ -447,14 +468,14 @@ class Swim:
         if self.on_change is not None:
             self.on_change(node_id)
 
-    def _enqueue(self, key: str, item: list[Any]) -> None:
+    def _enqueue(self, key: str, item: list[Any], priority: int) -> None:
         size = len(msgpack.packb(item, use_bin_type=True))
-        self._queue[key] = _Broadcast(key, item, size)
+        self._queue[key] = _Broadcast(key, item, size, priority)
 
     def _piggyback(self, budget: int) -> list[list[Any]]:
         limit = retransmit_limit(len(self.table) + 1, self.settings.retransmit_mult)
         chosen: list[list[Any]] = []
-        for broadcast in sorted(self._queue.values(), key=lambda b: b.sent):
+        for broadcast in sorted(self._queue.values(), key=lambda b: (b.priority, b.sent)):
             if broadcast.size > budget:
                 continue
             chosen.append(broadcast.item)
