@@ -49,6 +49,11 @@ _SIGNATURE = 64
 _HEADER_BUDGET = 200
 _MAX_AWARENESS = 8
 _INTRO_TRIES = 3
+# Datagrams a second one source address may have read: at least this, and at least
+# this many a protocol period.
+_SOURCE_RATE = 50.0
+_SOURCE_PER_PERIOD = 10
+_MAX_SOURCES = 4096
 _INTRO_WINDOW = 60.0
 
 
@@ -164,6 +169,11 @@ class Swim:
         self._tries: dict[str, list[float]] = {}
         self._misses: Counter[str] = Counter()
         self._unspread: set[str] = set()
+        self._buckets: dict[tuple[str, int], tuple[float, float]] = {}
+        # Nodes that take part (us and the members that proved their address), counted
+        # once a period: what suspicion timeouts and retransmits scale with, so records
+        # that never answer do not slow failure detection.
+        self._cluster = len(table) + 1
 
     # Inputs ---------------------------------------------------------------------------
 
@@ -190,6 +200,7 @@ class Swim:
         self._expire_suspicions(now)
         if now >= self._next_period:
             self._next_period = now + self.settings.period * (self.awareness + 1)
+            self._cluster = 1 + sum(1 for m in self.table.alive() if self.proven(m.record.node_id))
             self._finish_probe(now)
             self._finish_intros(now)
             out += self._start_probe(now)
@@ -210,6 +221,9 @@ class Swim:
     ) -> list[Outgoing]:
         """Handle one datagram; returns replies (an ack goes back to ``source``, so a
         node behind NAT hears it through the NAT's mapping)."""
+        if source is not None and not self._within_budget(source, now):
+            self.stats.dropped["over the per-source rate"] += 1
+            return []
         try:
             sender, kind, seq, target, updates = self._open(data)
         except PeerProtocolError as exc:
@@ -233,6 +247,18 @@ class Swim:
             self._relays[seq_out] = _Relay(sender, seq, expires, source)
             return self._ping(target, seq_out, now)
         return []
+
+    def _within_budget(self, source: tuple[str, int], now: float) -> bool:
+        """A token bucket per source address, checked before any signature: an honest
+        member sends us a few datagrams a period, a flood is cut to this rate."""
+        rate = max(_SOURCE_RATE, _SOURCE_PER_PERIOD / self.settings.period)
+        tokens, last = self._buckets.get(source, (2 * rate, now))
+        tokens = min(2 * rate, tokens + (now - last) * rate)
+        allowed = tokens >= 1
+        self._buckets[source] = (tokens - 1 if allowed else tokens, now)
+        if len(self._buckets) > _MAX_SOURCES:
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 10}
+        return allowed
 
     # Probing --------------------------------------------------------------------------
 
@@ -407,7 +433,7 @@ class Swim:
     def _suspicion_timeout(self, confirmations: int) -> float:
         """Lifeguard: start at max, shrink toward min as independent suspicions arrive."""
         settings = self.settings
-        members = max(len(self.table) + 1, 2)
+        members = max(self._cluster, 2)
         low = settings.suspicion_mult * math.log10(members) * settings.period
         low = max(low, settings.period * 2)
         high = low * settings.suspicion_max_factor
@@ -473,7 +499,7 @@ class Swim:
         self._queue[key] = _Broadcast(key, item, size, priority)
 
     def _piggyback(self, budget: int) -> list[list[Any]]:
-        limit = retransmit_limit(len(self.table) + 1, self.settings.retransmit_mult)
+        limit = retransmit_limit(self._cluster, self.settings.retransmit_mult)
         chosen: list[list[Any]] = []
         for broadcast in sorted(self._queue.values(), key=lambda b: (b.priority, b.sent)):
             if broadcast.size > budget:

@@ -147,6 +147,11 @@ class PeerTable:
         if not self.plausible(record.version):
             self.rejected["future"] += 1
             return Verdict.REJECTED
+        if known is None and record.node_id != self.me.node_id:
+            refused = self._refuse_newcomer(record, now, introducer)
+            if refused:
+                self.rejected[refused] += 1  # before the costly signature check
+                return Verdict.REJECTED
         try:
             record.verify()
         except PeerProtocolError:
@@ -163,10 +168,28 @@ class PeerTable:
         self._apply_pending(member, now)
         return Verdict.CHANGED
 
+    def _trusted(self, record: PeerRecord, introducer: str | None) -> bool:
+        if introducer is None or self._listed(record.node_id):
+            return True
+        return bool(introducer) and self._listed(introducer)
+
+    def _refuse_newcomer(self, record: PeerRecord, now: float, introducer: str | None) -> str:
+        """Why a new member would be refused (cheap checks only), or empty."""
+        if self._trusted(record, introducer):
+            return ""
+        if len(self.members) >= self.max_members and not any(
+            not m.trusted and m.state >= MemberState.DEAD for m in self.members.values()
+        ):
+            return "table_full"
+        times = self._introduced.get(introducer or "") if introducer else None
+        spent = times is not None and len(times) >= self.new_per_minute
+        if times and spent and now - times[0] < _RATE_WINDOW:
+            return "introducer_rate"
+        return ""
+
     def _admit(self, record: PeerRecord, now: float, introducer: str | None) -> Verdict:
         """Add a new member if there is room and its introducer has not used its share."""
-        trusted = introducer is None or self._listed(record.node_id)
-        trusted = trusted or (introducer is not None and self._listed(introducer))
+        trusted = self._trusted(record, introducer)
         if len(self.members) >= self.max_members and not self._make_room(trusted):
             self.rejected["table_full"] += 1
             return Verdict.REJECTED
