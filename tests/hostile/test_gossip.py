@@ -464,3 +464,16 @@ def test_a_real_third_party_listener_draws_few_datagrams(factory: Any, tmp_path:
             await gossips.close()
 
     _run(factory, scenario())
+
+
+def test_a_datagram_flood_from_one_source_is_cut_before_any_signature_check() -> None:
+    network = SimNetwork(3)
+    network.run(1)
+    mallory = network.identities[2]
+    lying = signed_datagram(mallory, "ping", [record_update(fake_record(Identity.generate()))])
+    node = network.nodes[0]
+    for index in range(2000):
+        node.receive(lying, network.now + index / 2000, ("10.0.0.1", 9002))
+    assert node.stats.dropped["over the per-source rate"] > 1800
+    network.run(3)
+    assert _states(network, 1) == {MemberState.ALIVE}
