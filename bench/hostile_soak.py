@@ -185,14 +185,16 @@ def _false_deaths(watchers: dict[str, Any], nodes: dict[str, Honest]) -> list[st
 def _calls(
     data: dict[str, Any], start: float, end: float, nodes: dict[str, Honest]
 ) -> dict[str, Any]:
-    """Signed calls between ``start`` and ``end`` to nodes that were up (5 s after a start)."""
+    """Signed calls between ``start`` and ``end`` to nodes that were up for the whole call
+    (from 5 s after their start until its 5 s timeout)."""
     apis = {n.api: n for n in nodes.values()}
-    calls = [
-        c
-        for c in data["calls"]
-        if start <= c["t"] < end
-        and (c["to"] not in apis or apis[c["to"]].up_at(c["t"] - 1.0, grace=5.0))
-    ]
+
+    def up(call: dict[str, Any]) -> bool:
+        target = apis.get(call["to"])
+        t = float(call["t"])
+        return target is None or (target.up_at(t, grace=5.0) and target.up_at(t + 5.0))
+
+    calls = [c for c in data["calls"] if start <= c["t"] < end and up(c)]
     result: dict[str, Any] = {}
     for who in ("owner", "peer"):
         mine = [c for c in calls if c["who"] == who]
