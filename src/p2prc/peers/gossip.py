@@ -124,9 +124,23 @@ class Gossip:
         loop = asyncio.get_running_loop()
         wanted = self._settings.port if self._settings.port is not None else self._api_port
         sock, self._ipv6 = _udp_socket(wanted)
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), sock=sock
-        )
+        try:
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            self._start_membership()
+        except BaseException:
+            # Entered with an exit stack: a failed start gets no aclose(), so close here.
+            self._transport.close()
+            self._transport = None
+            raise
+
+    def _start_membership(self) -> None:
+        assert self._transport is not None
         self.port = self._transport.get_extra_info("sockname")[1]
         self._recover_version()
         table = PeerTable(
