@@ -25,8 +25,8 @@ from .config import Home, join_address, resolve_home, split_address
 from .errors import (
     InvalidRequest,
     NodeNotRunning,
-    NotFound,
     P2PRCError,
+    PeerNotFound,
     PeerProtocolError,
     PeerTimeout,
     PeerUnreachable,
@@ -128,6 +128,15 @@ def local_api_url(home: Home) -> str:
         ) from None
 
 
+def _local_node_id(home: Home) -> str | None:
+    """The node id the running node of ``home`` wrote down with its address, if any."""
+    try:
+        node_id = json.loads(home.runtime_file.read_text()).get("node_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return node_id if isinstance(node_id, str) and node_id else None
+
+
 class _SignatureAuth(httpx.Auth):
     """Signs state-changing requests for the node they are sent to.
 
@@ -213,6 +222,8 @@ class AsyncClient:
         self.audience = audience
         self._local = base_url is None
         self.base_url = local_api_url(self._home) if base_url is None else peer_url(base_url)
+        if base_url is None and audience is None:
+            audience = self.audience = _local_node_id(self._home)  # no /status probe
         url, pin = _pinned(self.base_url, audience)
         if pin is not None and audience is None:
             audience = self.audience = pin  # TLS proves the node: sign for it, no probe
@@ -326,7 +337,7 @@ class AsyncClient:
             return matches[0].api
         if matches:
             raise InvalidRequest(f"{peer!r} matches {len(matches)} peers; give more of the id")
-        raise NotFound(f"no peer named {peer!r} or with that id; see 'p2prc peers list'")
+        raise PeerNotFound(f"no peer named {peer!r} or with that id; see 'p2prc peers list'")
 
     async def add_peer(self, address: str) -> SyncResult:
         """Exchange tables with ``address`` now (bootstrap)."""

@@ -12,6 +12,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     +-- InvalidRequest              invalid_request (422)
     |   +-- RequestTooLarge         too_large (413)
     +-- NotFound                    not_found (404)
+    |   +-- PeerNotFound            peer_not_found (404): no record has that name or id
     +-- NodeError                   node_error (500)
     |   +-- NodeNotRunning          node_not_running (503)
     |   +-- NodeAlreadyRunning      node_already_running (409)
@@ -73,6 +74,7 @@ __all__ = [
     "OwnerOnly",
     "P2PRCError",
     "PeerError",
+    "PeerNotFound",
     "PeerProtocolError",
     "PeerTimeout",
     "PeerUnreachable",
@@ -151,6 +153,12 @@ class NotFound(P2PRCError):
 
     status = 404
     code = "not_found"
+
+
+class PeerNotFound(NotFound):
+    """No peer in the signed table has that name or node id prefix (never a DNS name)."""
+
+    code = "peer_not_found"
 
 
 class NodeError(P2PRCError):

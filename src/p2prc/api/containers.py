@@ -26,6 +26,7 @@ from ..models import (
     TrackedContainer,
 )
 from ..peers.gossip import Gossip
+from ..peers.link import PeerTarget, resolve_peer
 from ..state import State
 from .auth import RequestVerifier
 
@@ -121,15 +122,18 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
     @routes.post("/tracked", response_model=CreateEvent)
     async def create_on_peer(body: RemoteCreate, caller: Owner) -> StreamingResponse:
         """Create a container on a peer for this node's owner, and track it."""
-        from ..client import AsyncClient, peer_url
+        from ..client import AsyncClient
 
-        address = peer_url(body.peer)
+        # A name or id prefix comes from the signed table, never from DNS; unknown is 404.
+        target = _target(node, body.peer)
+        address = target.url
 
         async def work(progress: Callable[[str], Awaitable[None]]) -> ContainerView:
-            audience = _audience(node, address)
-            async with AsyncClient(address, identity=node.identity, audience=audience) as peer:
+            async with AsyncClient(
+                address, identity=node.identity, audience=target.node_id
+            ) as peer:
                 # Keyed by the node we asked: its signed record's id, else its own word.
-                asked = audience or (await peer.status()).node_id
+                asked = peer.audience or (await peer.status()).node_id
                 view = await peer.create_container(body.spec, progress=progress)
             # A refused view is not removed on the peer: a signed DELETE for an id the
             # peer chose is just what a liar would want from us.
@@ -164,6 +168,15 @@ def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
         return {"removed": view.id}
 
     return routes
+
+
+def _target(node: ContainerNode, typed: str) -> PeerTarget:
+    """The peer the owner named: a name, an id prefix or an address (see peers.link)."""
+    try:
+        gossip = node.gossip
+    except RuntimeError:  # gossip is off: only addresses can be called
+        return resolve_peer(typed, [])
+    return resolve_peer(typed, gossip.table.alive(), gossip.me.node_id)
 
 
 def _audience(node: ContainerNode, address: str) -> str | None:

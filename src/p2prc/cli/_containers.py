@@ -68,9 +68,7 @@ def create_container(
             err.print(f"  {text}", style="dim", markup=False)
         seen.append(text)
 
-    from ._peers import resolve
-
-    peer = resolve(options, peer)
+    # The node resolves the name from its signed table: one request from here.
     with Client(home=options.home) as client, err.status(f"asking {peer} for a container"):
         view = client.create_on_peer(peer, spec, progress=show)
     emit(options, view, _container_table([view]))
@@ -81,7 +79,7 @@ def create_container(
 @container_app.command("create")
 def create_command(
     ctx: typer.Context,
-    peer: Annotated[str, typer.Argument(help="host:port of the peer (or its URL).")],
+    peer: Annotated[str, typer.Argument(help="Peer name, node id prefix, host:port or URL.")],
     ports: Annotated[int, typer.Option("--ports", "-p", min=0, help="Extra TCP ports.")] = 0,
     gpu: Annotated[bool, typer.Option("--gpu", help="Ask for one GPU.")] = False,
     gpus: Annotated[int, typer.Option("--gpus", min=0, help="Ask for N GPUs.")] = 0,

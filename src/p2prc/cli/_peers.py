@@ -29,13 +29,10 @@ meta_app = typer.Typer(help="This node's metadata, spread to every node.")
 
 def resolve(options: Options, peer: str) -> str:
     """API URL for a peer name, node id prefix, host:port or URL (names need the node)."""
-    if is_address(peer):
+    if is_address(peer) or ":" in peer:  # no name or id has a colon: a (bad) address
         return peer_url(peer)
-    try:
-        with Client(home=options.home) as client:
-            return client.resolve(peer)
-    except NodeNotRunning:
-        return peer_url(peer)
+    with Client(home=options.home) as client:  # NodeNotRunning: never a DNS name
+        return client.resolve(peer)
 
 
 def list_peers(options: Options) -> None:
