@@ -443,21 +443,15 @@ class AsyncClient:
         """Run a plugin on a tracked container or group; ``progress`` gets each host event."""
         body = PluginRunRequest(target=target, variables=variables or {}).model_dump()
         path = f"/plugins/{_path_part(name)}/run"
-        with self._transport_errors():
-            async with self._http.stream("POST", path, json=body, timeout=None) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    _raise_for_error(response)
-                async for line in response.aiter_lines():
-                    if not line.strip():
-                        continue
-                    event = PluginEvent.model_validate_json(line)
-                    if event.run is not None:
-                        return event.run
-                    if progress is not None:
-                        result = progress(event)
-                        if inspect.isawaitable(result):
-                            await result
+        async with contextlib.aclosing(self._ndjson(path, body, unbounded=True)) as lines:
+            async for line in lines:
+                event = PluginEvent.model_validate_json(line)
+                if event.run is not None:
+                    return event.run
+                if progress is not None:
+                    result = progress(event)
+                    if inspect.isawaitable(result):
+                        await result
         raise PeerProtocolError(f"{self.base_url}{path}: the run ended without a result")
 
     async def map_port(
@@ -519,18 +513,25 @@ class AsyncClient:
     async def _stream_create(
         self, path: str, body: Any, progress: ProgressCallback | None
     ) -> ContainerView:
+        async with contextlib.aclosing(self._ndjson(path, body)) as lines:
+            async for line in lines:
+                view = await _handle_event(line, progress, self.base_url)
+                if view is not None:
+                    return view
+        raise PeerProtocolError(f"{self.base_url}{path}: the stream ended without a result")
+
+    async def _ndjson(
+        self, path: str, body: Any, *, unbounded: bool = False
+    ) -> AsyncGenerator[str, None]:  # the non-empty lines of a POST's NDJSON answer
+        timeout = None if unbounded else httpx.USE_CLIENT_DEFAULT
         with self._transport_errors():
-            async with self._http.stream("POST", path, json=body) as response:
+            async with self._http.stream("POST", path, json=body, timeout=timeout) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
                 async for line in response.aiter_lines():
-                    if not line.strip():
-                        continue
-                    view = await _handle_event(line, progress, self.base_url)
-                    if view is not None:
-                        return view
-        raise PeerProtocolError(f"{self.base_url}{path}: the stream ended without a result")
+                    if line.strip():
+                        yield line
 
     @contextlib.contextmanager
     def _transport_errors(self) -> Iterator[None]:

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from ..errors import PeerProtocolError
-from .records import MAX_RECORD_BYTES, Claim, PeerRecord, claim_from_fields, record_from_fields
+from .records import MAX_CLAIM_BYTES, MAX_RECORD_BYTES
 from .table import MemberState, PeerTable
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
 MAX_EXCHANGE_BYTES = 4 * 1024 * 1024
 PAGE = 256
 MAX_DIGEST = 70_000
-_MAX_CLAIM_BYTES = 300
 
 Digest = dict[str, tuple[int, int, int]]
 
@@ -115,7 +114,7 @@ def _digest(value: Any) -> Digest:
 
 def _pair(value: list[Any]) -> tuple[list[bytes], list[bytes]]:
     """The classic ``[records, claims]`` form."""
-    return _blobs(value[0], MAX_RECORD_BYTES), _blobs(value[1], _MAX_CLAIM_BYTES)
+    return _blobs(value[0], MAX_RECORD_BYTES), _blobs(value[1], MAX_CLAIM_BYTES)
 
 
 def _version(theirs: Digest, node_id: str) -> int:
@@ -133,7 +132,7 @@ def decode_request(data: bytes) -> Request:
         raise PeerProtocolError("malformed exchange payload")
     digest = _digest(value["digest"]) if "digest" in value else None
     records = _blobs(value.get("records", []), MAX_RECORD_BYTES)
-    return Request(digest, records, _blobs(value.get("claims", []), _MAX_CLAIM_BYTES))
+    return Request(digest, records, _blobs(value.get("claims", []), MAX_CLAIM_BYTES))
 
 
 def decode_answer(data: bytes) -> Answer:
@@ -148,30 +147,8 @@ def decode_answer(data: bytes) -> Answer:
     if not isinstance(want, list) or not all(isinstance(w, str) for w in want):
         raise PeerProtocolError("malformed exchange answer")
     records = _blobs(value.get("records", []), MAX_RECORD_BYTES)
-    claims = _blobs(value.get("claims", []), _MAX_CLAIM_BYTES)
+    claims = _blobs(value.get("claims", []), MAX_CLAIM_BYTES)
     return Answer(records, claims, [w[:64] for w in want[:PAGE]], value.get("more") is True)
-
-
-def record_of(raw: bytes) -> PeerRecord:
-    """A record from its encoding, type-checked (the table checks its signature)."""
-    try:
-        fields = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_RECORD_BYTES)
-    except Exception:
-        raise PeerProtocolError("undecodable record") from None
-    if not isinstance(fields, list):
-        raise PeerProtocolError("malformed record")
-    return record_from_fields(fields)
-
-
-def claim_of(raw: bytes) -> Claim:
-    """A claim from its encoding, type-checked (the table checks its signature)."""
-    try:
-        fields = msgpack.unpackb(raw, raw=False, max_bin_len=_MAX_CLAIM_BYTES)
-    except Exception:
-        raise PeerProtocolError("undecodable claim") from None
-    if not isinstance(fields, list):
-        raise PeerProtocolError("malformed claim")
-    return claim_from_fields(fields)
 
 
 def digest(table: PeerTable) -> Digest:

@@ -37,6 +37,8 @@ from .records import (
     Claim,
     PeerRecord,
     ip_literal,
+    parse_claim,
+    parse_record,
     plausible_version,
 )
 from .store import PeerStore
@@ -260,12 +262,12 @@ class Gossip:
         swim, now, before = self._swim(), asyncio.get_running_loop().time(), self.table.snapshot()
         for raw in records:
             try:
-                swim.apply_record(exchange.record_of(raw), now, introducer)
+                swim.apply_record(parse_record(raw), now, introducer)
             except PeerProtocolError:
                 self.table.rejected["malformed"] += 1
         for raw in claims:
             try:
-                swim.apply_claim(exchange.claim_of(raw), now)
+                swim.apply_claim(parse_claim(raw), now)
             except PeerProtocolError:
                 self.table.rejected["malformed"] += 1
         after = self.table.snapshot()

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 MAX_RECORD_BYTES = 1100
+MAX_CLAIM_BYTES = 300
 # Every decoder refuses an integer at or above this; versions (millisecond timestamps,
 # about 2**41 today) are never signed, stored or accepted near it (see plausible_version).
 VERSION_BOUND = 2**62
@@ -275,9 +276,14 @@ def record_from_fields(fields: list[Any]) -> PeerRecord:
     )
 
 
+def parse_record(data: bytes) -> PeerRecord:
+    """A type-checked record from its encoding; its signature is not checked yet."""
+    return record_from_fields(_unpack(data, MAX_RECORD_BYTES))
+
+
 def decode_record(data: bytes) -> PeerRecord:
     """A verified record from its encoding."""
-    record = record_from_fields(_unpack(data, MAX_RECORD_BYTES))
+    record = parse_record(data)
     record.verify()
     return record
 
@@ -295,9 +301,14 @@ def claim_from_fields(fields: list[Any]) -> Claim:
     )
 
 
+def parse_claim(data: bytes) -> Claim:
+    """A type-checked claim from its encoding; its signature is not checked yet."""
+    return claim_from_fields(_unpack(data, MAX_CLAIM_BYTES))
+
+
 def decode_claim(data: bytes) -> Claim:
     """A verified claim from its encoding."""
-    claim = claim_from_fields(_unpack(data, 300))
+    claim = parse_claim(data)
     claim.verify()
     return claim
 
