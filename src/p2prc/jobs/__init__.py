@@ -1,0 +1,1 @@
+"""Jobs: tasks run on peers' containers, with files, logs, results and retries."""
