@@ -116,6 +116,19 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE port_mappings ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     """,
+    # 9: jobs this node submitted: the task, its state and where each rank runs.
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        task TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        placements TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX jobs_created ON jobs (created_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
