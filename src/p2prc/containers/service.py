@@ -47,7 +47,7 @@ from .runtime import (
 )
 from .store import ContainerStore
 
-__all__ = ["ContainerService", "Progress"]
+__all__ = ["ContainerService", "CreatePlan", "Progress"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,12 @@ class PortPublisher(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
+class CreatePlan:
+    """A create request checked against this node's offer, for one caller."""
+
     spec: ContainerSpec
     expires_at: float | None
+    caller: CallerInfo
 
 
 class ContainerService:
@@ -147,20 +150,33 @@ class ContainerService:
         for view in self._store.hosted():
             await self._publish(view)
 
-    async def validate(self, request: CreateContainer, caller: CallerInfo) -> None:
-        """Raise the error a create request would meet before anything starts."""
+    async def validate(self, request: CreateContainer, caller: CallerInfo) -> CreatePlan:
+        """Check a create request before anything starts; raises the error it would meet."""
         plan = self._plan(request, caller)
         self._check_quota(caller, plan.spec.name)
         await self._check_gpu(plan)
+        return plan
 
     async def create(
-        self, request: CreateContainer, caller: CallerInfo, ssh_host: str, progress: Progress
+        self,
+        request: CreateContainer | CreatePlan,
+        caller: CallerInfo,
+        ssh_host: str,
+        progress: Progress,
     ) -> ContainerView:
-        """Validate, reserve a quota slot, start the container and wait until SSH answers."""
+        """Reserve a quota slot, start the container and wait until SSH answers.
+
+        A plan from ``validate`` is not checked again; a bare request is validated here.
+        """
         _check_ssh_host(ssh_host)
-        plan = self._plan(request, caller)
-        await self._check_gpu(plan)
+        if isinstance(request, CreatePlan):
+            if request.caller != caller:
+                raise RuntimeError("a create plan is for the caller it was validated for")
+            plan = request
+        else:
+            plan = await self.validate(request, caller)
         async with self._lock:
+            # Not validation but the reservation: other creates may have run since.
             self._check_quota(caller, plan.spec.name)
             self._pending[plan.spec.name] = caller.node_id
         try:
@@ -266,7 +282,7 @@ class ContainerService:
             except P2PRCError as exc:
                 log.warning("lease expiry failed, will retry: %s", exc)
 
-    async def _check_gpu(self, plan: _Plan) -> None:
+    async def _check_gpu(self, plan: CreatePlan) -> None:
         wanted = plan.spec.gpus
         if wanted == 0:
             return
@@ -291,7 +307,7 @@ class ContainerService:
         if len(hosted) + len(self._pending) >= self._limits.max_total:
             raise QuotaExceeded("this node runs as many containers as it allows")
 
-    def _plan(self, request: CreateContainer, caller: CallerInfo) -> _Plan:
+    def _plan(self, request: CreateContainer, caller: CallerInfo) -> CreatePlan:
         limits = self._limits
         image = request.image or self._config.default_image
         if image not in self.offered_images():
@@ -331,7 +347,7 @@ class ContainerService:
             publish_host=limits.publish_host,
             disk=parse_size(limits.disk) or None,
         )
-        return _Plan(spec=spec, expires_at=expires_at)
+        return CreatePlan(spec=spec, expires_at=expires_at, caller=caller)
 
     def _expiry_time(self, ttl: str | None) -> float | None:
         text = ttl if ttl is not None else self._limits.default_ttl
@@ -374,7 +390,7 @@ class ContainerService:
             return ""
 
     def _view(
-        self, info: ContainerInfo, plan: _Plan, owner: str, ssh_host: str, host_key: str
+        self, info: ContainerInfo, plan: CreatePlan, owner: str, ssh_host: str, host_key: str
     ) -> ContainerView:
         assert info.ssh_port is not None
         try:

@@ -1,20 +1,27 @@
-"""The peer link's lookup: what the user typed, resolved from this node's signed table.
+"""The peer link: the one way this node calls another node.
 
 A peer name, a unique node id prefix, ``host:port`` or a URL becomes the API URL to call
 and the node id to sign for (the audience), both from the peer's signed record. A name
 is never looked up in DNS: a name no record holds is ``PeerNotFound``. Only an address
 no record publishes is called as typed, its audience learned from its ``/status``.
+Every call gets the config's ``[timeouts] connect`` and ``request``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-from ..errors import InvalidRequest, PeerNotFound
-from .table import Member
+import httpx
 
-__all__ = ["PeerTarget", "resolve_peer"]
+from .._client_async import AsyncClient, is_address, peer_url
+from ..config import Timeouts
+from ..errors import InvalidRequest, PeerNotFound
+from ..identity import Identity
+from .table import Member, PeerTable
+
+__all__ = ["PeerLink", "PeerTarget", "resolve_peer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +34,6 @@ class PeerTarget:
 
 def resolve_peer(typed: str, members: Iterable[Member], me: str = "") -> PeerTarget:
     """Resolve ``typed`` against ``members`` (alive, signed records), leaving out ``me``."""
-    from .._client_async import is_address, peer_url
-
     others = [m for m in members if m.record.node_id != me]
     text = typed.strip()
     if is_address(text) or ":" in text:  # no name or id has a colon: a (bad) address
@@ -49,3 +54,73 @@ def resolve_peer(typed: str, members: Iterable[Member], me: str = "") -> PeerTar
         raise PeerNotFound(f"no peer named {typed!r} or with that id; see 'p2prc peers list'")
     record = matches[0].record
     return PeerTarget(record.api_url, record.node_id)
+
+
+class PeerLink:
+    """Calls other nodes: resolves what was typed, signs for the right node, bounds the time.
+
+    ``table`` reads the gossip table (``None`` when gossip is off; it may raise
+    ``RuntimeError`` while gossip is not running): without one only addresses resolve.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        table: Callable[[], PeerTable] | None,
+        timeouts: Timeouts,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._identity = identity
+        self._table = table
+        self._timeouts = timeouts
+        self._transport = transport
+
+    def __repr__(self) -> str:
+        return f"<PeerLink {self._identity.node_id} [{len(self._members())} peers]>"
+
+    def resolve(self, typed: str) -> PeerTarget:
+        """The peer ``typed`` names: a name, a unique node id prefix or an address."""
+        return resolve_peer(typed, self._members(), self._me())
+
+    def audience_at(self, address: str) -> str | None:
+        """The node id whose signed record publishes ``address`` as its API, if one does."""
+        url = peer_url(address)
+        for member in self._members():
+            if member.record.api_url == url:
+                return member.record.node_id
+        return None
+
+    @contextlib.asynccontextmanager
+    async def connect(self, target: PeerTarget | str) -> AsyncIterator[AsyncClient]:
+        """A client signed for ``target`` (a resolved peer, or an address as stored)."""
+        if isinstance(target, str):
+            target = PeerTarget(peer_url(target), self.audience_at(target))
+        timeouts = self._timeouts
+        client = AsyncClient(
+            target.url,
+            identity=self._identity,
+            audience=target.node_id,
+            transport=self._transport,
+            timeout=timeouts.request,
+        )
+        # AsyncClient takes one number (connect: at most 5 s of it); config bounds each phase.
+        client._http.timeout = httpx.Timeout(timeouts.request, connect=timeouts.connect)
+        async with client:
+            yield client
+
+    def _members(self) -> list[Member]:
+        table = self._read_table()
+        return table.alive() if table is not None else []
+
+    def _me(self) -> str:
+        table = self._read_table()
+        return table.me.node_id if table is not None else ""
+
+    def _read_table(self) -> PeerTable | None:
+        if self._table is None:
+            return None
+        try:
+            return self._table()
+        except RuntimeError:  # gossip is not running (yet, or any more)
+            return None

@@ -1,0 +1,178 @@
+"""Plugin runs: groups of tracked containers, the installed plugins, runs and their records.
+
+The owner's Ansible automation. A run is a node task: it runs to its end, and its record
+is saved, even when whoever asked for it stops listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from ..api._stream import Report, Spawn, reported
+from ..containers.groups import GroupStore
+from ..containers.store import ContainerStore
+from ..errors import InvalidRequest, P2PRCError
+from ..models import (
+    ContainerGroup,
+    PluginEvent,
+    PluginInfo,
+    PluginRun,
+    PluginRunRequest,
+    TrackedContainer,
+)
+from .runner import run_playbook
+from .runs import RunStore
+from .store import PluginStore
+
+__all__ = ["PluginRuns"]
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[..., PluginRun]
+_MAX_SOURCE = 1000
+
+
+class PluginRuns:
+    """Groups, plugins and plugin runs of this node's owner.
+
+    ``spawn(coro, name=...)`` runs a task owned by the node; ``key`` and ``known_hosts``
+    are the home's SSH key and pinned host keys that Ansible logs in with.
+    """
+
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        plugins: PluginStore,
+        *,
+        key: Path,
+        known_hosts: Path,
+        spawn: Spawn,
+        runner: Runner = run_playbook,
+    ) -> None:
+        self._groups = GroupStore(db)
+        self._containers = ContainerStore(db)
+        self._runs = RunStore(db)
+        self._plugins = plugins
+        self._key = key
+        self._known_hosts = known_hosts
+        self._spawn = spawn
+        self._runner = runner
+
+    def __repr__(self) -> str:
+        return f"<PluginRuns {self._plugins.directory}>"
+
+    # Groups -----------------------------------------------------------------------------
+
+    def create_group(self) -> ContainerGroup:
+        """A new, empty group."""
+        return self._groups.create()
+
+    def groups(self) -> list[ContainerGroup]:
+        """Every group."""
+        return self._groups.all()
+
+    def group(self, group_id: str) -> ContainerGroup:
+        """One group with its tracked containers (``NotFound``)."""
+        return self._groups.get(group_id)
+
+    def add_member(self, group_id: str, container: str) -> ContainerGroup:
+        """Add a tracked container (name or id prefix) to a group."""
+        self._groups.get(group_id)
+        return self._groups.add(group_id, self._containers.one_tracked(container))
+
+    def remove_member(self, group_id: str, container: str) -> ContainerGroup:
+        """Take a tracked container out of a group."""
+        return self._groups.remove(group_id, self._containers.one_tracked(container))
+
+    def delete_group(self, group_id: str) -> None:
+        """Delete a group; its containers stay."""
+        self._groups.delete(group_id)
+
+    # Plugins ----------------------------------------------------------------------------
+
+    def plugins(self) -> list[PluginInfo]:
+        """Installed plugins."""
+        return self._plugins.list()
+
+    async def pull(self, source: str) -> PluginInfo:
+        """Install a plugin from a git URL or a local directory."""
+        if not isinstance(source, str) or not source or len(source) > _MAX_SOURCE:
+            raise InvalidRequest("give the plugin's git URL or path as 'source'")
+        return await asyncio.to_thread(self._plugins.pull, source)
+
+    def remove_plugin(self, name: str) -> None:
+        """Uninstall a plugin."""
+        self._plugins.remove(name)
+
+    # Runs -------------------------------------------------------------------------------
+
+    def runs(self) -> list[PluginRun]:
+        """Every plugin run with its per-host summary and output."""
+        return self._runs.all()
+
+    async def run(self, name: str, request: PluginRunRequest) -> AsyncIterator[PluginEvent]:
+        """Start plugin ``name`` on a tracked container or a group; iterate its events.
+
+        Raises at once for an unknown plugin or target. The events are 'progress' (host,
+        task, status) and one 'finished' with the saved run, also when the run failed.
+        """
+        plugin = self._plugins.get(name)
+        items = self._targets(request.target)
+        run_id = f"run{secrets.token_hex(6)}"
+
+        async def work(report: Report[PluginEvent]) -> None:
+            def on_event(host: str, task: str, status: str) -> None:
+                report(PluginEvent(event="progress", host=host, task=task, status=status))
+
+            result = await self._play(plugin, items, request, run_id, on_event)
+            self._runs.save(result)
+            report(PluginEvent(event="finished", run=result))
+
+        return reported(self._spawn, work, name="plugin-run")
+
+    def _targets(self, target: str) -> list[TrackedContainer]:
+        if target.startswith("grp"):
+            group = self._groups.get(target)
+            if not group.containers:
+                raise InvalidRequest(f"group {target} has no containers")
+            return group.containers
+        return [self._containers.one_tracked(target)]
+
+    async def _play(
+        self,
+        plugin: PluginInfo,
+        items: list[TrackedContainer],
+        request: PluginRunRequest,
+        run_id: str,
+        on_event: Callable[[str, str, str], None],
+    ) -> PluginRun:
+        """The run's record: the playbook's result, or what went wrong (never raises)."""
+        started = time.time()
+        try:
+            return await asyncio.to_thread(
+                self._runner,
+                plugin,
+                items,
+                request.variables,
+                key=self._key,
+                known_hosts=self._known_hosts,
+                run_id=run_id,
+                target=request.target,
+                on_event=on_event,
+            )
+        except Exception as exc:  # a failed run, not a failed node: logged, then recorded
+            if isinstance(exc, P2PRCError):
+                output = str(exc)
+            else:
+                log.exception("plugin %s crashed", plugin.name)
+                output = f"internal error: {exc!r}"
+        return PluginRun(
+            id=run_id, plugin=plugin.name, target=request.target,
+            started_at=started, finished_at=time.time(), ok=False, output=output,
+        )  # fmt: skip
