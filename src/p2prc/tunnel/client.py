@@ -5,23 +5,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError, error_class
-from ..identity import Identity, b64encode
+from ..identity import Identity
 from .frames import FrameDecoder
-from .mux import STREAM_FRAMES, Mux, MuxStream
-from .relay import challenge_message
+from .mux import Mux, MuxStream
+from .protocol import (
+    STREAM_TYPES,
+    Abort,
+    Challenge,
+    Datagram,
+    Error,
+    Expose,
+    Exposed,
+    Hello,
+    MessageError,
+    MessageType,
+    Open,
+    Ping,
+    Route,
+    Routed,
+    Unexpose,
+    Unroute,
+    Welcome,
+    challenge_message,
+)
 from .streams import FramedStream, close_quietly
 from .tls import client_context, verify_peer
-from .udp import SESSION_IDLE, Datagrams, datagram_frame, parse
+from .udp import SESSION_IDLE, Datagrams
 
 # UDP sessions (remote addresses) one client keeps open at most.
 _MAX_SESSIONS = 1024
+# Seconds the relay has to answer a request: it binds a port or claims a name, so an answer
+# later than this is a relay in trouble (the mapper then tries again or fails over).
+_ANSWER_TIMEOUT = 10.0
+# Seconds to connect and pass the handshake unless the caller says (``[timeouts] connect``).
+CONNECT_TIMEOUT = 10.0
 
-__all__ = ["TunnelClient"]
+__all__ = ["CONNECT_TIMEOUT", "TunnelClient"]
+
+_Answer = TypeVar("_Answer", Exposed, Routed)
+# A handler of one message type from the relay; the table's key says which class it gets.
+_Handler = Callable[[FramedStream, Mux, Any], Awaitable[None]]
+# What answers a request (``_ask``).
+_ANSWERS = frozenset({MessageType.EXPOSED, MessageType.ROUTED, MessageType.ERROR})
 
 
 @dataclass(slots=True)
@@ -49,11 +80,13 @@ class TunnelClient:
         relay_node_id: str,
         *,
         on_crash: CrashHandler = log_crash,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._identity = identity
         self._host, self._port, self._relay_id = relay_host, relay_port, relay_node_id
+        self._connect_timeout = connect_timeout
         self._control: FramedStream | None = None
-        self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._answers: asyncio.Queue[Exposed | Routed | Error] = asyncio.Queue()
         self._tasks = TaskSet(on_crash)
         self.exposed: dict[int, int] = {}
         self.routed: dict[str, int] = {}
@@ -64,6 +97,13 @@ class TunnelClient:
         self._asking = asyncio.Lock()
         self.closed = asyncio.Event()
         self._last_heard = 0.0
+        # What the relay may send once we are welcome; other messages are ignored.
+        self._handlers: dict[MessageType, _Handler] = {
+            **dict.fromkeys(STREAM_TYPES, self._stream),
+            **dict.fromkeys(_ANSWERS, self._answer),
+            MessageType.OPEN: self._open,
+            MessageType.DATAGRAM: self._datagram_in,
+        }
 
     def __repr__(self) -> str:
         return f"<TunnelClient {self._host}:{self._port} [{len(self.exposed)} ports]>"
@@ -72,24 +112,22 @@ class TunnelClient:
         self._control = await self._connect()
         try:
             # A relay that hangs up or stays silent mid-handshake is unavailable, not a crash.
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(self._connect_timeout):
                 challenge = await self._control.receive()
-                nonce = str(challenge["nonce"])
-                signature = self._identity.sign(challenge_message(nonce, self._relay_id))
-                await self._control.send(
-                    {
-                        "type": "hello",
-                        "key": self._identity.public_key_b64,
-                        "signature": b64encode(signature),
-                    }
-                )
+                if not isinstance(challenge, Challenge):
+                    raise MessageError(f"expected a challenge, got {challenge.TYPE}")
+                message = challenge_message(challenge.nonce, self._relay_id)
+                signature = self._identity.sign(message)
+                await self._control.send(Hello(self._identity.public_key, signature))
                 answer = await self._control.receive()
-        except (OSError, TimeoutError, EOFError, KeyError) as exc:
+        except (OSError, TimeoutError, EOFError, MessageError) as exc:
             await close_quietly(self._control.writer)
-            reason = type(exc).__name__ if isinstance(exc, EOFError | KeyError) else exc
+            reason = type(exc).__name__ if isinstance(exc, EOFError) else exc
             raise RelayUnavailable(f"relay {self._host}:{self._port}: {reason}") from None
-        if answer["type"] != "welcome":
-            raise TunnelError(f"relay refused: {answer.get('message', answer['type'])}")
+        if not isinstance(answer, Welcome):
+            await close_quietly(self._control.writer)
+            text = answer.message if isinstance(answer, Error) else answer.TYPE
+            raise TunnelError(f"relay refused: {text}")
         self._last_heard = asyncio.get_running_loop().time()
         self._tasks.spawn(self._control_loop(self._control, Mux(self._control)), "tunnel-control")
         self._tasks.spawn(self._heartbeat(self._control), "tunnel-heartbeat")
@@ -103,13 +141,8 @@ class TunnelClient:
         udp: bool = False,
     ) -> int:
         """Publish ``local_host:local_port`` (TCP, or UDP); returns the relay's public port."""
-        message: dict[str, Any] = {"type": "expose", "local_port": local_port}
-        if public_port:
-            message["public_port"] = public_port
-        if udp:
-            message["udp"] = True
-        answer = await self._ask(message, "exposed")
-        public = int(answer["public_port"])
+        answer = await self._ask(Expose(local_port, public_port, udp), Exposed)
+        public = answer.public_port
         if udp:
             self.udp_exposed[local_port] = public
             self._udp_targets[public] = (local_host, local_port)
@@ -120,29 +153,30 @@ class TunnelClient:
 
     async def route(self, domain: str, local_port: int) -> None:
         """Have the relay send ``domain``'s HTTP and TLS connections to ``local_port``."""
-        await self._ask({"type": "route", "domain": domain, "local_port": local_port}, "routed")
+        await self._ask(Route(domain, local_port), Routed)
         self.routed[domain] = local_port
         self._local_hosts.setdefault(local_port, "127.0.0.1")
 
     async def unroute(self, domain: str) -> None:
         if self.routed.pop(domain, None) is not None and self._control is not None:
-            await self._control.send({"type": "unroute", "domain": domain})
+            await self._control.send(Unroute(domain))
 
-    async def _ask(self, message: dict[str, Any], expected: str) -> dict[str, Any]:
+    async def _ask(self, message: Expose | Route, expected: type[_Answer]) -> _Answer:
         """Send a request on the control connection; its answer, or the relay's error."""
         if self._control is None:
             raise RuntimeError("Call start() first.")
         async with self._asking:
             await self._control.send(message)
             try:
-                answer = await asyncio.wait_for(self._answers.get(), 10)
+                answer = await asyncio.wait_for(self._answers.get(), _ANSWER_TIMEOUT)
             except TimeoutError:
                 raise TunnelError("the relay did not answer") from None
-        if answer["type"] != expected:
-            text = f"relay refused: {answer.get('message', answer['type'])}"
-            code = answer.get("code")
-            raise (error_class(code) if isinstance(code, str) else TunnelError)(text)
-        return answer
+        if isinstance(answer, expected):
+            return answer
+        if isinstance(answer, Error):
+            text = f"relay refused: {answer.message}"
+            raise (TunnelError if answer.code is None else error_class(answer.code))(text)
+        raise TunnelError(f"relay answered {answer.TYPE} to {message.TYPE}")
 
     async def unexpose(self, local_port: int, *, udp: bool = False) -> None:
         """Stop publishing ``local_port``."""
@@ -152,7 +186,7 @@ class TunnelClient:
             for key in [key for key in self._sessions if key[0] == public]:
                 self._sessions.pop(key).transport.close()
         if public is not None and self._control is not None:
-            await self._control.send({"type": "unexpose", "public_port": public})
+            await self._control.send(Unexpose(public))
 
     async def aclose(self) -> None:
         for session in self._sessions.values():
@@ -173,7 +207,7 @@ class TunnelClient:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self._host, self._port, ssl=client_context(), limit=2**20),
-                10,
+                self._connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
             raise RelayUnavailable(f"relay {self._host}:{self._port}: {exc}") from None
@@ -196,49 +230,61 @@ class TunnelClient:
                 await close_quietly(control.writer)
                 return
             with contextlib.suppress(OSError):
-                await control.send({"type": "ping"})
+                await control.send(Ping())
 
     async def _control_loop(self, control: FramedStream, mux: Mux) -> None:
         loop = asyncio.get_running_loop()
         try:
             with contextlib.suppress(asyncio.IncompleteReadError, OSError, TunnelProtocolError):
                 while True:
-                    message = await control.receive()
+                    try:
+                        message = await control.receive()
+                    except MessageError as exc:
+                        self._last_heard = loop.time()
+                        self._malformed(control, mux, exc)
+                        continue
                     self._last_heard = loop.time()
-                    if message["type"] in STREAM_FRAMES:
-                        mux.dispatch(message)
-                    elif message["type"] == "u":
-                        await self._datagram_in(control, message)
-                    elif message["type"] == "open":
-                        self._open(control, mux, message)
-                    elif message["type"] in ("exposed", "routed", "error"):
-                        await self._answers.put(message)
+                    handler = self._handlers.get(message.TYPE)
+                    if handler is not None:
+                        await handler(control, mux, message)
             log.info("relay control connection closed")
         finally:  # whatever ended the loop, the tunnel is done: the mapper moves on
             mux.abort_all()
             self.closed.set()
 
-    def _open(self, control: FramedStream, mux: Mux, message: dict[str, Any]) -> None:
+    def _malformed(self, control: FramedStream, mux: Mux, exc: MessageError) -> None:
+        """A message that does not validate: an open is refused, a stream aborted, anything
+        else (a datagram, a newer version's message) dropped."""
+        if exc.kind == MessageType.OPEN:
+            control.try_send(Abort(exc.stream or 0))
+        elif exc.kind in STREAM_TYPES:
+            mux.reject(exc.stream)
+        else:
+            log.debug("dropped a message from the relay: %s", exc)
+
+    async def _stream(self, control: FramedStream, mux: Mux, message: Any) -> None:
+        mux.dispatch(message)
+
+    async def _answer(self, control: FramedStream, mux: Mux, message: Any) -> None:
+        await self._answers.put(message)
+
+    async def _open(self, control: FramedStream, mux: Mux, message: Open) -> None:
         """The relay opens a stream: only to a port we exposed (a relay picks no others)."""
-        sid, port = message.get("s"), message.get("local_port")
-        # isinstance first: 8000.0 would match the key 8000 of _local_hosts.
-        if not isinstance(sid, int) or not isinstance(port, int) or port not in self._local_hosts:
-            control.try_send({"type": "x", "s": sid if isinstance(sid, int) else 0})
+        if message.local_port not in self._local_hosts:
+            control.try_send(Abort(message.s))
             return
         try:
-            stream = mux.open(sid)
+            stream = mux.open(message.s)
         except TunnelProtocolError:
             return  # a duplicate id: the first stream keeps it
-        self._tasks.spawn(
-            self._serve(control, mux, stream, self._local_hosts[port], port), "tunnel-stream"
-        )
+        host, port = self._local_hosts[message.local_port], message.local_port
+        self._tasks.spawn(self._serve(control, mux, stream, host, port), "tunnel-stream")
 
-    async def _datagram_in(self, control: FramedStream, message: dict[str, Any]) -> None:
+    async def _datagram_in(self, control: FramedStream, mux: Mux, message: Datagram) -> None:
         """A datagram from the relay: into the session of its remote address."""
-        parsed = parse(message)
-        if parsed is None or parsed[0] not in self._udp_targets:
+        if message.p not in self._udp_targets:
             return
-        public, address, data = parsed
+        public, address, data = message.p, message.a, message.b
         key = (public, address)
         loop = asyncio.get_running_loop()
         session = self._sessions.get(key)
@@ -247,7 +293,7 @@ class TunnelClient:
                 return
 
             def answer(reply: bytes, _source: tuple[str, int]) -> None:
-                control.try_send(datagram_frame(public, address, reply))
+                control.try_send(Datagram(public, address, reply))
                 if (entry := self._sessions.get(key)) is not None:
                     entry.used = loop.time()
 
@@ -279,6 +325,6 @@ class TunnelClient:
             log.info("nothing listens on local port %d: %s", local_port, exc)
             mux.streams.pop(stream.sid, None)
             with contextlib.suppress(OSError, P2PRCError):
-                await control.send({"type": "x", "s": stream.sid})
+                await control.send(Abort(stream.sid))
             return
         await mux.pump(stream, reader, writer)

@@ -6,7 +6,8 @@ as ``d`` frames, end-of-stream (half-close) as ``e``, an abort as ``x``, and cre
 ``w``: a side may have at most ``WINDOW`` bytes of a stream in flight that the other side
 has not yet written to its socket, so a stream whose reader is slow stops only itself,
 memory per stream is bounded, and the other streams keep flowing. The owner's receive
-loop hands every stream frame to ``dispatch``, which never blocks.
+loop hands every stream message to ``dispatch``, which never blocks, and a malformed one
+to ``reject``.
 """
 
 from __future__ import annotations
@@ -14,17 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import Any
 
 from ..errors import P2PRCError, TunnelProtocolError
+from .protocol import WINDOW, Abort, Credit, Data, End
 from .streams import CHUNK, FramedStream, close_quietly
 
-__all__ = ["STREAM_FRAMES", "WINDOW", "Mux", "MuxStream"]
-
-# Bytes of one stream that may be in flight (sent, not yet written out by the other side).
-WINDOW = 512 * 1024
-# Frame types that belong to streams.
-STREAM_FRAMES = frozenset({"d", "w", "e", "x"})
+__all__ = ["WINDOW", "Mux", "MuxStream"]
 
 
 class MuxStream:
@@ -73,34 +69,33 @@ class Mux:
         stream = self.streams[sid] = MuxStream(sid)
         return stream
 
-    def dispatch(self, message: dict[str, Any]) -> None:
-        """Apply one stream frame; frames for unknown (already closed) streams are ignored,
-        a stream that overruns its window or sends malformed frames is aborted."""
-        sid = message.get("s")
-        stream = self.streams.get(sid) if isinstance(sid, int) else None
+    def dispatch(self, message: Data | End | Abort | Credit) -> None:
+        """Apply one stream message; messages for unknown (already closed) streams are
+        ignored, a stream that overruns its window is aborted."""
+        stream = self.streams.get(message.s)
         if stream is None:
             return
-        kind = message["type"]
-        if kind == "d":
-            data = message.get("b")
-            if not isinstance(data, bytes) or stream.queued + len(data) > WINDOW:
+        if isinstance(message, Data):
+            if stream.queued + len(message.b) > WINDOW:
                 self._abort(stream)
                 return
-            stream.inbound.append(data)
-            stream.queued += len(data)
+            stream.inbound.append(message.b)
+            stream.queued += len(message.b)
             stream.arrived.set()
-        elif kind == "e":
+        elif isinstance(message, Credit):
+            stream.credit += message.n
+            stream.may_send.set()
+        elif isinstance(message, Abort):
+            stream.abort()
+        else:
             stream.inbound.append(None)
             stream.arrived.set()
-        elif kind == "w":
-            credit = message.get("n")
-            if not isinstance(credit, int) or not 0 < credit <= WINDOW:
-                self._abort(stream)
-                return
-            stream.credit += credit
-            stream.may_send.set()
-        elif kind == "x":
-            stream.abort()
+
+    def reject(self, sid: int | None) -> None:
+        """A malformed message for stream ``sid``: abort it, if it is open."""
+        stream = None if sid is None else self.streams.get(sid)
+        if stream is not None:
+            self._abort(stream)
 
     async def pump(
         self, stream: MuxStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -114,7 +109,7 @@ class Mux:
             if not stream.aborted:
                 stream.abort()
                 with contextlib.suppress(OSError, P2PRCError):
-                    await self._control.send({"type": "x", "s": stream.sid})
+                    await self._control.send(Abort(stream.sid))
         finally:
             self.streams.pop(stream.sid, None)
             await close_quietly(writer)
@@ -127,7 +122,7 @@ class Mux:
 
     def _abort(self, stream: MuxStream) -> None:
         stream.abort()
-        self._control.try_send({"type": "x", "s": stream.sid})
+        self._control.try_send(Abort(stream.sid))
 
     async def _outbound(self, stream: MuxStream, reader: asyncio.StreamReader) -> None:
         while True:
@@ -141,10 +136,10 @@ class Mux:
             if not data:
                 break
             stream.credit -= len(data)
-            await self._control.send({"type": "d", "s": stream.sid, "b": data})
+            await self._control.send(Data(stream.sid, data))
             del data  # not kept alive while the next read waits
         if not stream.aborted:
-            await self._control.send({"type": "e", "s": stream.sid})
+            await self._control.send(End(stream.sid))
 
     async def _inbound(self, stream: MuxStream, writer: asyncio.StreamWriter) -> None:
         unacked = 0
@@ -168,5 +163,5 @@ class Mux:
             # Credit goes back a quarter window at a time: the sender, with a whole window,
             # never waits while this side keeps writing, and small messages cost no frame.
             if unacked >= WINDOW // 4:
-                await self._control.send({"type": "w", "s": stream.sid, "n": unacked})
+                await self._control.send(Credit(stream.sid, unacked))
                 unacked = 0

@@ -36,27 +36,46 @@ from typing import Any, TypeVar
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from ..errors import DomainTaken, InvalidRequest, P2PRCError, TunnelProtocolError
-from ..identity import Identity, b64decode, node_id_of, verify_signature
+from ..identity import Identity, node_id_of, verify_signature
 from .domains import MAX_HEAD, normalize_domain, request_host
 from .frames import FrameDecoder
-from .mux import STREAM_FRAMES, Mux
+from .mux import Mux
+from .protocol import (
+    STREAM_TYPES,
+    Challenge,
+    Data,
+    Datagram,
+    Error,
+    Expose,
+    Exposed,
+    Hello,
+    MessageError,
+    MessageType,
+    Open,
+    Pong,
+    Route,
+    Routed,
+    Unexpose,
+    Unroute,
+    Welcome,
+    challenge_message,
+)
 from .sni import MAX_HELLO, NeedMore, server_name
 from .streams import FramedStream, close_quietly, pipe
 from .tls import server_context
-from .udp import Datagrams, RecentPeers, datagram_frame, parse
+from .udp import Datagrams, RecentPeers
 
-__all__ = ["RelayLimits", "RelayServer", "challenge_message"]
+__all__ = ["RelayLimits", "RelayServer"]
 
 _Bound = TypeVar("_Bound")
+# A handler of one message type; the table's key says which message class it gets.
+_Handler = Callable[["_Tunnel", Any], Awaitable[None]]
 # Below this, ports are privileged: a client asks for one only inside an explicit range.
 _UNPRIVILEGED = 1024
+# Requests a malformed message of which is answered with an error (others are dropped).
+_REQUESTS = frozenset({MessageType.EXPOSE, MessageType.ROUTE})
 
 log = logging.getLogger(__name__)
-
-
-def challenge_message(nonce: str, relay_id: str) -> bytes:
-    """What a tunnel client signs to prove its key to a relay."""
-    return f"p2prc-relay-v1\n{nonce}\n{relay_id}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +146,16 @@ class RelayServer:
         self.port = 0
         self.http_port = 0
         self.https_port = 0
+        # What a tunnel client may send once welcome; other messages are ignored.
+        self._handlers: dict[MessageType, _Handler] = {
+            **dict.fromkeys(STREAM_TYPES, self._stream),
+            MessageType.EXPOSE: self._expose,
+            MessageType.UNEXPOSE: self._unexpose,
+            MessageType.ROUTE: self._route_request,
+            MessageType.UNROUTE: self._unroute_request,
+            MessageType.DATAGRAM: self._datagram_out,
+            MessageType.PING: self._ping,
+        }
 
     def __repr__(self) -> str:
         return f"<RelayServer [:{self.port} | {len(self._tunnels)} tunnels]>"
@@ -183,31 +212,26 @@ class RelayServer:
         stream = FramedStream(reader, writer, FrameDecoder())
         try:
             nonce = secrets.token_hex(16)
-            await stream.send(
-                {"type": "challenge", "nonce": nonce, "relay": self._identity.node_id}
-            )
-            first = await asyncio.wait_for(stream.receive(), self.limits.connect_timeout)
+            await stream.send(Challenge(nonce, self._identity.node_id))
+            try:
+                first = await asyncio.wait_for(stream.receive(), self.limits.connect_timeout)
+            except MessageError as exc:
+                raise TunnelProtocolError(f"malformed hello: {exc}") from None
             node_id = self._authenticate(first, nonce)
             await self._serve_tunnel(_Tunnel(node_id, stream, Mux(stream)))
         except (P2PRCError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.info("relay connection closed: %s", exc or type(exc).__name__)
             if not writer.is_closing():
                 with contextlib.suppress(Exception):  # the peer may be gone mid-write
-                    await stream.send({"type": "error", "message": str(exc)[:200]})
+                    await stream.send(Error(str(exc)[:200]))
             await close_quietly(writer)
 
-    def _authenticate(self, hello: dict[str, Any], nonce: str) -> str:
-        if hello.get("type") != "hello":
+    def _authenticate(self, hello: object, nonce: str) -> str:
+        if not isinstance(hello, Hello):
             raise TunnelProtocolError("expected hello")
-        try:
-            key = b64decode(str(hello["key"]))
-            signature = b64decode(str(hello["signature"]))
-        except (KeyError, ValueError):
-            raise TunnelProtocolError("malformed hello") from None
-        if len(key) != 32:
-            raise TunnelProtocolError("malformed hello")
-        verify_signature(key, signature, challenge_message(nonce, self._identity.node_id))
-        node_id = node_id_of(key)
+        message = challenge_message(nonce, self._identity.node_id)
+        verify_signature(hello.key, hello.signature, message)
+        node_id = node_id_of(hello.key)
         if not self._allowed(node_id):
             raise TunnelProtocolError(f"node {node_id} may not use this relay")
         return node_id
@@ -217,30 +241,17 @@ class RelayServer:
         if previous is not None:
             await self._drop(previous)
         self._tunnels[tunnel.node_id] = tunnel
-        await tunnel.control.send({"type": "welcome", "node_id": tunnel.node_id})
+        await tunnel.control.send(Welcome(tunnel.node_id))
         try:
             while True:
-                message = await tunnel.control.receive()
-                if message["type"] in STREAM_FRAMES:
-                    tunnel.mux.dispatch(message)
-                elif message["type"] == "expose":
-                    await self._expose(tunnel, message)
-                elif message["type"] == "u":
-                    self._datagram_out(tunnel, message)
-                elif message["type"] == "unexpose":
-                    public = message.get("public_port")
-                    server = tunnel.servers.pop(public, None) if isinstance(public, int) else None
-                    if server is not None:
-                        server.close()
-                    udp = tunnel.udp.pop(public, None) if isinstance(public, int) else None
-                    if udp is not None:
-                        udp[0].close()
-                elif message["type"] == "route":
-                    await self._route_request(tunnel, message)
-                elif message["type"] == "unroute":
-                    self.unroute(str(message.get("domain", "")), tunnel.node_id)
-                elif message["type"] == "ping":
-                    await tunnel.control.send({"type": "pong"})
+                try:
+                    message = await tunnel.control.receive()
+                except MessageError as exc:
+                    await self._malformed(tunnel, exc)
+                    continue
+                handler = self._handlers.get(message.TYPE)
+                if handler is not None:
+                    await handler(tunnel, message)
         finally:
             if self._tunnels.get(tunnel.node_id) is tunnel:
                 del self._tunnels[tunnel.node_id]
@@ -250,22 +261,46 @@ class RelayServer:
                         route.released = now
             await self._drop(tunnel)
 
-    async def _route_request(self, tunnel: _Tunnel, message: dict[str, Any]) -> None:
-        local = message.get("local_port")
+    async def _malformed(self, tunnel: _Tunnel, exc: MessageError) -> None:
+        """A message that does not validate: a request gets an error, a stream is aborted,
+        anything else (a datagram, a newer version's message) is dropped."""
+        if exc.kind in _REQUESTS:
+            await tunnel.control.send(Error(str(exc), InvalidRequest.code))
+        elif exc.kind in STREAM_TYPES:
+            tunnel.mux.reject(exc.stream)
+        else:
+            log.debug("dropped a message from %s: %s", tunnel.node_id, exc)
+
+    async def _stream(self, tunnel: _Tunnel, message: Any) -> None:
+        tunnel.mux.dispatch(message)
+
+    async def _ping(self, tunnel: _Tunnel, message: object) -> None:
+        await tunnel.control.send(Pong())
+
+    async def _unexpose(self, tunnel: _Tunnel, message: Unexpose) -> None:
+        server = tunnel.servers.pop(message.public_port, None)
+        if server is not None:
+            server.close()
+        udp = tunnel.udp.pop(message.public_port, None)
+        if udp is not None:
+            udp[0].close()
+
+    async def _unroute_request(self, tunnel: _Tunnel, message: Unroute) -> None:
+        self.unroute(message.domain, tunnel.node_id)
+
+    async def _route_request(self, tunnel: _Tunnel, message: Route) -> None:
         try:
             if not self.routes_domains:
                 raise InvalidRequest("this relay does not route domains (no HTTP/HTTPS port)")
-            if not isinstance(local, int) or not 1 <= local <= 65535:
-                raise InvalidRequest("local_port must be 1-65535")
-            domain = normalize_domain(str(message.get("domain", "")))
+            domain = normalize_domain(message.domain)
             owned = sum(1 for r in self._routes.values() if r.node_id == tunnel.node_id)
             if domain not in self._routes and owned >= self.limits.domains_per_client:
                 raise InvalidRequest("domain quota exceeded")
-            self._claim(domain, tunnel.node_id, local)
+            self._claim(domain, tunnel.node_id, message.local_port)
         except P2PRCError as exc:
-            await tunnel.control.send({"type": "error", "code": exc.code, "message": str(exc)})
+            await tunnel.control.send(Error(str(exc), exc.code))
             return
-        await tunnel.control.send({"type": "routed", "domain": domain, "local_port": local})
+        await tunnel.control.send(Routed(domain, message.local_port))
 
     def _claim(self, domain: str, node_id: str, local_port: int) -> None:
         route = self._routes.get(domain)
@@ -360,15 +395,12 @@ class RelayServer:
         else:
             await close_quietly(writer)
 
-    async def _expose(self, tunnel: _Tunnel, message: dict[str, Any]) -> None:
-        local = message.get("local_port")
-        if not isinstance(local, int) or not 1 <= local <= 65535:
-            await tunnel.control.send({"type": "error", "message": "local_port must be 1-65535"})
-            return
+    async def _expose(self, tunnel: _Tunnel, message: Expose) -> None:
+        local = message.local_port
         if tunnel.ports >= self.limits.ports_per_client:
-            await tunnel.control.send({"type": "error", "message": "port quota exceeded"})
+            await tunnel.control.send(Error("port quota exceeded"))
             return
-        if message.get("udp") is True:
+        if message.udp:
             await self._expose_udp(tunnel, local, message)
             return
 
@@ -383,18 +415,16 @@ class RelayServer:
             return
         public_port = server.sockets[0].getsockname()[1]
         tunnel.servers[public_port] = server
-        await tunnel.control.send(
-            {"type": "exposed", "local_port": local, "public_port": public_port}
-        )
+        await tunnel.control.send(Exposed(local, public_port))
 
-    async def _expose_udp(self, tunnel: _Tunnel, local: int, message: dict[str, Any]) -> None:
+    async def _expose_udp(self, tunnel: _Tunnel, local: int, message: Expose) -> None:
         loop = asyncio.get_running_loop()
         peers = RecentPeers()
         public = 0
 
         def inbound(data: bytes, address: tuple[str, int]) -> None:
             peers.saw(address, loop.time())
-            tunnel.control.try_send(datagram_frame(public, address, data))  # else dropped
+            tunnel.control.try_send(Datagram(public, address, data))  # else dropped
 
         async def listen(port: int) -> asyncio.DatagramTransport:
             transport, _ = await loop.create_datagram_endpoint(
@@ -407,38 +437,32 @@ class RelayServer:
             return
         public = transport.get_extra_info("sockname")[1]
         tunnel.udp[public] = (transport, peers)
-        await tunnel.control.send(
-            {"type": "exposed", "local_port": local, "public_port": public, "udp": True}
-        )
+        await tunnel.control.send(Exposed(local, public, udp=True))
 
-    def _datagram_out(self, tunnel: _Tunnel, message: dict[str, Any]) -> None:
+    async def _datagram_out(self, tunnel: _Tunnel, message: Datagram) -> None:
         """An answer from the tunnel: only to an address that wrote to that port lately."""
-        parsed = parse(message)
-        if parsed is None:
-            return
-        public, address, data = parsed
-        entry = tunnel.udp.get(public)
-        if entry is not None and entry[1].allows(address, asyncio.get_running_loop().time()):
-            entry[0].sendto(data, address)
+        entry = tunnel.udp.get(message.p)
+        if entry is not None and entry[1].allows(message.a, asyncio.get_running_loop().time()):
+            entry[0].sendto(message.b, message.a)
 
     async def _bind_public(
         self,
         tunnel: _Tunnel,
-        message: dict[str, Any],
+        message: Expose,
         listen: Callable[[int], Awaitable[_Bound]],
     ) -> _Bound | None:
         """Listen on the first free public port (TCP or UDP); tell the client when none is."""
-        for port in self._public_ports(message.get("public_port")):
+        for port in self._public_ports(message.public_port):
             with contextlib.suppress(OSError):  # taken: try the next one
                 return await listen(port)
-        await tunnel.control.send({"type": "error", "message": "no free public port"})
+        await tunnel.control.send(Error("no free public port"))
         return None
 
-    def _public_ports(self, wanted: object) -> list[int]:
+    def _public_ports(self, wanted: int | None) -> list[int]:
         """Ports to try: the one asked for (a reconnect keeps its port), then the range."""
         low, high = self.limits.port_range
         ports = list(range(low, high + 1)) if low else [0]
-        if isinstance(wanted, int) and (
+        if wanted is not None and (
             low <= wanted <= high if low else _UNPRIVILEGED <= wanted < 65536
         ):
             ports.insert(0, wanted)
@@ -464,10 +488,10 @@ class RelayServer:
             return
         self._open.add(writer)
         try:
-            await tunnel.control.send({"type": "open", "s": stream.sid, "local_port": local})
+            await tunnel.control.send(Open(stream.sid, local))
             if initial:  # bytes read to route it (an HTTP head, a ClientHello): under WINDOW
                 stream.credit -= len(initial)
-                await tunnel.control.send({"type": "d", "s": stream.sid, "b": initial})
+                await tunnel.control.send(Data(stream.sid, initial))
         except (OSError, P2PRCError):
             mux.streams.pop(stream.sid, None)
             self._open.discard(writer)

@@ -7,9 +7,11 @@ from collections import deque
 from typing import Any
 
 from .frames import FrameDecoder, encode
+from .protocol import Message, parse
 
 __all__ = [
     "CHUNK",
+    "CLOSE_WAIT",
     "FramedStream",
     "close_quietly",
     "pipe",
@@ -17,10 +19,13 @@ __all__ = [
 
 # Bytes per data frame: well under MAX_FRAME with the msgpack overhead.
 CHUNK = 60 * 1024
+# Seconds close_quietly waits for connections to close: a TLS peer that is gone or silent
+# can hold a close for its whole shutdown timeout (30 s), and a closed relay must not wait.
+CLOSE_WAIT = 2.0
 
 
 class FramedStream:
-    """Send and receive tunnel messages on one connection."""
+    """Send and receive tunnel messages (``tunnel/protocol.py``) on one connection."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder
@@ -29,28 +34,32 @@ class FramedStream:
         self._queue: deque[dict[str, Any]] = deque()
         self._lock = asyncio.Lock()
 
-    async def send(self, message: dict[str, Any]) -> None:
-        """Write one frame, waiting while the peer is slow (backpressure)."""
+    async def send(self, message: Message | dict[str, Any]) -> None:
+        """Write one frame, waiting while the peer is slow (backpressure); a raw map is
+        sent as it is (tests play peers that break the protocol)."""
+        frame = encode(message) if isinstance(message, dict) else message.encode()
         async with self._lock:
-            self.writer.write(encode(message))
+            self.writer.write(frame)
             await self.writer.drain()
 
-    def try_send(self, message: dict[str, Any], limit: int = 1 << 20) -> bool:
+    def try_send(self, message: Message | dict[str, Any], limit: int = 1 << 20) -> bool:
         """Write one frame now unless ``limit`` bytes already wait (datagrams: dropped then)."""
         transport = self.writer.transport
         if transport.is_closing() or transport.get_write_buffer_size() > limit:
             return False
-        self.writer.write(encode(message))
+        self.writer.write(encode(message) if isinstance(message, dict) else message.encode())
         return True
 
-    async def receive(self) -> dict[str, Any]:
-        """The next message; ``IncompleteReadError`` when the connection ended."""
+    async def receive(self) -> Message:
+        """The next message; ``IncompleteReadError`` when the connection ended,
+        ``TunnelProtocolError`` when it broke framing (it is done), ``MessageError`` for one
+        frame that is no valid message (the next ``receive`` goes on)."""
         while not self._queue:
             data = await self.reader.read(65536)
             if not data:
                 raise asyncio.IncompleteReadError(b"", None)
             self._queue.extend(self._decoder.feed(data))
-        return self._queue.popleft()
+        return parse(self._queue.popleft())
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -79,15 +88,15 @@ async def pipe(
 
 
 async def close_quietly(*writers: asyncio.StreamWriter) -> None:
-    """Close every writer and wait (2 s in all, not each) for them, ignoring the errors of
-    connections already gone; cancelling the caller still cancels it."""
+    """Close every writer and wait (``CLOSE_WAIT`` in all, not each) for them, ignoring the
+    errors of connections already gone; cancelling the caller still cancels it."""
     for writer in writers:
         writer.close()
     if not writers:
         return
     waits = [asyncio.ensure_future(writer.wait_closed()) for writer in writers]
     try:
-        await asyncio.wait(waits, timeout=2)
+        await asyncio.wait(waits, timeout=CLOSE_WAIT)
     finally:
         for wait in waits:
             if not wait.done():
