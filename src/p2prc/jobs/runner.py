@@ -1,0 +1,325 @@
+"""One job, start to end: place its ranks, upload, run, follow, download, clean up.
+
+A container is made per rank on a peer through the tracked-containers service; the rank
+runs there over SSH (``remote.RankSession``). Whatever happens, the containers are
+removed at the end (unless the task keeps them) — except when the node itself stops:
+then the job stays ``running`` and the next start of the node reattaches to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from ..containers.service import FIRST_EXTRA_PORT, Progress
+from ..errors import (
+    LimitExceeded,
+    NotTrusted,
+    P2PRCError,
+    PeerError,
+    PeerNotFound,
+    QuotaExceeded,
+)
+from ..models import ContainerView, CreateContainer
+from .models import JobState, JobView, RankPlacement
+from .placement import Candidate, order_for_rank
+from .remote import RankSession, job_script
+from .store import JobStore
+from .task import Task
+
+__all__ = ["ContainerHost", "FindPeers", "JobRunner"]
+
+log = logging.getLogger(__name__)
+
+# A peer that answers so is skipped for the next one; any other error fails the rank.
+_SKIP = (NotTrusted, QuotaExceeded, LimitExceeded, PeerError, PeerNotFound)
+_OFFSET_EVERY = 1.0
+
+
+class ContainerHost(Protocol):
+    """Creates and removes containers on peers (``containers.tracked.TrackedContainers``)."""
+
+    async def create_on_peer(
+        self, peer: str, spec: CreateContainer | None = None, progress: Progress | None = None
+    ) -> ContainerView: ...
+
+    async def remove(self, container: str) -> str: ...
+
+
+FindPeers = Callable[[Task], tuple[list[Candidate], list[str]]]
+
+
+class _Failed(Exception):
+    """The job ends in ``state`` with ``reason``."""
+
+    def __init__(self, state: JobState, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+class JobRunner:
+    """Runs one job to its final state."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        host: ContainerHost,
+        key_file: Path,
+        find_peers: FindPeers,
+    ) -> None:
+        self._store = store
+        self.job_id = job_id
+        self._host = host
+        self._key_file = key_file
+        self._find = find_peers
+        self._sessions: dict[int, RankSession] = {}
+        self._views: dict[int, ContainerView] = {}
+        self._saved_at: dict[int, float] = {}
+        # Set by cancel(): the task's cancellation is the owner's, not the node stopping.
+        self.cancelled = False
+
+    def __repr__(self) -> str:
+        return f"<JobRunner {self.job_id} [{len(self._views)} containers]>"
+
+    def note(self, line: str, rank: int | None = None) -> None:
+        """A line in the job's log from the job layer itself."""
+        self._store.append_log(self.job_id, None, line if rank is None else f"rank {rank}: {line}")
+
+    async def run(self, *, resume: bool = False) -> None:
+        """The job, to its final state (cancellation by the node leaves it to reattach)."""
+        job = self._store.get(self.job_id)
+        leave = False
+        try:
+            if resume:
+                await self._resume(job)
+            else:
+                await self._execute(job)
+        except asyncio.CancelledError:
+            if self.cancelled:
+                self._finish(JobState.CANCELLED, "cancelled by the owner")
+            else:  # the node stops: a running job is reattached to at its next start
+                leave = self._store.get(self.job_id).state is JobState.RUNNING
+            raise
+        except _Failed as failed:
+            self._finish(failed.state, failed.reason)
+        except P2PRCError as exc:
+            self._finish(JobState.FAILED, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            log.exception("job %s crashed", self.job_id)
+            self._finish(JobState.FAILED, f"internal error: {exc!r}")
+        finally:
+            await self._close(remove=not (leave or job.task.keep))
+
+    def _finish(self, state: JobState, reason: str) -> None:
+        if self._store.set_state(self.job_id, state, reason) is not None:
+            self.note(f"{state.value}: {reason}" if reason else state.value)
+
+    async def _execute(self, job: JobView) -> None:
+        task = job.task
+        self._move(JobState.PLACING, "placing")
+        for rank in range(task.nodes):
+            await self._place(task, rank, exclude=set())
+        await asyncio.gather(*(self._prepare(task, rank) for rank in range(task.nodes)))
+        addresses = self._addresses(task)
+        for rank in range(task.nodes):
+            await self._sessions[rank].start(job_script(task, self._env(rank, addresses)))
+        self._move(JobState.RUNNING, "")
+        await self._follow_all(task)
+
+    async def _resume(self, job: JobView) -> None:
+        """Reattach to a job that was running when the node stopped."""
+        for placement in job.placements:
+            if placement.container is None:
+                raise _Failed(JobState.FAILED, f"rank {placement.rank} was never placed")
+            self._views[placement.rank] = placement.container
+        self.note("the submitting node restarted; reattaching")
+        for rank, view in self._views.items():
+            self._sessions[rank] = await self._connect(view)
+        await self._follow_all(job.task)
+
+    def _move(self, state: JobState, reason: str) -> None:
+        if self._store.set_state(self.job_id, state, reason) is None:
+            raise _Failed(JobState.FAILED, f"the job could not move to {state.value}")
+
+    async def _place(self, task: Task, rank: int, exclude: set[str]) -> ContainerView:
+        found, unfit = self._find(task)
+        skipped = list(unfit)
+        spec = CreateContainer(
+            image=task.image,
+            cpus=task.resources.cpus,
+            memory=task.resources.memory,
+            gpus=task.resources.gpus,
+            ports=task.ports,
+            name=f"{self.job_id}-{rank}",
+        )
+
+        async def progress(message: str) -> None:
+            self.note(message, rank)
+
+        for candidate in order_for_rank([c for c in found if c.peer not in exclude], rank):
+            try:
+                view = await self._host.create_on_peer(candidate.peer, spec, progress)
+            except _SKIP as exc:
+                skipped.append(f"{candidate.name}: {exc.code}: {exc}")
+                self.note(f"skipped {candidate.name}: {exc}", rank)
+                continue
+            self._views[rank] = view
+            attempt = self._store.get(self.job_id).placements[rank].attempt
+            placement = RankPlacement(
+                rank=rank,
+                peer=candidate.name,
+                container=view,
+                attempt=attempt + (1 if exclude else 0),
+                skipped=skipped,
+            )
+            self._store.set_placement(self.job_id, placement)
+            self.note(f"placed on {candidate.name} (container {view.id})", rank)
+            return view
+        why = "; ".join(skipped) or "no peer is known (see 'p2prc peers list')"
+        raise _Failed(JobState.FAILED, f"no peer could take rank {rank}: {why}")
+
+    async def _connect(self, view: ContainerView) -> RankSession:
+        session = RankSession(view, self._key_file)
+        await session.connect()
+        return session
+
+    async def _prepare(self, task: Task, rank: int) -> None:
+        session = self._sessions[rank] = await self._connect(self._views[rank])
+        started = time.monotonic()
+        sent = 0
+
+        def progress(size: int) -> None:
+            nonlocal sent
+            sent += size
+
+        await session.upload(task.workdir, progress)
+        if task.workdir is not None:
+            took = time.monotonic() - started
+            self.note(f"uploaded {sent} bytes in {took:.1f} s", rank)
+
+    def _addresses(self, task: Task) -> list[str]:
+        """Where each rank can be reached: its first extra port when it has one."""
+        found = []
+        for rank in range(task.nodes):
+            view = self._views[rank]
+            ports = [p for p in view.ports if p.container_port == FIRST_EXTRA_PORT]
+            if ports and ports[0].public:
+                found.append(ports[0].public)
+            elif ports:
+                found.append(_join(view.ssh.host, ports[0].host_port))
+            else:
+                found.append(view.ssh.host)
+        return found
+
+    def _env(self, rank: int, addresses: list[str]) -> dict[str, str]:
+        return {
+            "P2PRC_JOB_ID": self.job_id,
+            "P2PRC_NODE_RANK": str(rank),
+            "P2PRC_NUM_NODES": str(len(addresses)),
+            "P2PRC_NODE_ADDRS": "\n".join(addresses),
+        }
+
+    async def _follow_all(self, task: Task) -> None:
+        limit = task.time_limit_s
+        job = self._store.get(self.job_id)
+        remaining = None if limit is None else max(0.0, job.created_at + limit - time.time())
+        codes: dict[int, int | None] = {}
+        try:
+            async with asyncio.timeout(remaining):
+                await asyncio.gather(*(self._follow(task, rank, codes) for rank in self._sessions))
+        except TimeoutError:
+            for session in self._sessions.values():
+                await session.kill()
+            await self._download(task)
+            raise _Failed(JobState.TIMED_OUT, f"the time limit of {limit:g} s ran out") from None
+        await self._download(task)
+        for rank in sorted(codes):
+            code = codes[rank]
+            if code is None:
+                raise _Failed(JobState.FAILED, f"rank {rank} ended without an exit status")
+            if code != 0:
+                hint = " (killed: SIGKILL, often out of memory)" if code == 137 else ""
+                raise _Failed(JobState.FAILED, f"rank {rank} exited with code {code}{hint}")
+        self._finish(JobState.SUCCEEDED, "")
+
+    async def _follow(self, task: Task, rank: int, codes: dict[int, int | None]) -> None:
+        while True:
+            session = self._sessions[rank]
+            placement = self._store.get(self.job_id).placements[rank]
+
+            async def on_line(line: str, offset: int, rank: int = rank) -> None:
+                self._store.append_log(self.job_id, rank, line)
+                self._save_offset(rank, offset)
+
+            try:
+                offset = await session.follow(placement.log_offset, on_line)
+                self._save_offset(rank, offset, force=True)
+                codes[rank] = await session.exit_code()
+                return
+            except PeerError as exc:
+                if placement.attempt >= task.retries:
+                    raise _Failed(JobState.FAILED, f"rank {rank} lost its peer: {exc}") from None
+                self.note(f"lost {placement.peer} ({exc}); retrying elsewhere", rank)
+            await self._retry(task, rank, placement)
+
+    async def _retry(self, task: Task, rank: int, placement: RankPlacement) -> None:
+        self._move(JobState.PLACING, f"retrying rank {rank}")
+        old = self._views.pop(rank)
+        await self._sessions.pop(rank).aclose()
+        with contextlib.suppress(P2PRCError):
+            await self._host.remove(old.id)
+        exclude = {placement.container.peer if placement.container else "", placement.peer}
+        await self._place(task, rank, exclude)
+        await self._prepare(task, rank)
+        addresses = self._addresses(task)
+        await self._sessions[rank].start(job_script(task, self._env(rank, addresses)))
+        self._move(JobState.RUNNING, "")
+
+    def _save_offset(self, rank: int, offset: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._saved_at.get(rank, 0.0) < _OFFSET_EVERY:
+            return
+        self._saved_at[rank] = now
+        placement = self._store.get(self.job_id).placements[rank]
+        self._store.set_placement(self.job_id, placement.model_copy(update={"log_offset": offset}))
+
+    async def _download(self, task: Task) -> None:
+        if not task.outputs:
+            return
+        target = self._store.results_dir(self.job_id)
+        target.mkdir(mode=0o700, exist_ok=True)
+        for rank, session in sorted(self._sessions.items()):
+
+            def note(message: str, rank: int = rank) -> None:
+                self.note(message, rank)
+
+            try:
+                count = await session.download(task.outputs, target, note)
+            except PeerError as exc:
+                self.note(f"could not download its outputs: {exc}", rank)
+                continue
+            self.note(f"downloaded {count} files", rank)
+
+    async def _close(self, *, remove: bool) -> None:
+        for session in self._sessions.values():
+            await session.aclose()
+        self._sessions.clear()
+        if not remove:
+            return
+        for rank, view in sorted(self._views.items()):
+            try:
+                await self._host.remove(view.id)
+            except P2PRCError as exc:
+                self.note(f"could not remove container {view.id}: {exc}", rank)
+        self._views.clear()
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,179 @@
+"""The node's job service: submit, list, follow, cancel, and reattach after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from .._aio import CrashHandler, TaskSet, log_crash
+from ..config import NodeConfig
+from ..errors import InvalidRequest, NotFound, P2PRCError
+from ..identity import Identity
+from ..peers.gossip import Gossip
+from ..state import State
+from .models import FINAL_STATES, JobEvent, JobState, JobView
+from .placement import Candidate, candidates
+from .runner import ContainerHost, FindPeers, JobRunner
+from .store import JobStore
+from .task import Task, check_workdir
+
+__all__ = ["JobNode", "JobService", "for_node"]
+
+log = logging.getLogger(__name__)
+
+_POLL = 0.2
+
+
+class JobService:
+    """Owns the jobs this node submitted, and the task running each unfinished one."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        host: ContainerHost,
+        key_file: Path,
+        find_peers: FindPeers,
+        on_crash: CrashHandler = log_crash,
+    ) -> None:
+        self.store = store
+        self._host = host
+        self._key_file = key_file
+        self._find = find_peers
+        self._tasks = TaskSet(on_crash)
+        self._runners: dict[str, tuple[JobRunner, asyncio.Task[None]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<JobService [{len(self._runners)} running]>"
+
+    async def start(self) -> None:
+        """Reattach to the jobs that ran when the node stopped; fail those it was placing."""
+        for job in self.store.unfinished():
+            if job.state is JobState.RUNNING:
+                self._spawn(job.id, resume=True)
+                continue
+            reason = "the submitting node stopped while the job was being placed"
+            self.store.set_state(job.id, JobState.FAILED, reason)
+            self.store.append_log(job.id, None, f"failed: {reason}")
+            for placement in job.placements:
+                if placement.container is not None:
+                    with contextlib.suppress(P2PRCError):
+                        await self._host.remove(placement.container.id)
+
+    async def aclose(self) -> None:
+        """Stop following: running jobs stay running, to be reattached to."""
+        await self._tasks.cancel_all()
+
+    async def __aenter__(self) -> JobService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def submit(self, task: Task) -> JobView:
+        """Record a job and start it; returns at once."""
+        if task.workdir is not None:
+            if not Path(task.workdir).is_absolute():
+                raise InvalidRequest("workdir must be an absolute path on the node's machine")
+            check_workdir(Path(task.workdir))
+        job = self.store.create(task)
+        self.store.append_log(job.id, None, f"submitted: {task.nodes} rank(s)")
+        self._spawn(job.id)
+        return job
+
+    def _spawn(self, job_id: str, *, resume: bool = False) -> None:
+        runner = JobRunner(self.store, job_id, self._host, self._key_file, self._find)
+
+        async def run() -> None:
+            try:
+                await runner.run(resume=resume)
+            finally:
+                self._runners.pop(job_id, None)
+
+        task = self._tasks.spawn(run(), f"job-{job_id}")
+        self._runners[job_id] = (runner, task)
+
+    def list(self) -> list[JobView]:
+        return self.store.all()
+
+    def get(self, job_id: str) -> JobView:
+        return self.store.get(job_id)
+
+    async def cancel(self, job_id: str) -> JobView:
+        """Stop every rank and remove the containers; a finished job stays as it ended."""
+        job = self.store.get(job_id)
+        entry = self._runners.get(job.id)
+        if entry is not None:
+            runner, task = entry
+            runner.cancelled = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        elif job.state not in FINAL_STATES:
+            self.store.set_state(job.id, JobState.CANCELLED, "cancelled by the owner")
+        return self.store.get(job.id)
+
+    async def wait(self, job_id: str) -> JobView:
+        """The job once it is final."""
+        job = self.store.get(job_id)
+        entry = self._runners.get(job.id)
+        if entry is not None:
+            await asyncio.wait({entry[1]})
+        return self.store.get(job.id)
+
+    def results_dir(self, job_id: str) -> Path:
+        job = self.store.get(job_id)
+        folder = self.store.results_dir(job.id)
+        if not folder.is_dir():
+            raise NotFound(f"job {job.id} has no results (yet)")
+        return folder
+
+    async def events(self, job_id: str, *, follow: bool = False) -> AsyncIterator[JobEvent]:
+        """The job's log lines (then, when following, new ones until it ends), then the job."""
+        job = self.store.get(job_id)
+        offset = 0
+        while True:
+            final = self.store.get(job.id).final
+            lines, offset = self.store.read_log(job.id, offset)
+            for line in lines:
+                yield JobEvent(event="log", log=line)
+            if final or not follow:
+                break
+            if not lines:
+                await asyncio.sleep(_POLL)
+        yield JobEvent(event="finished", job=self.store.get(job.id))
+
+
+class JobNode(Protocol):
+    """What the job service needs from its node."""
+
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def state(self) -> State: ...
+    @property
+    def home_path(self) -> Path: ...
+    @property
+    def gossip(self) -> Gossip: ...
+    @property
+    def tracked(self) -> ContainerHost: ...
+
+
+def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
+    """The job service of a running node: its state, its key, its peers."""
+    def find(task: Task) -> tuple[list[Candidate], list[str]]:
+        try:
+            gossip = node.gossip
+        except RuntimeError:  # gossip is off: only the task's own peers can be used
+            return candidates(task, [], node.identity.node_id)
+        return candidates(task, gossip.table.alive(), node.identity.node_id)
+
+    store = JobStore(node.state.connection, node.home_path / "jobs")
+    key = node.home_path / "identity" / "id_ed25519"
+    return JobService(store, node.tracked, key, find, on_crash=on_crash)
