@@ -21,17 +21,18 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from ._match import unique_peer
 from .config import Home, join_address, resolve_home, split_address
 from .errors import (
     InvalidRequest,
     NodeNotRunning,
     P2PRCError,
-    PeerNotFound,
     PeerProtocolError,
     PeerTimeout,
     PeerUnreachable,
     WrongNode,
     error_class,
+    validation_message,
 )
 from .identity import Identity
 from .models import (
@@ -331,13 +332,7 @@ class AsyncClient:
         if is_address(peer):
             return peer_url(peer)
         views = [view for view in await self.peers() if not view.me]
-        named = [view for view in views if view.name == peer]
-        matches = named or [view for view in views if view.node_id.startswith(peer.lower())]
-        if len(matches) == 1:
-            return matches[0].api
-        if matches:
-            raise InvalidRequest(f"{peer!r} matches {len(matches)} peers; give more of the id")
-        raise PeerNotFound(f"no peer named {peer!r} or with that id; see 'p2prc peers list'")
+        return unique_peer(peer, views, ident=lambda v: v.node_id, name=lambda v: v.name).api
 
     async def add_peer(self, address: str) -> SyncResult:
         """Exchange tables with ``address`` now (bootstrap)."""
@@ -496,10 +491,7 @@ class AsyncClient:
         self, method: str, path: str, model: type[ModelT], json_body: Any = None
     ) -> ModelT:
         response = await self._request(method, path, json_body)
-        try:
-            return model.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise PeerProtocolError(f"{self.base_url}{path}: unexpected answer: {exc}") from None
+        return _validate(model, response, f"{self.base_url}{path}")
 
     async def _request(
         self, method: str, path: str, json_body: Any = None, *, signed: bool = False
@@ -558,7 +550,7 @@ async def _handle_event(
     try:
         event = CreateEvent.model_validate_json(line)
     except ValidationError as exc:
-        raise PeerProtocolError(f"{base_url}: bad progress line: {exc}") from None
+        raise PeerProtocolError(f"{base_url}: bad progress line: {_problem(exc)}") from None
     if event.event == "progress" and event.message and progress is not None:
         result = progress(event.message)
         if inspect.isawaitable(result):
@@ -577,15 +569,19 @@ def _validate_list(model: type[ModelT], response: httpx.Response, base_url: str)
         if not isinstance(items, list):
             raise TypeError("expected a list")
         return [model.model_validate(item) for item in items]
-    except (ValueError, TypeError, ValidationError) as exc:
-        raise PeerProtocolError(f"{base_url}: unexpected answer: {exc}") from None
+    except (ValueError, TypeError) as exc:  # a ValidationError is a ValueError
+        raise PeerProtocolError(f"{base_url}: unexpected answer: {_problem(exc)}") from None
 
 
-def _validate(model: type[ModelT], response: httpx.Response, base_url: str) -> ModelT:
+def _validate(model: type[ModelT], response: httpx.Response, where: str) -> ModelT:
     try:
         return model.model_validate_json(response.content)
     except ValidationError as exc:
-        raise PeerProtocolError(f"{base_url}: unexpected answer: {exc}") from None
+        raise PeerProtocolError(f"{where}: unexpected answer: {_problem(exc)}") from None
+
+
+def _problem(exc: Exception) -> str:
+    return validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
 def _path_part(text: str) -> str:

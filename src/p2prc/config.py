@@ -21,7 +21,7 @@ import platformdirs
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, validation_message
 
 __all__ = [
     "ContainerConfig",
@@ -355,12 +355,7 @@ def _validate(data: dict[str, Any]) -> NodeConfig:
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "config"
-            message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{key}: {message}")
-        raise ConfigError("; ".join(problems)) from None
+        raise ConfigError(validation_message(exc, where="config")) from None
 
 
 def _read_raw(home: Home) -> dict[str, Any]:

@@ -51,7 +51,8 @@ Programmer errors (starting a node twice, using a closed client) are
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 __all__ = [
     "AddressInUse",
@@ -94,6 +95,7 @@ __all__ = [
     "WrongNode",
     "error_class",
     "map_exceptions",
+    "validation_message",
 ]
 
 
@@ -386,3 +388,17 @@ def map_exceptions(mapping: Mapping[type[BaseException], type[P2PRCError]]) -> I
             if isinstance(exc, source):
                 raise target(str(exc) or type(exc).__name__) from exc
         raise
+
+
+class _Invalid(Protocol):
+    def errors(self) -> Sequence[Any]: ...
+
+
+def validation_message(exc: _Invalid, *, where: str = "") -> str:
+    """One line for a pydantic (or FastAPI request) validation error: ``loc: msg; ...``."""
+    problems = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error.get("loc", ())) or where
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(problems) or "invalid request"

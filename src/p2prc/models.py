@@ -48,7 +48,15 @@ __all__ = [
 
 
 class _Model(BaseModel):
+    """Base of every answer: frozen."""
+
     model_config = ConfigDict(frozen=True)
+
+
+class _Request(BaseModel):
+    """Base of every request body: unknown keys and NaN or infinite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Health(_Model):
@@ -147,10 +155,8 @@ IMAGE_REFERENCE = (
 )
 
 
-class CreateContainer(BaseModel):
+class CreateContainer(_Request):
     """What a caller asks for; the node applies its defaults and maxima."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, pattern=_CONTAINER_NAME)
     image: str | None = Field(default=None, max_length=255, pattern=IMAGE_REFERENCE)
@@ -264,10 +270,8 @@ class ImageList(_Model):
     available: list[str] = Field(description="Offered images that are present right now")
 
 
-class RemoteCreate(BaseModel):
+class RemoteCreate(_Request):
     """Ask the local node to create a container on a peer and track it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     peer: str = Field(min_length=1, max_length=300)
     spec: CreateContainer = Field(default_factory=CreateContainer)
@@ -310,19 +314,15 @@ class PeerView(_Model):
     version: int
 
 
-class MetadataUpdate(BaseModel):
+class MetadataUpdate(_Request):
     """Set this node's metadata (the original --amd), spread to every node."""
-
-    model_config = ConfigDict(extra="forbid")
 
     text: str = Field(max_length=400)
     custom: dict[str, str] | None = Field(default=None, max_length=16)
 
 
-class PeerAddress(BaseModel):
+class PeerAddress(_Request):
     """A node to exchange tables with now (bootstrap)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     address: str = Field(min_length=1, max_length=300)
 
@@ -344,10 +344,8 @@ class ContainerGroup(_Model):
     containers: list[TrackedContainer]
 
 
-class GroupMember(BaseModel):
+class GroupMember(_Request):
     """A tracked container id (or unique prefix) to add to a group."""
-
-    model_config = ConfigDict(extra="forbid")
 
     container: str = Field(min_length=1, max_length=64)
 
@@ -361,10 +359,8 @@ class PluginInfo(_Model):
     path: str
 
 
-class PluginRunRequest(BaseModel):
+class PluginRunRequest(_Request):
     """Run a plugin against a tracked container or a group."""
-
-    model_config = ConfigDict(extra="forbid")
 
     target: str = Field(min_length=1, max_length=64)
     variables: dict[str, str] = Field(default_factory=dict, max_length=64)
@@ -405,20 +401,16 @@ class PluginEvent(_Model):
 # Port mapping ---------------------------------------------------------------------------
 
 
-class MapPortRequest(BaseModel):
+class MapPortRequest(_Request):
     """Publish a local TCP port of the node (the original --mp)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     port: int = Field(ge=1, le=65535)
     domain: str | None = Field(default=None, max_length=253)
     udp: bool = Field(default=False, description="Publish a UDP port instead of TCP")
 
 
-class ReachabilityRequest(BaseModel):
+class ReachabilityRequest(_Request):
     """Ask a node to connect back to the caller's own address on ``port``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     port: int = Field(ge=1, le=65535)
 

@@ -183,3 +183,18 @@ async def test_owner_only_refusal_stores_no_nonce(make_fake_node: object, tmp_pa
         await client.whoami()
     rows = node.state.connection.execute("SELECT key, pool FROM seen_nonces").fetchall()
     assert rows == [(peer.node_id, "other")]
+
+
+def test_the_sliding_window_is_shared_by_key_rate_and_the_peer_table() -> None:
+    from p2prc._rate import SlidingWindow
+    from p2prc.peers.table import PeerTable
+
+    window = SlidingWindow(1, 60.0, max_keys=1)
+    assert window.take("a", 0.0)
+    assert window.spent("a", 59.0)
+    assert not window.take("a", 59.0)
+    assert not window.take("b", 30.0)  # no room: "a" still counts
+    assert window.take("b", 61.0)
+    assert len(window) == 1
+    assert isinstance(KeyRate(limit=1, window=1.0), SlidingWindow)
+    assert "_within_rate" not in vars(PeerTable)

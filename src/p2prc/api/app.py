@@ -1,14 +1,12 @@
 """Routes of the node's HTTP API and the one error-to-response table."""
 
-import asyncio
 import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,15 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import NodeConfig
-from ..containers.service import ContainerService
-from ..containers.store import ContainerStore
-from ..errors import P2PRCError, RateLimited, RequestTooLarge
+from ..errors import P2PRCError, RateLimited, RequestTooLarge, validation_message
 from ..identity import Identity
 from ..models import CallerInfo, Health, NodeStatus, Specs
-from ..peers.gossip import MAX_EXCHANGE_BYTES, Gossip
+from ..peers.gossip import MAX_EXCHANGE_BYTES
 from ..specs import collect_specs, own_addresses
 from ..state import State
-from ..tunnel.mapper import PortMapper
 from . import containers, peers, plugins, tunnel
 from .auth import RequestVerifier
 
@@ -38,7 +33,11 @@ log = logging.getLogger(__name__)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
-class NodeView(Protocol):
+# Each router names what it needs in its own Protocol (ContainerNode, PeerNode, ...);
+# NodeView is their union plus what create_app itself uses (an overlap is one property).
+class NodeView(
+    containers.ContainerNode, peers.PeerNode, plugins.PluginNode, tunnel.TunnelNode, Protocol
+):
     """What the API needs from a node."""
 
     @property
@@ -53,16 +52,7 @@ class NodeView(Protocol):
     def port(self) -> int: ...
     @property
     def started_at(self) -> float: ...
-    @property
-    def containers(self) -> ContainerService: ...
-    @property
-    def container_store(self) -> ContainerStore: ...
-    @property
-    def gossip(self) -> Gossip: ...
-    @property
-    def mapper(self) -> PortMapper: ...
     def close(self) -> None: ...
-    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
     def component_health(self) -> dict[str, str]: ...
 
 
@@ -194,11 +184,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error.get("loc", ()))
-            problems.append(f"{where}: {error.get('msg', 'invalid')}")
-        return _error(422, "invalid_request", "; ".join(problems) or "invalid request")
+        return _error(422, "invalid_request", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

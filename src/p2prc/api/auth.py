@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from .._rate import SlidingWindow
 from ..config import TrustConfig
 from ..errors import (
     AuthError,
@@ -144,35 +144,19 @@ class RequestVerifier:
         return _Signed(caller, public_key, nonce, int(timestamp) + skew)
 
 
-class KeyRate:
+class KeyRate(SlidingWindow):
     """At most ``limit`` events per key in any ``window`` seconds (in memory, bounded)."""
 
     def __init__(self, limit: int, window: float, *, max_keys: int = 4096) -> None:
-        self._limit = limit
-        self._window = window
-        self._max_keys = max_keys
-        self._events: dict[str, deque[float]] = {}
+        super().__init__(limit, window, max_keys=max_keys)
 
     def hit(self, key: str, now: float | None = None) -> None:
         """Count one event for ``key``; ``RateLimited`` when it is over its limit."""
         now = time.monotonic() if now is None else now
-        events = self._events.get(key)
-        if events is None:
-            if len(self._events) >= self._max_keys:
-                self._prune(now)
-            if len(self._events) >= self._max_keys:
-                raise RateLimited("too many callers right now; try again later")
-            events = self._events[key] = deque()
-        while events and events[0] <= now - self._window:
-            events.popleft()
-        if len(events) >= self._limit:
-            raise RateLimited(f"at most {self._limit} of these per {self._window:g} s; try later")
-        events.append(now)
-
-    def _prune(self, now: float) -> None:
-        horizon = now - self._window
-        for key in [key for key, events in self._events.items() if events[-1] <= horizon]:
-            del self._events[key]
+        if not self.has_room(key, now):
+            raise RateLimited("too many callers right now; try again later")
+        if not self.take(key, now):
+            raise RateLimited(f"at most {self.limit} of these per {self.window:g} s; try later")
 
 
 def _target(request: Request) -> str:

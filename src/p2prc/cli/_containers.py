@@ -14,7 +14,7 @@ from ..client import Client
 from ..config import Home
 from ..containers import hostkeys
 from ..containers.store import pick_tracked
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, validation_message
 from ..models import ContainerView, CreateContainer
 from ._common import Options, emit, err, options_of
 
@@ -59,8 +59,7 @@ def create_container(
             authorized_keys=keys or [],
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidRequest(problems) from None
+        raise InvalidRequest(validation_message(exc)) from None
     seen: list[str] = []
 
     def show(text: str) -> None:

@@ -6,9 +6,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .._match import unique_peer
 from ..client import Client, is_address, peer_url
 from ..config import load, set_value
-from ..errors import InvalidRequest, NodeNotRunning
+from ..errors import NodeNotRunning
 from ..models import PeerView
 from ..node import init_home
 from ._common import Options, emit, options_of
@@ -93,13 +94,10 @@ def remove_command(ctx: typer.Context, peer: str) -> None:
     """Forget a peer (it comes back if it is alive and gossips)."""
     options = options_of(ctx)
     with Client(home=options.home) as client:
-        matches = [
-            v for v in client.peers() if not v.me and (v.name == peer or v.node_id.startswith(peer))
-        ]
-        if len(matches) != 1:
-            raise InvalidRequest(f"{peer!r} matches {len(matches)} peers")
-        client.remove_peer(matches[0].node_id)
-    emit(options, {"removed": matches[0].node_id}, f"removed {matches[0].name}")
+        others = [view for view in client.peers() if not view.me]
+        found = unique_peer(peer, others, ident=lambda v: v.node_id, name=lambda v: v.name)
+        client.remove_peer(found.node_id)
+    emit(options, {"removed": found.node_id}, f"removed {found.name}")
 
 
 @peers_app.command("sync")

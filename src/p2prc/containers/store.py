@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from ..errors import ContainerNotFound, InvalidRequest, PeerProtocolError
+from .._match import unique_prefix
+from ..errors import ContainerNotFound, PeerProtocolError, validation_message
 from ..models import ContainerView, TrackedContainer
 
 __all__ = ["ContainerStore", "check_peer_view", "pick_tracked"]
@@ -92,14 +93,6 @@ class ContainerStore:
             items.append(TrackedContainer(container=container, peer_address=address))
         return items
 
-    def find_tracked(self, prefix: str) -> list[TrackedContainer]:
-        """Tracked containers whose id or name starts with ``prefix``."""
-        return [
-            item
-            for item in self.tracked()
-            if item.container.id.startswith(prefix) or item.container.name == prefix
-        ]
-
     def prune_tracked(self, now: float) -> int:
         """Forget tracked containers whose lease has run out on their peer."""
         cursor = self._db.execute(
@@ -109,8 +102,8 @@ class ContainerStore:
         return cursor.rowcount
 
     def one_tracked(self, prefix: str) -> TrackedContainer:
-        """The one tracked container with this id prefix or name."""
-        return pick_tracked(self.find_tracked(prefix), prefix)
+        """The one tracked container with this name or id prefix."""
+        return pick_tracked(self.tracked(), prefix)
 
     def remove_tracked(self, peer: str, container_id: str) -> None:
         self._db.execute(
@@ -119,17 +112,16 @@ class ContainerStore:
 
 
 def pick_tracked(tracked: list[TrackedContainer], prefix: str) -> TrackedContainer:
-    """The one container among ``tracked`` with this id prefix or name; clear errors else."""
-    matches = [
-        item
-        for item in tracked
-        if item.container.id.startswith(prefix) or item.container.name == prefix
-    ]
-    if not matches:
-        raise ContainerNotFound(f"no tracked container {prefix!r}; see 'p2prc container list'")
-    if len(matches) > 1:
-        raise InvalidRequest(f"{prefix!r} matches {len(matches)} containers; give more of the id")
-    return matches[0]
+    """The one container among ``tracked`` with this name or id prefix; clear errors else."""
+    return unique_prefix(
+        prefix,
+        tracked,
+        ident=lambda item: item.container.id,
+        name=lambda item: item.container.name,
+        what="container",
+        missing=ContainerNotFound,
+        see="p2prc container list",
+    )
 
 
 def check_peer_view(view: ContainerView, *, peer: str, peer_address: str) -> ContainerView:
@@ -137,7 +129,8 @@ def check_peer_view(view: ContainerView, *, peer: str, peer_address: str) -> Con
     try:  # again: a view built with model_construct skipped its validators
         view = ContainerView.model_validate(view.model_dump())
     except ValidationError as exc:
-        raise PeerProtocolError(f"{peer_address}: invalid container view: {exc}") from None
+        message = validation_message(exc)
+        raise PeerProtocolError(f"{peer_address}: invalid container view: {message}") from None
     if view.peer != peer:
         raise PeerProtocolError(
             f"{peer_address} answered for node {view.peer}, not for {peer} that we asked"

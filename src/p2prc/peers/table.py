@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .._rate import SlidingWindow
 from ..errors import PeerProtocolError
 from .records import Claim, PeerRecord, plausible_version
 
@@ -109,8 +110,8 @@ class PeerTable:
         # Highest plausible state heard about nodes whose record (or whose record at that
         # version) has not arrived yet (bounded).
         self._pending: dict[str, dict[int, tuple[int, Claim]]] = {}
-        # When each introducer last added new members (bounded by pruning).
-        self._introduced: dict[str, deque[float]] = {}
+        # When each introducer last added new members (bounded: idle ones are dropped).
+        self._introduced = SlidingWindow(new_per_minute, _RATE_WINDOW, max_keys=4 * max_members)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -181,9 +182,7 @@ class PeerTable:
             not m.trusted and m.state >= MemberState.DEAD for m in self.members.values()
         ):
             return "table_full"
-        times = self._introduced.get(introducer or "") if introducer else None
-        spent = times is not None and len(times) >= self.new_per_minute
-        if times and spent and now - times[0] < _RATE_WINDOW:
+        if introducer and self._introduced.spent(introducer, now):
             return "introducer_rate"
         return ""
 
@@ -193,7 +192,7 @@ class PeerTable:
         if len(self.members) >= self.max_members and not self._make_room(trusted):
             self.rejected["table_full"] += 1
             return Verdict.REJECTED
-        if introducer and not trusted and not self._within_rate(introducer, now):
+        if introducer and not trusted and not self._introduced.take(introducer, now):
             self.rejected["introducer_rate"] += 1
             return Verdict.REJECTED
         member = Member(record, state_version=record.version, state_since=now, trusted=trusted)
@@ -211,19 +210,6 @@ class PeerTable:
         del self.members[victim.record.node_id]
         if self.on_evict is not None:
             self.on_evict(victim.record.node_id)
-        return True
-
-    def _within_rate(self, introducer: str, now: float) -> bool:
-        times = self._introduced.setdefault(introducer, deque())
-        while times and now - times[0] >= _RATE_WINDOW:
-            times.popleft()
-        if len(times) >= self.new_per_minute:
-            return False
-        times.append(now)
-        if len(self._introduced) > 4 * self.max_members:
-            self._introduced = {
-                key: t for key, t in self._introduced.items() if t and now - t[-1] < _RATE_WINDOW
-            }
         return True
 
     def _apply_pending(self, member: Member, now: float) -> None:
