@@ -9,7 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..models import ContainerView
 from .task import Task
 
-__all__ = ["FINAL_STATES", "JobEvent", "JobState", "JobView", "LogLine", "RankPlacement"]
+__all__ = [
+    "FINAL_STATES",
+    "JobEvent",
+    "JobState",
+    "JobView",
+    "LogLine",
+    "RankPlacement",
+    "ResultFile",
+]
 
 
 class JobState(enum.StrEnum):
@@ -80,3 +88,12 @@ class JobEvent(BaseModel):
     event: str = Field(description="'log' or 'finished'")
     log: LogLine | None = None
     job: JobView | None = None
+
+
+class ResultFile(BaseModel):
+    """One file a job brought back, relative to its results directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    size: int = Field(ge=0)

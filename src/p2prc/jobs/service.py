@@ -167,6 +167,7 @@ class JobNode(Protocol):
 
 def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
     """The job service of a running node: its state, its key, its peers."""
+
     def find(task: Task) -> tuple[list[Candidate], list[str]]:
         try:
             gossip = node.gossip
