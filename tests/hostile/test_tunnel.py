@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -19,9 +19,18 @@ import pytest
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.config import RelayConfig
 from p2prc.containers.runtime import ContainerInfo, ContainerSpec, PortBinding
-from p2prc.errors import DomainTaken, NotFound, OwnerOnly, PeerError, RelayUnavailable
+from p2prc.errors import (
+    DomainTaken,
+    InvalidRequest,
+    NotFound,
+    OwnerOnly,
+    PeerError,
+    RelayUnavailable,
+)
 from p2prc.identity import Identity
 from p2prc.models import CreateContainer, PeerView
+from p2prc.tunnel.client import TunnelClient
+from p2prc.tunnel.protocol import Expose, Exposed, Route, Routed
 from p2prc.tunnel.relay import RelayServer
 from p2prc.tunnel.streams import close_quietly
 from p2prc.tunnel.tls import server_context
@@ -232,6 +241,54 @@ def test_a_tunnel_client_gets_no_privileged_public_port(tmp_path: Path) -> None:
     assert relay._public_ports(80) == [0]
     assert relay._public_ports(1023) == [0]
     assert relay._public_ports(8080) == [8080, 0]
+
+
+# Malformed control messages: each is refused alone, the tunnel goes on ---------------
+
+
+async def test_malformed_control_messages_end_nothing_but_themselves(tmp_path: Path) -> None:
+    """A tunnel client sends bad messages of every type: the relay answers a bad request
+    with an error, drops the rest, and keeps serving the tunnel."""
+    relay_node = Identity.generate()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    relay = RelayServer(
+        relay_node, tmp_path, host="127.0.0.1", public_host="127.0.0.1", http_port=0
+    )
+    async with (
+        relay,
+        _server(echo) as echo_port,
+        TunnelClient(Identity.generate(), "127.0.0.1", relay.port, relay_node.node_id) as client,
+    ):
+        with pytest.raises(InvalidRequest, match="local_port"):
+            await client._ask(cast(Expose, {"type": "expose", "local_port": 70000}), Exposed)
+        with pytest.raises(InvalidRequest, match="domain"):
+            await client._ask(cast(Route, {"type": "route", "local_port": 80}), Routed)
+        control = client._control
+        assert control is not None
+        bad: list[dict[str, Any]] = [
+            {"type": "d", "s": "1", "b": b"x"},
+            {"type": "w", "s": 1, "n": -5},
+            {"type": "x"},
+            {"type": "u", "p": "x", "a": "garbage", "b": 1},
+            {"type": "unexpose", "public_port": "x"},
+            {"type": "unroute"},
+            {"type": "hello", "key": 1},
+            {"type": "open", "s": 1, "local_port": echo_port},  # the relay's to send
+            {"type": "from a newer version", "x": [1, 2]},
+        ]
+        for raw in bad:
+            await control.send(raw)
+        public = await client.expose(echo_port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", public)
+        writer.write(b"still here")
+        assert await asyncio.wait_for(reader.read(100), 5) == b"still here"
+        writer.close()
+        assert not client.closed.is_set()
 
 
 # Row 10 of the review (issue hole 8): relays, NAT answers, and the API through a relay ---
