@@ -15,12 +15,12 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from ._closing import AsyncClosing
 from ._match import unique_peer
 from .config import Home, join_address, resolve_home, split_address
 from .errors import (
@@ -205,9 +205,10 @@ def _raise_for_error(response: httpx.Response) -> None:
     raise error_class(code)(message)
 
 
-class AsyncClient:
+class AsyncClient(AsyncClosing):
     """Talks to one node's API; by default the running node of this home."""
 
+    # Twin: Client.__init__ in _client_sync takes the same parameters (written out for mypy).
     def __init__(
         self,
         base_url: str | None = None,
@@ -475,17 +476,6 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _call(
         self, method: str, path: str, model: type[ModelT], json_body: Any = None

@@ -12,12 +12,12 @@ import asyncio
 import functools
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 
 from ._client_async import AsyncClient
+from ._closing import Closing
 from .config import Home
 from .identity import Identity
 
@@ -45,7 +45,7 @@ def _blocking(
     return blocking
 
 
-class Client:
+class Client(Closing):
     """The blocking twin of ``AsyncClient``, for scripts and the CLI.
 
     Each call runs the ``AsyncClient`` method of the same name on a private
@@ -54,8 +54,8 @@ class Client:
     ``AsyncClient``: plain functions and coroutine functions both work.
     """
 
-    # Explicit: the AsyncClient (and its httpx pool) must be built inside the runner,
-    # whose loop it binds to.
+    # Explicit, the twin of AsyncClient.__init__ (mypy cannot derive a constructor): the
+    # AsyncClient (and its httpx pool) must be built inside the runner, whose loop it binds to.
     def __init__(
         self,
         base_url: str | None = None,
@@ -69,7 +69,15 @@ class Client:
         self._runner = asyncio.Runner()
         try:
             self._async = self._run(
-                _make_async(base_url, home, identity, audience, transport, timeout)
+                _construct(
+                    AsyncClient,
+                    base_url,
+                    home=home,
+                    identity=identity,
+                    audience=audience,
+                    transport=transport,
+                    timeout=timeout,
+                )
             )
         except BaseException:
             self._runner.close()
@@ -126,18 +134,6 @@ class Client:
         self._run(self._async.aclose())
         self._runner.close()
 
-    # Explicit: the sync context manager protocol has no async method to derive from.
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         try:
             return self._runner.run(coro)
@@ -146,20 +142,6 @@ class Client:
             raise
 
 
-async def _make_async(
-    base_url: str | None,
-    home: Home | Path | str | None,
-    identity: Identity | None,
-    audience: str | None,
-    transport: httpx.AsyncBaseTransport | None,
-    request_timeout: float,
-) -> AsyncClient:
+async def _construct(factory: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
     # httpx binds its connection pool to the loop that first uses it: build it inside the runner.
-    return AsyncClient(
-        base_url,
-        home=home,
-        identity=identity,
-        audience=audience,
-        transport=transport,
-        timeout=request_timeout,
-    )
+    return factory(*args, **kwargs)

@@ -13,9 +13,8 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from ._closing import Closing
 from .errors import StateError
 
 __all__ = ["SCHEMA_VERSION", "State"]
@@ -134,7 +133,7 @@ _MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-class State:
+class State(Closing):
     """An open state database."""
 
     def __init__(self, path: Path) -> None:
@@ -159,17 +158,6 @@ class State:
 
     def close(self) -> None:
         self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def connection(self) -> sqlite3.Connection:

@@ -31,35 +31,9 @@ __all__ = [
 container_app = typer.Typer(help="Containers on peers: create, list, remove, log in.")
 
 
-def create_container(
-    options: Options,
-    peer: str,
-    *,
-    ports: int = 0,
-    gpu: bool = False,
-    gpus: int = 0,
-    name: str | None = None,
-    image: str | None = None,
-    cpus: float | None = None,
-    memory: str | None = None,
-    ttl: str | None = None,
-    keys: list[str] | None = None,
-) -> None:
+def create_container(options: Options, peer: str, spec: CreateContainer | None = None) -> None:
     """Create a container on ``peer`` through the local node, showing progress."""
-    try:
-        spec = CreateContainer(
-            ports=ports,
-            gpu=gpu,
-            gpus=gpus,
-            name=name,
-            image=image,
-            cpus=cpus,
-            memory=memory,
-            ttl=ttl,
-            authorized_keys=keys or [],
-        )
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc)) from None
+    spec = spec if spec is not None else CreateContainer()
     seen: list[str] = []
 
     def show(text: str) -> None:
@@ -92,19 +66,21 @@ def create_command(
     ] = None,
 ) -> None:
     """Create a container with SSH on a peer (the original --touch)."""
-    create_container(
-        options_of(ctx),
-        peer,
-        ports=ports,
-        gpu=gpu,
-        gpus=gpus,
-        name=name,
-        image=image,
-        cpus=cpus,
-        memory=memory,
-        ttl=ttl,
-        keys=key,
-    )
+    try:
+        spec = CreateContainer(
+            ports=ports,
+            gpu=gpu,
+            gpus=gpus,
+            name=name,
+            image=image,
+            cpus=cpus,
+            memory=memory,
+            ttl=ttl,
+            authorized_keys=key or [],
+        )
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc)) from None
+    create_container(options_of(ctx), peer, spec)
 
 
 def list_containers(options: Options) -> None:
