@@ -27,12 +27,13 @@ from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
-from .errors import AddressInUse, NodeAlreadyRunning, NodeError, P2PRCError
+from .errors import AddressInUse, NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .peers.gossip import Gossip
 from .state import State
 from .trust import TrustPolicy
 from .tunnel.mapper import PortMapper
+from .tunnel.nat import NatState, dial_back
 from .tunnel.relay import RelayLimits, RelayServer
 
 __all__ = ["Node", "home_locked", "init_home"]
@@ -431,6 +432,7 @@ class Node:
                 relay_port=self.relay.port if self.relay else 0,
                 on_crash=self._crash_handler("gossip"),
                 trust=self.trust,
+                nat=NatState(self._config, self.trust),  # the mapper reads gossip's
             )
             self._gossip = await self._stack.enter_async_context(gossip)
             self._components["gossip"] = "ok"
@@ -450,32 +452,9 @@ class Node:
         await self._start_mapper()
 
     async def _detect_nat(self, gossip: Gossip) -> None:
-        """Ask peers to connect back to our API port; behind NAT when none can.
-
-        Only peers the owner vouched for (``trust.allow``, ``relay.use``) are asked and
-        believed: a stranger's "unreachable" would push us onto a relay of its choosing.
-        """
-        from .client import AsyncClient
-
-        for _ in range(60):
-            peers = [
-                m
-                for m in gossip.table.alive()
-                if m.record.behind_nat is not True and self.mapper.trusts(m.record.node_id)
-            ][:3]
-            answers = []
-            for member in peers:
-                try:
-                    url, audience = gossip.api_url(member), member.record.node_id
-                    async with AsyncClient(url, identity=self.identity, audience=audience) as peer:
-                        answers.append((await peer.reachability(self._port)).reachable)
-                except P2PRCError as exc:
-                    log.debug("NAT check via %s failed: %s", member.record.name, exc)
-            if answers:
-                gossip.set_behind_nat(not any(answers))
-                log.info("NAT detection: %s", "behind NAT" if not any(answers) else "reachable")
-                return
-            await asyncio.sleep(2)
+        """Ask trusted peers to connect back to our API port (see ``NatState``)."""
+        ask = dial_back(self.identity, gossip.api_url, self._port, self._config.timeouts.request)
+        await gossip.nat.detect(gossip.table.alive, ask)
 
     async def _start_mapper(self) -> None:
         mapper = PortMapper(
@@ -490,6 +469,7 @@ class Node:
             on_crash=self._crash_handler("mapper"),
             trust=self.trust,
             tls_dir=self._home.identity_dir,
+            nat=self._gossip.nat if self._gossip is not None else None,
         )
         store = self.container_store
 

@@ -57,7 +57,8 @@ def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
         host = request.client.host if request.client else ""
         port = _dial_back_port(node, caller.node_id, host, body.port)
         dial_backs.hit(caller.node_id)
-        return Reachability(address=host, port=port, reachable=await _connects(host, port))
+        connects = await _connects(host, port, node.config.timeouts.connect)
+        return Reachability(address=host, port=port, reachable=connects)
 
     @routes.get("/map-port")
     async def mappings(caller: Owner) -> list[MappedPort]:
@@ -104,11 +105,12 @@ def _is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-async def _connects(host: str, port: int) -> bool:
+async def _connects(host: str, port: int, connect: float) -> bool:
     if not host:
         return False
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+        async with asyncio.timeout(connect):
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
     writer.close()

@@ -29,6 +29,7 @@ from ..errors import P2PRCError, PeerProtocolError
 from ..identity import Identity
 from ..state import State
 from ..trust import TrustPolicy
+from ..tunnel.nat import NatState
 from . import exchange
 from .exchange import MAX_EXCHANGE_BYTES
 from .records import (
@@ -84,20 +85,19 @@ class Gossip:
         relay_port: int = 0,
         on_crash: CrashHandler = log_crash,
         trust: TrustPolicy | None = None,
+        nat: NatState | None = None,
     ) -> None:
         self._trust = trust or TrustPolicy(config.trust, identity.public_key)
+        # The node's one NAT state (the mapper reads it too); a change re-signs the record.
+        self.nat = nat or NatState(config, self._trust)
+        self.nat.on_change(self._nat_changed)
         self._ipv6 = False
         self._relay_port = relay_port
         self._relay, self._public_api = "", ""
-        configured = config.behind_nat
-        self._behind_nat: bool | None = None if configured == "auto" else bool(configured)
-        # Set once whether this node is behind NAT is known (configured or detected).
-        self.nat_known = asyncio.Event()
-        if self._behind_nat is not None:
-            self.nat_known.set()
         self._identity = identity
         self._config = config
         self._settings = config.gossip
+        self._timeouts = config.timeouts
         self._state = state
         self._store = PeerStore(state.connection)
         self._api_port = api_port
@@ -196,13 +196,6 @@ class Gossip:
         self._replace_me(record)
         return record
 
-    def set_behind_nat(self, behind_nat: bool) -> None:
-        """Record what NAT detection found; the new record spreads by gossip."""
-        if self.table.me.behind_nat is not behind_nat:
-            self._behind_nat = behind_nat
-            self._replace_me(self._sign_record(self._metadata()))
-        self.nat_known.set()
-
     def set_relay(self, relay: str, public_api: str) -> None:
         """Record the relay this node tunnels through and its API's address there."""
         if (self.table.me.relay, self.table.me.public_api) != (relay, public_api):
@@ -243,7 +236,7 @@ class Gossip:
         request = exchange.Request(exchange.digest(self.table))
         changed = 0
         async with AsyncClient(
-            address, identity=self._identity, audience=audience, timeout=10
+            address, identity=self._identity, audience=audience, timeout=self._timeouts.request
         ) as client:
             for round_ in range(_ROUNDS):
                 answer = exchange.decode_answer(await client.exchange(request.encode()))
@@ -421,6 +414,11 @@ class Gossip:
             log.warning("saved record version %s is in the future; resetting it to now", saved)
             self._state.set_meta("record_version", str(int(time.time() * 1000)))
 
+    def _nat_changed(self) -> None:
+        """NAT detection found something new: the new record spreads by gossip."""
+        if self.swim is not None and self.table.me.behind_nat is not self.nat.value:
+            self._replace_me(self._sign_record(self._metadata()))
+
     def _replace_me(self, record: PeerRecord) -> None:
         self.table.me = record
         self._swim().broadcast_record(record)
@@ -442,7 +440,6 @@ class Gossip:
         if not plausible_version(version, time.time(), self._config.trust.clock_skew):
             version = max(now, last + 1)  # never sign (or save) a version from the future
         self._state.set_meta("record_version", str(version))
-        behind_nat = self._behind_nat
         record = PeerRecord(
             node_id=self._identity.node_id,
             public_key=self._identity.public_key,
@@ -452,7 +449,7 @@ class Gossip:
             api_port=self._api_port,
             gossip_port=self.port,
             relay_port=self._relay_port,
-            behind_nat=behind_nat,
+            behind_nat=self.nat.value,
             relay=self._relay,
             public_api=self._public_api,
             user=_user(),

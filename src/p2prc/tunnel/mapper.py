@@ -29,7 +29,7 @@ from pathlib import Path
 from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import NodeConfig, join_address
 from ..errors import DomainTaken, InvalidRequest, NotFound, OwnerOnly, P2PRCError, RelayUnavailable
-from ..identity import Identity, node_id_of, parse_public_key
+from ..identity import Identity
 from ..models import MappedPort
 from ..peers.gossip import Gossip
 from ..peers.table import Member
@@ -37,6 +37,7 @@ from ..trust import TrustPolicy
 from .client import TunnelClient
 from .domains import normalize_domain
 from .listeners import loopback_only, read_listening
+from .nat import NatState
 from .relay import RelayServer
 from .streams import close_quietly, pipe
 from .tls import server_context
@@ -44,7 +45,8 @@ from .tls import server_context
 __all__ = ["PortMapper"]
 
 _COLUMNS = "port, public_host, public_port, relay, domain, udp, owner"
-# Seconds a map request waits for NAT detection when behind_nat is "auto".
+# Seconds a map request waits for NAT detection when behind_nat is "auto" (a few rounds
+# of dial-backs by trusted peers); still unknown after that, it maps as a public node.
 _NAT_WAIT = 15.0
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,16 @@ class PortMapper:
         *,
         trust: TrustPolicy | None = None,
         tls_dir: Path | None = None,
+        nat: NatState | None = None,
     ) -> None:
         self._identity, self._config, self._db = identity, config, db
         self._gossip, self._addresses = gossip, addresses
         self._api_port, self._api_host = api_port, api_host
         self._last_api: tuple[str, int] = ("", 0)  # (relay, public port) of the API
-        self._trust, self._tls_dir = trust, tls_dir
-        self._relay_use = {_relay_id(entry) for entry in config.relay.use}
+        self._tls_dir = tls_dir
+        # The node's one NAT state (gossip's too): who is trusted, whether behind NAT.
+        self._nat = nat or NatState(config, trust)
+        self._timeouts = config.timeouts
         # The API's TLS listener (behind NAT): what the relay publishes for the API.
         self._api_tls: asyncio.Server | None = None
         self._api_conns: set[asyncio.StreamWriter] = set()
@@ -116,16 +121,12 @@ class PortMapper:
     @property
     def behind_nat(self) -> bool:
         """Configured, else what NAT detection found (unknown counts as public)."""
-        if self._config.behind_nat != "auto":
-            return bool(self._config.behind_nat)
-        return bool(self._gossip and self._gossip.table.me.behind_nat)
+        return self._nat.behind_nat
 
     def trusts(self, node_id: str) -> bool:
         """Whether this node takes ``node_id`` as a relay and believes its NAT answers:
         a key the owner listed in ``trust.allow``, or an entry of ``relay.use``."""
-        if node_id in self._relay_use:
-            return True
-        return self._trust is not None and self._trust.listed(node_id)
+        return self._nat.trusts(node_id)
 
     def mappings(self) -> list[MappedPort]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM port_mappings ORDER BY port, udp")
@@ -147,7 +148,7 @@ class PortMapper:
                     f"local port {port} is not a TCP port of your containers on this node"
                     " that listens beyond loopback"
                 )
-        elif not udp and not await _listening(port):
+        elif not udp and not await _listening(port, self._timeouts.connect):
             raise InvalidRequest(f"nothing listens on local port {port}")
         await self._nat_settled()
         async with self._lock:
@@ -164,7 +165,7 @@ class PortMapper:
         addresses = await asyncio.to_thread(read_listening, port)
         if addresses is None or loopback_only(addresses):
             return False
-        return await _listening(port)
+        return await _listening(port, self._timeouts.connect)
 
     def _owner(self, port: int, udp: bool) -> str | None:
         """Who mapped ``port`` ('' for the owner), ``None`` when it is not mapped."""
@@ -248,15 +249,8 @@ class PortMapper:
         return (self._relay_host, public) if public and port in self._system else None
 
     async def _nat_settled(self) -> None:
-        gossip = self._gossip
-        # Only peers this node trusts answer NAT checks and relay for it: with none known
-        # and none listed by the owner, there is nothing to wait for, so it maps as public.
-        listed = bool(self._config.trust.allow) or bool(self._relay_use)
-        if gossip is None or gossip.nat_known.is_set():
-            return
-        if listed or any(self.trusts(m.record.node_id) for m in gossip.table.alive()):
-            with contextlib.suppress(TimeoutError):  # undetected after that: treat as public
-                await asyncio.wait_for(gossip.nat_known.wait(), _NAT_WAIT)
+        if self._gossip is not None:  # without gossip nothing detects: public
+            await self._nat.settled(_NAT_WAIT, self._gossip.table.alive())
 
     async def unmap(self, port: int, *, udp: bool = False) -> None:
         mapping = self._mapping(port, udp)
@@ -314,6 +308,7 @@ class PortMapper:
                 record.relay_port,
                 record.node_id,
                 on_crash=self._on_crash,
+                connect_timeout=self._timeouts.connect,
             )
             try:
                 await client.start()
@@ -352,8 +347,9 @@ class PortMapper:
         if self._api_tls is None:
             assert self._tls_dir is not None
             context = server_context(self._identity, self._tls_dir)
+            handshake = self._timeouts.connect
             self._api_tls = await asyncio.start_server(
-                self._serve_api_tls, "127.0.0.1", 0, ssl=context, ssl_handshake_timeout=10
+                self._serve_api_tls, "127.0.0.1", 0, ssl=context, ssl_handshake_timeout=handshake
             )
         return int(self._api_tls.sockets[0].getsockname()[1])
 
@@ -364,9 +360,8 @@ class PortMapper:
         self._api_conns.add(writer)
         far: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
-            far = await asyncio.wait_for(
-                asyncio.open_connection(self._api_host, self._api_port), 10
-            )
+            async with asyncio.timeout(self._timeouts.connect):
+                far = await asyncio.open_connection(self._api_host, self._api_port)
             self._api_conns.add(far[1])
             await pipe(reader, writer, *far)
         except (OSError, TimeoutError) as exc:
@@ -405,8 +400,8 @@ class PortMapper:
 
     async def _restore_all(self) -> None:
         """Publish again what was published (and the API, behind NAT), until it works."""
-        if self._gossip is not None and not self._gossip.nat_known.is_set():
-            await self._gossip.nat_known.wait()
+        if self._gossip is not None:
+            await self._nat.known.wait()
         delay = 1.0
         while True:
             try:
@@ -431,23 +426,16 @@ class PortMapper:
                 delay = min(delay * 2, 30.0)
 
 
-async def _listening(port: int) -> bool:
+async def _listening(port: int, connect: float) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+        async with asyncio.timeout(connect):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
     except (OSError, TimeoutError):
         return False
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
-
-
-def _relay_id(entry: str) -> str:
-    """A ``relay.use`` entry (a node id, or a public key) as a node id."""
-    text = entry.strip()
-    if len(text) == 32 and not text.strip("0123456789abcdef"):
-        return text
-    return node_id_of(parse_public_key(text))
 
 
 def _mapped(

@@ -23,7 +23,7 @@ from ..trust import TrustPolicy
 if TYPE_CHECKING:
     from ..peers.table import Member
 
-__all__ = ["Ask", "NatState", "dial_back"]
+__all__ = ["Ask", "NatState", "dial_back", "relay_id"]
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ import pytest
 
 from p2prc.config import RelayConfig
 from p2prc.identity import Identity
-from p2prc.tunnel.mapper import _relay_id
+from p2prc.tunnel.nat import relay_id
 
 
 def test_entries_are_node_ids_or_keys() -> None:
     relay = Identity.generate()
     config = RelayConfig(use=[relay.node_id, relay.public_key_b64, relay.openssh_public_key("r")])
-    assert {_relay_id(entry) for entry in config.use} == {relay.node_id}
+    assert {relay_id(entry) for entry in config.use} == {relay.node_id}
 
 
 @pytest.mark.parametrize("bad", ["", "not a key", "A" * 32, "0" * 31])
