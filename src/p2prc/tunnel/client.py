@@ -29,6 +29,7 @@ from .protocol import (
     Ping,
     Route,
     Routed,
+    StreamMessage,
     Unexpose,
     Unroute,
     Welcome,
@@ -262,10 +263,12 @@ class TunnelClient:
         else:
             log.debug("dropped a message from the relay: %s", exc)
 
-    async def _stream(self, control: FramedStream, mux: Mux, message: Any) -> None:
+    async def _stream(self, control: FramedStream, mux: Mux, message: StreamMessage) -> None:
         mux.dispatch(message)
 
-    async def _answer(self, control: FramedStream, mux: Mux, message: Any) -> None:
+    async def _answer(
+        self, control: FramedStream, mux: Mux, message: Exposed | Routed | Error
+    ) -> None:
         await self._answers.put(message)
 
     async def _open(self, control: FramedStream, mux: Mux, message: Open) -> None:

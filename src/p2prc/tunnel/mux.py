@@ -17,7 +17,7 @@ import contextlib
 from collections import deque
 
 from ..errors import P2PRCError, TunnelProtocolError
-from .protocol import WINDOW, Abort, Credit, Data, End
+from .protocol import WINDOW, Abort, Credit, Data, End, StreamMessage
 from .streams import CHUNK, FramedStream, close_quietly
 
 __all__ = ["WINDOW", "Mux", "MuxStream"]
@@ -69,7 +69,7 @@ class Mux:
         stream = self.streams[sid] = MuxStream(sid)
         return stream
 
-    def dispatch(self, message: Data | End | Abort | Credit) -> None:
+    def dispatch(self, message: StreamMessage) -> None:
         """Apply one stream message; messages for unknown (already closed) streams are
         ignored, a stream that overruns its window is aborted."""
         stream = self.streams.get(message.s)

@@ -50,6 +50,7 @@ __all__ = [
     "Pong",
     "Route",
     "Routed",
+    "StreamMessage",
     "Unexpose",
     "Unroute",
     "Welcome",
@@ -229,9 +230,10 @@ class Error(_Message):
     code: str | None = None  # a ``P2PRCError.code``; none: a ``TunnelError``
 
     def to_map(self) -> dict[str, Any]:
+        text = self.message[:_MAX_TEXT]  # what decode takes: a long error still arrives
         if self.code is None:
-            return {"type": self.TYPE.value, "message": self.message}
-        return {"type": self.TYPE.value, "code": self.code, "message": self.message}
+            return {"type": self.TYPE.value, "message": text}
+        return {"type": self.TYPE.value, "code": self.code, "message": text}
 
     @classmethod
     def from_map(cls, data: Mapping[str, object]) -> Self:
@@ -474,6 +476,9 @@ Message = (
     | Credit
     | Datagram
 )
+
+# What ``Mux.dispatch`` takes.
+StreamMessage = Data | End | Abort | Credit
 
 _CLASSES: tuple[type[Message], ...] = (
     Challenge,

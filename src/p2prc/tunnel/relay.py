@@ -52,9 +52,11 @@ from .protocol import (
     MessageError,
     MessageType,
     Open,
+    Ping,
     Pong,
     Route,
     Routed,
+    StreamMessage,
     Unexpose,
     Unroute,
     Welcome,
@@ -271,10 +273,10 @@ class RelayServer:
         else:
             log.debug("dropped a message from %s: %s", tunnel.node_id, exc)
 
-    async def _stream(self, tunnel: _Tunnel, message: Any) -> None:
+    async def _stream(self, tunnel: _Tunnel, message: StreamMessage) -> None:
         tunnel.mux.dispatch(message)
 
-    async def _ping(self, tunnel: _Tunnel, message: object) -> None:
+    async def _ping(self, tunnel: _Tunnel, message: Ping) -> None:
         await tunnel.control.send(Pong())
 
     async def _unexpose(self, tunnel: _Tunnel, message: Unexpose) -> None:

@@ -241,3 +241,8 @@ def test_valid_near_messages_keep_their_fields(data: dict[str, Any]) -> None:
 
 def test_the_challenge_binds_nonce_and_relay() -> None:
     assert p.challenge_message("n", "r") == b"p2prc-relay-v1\nn\nr"
+
+
+def test_a_long_error_is_cut_to_what_decode_takes() -> None:
+    message = p.decode(p.Error("x" * 5000, "invalid_request").encode())
+    assert message == p.Error("x" * 1024, "invalid_request")
