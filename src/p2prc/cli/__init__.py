@@ -16,6 +16,7 @@ from ..client import Client
 from ..errors import InvalidRequest, P2PRCError
 from ._common import Options, emit, err, options_of, out
 from ._containers import bootstrap_images, build_image, container_app, images
+from ._jobs import jobs_app, run_command
 from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
 from ._peers import meta_app, peers_app
@@ -37,6 +38,8 @@ app.add_typer(container_app, name="container")
 app.add_typer(peers_app, name="peers")
 app.add_typer(meta_app, name="meta")
 app.add_typer(group_app, name="group")
+app.command("run")(run_command)
+app.add_typer(jobs_app, name="jobs")
 
 
 @app.command("map-port")

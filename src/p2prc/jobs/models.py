@@ -75,7 +75,9 @@ class LogLine(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    rank: int | None = Field(description="The rank; none for the job layer's own lines")
+    rank: int | None = Field(
+        default=None, description="The rank; none for the job layer's own lines"
+    )
     line: str
     time: float
 

@@ -21,12 +21,7 @@ class Candidate:
 
 
 def candidates(task: Task, members: Iterable[Member], me: str) -> tuple[list[Candidate], list[str]]:
-    """Peers that fit the task, nearest first, and 'name: why' for those that do not.
-
-    A task's own ``peers`` are used as given, in their order: the owner pinned them.
-    """
-    if task.peers:
-        return [Candidate(peer, peer) for peer in task.peers], []
+    """Peers that fit the task, nearest first, and 'name: why' for those that do not."""
     fitting: list[tuple[float, Member]] = []
     unfit: list[str] = []
     needs = task.resources

@@ -149,7 +149,11 @@ class JobRunner:
             raise _Failed(JobState.FAILED, f"the job could not move to {state.value}")
 
     async def _place(self, task: Task, rank: int, exclude: set[str]) -> ContainerView:
-        found, unfit = self._find(task)
+        unfit: list[str] = []
+        if task.peers:  # the owner pinned them: used as given, in their order
+            found = [Candidate(peer, peer) for peer in task.peers]
+        else:
+            found, unfit = self._find(task)
         skipped = list(unfit)
         spec = CreateContainer(
             image=task.image,
