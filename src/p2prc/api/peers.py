@@ -1,6 +1,7 @@
 """Peer routes: the table (open), push-pull (signed), and the owner's membership changes."""
 
 import os
+from dataclasses import fields
 from typing import Annotated, Protocol
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -25,29 +26,21 @@ class PeerNode(Protocol):
     def gossip(self) -> Gossip: ...
 
 
+# The fields a view shares with its record, copied as they are (these two are converted).
+_SHARED = sorted(set(PeerView.model_fields) & {f.name for f in fields(PeerRecord)})
+_COPIED = [name for name in _SHARED if name not in ("addresses", "custom")]
+
+
 def view_of(gossip: Gossip, record: PeerRecord, member: Member | None) -> PeerView:
     """The API shape of a record and its membership state."""
     return PeerView(
-        node_id=record.node_id,
-        name=record.name,
+        **{name: getattr(record, name) for name in _COPIED},
         me=member is None,
         state="alive" if member is None else member_state(member),
         rtt_ms=None if member is None or member.rtt_ms is None else round(member.rtt_ms, 3),
         addresses=list(record.addresses),
         api=record.api_url,
-        api_port=record.api_port,
-        gossip_port=record.gossip_port,
-        relay_port=record.relay_port,
-        behind_nat=record.behind_nat,
-        relay=record.relay,
-        public_api=record.public_api,
-        user=record.user,
-        cores=record.cores,
-        memory=record.memory,
-        gpus=record.gpus,
-        metadata=record.metadata,
         custom=dict(record.custom),
-        version=record.version,
     )
 
 

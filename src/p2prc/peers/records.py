@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -49,6 +49,9 @@ _SIGNATURE = 64
 def _packb(value: Any) -> bytes:
     data: bytes = msgpack.packb(value, use_bin_type=True)
     return data
+
+
+_SignedT = TypeVar("_SignedT", "PeerRecord", "Claim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,9 +286,7 @@ def parse_record(data: bytes) -> PeerRecord:
 
 def decode_record(data: bytes) -> PeerRecord:
     """A verified record from its encoding."""
-    record = parse_record(data)
-    record.verify()
-    return record
+    return _verified(parse_record(data))
 
 
 def claim_from_fields(fields: list[Any]) -> Claim:
@@ -308,9 +309,12 @@ def parse_claim(data: bytes) -> Claim:
 
 def decode_claim(data: bytes) -> Claim:
     """A verified claim from its encoding."""
-    claim = parse_claim(data)
-    claim.verify()
-    return claim
+    return _verified(parse_claim(data))
+
+
+def _verified(signed: _SignedT) -> _SignedT:
+    signed.verify()
+    return signed
 
 
 def retransmit_limit(members: int, multiplier: int = 4) -> int:

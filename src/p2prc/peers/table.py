@@ -153,10 +153,7 @@ class PeerTable:
             if refused:
                 self.rejected[refused] += 1  # before the costly signature check
                 return Verdict.REJECTED
-        try:
-            record.verify()
-        except PeerProtocolError:
-            self.rejected["bad_signature"] += 1
+        if not self._verified(record):
             return Verdict.REJECTED
         if record.node_id == self.me.node_id:
             return Verdict.REFUTE if record.version > self.me.version else Verdict.UNCHANGED
@@ -168,6 +165,15 @@ class PeerTable:
             member.claim = None
         self._apply_pending(member, now)
         return Verdict.CHANGED
+
+    def _verified(self, signed: PeerRecord | Claim) -> bool:
+        """Whether its signature verifies; counted as ``bad_signature`` if not."""
+        try:
+            signed.verify()
+        except PeerProtocolError:
+            self.rejected["bad_signature"] += 1
+            return False
+        return True
 
     def _trusted(self, record: PeerRecord, introducer: str | None) -> bool:
         if introducer is None or self._listed(record.node_id):
@@ -257,10 +263,7 @@ class PeerTable:
             # Nobody has seen that version of us: a lie, not a reason to refute.
             self.rejected["claim_ahead"] += 1
             return Verdict.REJECTED
-        try:
-            claim.verify()
-        except PeerProtocolError:
-            self.rejected["bad_signature"] += 1
+        if not self._verified(claim):
             return Verdict.REJECTED
         if claim.target == self.me.node_id:
             refute = state is not MemberState.LEFT
