@@ -30,9 +30,21 @@ from p2prc.errors import (
 from p2prc.identity import Identity
 from p2prc.models import CreateContainer, PeerView
 from p2prc.tunnel.client import TunnelClient
-from p2prc.tunnel.protocol import Expose, Exposed, Route, Routed
+from p2prc.tunnel.frames import FrameDecoder
+from p2prc.tunnel.protocol import (
+    Abort,
+    Challenge,
+    Expose,
+    Exposed,
+    Open,
+    Ping,
+    Pong,
+    Route,
+    Routed,
+    Welcome,
+)
 from p2prc.tunnel.relay import RelayServer
-from p2prc.tunnel.streams import close_quietly
+from p2prc.tunnel.streams import FramedStream, close_quietly
 from p2prc.tunnel.tls import server_context
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -288,6 +300,45 @@ async def test_malformed_control_messages_end_nothing_but_themselves(tmp_path: P
         writer.write(b"still here")
         assert await asyncio.wait_for(reader.read(100), 5) == b"still here"
         writer.close()
+        assert not client.closed.is_set()
+
+
+async def test_a_relays_malformed_messages_end_nothing_but_themselves(tmp_path: Path) -> None:
+    """A relay sends bad messages of every type: the tunnel client refuses a bad open,
+    drops the rest, and keeps its tunnel."""
+    relay_node, client_node = Identity.generate(), Identity.generate()
+    heard: asyncio.Queue[object] = asyncio.Queue()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = FramedStream(reader, writer, FrameDecoder())
+        await stream.send(Challenge("n", relay_node.node_id))
+        await stream.receive()
+        await stream.send(Welcome(client_node.node_id))
+        bad: list[dict[str, Any]] = [
+            {"type": "open", "s": 7, "local_port": "22"},
+            {"type": "d", "s": 1, "b": "text"},
+            {"type": "u", "p": 1, "a": ["h", "port"], "b": b""},
+            {"type": "exposed", "local_port": 1},  # no request waits for it
+            {"type": "welcome"},
+            {"type": "from a newer version"},
+        ]
+        for raw in bad:
+            await stream.send(raw)
+        await stream.send(Open(8, 22))  # a port the client never exposed
+        with contextlib.suppress(asyncio.IncompleteReadError, OSError):
+            while True:
+                message = await stream.receive()
+                await heard.put(message)
+                if isinstance(message, Ping):
+                    await stream.send(Pong())
+
+    async with (
+        _server(relay, ssl=server_context(relay_node, tmp_path)) as port,
+        TunnelClient(client_node, "127.0.0.1", port, relay_node.node_id) as client,
+    ):
+        assert await asyncio.wait_for(heard.get(), 5) == Abort(7)
+        assert await asyncio.wait_for(heard.get(), 5) == Abort(8)
+        assert await asyncio.wait_for(heard.get(), 10) == Ping()  # heartbeats go on
         assert not client.closed.is_set()
 
 
