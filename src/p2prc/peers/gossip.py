@@ -50,13 +50,18 @@ __all__ = ["MAX_EXCHANGE_BYTES", "Gossip"]
 
 log = logging.getLogger(__name__)
 
+# Seconds between SWIM clock ticks: its probe, suspicion and broadcast timers run on them.
 _TICK = 0.05
 # Push-pull rounds with one node (each moves at most a page of records each way).
 _ROUNDS = 4
 # New members one introducer may add a minute (listed keys are not limited).
 _NEW_PER_MINUTE = 64
 _RTT_WEIGHT = 0.2
+# Rounds over the root nodes, and seconds between them, until one answers (a minute).
+_BOOTSTRAP_ROUNDS = 30
 _BOOTSTRAP_RETRY = 2.0
+# A tick this far ahead starts a protocol period at once: the leave claim goes out now.
+_FLUSH_AHEAD = 3600.0
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -173,7 +178,7 @@ class Gossip:
         if self.swim is not None and self._transport is not None:
             leave = Claim("left", self.me.node_id, self.me.version, "").signed(self._identity)
             self.swim.broadcast_claim(leave)
-            self._send(self.swim.tick(asyncio.get_running_loop().time() + 3600))
+            self._send(self.swim.tick(asyncio.get_running_loop().time() + _FLUSH_AHEAD))
         await self._tasks.cancel_all()
         if self._transport is not None:
             self._transport.close()
@@ -363,7 +368,7 @@ class Gossip:
     async def _bootstrap(self) -> None:
         """Exchange with the configured root nodes until one answers (bounded retries)."""
         addresses = list(self._config.bootstrap)
-        for _ in range(30):
+        for _ in range(_BOOTSTRAP_ROUNDS):
             if not addresses:
                 return
             for address in addresses:

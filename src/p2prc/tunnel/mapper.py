@@ -48,6 +48,8 @@ _COLUMNS = "port, public_host, public_port, relay, domain, udp, owner"
 # Seconds a map request waits for NAT detection when behind_nat is "auto" (a few rounds
 # of dial-backs by trusted peers); still unknown after that, it maps as a public node.
 _NAT_WAIT = 15.0
+# Seconds before publishing through a relay again after a failure, doubling to the most.
+_RETRY_FIRST, _RETRY_MOST = 1.0, 30.0
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +404,7 @@ class PortMapper:
         """Publish again what was published (and the API, behind NAT), until it works."""
         if self._gossip is not None:
             await self._nat.known.wait()
-        delay = 1.0
+        delay = _RETRY_FIRST
         while True:
             try:
                 if self.behind_nat and self._api_port:
@@ -423,7 +425,7 @@ class PortMapper:
                 if isinstance(exc, RelayUnavailable) and self._gossip is not None:
                     await self._gossip.refresh()  # learn of relays we do not know yet
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, _RETRY_MOST)
 
 
 async def _listening(port: int, connect: float) -> bool:
