@@ -305,7 +305,7 @@ async def test_malformed_control_messages_end_nothing_but_themselves(tmp_path: P
 
 async def test_a_relays_malformed_messages_end_nothing_but_themselves(tmp_path: Path) -> None:
     """A relay sends bad messages of every type: the tunnel client refuses a bad open,
-    drops the rest, and keeps its tunnel."""
+    drops the rest, takes no unasked answer for its next request, and keeps its tunnel."""
     relay_node, client_node = Identity.generate(), Identity.generate()
     heard: asyncio.Queue[object] = asyncio.Queue()
 
@@ -318,7 +318,8 @@ async def test_a_relays_malformed_messages_end_nothing_but_themselves(tmp_path: 
             {"type": "open", "s": 7, "local_port": "22"},
             {"type": "d", "s": 1, "b": "text"},
             {"type": "u", "p": 1, "a": ["h", "port"], "b": b""},
-            {"type": "exposed", "local_port": 1},  # no request waits for it
+            {"type": "exposed", "local_port": 1},
+            {"type": "exposed", "local_port": 1, "public_port": 2},  # valid, but unasked
             {"type": "welcome"},
             {"type": "from a newer version"},
         ]
@@ -331,6 +332,8 @@ async def test_a_relays_malformed_messages_end_nothing_but_themselves(tmp_path: 
                 await heard.put(message)
                 if isinstance(message, Ping):
                     await stream.send(Pong())
+                elif isinstance(message, Expose):
+                    await stream.send(Exposed(message.local_port, 9999))
 
     async with (
         _server(relay, ssl=server_context(relay_node, tmp_path)) as port,
@@ -338,6 +341,8 @@ async def test_a_relays_malformed_messages_end_nothing_but_themselves(tmp_path: 
     ):
         assert await asyncio.wait_for(heard.get(), 5) == Abort(7)
         assert await asyncio.wait_for(heard.get(), 5) == Abort(8)
+        assert await client.expose(8000) == 9999  # the unasked answer is not taken for it
+        assert await heard.get() == Expose(8000)
         assert await asyncio.wait_for(heard.get(), 10) == Ping()  # heartbeats go on
         assert not client.closed.is_set()
 

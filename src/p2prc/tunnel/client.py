@@ -167,6 +167,8 @@ class TunnelClient:
         if self._control is None:
             raise RuntimeError("Call start() first.")
         async with self._asking:
+            while not self._answers.empty():  # late or unasked answers answer nothing now
+                self._answers.get_nowait()
             await self._control.send(message)
             try:
                 answer = await asyncio.wait_for(self._answers.get(), _ANSWER_TIMEOUT)
