@@ -18,9 +18,12 @@ from p2prc.config import Home, NodeConfig
 from p2prc.containers.runtime import FakeRuntime
 from p2prc.containers.service import ContainerService
 from p2prc.containers.store import ContainerStore
+from p2prc.containers.tracked import TrackedContainers
 from p2prc.identity import Identity
 from p2prc.node import init_home
 from p2prc.peers.gossip import Gossip
+from p2prc.peers.link import PeerLink
+from p2prc.plugins.service import PluginRuns
 from p2prc.state import State
 from p2prc.tunnel.mapper import PortMapper
 
@@ -65,6 +68,19 @@ class FakeNode:
     @property
     def gossip(self) -> Gossip:
         raise RuntimeError("the fake node has no gossip; use a real Node")
+
+    @property
+    def link(self) -> PeerLink:
+        return PeerLink(self.identity, None, self.config.timeouts)  # no gossip: addresses only
+
+    @property
+    def tracked(self) -> TrackedContainers:
+        return TrackedContainers(self.link, self.state.connection, self.home_path / "known_hosts")
+
+    @property
+    def plugin_runs(self) -> PluginRuns:
+        home, path = Home(self.home_path), self.config.plugin_path
+        return PluginRuns(self.state.connection, home, path, spawn=self.spawn)
 
     @property
     def mapper(self) -> PortMapper:

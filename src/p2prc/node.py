@@ -17,7 +17,7 @@ import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import uvicorn
 
@@ -27,9 +27,12 @@ from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
+from .containers.tracked import TrackedContainers
 from .errors import AddressInUse, NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .peers.gossip import Gossip
+from .peers.link import PeerLink
+from .plugins.service import PluginRuns
 from .state import State
 from .trust import TrustPolicy
 from .tunnel.mapper import PortMapper
@@ -39,6 +42,8 @@ from .tunnel.relay import RelayLimits, RelayServer
 __all__ = ["Node", "home_locked", "init_home"]
 
 log = logging.getLogger(__name__)
+
+_PartT = TypeVar("_PartT")
 
 # Bounds on the API server (uvicorn): connections and requests in flight, the listen
 # backlog, and seconds an idle keep-alive connection stays open.
@@ -85,6 +90,12 @@ def _release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _running(part: _PartT | None, missing: str) -> _PartT:
+    if part is None:
+        raise RuntimeError(missing)
+    return part
 
 
 class _NodeState(enum.Enum):
@@ -166,6 +177,9 @@ class Node:
         self._config = config
         self._runtime = runtime
         self._containers: ContainerService | None = None
+        self._link: PeerLink | None = None
+        self._tracked: TrackedContainers | None = None
+        self._plugin_runs: PluginRuns | None = None
         self._gossip: Gossip | None = None
         self._mapper: PortMapper | None = None
         self.relay: RelayServer | None = None
@@ -201,33 +215,38 @@ class Node:
 
     @property
     def identity(self) -> Identity:
-        if self._identity is None:
-            raise RuntimeError("The node has no identity before start().")
-        return self._identity
+        return _running(self._identity, "The node has no identity before start().")
 
     @property
     def state(self) -> State:
-        if self._state is None:
-            raise RuntimeError("The node's state is open only while it runs.")
-        return self._state
+        return _running(self._state, "The node's state is open only while it runs.")
 
     @property
     def containers(self) -> ContainerService:
-        if self._containers is None:
-            raise RuntimeError("The container service runs only while the node runs.")
-        return self._containers
+        return _running(self._containers, "The container service runs only while the node runs.")
 
     @property
     def gossip(self) -> Gossip:
-        if self._gossip is None:
-            raise RuntimeError("Gossip runs only while the node runs, and when enabled.")
-        return self._gossip
+        return _running(self._gossip, "Gossip runs only while the node runs, and when enabled.")
 
     @property
     def mapper(self) -> PortMapper:
-        if self._mapper is None:
-            raise RuntimeError("Port mapping runs only while the node runs.")
-        return self._mapper
+        return _running(self._mapper, "Port mapping runs only while the node runs.")
+
+    @property
+    def link(self) -> PeerLink:
+        """The one way this node calls other nodes."""
+        return _running(self._link, "The peer link runs only while the node runs.")
+
+    @property
+    def tracked(self) -> TrackedContainers:
+        """Containers this node created on peers."""
+        return _running(self._tracked, "Tracked containers run only while the node runs.")
+
+    @property
+    def plugin_runs(self) -> PluginRuns:
+        """Groups, plugins and plugin runs of this node's owner."""
+        return _running(self._plugin_runs, "The plugin service runs only while the node runs.")
 
     @property
     def container_store(self) -> ContainerStore:
@@ -270,6 +289,7 @@ class Node:
                 self._identity = Identity.load(self._home.identity_dir)
             self._trust = TrustPolicy(self._config.trust, self._identity.public_key)
             self._state = State(self._home.state_file)
+            self._start_services()
             self._started_at = time.time()
             sock = self._listen = self._bind()
             self._port = sock.getsockname()[1]
@@ -376,6 +396,14 @@ class Node:
             self.close()
 
         return crashed
+
+    def _start_services(self) -> None:
+        """The services between the API and the components (no tasks or sockets of their own)."""
+        db, home = self.state.connection, self._home
+        table = (lambda: self.gossip.table) if self._config.gossip.enabled else None
+        self._link = PeerLink(self.identity, table, self._config.timeouts)
+        self._tracked = TrackedContainers(self._link, db, home.path / "known_hosts")
+        self._plugin_runs = PluginRuns(db, home, self._config.plugin_path, spawn=self.spawn)
 
     async def _start_components(self) -> None:
         """Start each feature's component; each later feature adds its line here."""
@@ -488,9 +516,7 @@ class Node:
     @property
     def trust(self) -> TrustPolicy:
         """The trust policy every check of this node asks."""
-        if self._trust is None:
-            raise RuntimeError("The node has no trust policy before start().")
-        return self._trust
+        return _running(self._trust, "The node has no trust policy before start().")
 
     def advertised_addresses(self) -> list[str]:
         """Addresses in this node's record: configured, else the listen address, else all."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -20,7 +20,12 @@ NDJSON = "application/x-ndjson"
 EventT = TypeVar("EventT", bound=BaseModel)
 # Puts one event on the stream; safe to call from any thread.
 Report = Callable[[EventT], None]
-Spawn = Callable[..., asyncio.Task[None]]
+
+
+class Spawn(Protocol):
+    """Runs a task owned by the node (``Node.spawn``)."""
+
+    def __call__(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
 
 def reported(

@@ -8,6 +8,7 @@ is stored (``ContainerStore.add_tracked``), and its SSH host key is pinned in th
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,19 +27,21 @@ log = logging.getLogger(__name__)
 
 
 class TrackedContainers:
-    """Creates containers on peers through the peer link and keeps track of them."""
+    """Creates containers on peers through the peer link and keeps track of them.
+
+    ``db`` is the node's state; ``known_hosts`` the home's file of pinned SSH host keys.
+    """
 
     def __init__(
         self,
         link: PeerLink,
-        store: ContainerStore,
-        groups: GroupStore,
+        db: sqlite3.Connection,
         known_hosts: Path,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._link = link
-        self._store = store
-        self._groups = groups
+        self._store = ContainerStore(db)
+        self._groups = GroupStore(db)
         self._known_hosts = known_hosts
         self._clock = clock
 

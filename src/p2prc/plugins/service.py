@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ..api._stream import Report, Spawn, reported
+from ..config import Home
 from ..containers.groups import GroupStore
 from ..containers.store import ContainerStore
 from ..errors import InvalidRequest, P2PRCError
@@ -41,26 +42,26 @@ _MAX_SOURCE = 1000
 class PluginRuns:
     """Groups, plugins and plugin runs of this node's owner.
 
-    ``spawn(coro, name=...)`` runs a task owned by the node; ``key`` and ``known_hosts``
-    are the home's SSH key and pinned host keys that Ansible logs in with.
+    Plugins live in ``plugin_path`` (the config's), else the home's ``plugins``; Ansible
+    logs in with the home's node key and pinned host keys. ``spawn(coro, name=...)`` runs
+    a task owned by the node.
     """
 
     def __init__(
         self,
         db: sqlite3.Connection,
-        plugins: PluginStore,
+        home: Home,
+        plugin_path: str | None = None,
         *,
-        key: Path,
-        known_hosts: Path,
         spawn: Spawn,
         runner: Runner = run_playbook,
     ) -> None:
         self._groups = GroupStore(db)
         self._containers = ContainerStore(db)
         self._runs = RunStore(db)
-        self._plugins = plugins
-        self._key = key
-        self._known_hosts = known_hosts
+        self._plugins = PluginStore(Path(plugin_path) if plugin_path else home.plugins_dir)
+        self._key = home.identity_dir / "id_ed25519"
+        self._known_hosts = home.path / "known_hosts"
         self._spawn = spawn
         self._runner = runner
 
