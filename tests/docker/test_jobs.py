@@ -71,3 +71,94 @@ async def test_a_job_uploads_runs_and_brings_files_back(
             assert done.placements[0].container is not None
             assert done.placements[0].exit_code is None or done.placements[0].exit_code == 0
             assert _containers(docker_client, done) == []
+
+
+async def test_three_ranks_on_two_peers_see_each_other(
+    node_factory: Any, docker_client: Any, tmp_path: Path
+) -> None:
+    command = (
+        'mkdir -p out && printf "%s|%s|%s|%s" "$P2PRC_NODE_RANK" "$P2PRC_NUM_NODES" '
+        '"$P2PRC_JOB_ID" "$P2PRC_NODE_ADDRS" > "out/rank-$P2PRC_NODE_RANK.txt"'
+    )
+    async with (
+        node_factory("alice") as alice,
+        node_factory("bob") as bob,
+        node_factory("carol") as carol,
+    ):
+        task = parse_task(
+            {
+                "run": command,
+                "nodes": 3,
+                "ports": 1,
+                "outputs": ["out"],
+                "peers": [bob.api_url, carol.api_url],
+            }
+        )
+        async with for_node(alice) as jobs:
+            job = jobs.submit(task)
+            done = await _finished(jobs, job)
+            assert done.state is JobState.SUCCEEDED, (done.reason, await _log(jobs, job.id))
+            hosts = [p.container.peer for p in done.placements if p.container is not None]
+            assert hosts == [bob.identity.node_id, carol.identity.node_id, bob.identity.node_id]
+            addresses = []
+            for placement in done.placements:
+                assert placement.container is not None
+                port = placement.container.ports[0].host_port
+                addresses.append(f"{placement.container.ssh.host}:{port}")
+            results = jobs.results_dir(job.id) / "out"
+            for rank in range(3):
+                seen = (results / f"rank-{rank}.txt").read_text().split("|")
+                assert seen == [str(rank), "3", job.id, "\n".join(addresses)]
+            assert [p.exit_code for p in done.placements] == [0, 0, 0]
+            assert _containers(docker_client, done) == []
+
+
+async def _until_running(jobs: JobService, job: JobView) -> JobView:
+    for _ in range(600):
+        current = jobs.get(job.id)
+        if current.state is JobState.RUNNING and any(
+            "started" in line for line in await _log(jobs, job.id)
+        ):
+            return current
+        assert not current.final, current.reason
+        await asyncio.sleep(0.1)
+    raise AssertionError("the job never ran")
+
+
+async def test_cancel_stops_every_rank_and_removes_the_containers(
+    node_factory: Any, docker_client: Any
+) -> None:
+    async with node_factory("alice") as alice, node_factory("bob") as bob:
+        task = parse_task({"run": "echo started; sleep 600", "nodes": 2, "peers": [bob.api_url]})
+        async with for_node(alice) as jobs:
+            job = await _until_running(jobs, jobs.submit(task))
+            assert len(_containers(docker_client, job)) == 2
+            cancelled = await asyncio.wait_for(jobs.cancel(job.id), 60)
+            assert cancelled.state is JobState.CANCELLED
+            assert _containers(docker_client, job) == []
+
+
+async def test_time_limit_and_out_of_memory_have_their_own_states(
+    node_factory: Any, docker_client: Any
+) -> None:
+    async with node_factory("alice") as alice, node_factory("bob") as bob:
+        slow = parse_task(
+            {"run": "echo started; sleep 600", "time_limit": 8, "peers": [bob.api_url]}
+        )
+        hungry = parse_task(
+            {
+                "run": ["python3", "-c", "x = bytearray(512 * 1024 * 1024)"],
+                "resources": {"memory": "64MiB"},
+                "peers": [bob.api_url],
+            }
+        )
+        async with for_node(alice) as jobs:
+            slow_job, hungry_job = jobs.submit(slow), jobs.submit(hungry)
+            timed_out = await _finished(jobs, slow_job)
+            oom = await _finished(jobs, hungry_job)
+            assert timed_out.state is JobState.TIMED_OUT, timed_out.reason
+            assert "time limit of 8 s" in timed_out.reason
+            assert oom.state is JobState.OOM, (oom.reason, await _log(jobs, hungry_job.id))
+            assert "rank 0 ran out of memory (64MiB)" in oom.reason
+            assert _containers(docker_client, timed_out) == []
+            assert _containers(docker_client, oom) == []

@@ -58,15 +58,24 @@ def job_script(task: Task, env: Mapping[str, str]) -> str:
 
 
 # Runs detached: records its pid (its own session, so a kill reaches every child), then
-# the rank's exit status, written whole by a rename.
+# the rank's exit status, written whole by a rename, and an "oom" file when the kernel's
+# OOM killer struck inside the container meanwhile (cgroup v2 memory.events, else v1).
 _WRAPPER = f"""\
 cd "$HOME/{_JOB}" || exit 1
 echo $$ > pid.tmp && mv pid.tmp pid
+ooms() {{
+    cat /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null |
+        sed -n 's/^oom_kill //p' | head -n 1
+}}
+before=$(ooms)
 sh run.sh >> log 2>&1 < /dev/null
-echo $? > exit.tmp && mv exit.tmp exit
+code=$?
+[ "$(ooms)" = "$before" ] || : > oom
+echo $code > exit.tmp && mv exit.tmp exit
 """
 
-_START = f'cd "$HOME/{_JOB}" && : > log && setsid sh wrap.sh > /dev/null 2>&1 < /dev/null &'
+# Only setsid goes to the background: a backgrounded list would hold the channel open.
+_START = f'cd "$HOME/{_JOB}" && : > log && {{ setsid sh wrap.sh > /dev/null 2>&1 < /dev/null & }}'
 
 
 def _follow(offset: int) -> str:
@@ -198,18 +207,20 @@ class RankSession:
             await process.wait()
         return offset
 
-    async def exit_code(self) -> int | None:
-        """The rank's exit status, or None when it ended without one (killed with its box)."""
+    async def exit_code(self) -> tuple[int | None, bool]:
+        """The rank's exit status (None when it ended without one), and whether the OOM
+        killer struck in its container while it ran."""
         with _ssh_errors(self.view, "read the exit status of"):
+            oom = await self.sftp.exists(f"{_JOB}/oom")
             try:
                 async with self.sftp.open(f"{_JOB}/exit", "r") as file:
                     text = str(await file.read(32))
             except asyncssh.SFTPNoSuchFile:
-                return None
+                return None, oom
         try:
-            return int(text.strip())
+            return int(text.strip()), oom
         except ValueError:
-            return None
+            return None, oom
 
     async def kill(self) -> None:
         """Stop the rank's processes (its whole session)."""
@@ -280,4 +291,5 @@ def _ssh_errors(view: ContainerView, doing: str) -> Iterator[None]:
     except P2PRCError:
         raise
     except (asyncssh.Error, OSError, TimeoutError) as exc:
-        raise PeerUnreachable(f"cannot {doing} container {view.id}: {exc}") from None
+        why = str(exc) or type(exc).__name__
+        raise PeerUnreachable(f"cannot {doing} container {view.id}: {why}") from None

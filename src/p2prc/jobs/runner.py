@@ -234,7 +234,7 @@ class JobRunner:
         limit = task.time_limit_s
         job = self._store.get(self.job_id)
         remaining = None if limit is None else max(0.0, job.created_at + limit - time.time())
-        codes: dict[int, int | None] = {}
+        codes: dict[int, tuple[int | None, bool]] = {}
         try:
             async with asyncio.timeout(remaining):
                 await asyncio.gather(*(self._follow(task, rank, codes) for rank in self._sessions))
@@ -245,7 +245,10 @@ class JobRunner:
             raise _Failed(JobState.TIMED_OUT, f"the time limit of {limit:g} s ran out") from None
         await self._download(task)
         for rank in sorted(codes):
-            code = codes[rank]
+            code, oom = codes[rank]
+            if oom and code != 0:
+                memory = task.resources.memory or "the peer's default"
+                raise _Failed(JobState.OOM, f"rank {rank} ran out of memory ({memory})")
             if code is None:
                 raise _Failed(JobState.FAILED, f"rank {rank} ended without an exit status")
             if code != 0:
@@ -253,7 +256,9 @@ class JobRunner:
                 raise _Failed(JobState.FAILED, f"rank {rank} exited with code {code}{hint}")
         self._finish(JobState.SUCCEEDED, "")
 
-    async def _follow(self, task: Task, rank: int, codes: dict[int, int | None]) -> None:
+    async def _follow(
+        self, task: Task, rank: int, codes: dict[int, tuple[int | None, bool]]
+    ) -> None:
         while True:
             session = self._sessions[rank]
             placement = self._store.get(self.job_id).placements[rank]
@@ -266,6 +271,10 @@ class JobRunner:
                 offset = await session.follow(placement.log_offset, on_line)
                 self._save_offset(rank, offset, force=True)
                 codes[rank] = await session.exit_code()
+                done = self._store.get(self.job_id).placements[rank]
+                self._store.set_placement(
+                    self.job_id, done.model_copy(update={"exit_code": codes[rank][0]})
+                )
                 return
             except PeerError as exc:
                 if placement.attempt >= task.retries:
