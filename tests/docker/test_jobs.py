@@ -3,17 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from p2prc import AsyncClient, Home, Node, NodeConfig, TrustConfig, init_home
+from p2prc.cli import main
+from p2prc.jobs.client import JobsAPI
 from p2prc.jobs.models import JobState, JobView
 from p2prc.jobs.service import JobService, for_node
 from p2prc.jobs.task import parse_task
 
 pytestmark = pytest.mark.docker
+
+
+class _JobNode(Node):
+    """A node with its job service, as node.py's hook will start it (the lead wires it)."""
+
+    jobs: JobService
+
+    async def _start_components(self) -> None:
+        await super()._start_components()
+        self.jobs = await self._stack.enter_async_context(for_node(self))
+
+
+@contextlib.asynccontextmanager
+async def _submitter(home: Path) -> AsyncIterator[_JobNode]:
+    config, identity = init_home(
+        Home(home), NodeConfig(name=home.name, trust=TrustConfig(mode="open"))
+    )
+    async with _JobNode(config, Home(home), identity=identity, host="127.0.0.1", port=0) as node:
+        yield node
+
+
+def _cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
 
 
 async def _log(jobs: JobService, job_id: str) -> list[str]:
@@ -162,3 +195,62 @@ async def test_time_limit_and_out_of_memory_have_their_own_states(
             assert "rank 0 ran out of memory (64MiB)" in oom.reason
             assert _containers(docker_client, timed_out) == []
             assert _containers(docker_client, oom) == []
+
+
+async def test_the_cli_and_the_library_on_a_real_node(
+    node_factory: Any, docker_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "upload"
+    work.mkdir()
+    (work / "input.txt").write_text("abc\n")
+    here = tmp_path / "here"
+    async with _submitter(tmp_path / "alice"), node_factory("bob") as bob:
+        home = str(tmp_path / "alice")
+        code = await asyncio.to_thread(
+            _cli, "--home", home, "run", "--peer", bob.api_url, "--upload", str(work),
+            "--download", "out", "--to", str(here), "--",
+            "sh", "-c", "mkdir out && tr a-z A-Z < input.txt > out/upper.txt && echo done -ls",
+        )  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0, captured
+        assert "(0) done -ls" in captured.out
+        assert (here / "out" / "upper.txt").read_text() == "ABC\n"
+        assert await asyncio.to_thread(_cli, "--home", home, "jobs", "list", "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [job["state"] for job in listed] == ["succeeded"]
+        job_id = listed[0]["id"]
+        assert await asyncio.to_thread(_cli, "--home", home, "jobs", "logs", job_id) == 0
+        assert "(0) done -ls" in capsys.readouterr().out
+        failing = await asyncio.to_thread(
+            _cli, "--home", home, "run", "--peer", bob.api_url, "--", "sh", "-c", "exit 3"
+        )
+        assert failing == 1
+        assert "rank 0 exited with code 3" in capsys.readouterr().err
+
+        async with AsyncClient(home=home) as client:
+            job = await JobsAPI(client).run(
+                parse_task({"run": "echo one; echo two", "peers": [bob.api_url]})
+            )
+            lines = [line.line async for line in job.logs() if line.rank == 0]
+            assert lines == ["one", "two"]
+            assert (await job.wait()).state is JobState.SUCCEEDED
+
+
+async def test_a_restarted_submitter_reattaches(
+    node_factory: Any, docker_client: Any, tmp_path: Path
+) -> None:
+    command = "echo started; sleep 4; mkdir out; echo later > out/x; echo finished"
+    async with node_factory("bob") as bob:
+        task = parse_task({"run": command, "outputs": ["out"], "peers": [bob.api_url]})
+        async with _submitter(tmp_path / "alice") as alice:
+            job = await _until_running(alice.jobs, alice.jobs.submit(task))
+        assert len(_containers(docker_client, job)) == 1  # left running for the next start
+        async with _submitter(tmp_path / "alice") as alice:
+            done = await _finished(alice.jobs, job)
+            log = await _log(alice.jobs, job.id)
+            assert done.state is JobState.SUCCEEDED, (done.reason, log)
+            assert log.count("started") == 1
+            assert "finished" in log
+            assert any("reattaching" in line for line in log)
+            assert (alice.jobs.results_dir(job.id) / "out" / "x").read_text() == "later\n"
+            assert _containers(docker_client, done) == []
