@@ -157,7 +157,7 @@ async def test_udp_through_the_relay_keeps_senders_apart(relay: RelayServer) -> 
 async def test_the_relay_is_no_udp_reflector(relay: RelayServer) -> None:
     """A tunnel client cannot make the relay send datagrams to an address that never
     wrote to that public port."""
-    from p2prc.tunnel.udp import datagram_frame
+    from p2prc.tunnel.protocol import Datagram
 
     server, inbox = await _udp()
     victim, seen = await _udp()
@@ -168,7 +168,7 @@ async def test_the_relay_is_no_udp_reflector(relay: RelayServer) -> None:
             control = client._control
             assert control is not None
             for _ in range(10):
-                await control.send(datagram_frame(public, tuple(victim_address), b"attack"))
+                await control.send(Datagram(public, tuple(victim_address), b"attack").to_map())
             await control.send({"type": "u", "p": "x", "a": "garbage", "b": 1})
             await asyncio.sleep(0.5)
             assert seen.got.empty()

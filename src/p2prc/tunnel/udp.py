@@ -1,7 +1,7 @@
-"""UDP through a tunnel: datagrams ride the control connection as ``u`` frames.
+"""UDP through a tunnel: datagrams ride the control connection as ``protocol.Datagram``.
 
-The relay binds a UDP port per mapping and sends each datagram to the tunnel client as
-``{"type": "u", "p": public_port, "a": [host, port], "b": payload}``; the client keeps one
+The relay binds a UDP port per mapping and sends each datagram to the tunnel client as a
+``Datagram`` message (public port, remote address, payload); the client keeps one
 connected UDP socket per remote address (a session) towards the local port and sends the
 answers back the same way. The relay sends a datagram only to an address that sent to that
 public port recently, so a client cannot make it a reflector. Datagrams are dropped, never
@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-__all__ = ["MAX_PAYLOAD", "SESSION_IDLE", "Datagrams", "RecentPeers", "datagram_frame", "parse"]
+from .protocol import MAX_DATAGRAM
 
-# A datagram payload larger than this is dropped (a frame holds at most 64 KiB).
-MAX_PAYLOAD = 60_000
+__all__ = ["MAX_PAYLOAD", "SESSION_IDLE", "Datagrams", "RecentPeers"]
+
+# A datagram payload larger than this is dropped (the message decoder's own bound).
+MAX_PAYLOAD = MAX_DATAGRAM
 # Seconds without traffic after which a session (client) or a peer (relay) is forgotten.
 SESSION_IDLE = 60.0
 
@@ -58,20 +60,3 @@ class RecentPeers:
     def allows(self, address: tuple[str, int], now: float) -> bool:
         seen = self._seen.get(address)
         return seen is not None and now - seen < SESSION_IDLE
-
-
-def datagram_frame(public_port: int, address: tuple[str, int], data: bytes) -> dict[str, Any]:
-    return {"type": "u", "p": public_port, "a": [address[0], address[1]], "b": data}
-
-
-def parse(message: dict[str, Any]) -> tuple[int, tuple[str, int], bytes] | None:
-    """``(public_port, address, payload)`` of a ``u`` frame, or None when malformed."""
-    port, address, data = message.get("p"), message.get("a"), message.get("b")
-    if not isinstance(port, int) or not isinstance(data, bytes) or len(data) > MAX_PAYLOAD:
-        return None
-    if not isinstance(address, list) or len(address) != 2:
-        return None
-    host, remote_port = address
-    if not isinstance(host, str) or not isinstance(remote_port, int) or len(host) > 64:
-        return None
-    return port, (host, remote_port), data
