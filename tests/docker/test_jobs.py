@@ -254,3 +254,41 @@ async def test_a_restarted_submitter_reattaches(
             assert any("reattaching" in line for line in log)
             assert (alice.jobs.results_dir(job.id) / "out" / "x").read_text() == "later\n"
             assert _containers(docker_client, done) == []
+
+
+async def test_a_rank_whose_container_dies_is_retried_on_another_peer(
+    node_factory: Any, docker_client: Any
+) -> None:
+    command = "echo started; sleep 3; mkdir -p out; hostname > out/where"
+    async with (
+        node_factory("alice") as alice,
+        node_factory("bob") as bob,
+        node_factory("carol") as carol,
+    ):
+        peers = [bob.api_url, carol.api_url]
+        task = parse_task({"run": command, "outputs": ["out"], "peers": peers, "retries": 1})
+        once = parse_task({"run": "echo started; sleep 30", "peers": peers})
+        async with for_node(alice) as jobs:
+            job = await _until_running(jobs, jobs.submit(task))
+            first = job.placements[0].container
+            assert first is not None
+            assert first.peer == bob.identity.node_id
+            docker_client.containers.get(first.id).remove(force=True)
+            done = await _finished(jobs, job)
+            log = await _log(jobs, job.id)
+            assert done.state is JobState.SUCCEEDED, (done.reason, log)
+            placement = done.placements[0]
+            assert placement.container is not None
+            assert placement.container.peer == carol.identity.node_id
+            assert placement.attempt == 1
+            assert any("retrying elsewhere" in line for line in log)
+            assert _containers(docker_client, done) == []
+
+            # Without retries left, the job fails and says why.
+            job = await _until_running(jobs, jobs.submit(once))
+            view = job.placements[0].container
+            assert view is not None
+            docker_client.containers.get(view.id).remove(force=True)
+            failed = await _finished(jobs, job)
+            assert failed.state is JobState.FAILED
+            assert "rank 0 lost its peer" in failed.reason
