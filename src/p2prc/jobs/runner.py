@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # A peer that answers so is skipped for the next one; any other error fails the rank.
 _SKIP = (NotTrusted, QuotaExceeded, LimitExceeded, PeerError, PeerNotFound)
 _OFFSET_EVERY = 1.0
+# Logins again to the same container before a rank counts as lost.
+_RECONNECTS = 3
 
 
 class ContainerHost(Protocol):
@@ -82,6 +84,7 @@ class JobRunner:
         self._sessions: dict[int, RankSession] = {}
         self._views: dict[int, ContainerView] = {}
         self._saved_at: dict[int, float] = {}
+        self._reconnects: dict[int, int] = {}
         # Set by cancel(): the task's cancellation is the owner's, not the node stopping.
         self.cancelled = False
 
@@ -277,10 +280,25 @@ class JobRunner:
                 )
                 return
             except PeerError as exc:
+                if await self._reconnect(rank):
+                    continue
                 if placement.attempt >= task.retries:
                     raise _Failed(JobState.FAILED, f"rank {rank} lost its peer: {exc}") from None
                 self.note(f"lost {placement.peer} ({exc}); retrying elsewhere", rank)
             await self._retry(task, rank, placement)
+
+    async def _reconnect(self, rank: int) -> bool:
+        """Log in again to the rank's container (a dropped connection, not a dead peer)."""
+        tries = self._reconnects[rank] = self._reconnects.get(rank, 0) + 1
+        if tries > _RECONNECTS:
+            return False
+        await self._sessions[rank].aclose()
+        try:
+            self._sessions[rank] = await self._connect(self._views[rank])
+        except PeerError:
+            return False
+        self.note("reconnected to its container", rank)
+        return True
 
     async def _retry(self, task: Task, rank: int, placement: RankPlacement) -> None:
         self._move(JobState.PLACING, f"retrying rank {rank}")
@@ -290,6 +308,7 @@ class JobRunner:
             await self._host.remove(old.id)
         exclude = {placement.container.peer if placement.container else "", placement.peer}
         await self._place(task, rank, exclude)
+        self._reconnects.pop(rank, None)
         await self._prepare(task, rank)
         addresses = self._addresses(task)
         await self._sessions[rank].start(job_script(task, self._env(rank, addresses)))
