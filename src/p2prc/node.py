@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ctypes
 import enum
-import errno
 import fcntl
 import gc
 import json
@@ -14,21 +13,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-import uvicorn
-
 from ._aio import CrashHandler, TaskSet
 from .api import create_app
+from .api._server import ApiServer, api_server, bind_api
 from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
 from .containers.tracked import TrackedContainers
-from .errors import AddressInUse, NodeAlreadyRunning, NodeError
+from .errors import NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .peers.gossip import Gossip
 from .peers.link import PeerLink
@@ -44,15 +42,6 @@ __all__ = ["Node", "home_locked", "init_home"]
 log = logging.getLogger(__name__)
 
 _PartT = TypeVar("_PartT")
-
-# Bounds on the API server (uvicorn): connections and requests in flight, the listen
-# backlog, and seconds an idle keep-alive connection stays open.
-_API_CONCURRENCY = 256
-_API_BACKLOG = 1024
-_API_KEEP_ALIVE = 5
-# Seconds a connection may take to send a request's head (method, path, headers), so
-# idle or trickling connections cannot hold the concurrency limit.
-_API_HEAD_TIMEOUT = 10.0
 
 
 def init_home(home: Home, config: NodeConfig | None = None) -> tuple[NodeConfig, Identity]:
@@ -104,56 +93,6 @@ class _NodeState(enum.Enum):
     CLOSED = 3
 
 
-class _Server(uvicorn.Server):
-    """uvicorn inside our loop: the node, not uvicorn, owns signal handling."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _http_protocol() -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol with a deadline on every request head."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # no httptools (a bare install): uvicorn's own choice, no deadline
-        return "auto"
-
-    class HeadDeadline(HttpToolsProtocol):
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(_API_HEAD_TIMEOUT, self._too_slow)
-
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _too_slow(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.close()
-
-    return HeadDeadline
-
-
 class Node:
     """One p2prc node.
 
@@ -192,7 +131,7 @@ class Node:
         self._lifecycle = _NodeState.CREATED
         self._state: State | None = None
         self._trust: TrustPolicy | None = None
-        self._server: _Server | None = None
+        self._server: ApiServer | None = None
         self._lock_fd: int | None = None
         self._tasks = TaskSet(self._crash_handler(None))
         self._api_task: asyncio.Task[None] | None = None
@@ -529,23 +468,7 @@ class Node:
         return own_addresses() or ["127.0.0.1"]
 
     async def _start_api(self, sock: socket.socket) -> None:
-        config = uvicorn.Config(
-            create_app(self),
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            server_header=False,
-            timeout_graceful_shutdown=int(self._config.timeouts.shutdown),
-            # Every relayed caller connects from loopback: never take X-Forwarded-For's word.
-            proxy_headers=False,
-            # Connections and requests at once (idle keep-alives included): past this uvicorn
-            # answers 503, well before the usual 1,024 file descriptors run out.
-            limit_concurrency=_API_CONCURRENCY,
-            backlog=_API_BACKLOG,
-            timeout_keep_alive=_API_KEEP_ALIVE,
-            http=_http_protocol(),
-        )
-        self._server = _Server(config)
+        self._server = api_server(create_app(self), shutdown=self._config.timeouts.shutdown)
         task = self._api_task = self._spawn(self._server.serve(sockets=[sock]), name="api")
         while not self._server.started:
             if task.done():
@@ -555,24 +478,7 @@ class Node:
         self._components["api"] = "ok"
 
     def _bind(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((self._host, self._requested_port))
-            sock.listen(_API_BACKLOG)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            where = f"{self._host}:{self._requested_port}"
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUse(
-                    f"{where} is already in use; choose another with --port"
-                ) from None
-            raise NodeError(f"cannot listen on {where}: {exc.strerror}") from None
-        return sock
+        return bind_api(self._host, self._requested_port)
 
     def _lock_home(self) -> None:
         self._home.path.mkdir(parents=True, exist_ok=True)

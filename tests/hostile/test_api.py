@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
-from p2prc import node as node_module
+from p2prc.api import _server as server_module
 from p2prc.api import app as api_app
 from p2prc.api import auth, create_app
 from p2prc.config import GossipConfig
@@ -257,7 +257,7 @@ async def _raw(port: int, head: bytes, *, stream: bool) -> tuple[bytes, int]:
 async def test_idle_and_trickling_connections_are_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(node_module, "_API_HEAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(server_module, "_API_HEAD_TIMEOUT", 0.5)
     async with _node(tmp_path, "a") as node, AsyncClient(home=tmp_path / "a") as owner:
         for head in (b"", b"GET /status HTTP/1.1\r\nHost: a\r\nX-Slow: "):
             reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
