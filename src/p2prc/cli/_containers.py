@@ -16,7 +16,7 @@ from ..containers import hostkeys
 from ..containers.store import pick_tracked
 from ..errors import InvalidRequest, validation_message
 from ..models import ContainerView, CreateContainer
-from ._common import Options, emit, err, options_of
+from ._common import Options, command, emit, err, options_of
 
 __all__ = [
     "bootstrap_images",
@@ -83,18 +83,13 @@ def create_command(
     create_container(options_of(ctx), peer, spec)
 
 
+@command(container_app, "list", help="Containers this node created on peers (the original --tc).")
 def list_containers(options: Options) -> None:
     """Print the containers this node created on peers."""
     with Client(home=options.home) as client:
         tracked = client.tracked()
     views = [item.container for item in tracked]
     emit(options, [item.model_dump(mode="json") for item in tracked], _container_table(views))
-
-
-@container_app.command("list")
-def list_command(ctx: typer.Context) -> None:
-    """Containers this node created on peers (the original --tc)."""
-    list_containers(options_of(ctx))
 
 
 def remove_container(options: Options, container_id: str) -> None:

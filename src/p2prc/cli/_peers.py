@@ -12,7 +12,7 @@ from ..config import load, set_value
 from ..errors import NodeNotRunning
 from ..models import PeerView
 from ..node import init_home
-from ._common import Options, emit, options_of
+from ._common import Options, command, emit, options_of
 
 __all__ = [
     "add_peer",
@@ -36,6 +36,7 @@ def resolve(options: Options, peer: str) -> str:
         return client.resolve(peer)
 
 
+@command(peers_app, "list", help="Every node this node knows, itself first (the original --ls).")
 def list_peers(options: Options) -> None:
     """Print the peer table (the original --ls)."""
     with Client(home=options.home) as client:
@@ -43,6 +44,11 @@ def list_peers(options: Options) -> None:
     emit(options, [view.model_dump(mode="json") for view in views], _peer_table(views))
 
 
+@command(
+    peers_app,
+    "add",
+    help="Add a root node (host:port) and join through it (the original --as / --arn).",
+)
 def add_peer(options: Options, address: str) -> None:
     """Remember a root node and exchange tables with it now if the node runs."""
     if not is_address(address):
@@ -61,6 +67,7 @@ def add_peer(options: Options, address: str) -> None:
     emit(options, result, f"added {address}" + ("" if result["sync"] else " (node not running)"))
 
 
+@command(peers_app, "sync", help="Exchange tables with known nodes now (the original --us).")
 def sync_peers(options: Options) -> None:
     """Exchange tables now (the original --us), then print the table."""
     with Client(home=options.home) as client:
@@ -70,23 +77,14 @@ def sync_peers(options: Options) -> None:
     list_peers(options) if not options.json else emit(options, result)
 
 
+@command(
+    meta_app, "set", help="Set this node's metadata text; every node sees it (the original --amd)."
+)
 def set_metadata(options: Options, text: str) -> None:
     """Set this node's metadata (the original --amd)."""
     with Client(home=options.home) as client:
         view = client.set_metadata(text)
     emit(options, view, f"metadata set (version {view.version}); it spreads by gossip")
-
-
-@peers_app.command("list")
-def list_command(ctx: typer.Context) -> None:
-    """Every node this node knows, itself first (the original --ls)."""
-    list_peers(options_of(ctx))
-
-
-@peers_app.command("add")
-def add_command(ctx: typer.Context, address: str) -> None:
-    """Add a root node (host:port) and join through it (the original --as / --arn)."""
-    add_peer(options_of(ctx), address)
 
 
 @peers_app.command("remove")
@@ -100,12 +98,6 @@ def remove_command(ctx: typer.Context, peer: str) -> None:
     emit(options, {"removed": found.node_id}, f"removed {found.name}")
 
 
-@peers_app.command("sync")
-def sync_command(ctx: typer.Context) -> None:
-    """Exchange tables with known nodes now (the original --us)."""
-    sync_peers(options_of(ctx))
-
-
 @peers_app.command("speedtest")
 def speedtest_command(
     ctx: typer.Context,
@@ -117,12 +109,6 @@ def speedtest_command(
     with Client(resolve(options, peer), home=options.home) as client:
         mbit = client.speedtest(size * 1024 * 1024)
     emit(options, {"peer": peer, "mbit_per_s": round(mbit, 1), "mib": size}, f"{mbit:.1f} Mbit/s")
-
-
-@meta_app.command("set")
-def meta_set_command(ctx: typer.Context, text: str) -> None:
-    """Set this node's metadata text; every node sees it (the original --amd)."""
-    set_metadata(options_of(ctx), text)
 
 
 def _peer_table(views: list[PeerView]) -> Table:

@@ -9,7 +9,7 @@ from rich.table import Table
 from ..client import Client
 from ..errors import InvalidRequest
 from ..models import ContainerGroup, PluginEvent, PluginRun
-from ._common import Options, emit, err, options_of
+from ._common import Options, command, emit, err, options_of
 
 __all__ = [
     "create_group",
@@ -36,12 +36,16 @@ def _group_table(groups: list[ContainerGroup]) -> Table:
     return table
 
 
+@command(
+    group_app, "create", help="Create an empty group and print its id (the original --cgroup)."
+)
 def create_group(options: Options) -> None:
     with Client(home=options.home) as client:
         group = client.create_group()
     emit(options, group, group.id)
 
 
+@command(group_app, "list", help="Every group (the original --groups).")
 def list_groups(options: Options) -> None:
     with Client(home=options.home) as client:
         groups = client.groups()
@@ -61,16 +65,11 @@ def show_or_change_group(
     emit(options, group, _group_table([group]))
 
 
+@command(group_app, "delete", help="Delete a group; its containers stay (the original --rmgroup).")
 def delete_group(options: Options, group_id: str) -> None:
     with Client(home=options.home) as client:
         client.delete_group(group_id)
     emit(options, {"deleted": group_id}, f"deleted {group_id}")
-
-
-@group_app.command("create")
-def group_create(ctx: typer.Context) -> None:
-    """Create an empty group and print its id (the original --cgroup)."""
-    create_group(options_of(ctx))
 
 
 @group_app.command("add")
@@ -91,18 +90,7 @@ def group_show(ctx: typer.Context, group_id: str) -> None:
     show_or_change_group(options_of(ctx), group_id, None)
 
 
-@group_app.command("list")
-def group_list(ctx: typer.Context) -> None:
-    """Every group (the original --groups)."""
-    list_groups(options_of(ctx))
-
-
-@group_app.command("delete")
-def group_delete(ctx: typer.Context, group_id: str) -> None:
-    """Delete a group; its containers stay (the original --rmgroup)."""
-    delete_group(options_of(ctx), group_id)
-
-
+@command(plugin_app, "list", help="Installed plugins (the original --vp).")
 def list_plugins(options: Options) -> None:
     with Client(home=options.home) as client:
         plugins = client.plugins()
@@ -112,6 +100,11 @@ def list_plugins(options: Options) -> None:
     emit(options, [p.model_dump(mode="json") for p in plugins], table)
 
 
+@command(
+    plugin_app,
+    "pull",
+    help="Install a plugin from a git URL or local repository (the original --pp).",
+)
 def pull_plugin(options: Options, source: str) -> None:
     local = Path(source).expanduser()
     if not source.startswith("-") and local.is_dir():
@@ -121,6 +114,7 @@ def pull_plugin(options: Options, source: str) -> None:
     emit(options, plugin, f"installed {plugin.name}: {plugin.summary}")
 
 
+@command(plugin_app, "rm", help="Uninstall a plugin (the original --rp).")
 def remove_plugin(options: Options, name: str) -> None:
     with Client(home=options.home) as client:
         client.remove_plugin(name)
@@ -155,24 +149,6 @@ def _run_table(run: PluginRun) -> Table:
         f"{run.plugin} on {run.target}: {'succeeded' if run.ok else 'FAILED'} ({run.id})"
     )
     return table
-
-
-@plugin_app.command("list")
-def plugin_list(ctx: typer.Context) -> None:
-    """Installed plugins (the original --vp)."""
-    list_plugins(options_of(ctx))
-
-
-@plugin_app.command("pull")
-def plugin_pull(ctx: typer.Context, source: str) -> None:
-    """Install a plugin from a git URL or local repository (the original --pp)."""
-    pull_plugin(options_of(ctx), source)
-
-
-@plugin_app.command("rm")
-def plugin_rm(ctx: typer.Context, name: str) -> None:
-    """Uninstall a plugin (the original --rp)."""
-    remove_plugin(options_of(ctx), name)
 
 
 @plugin_app.command("run")
