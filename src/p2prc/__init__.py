@@ -64,6 +64,7 @@ from .models import (
 )
 from .node import Node, init_home
 
+# Twin of errors.__all__ (and of each module's own): re-exported by name, for type checkers.
 __all__ = [
     "AddressInUse",
     "ApiError",

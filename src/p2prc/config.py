@@ -54,6 +54,7 @@ class Home:
         # Accept "str" paths from library callers: Home("/srv/p2prc").
         object.__setattr__(self, "path", Path(self.path).expanduser())
 
+    # Twins on purpose: one typed property per file of the home, the layout in one place.
     @property
     def config_file(self) -> Path:
         return self.path / "config.toml"

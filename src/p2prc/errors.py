@@ -54,6 +54,8 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+# Twin: p2prc/__init__.py imports and lists the public classes again by name (for type
+# checkers and IDEs, which do not follow a computed list).
 __all__ = [
     "AddressInUse",
     "ApiError",
@@ -190,6 +192,8 @@ class AddressInUse(NodeError):
     code = "address_in_use"
 
 
+# Twins on purpose: every family below has the shape of this one and of ContainerError
+# (docstring, status, code): the tree is data, read back by error_class().
 class AuthError(P2PRCError):
     """A state-changing request is not signed."""
 
@@ -268,6 +272,7 @@ class PeerProtocolError(PeerError):
     code = "peer_protocol_error"
 
 
+# Twin of the AuthError family above (the same three-line shape on purpose).
 class ContainerError(P2PRCError):
     """A container could not be created, found or removed."""
 
