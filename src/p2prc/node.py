@@ -400,6 +400,7 @@ class Node:
                 on_crash=self._crash_handler("gossip"),
                 trust=self.trust,
                 nat=NatState(self._config, self.trust),  # the mapper reads gossip's
+                link=self.link,
             )
             self._gossip = await self._stack.enter_async_context(gossip)
             self._components["gossip"] = "ok"
@@ -420,7 +421,7 @@ class Node:
 
     async def _detect_nat(self, gossip: Gossip) -> None:
         """Ask trusted peers to connect back to our API port (see ``NatState``)."""
-        ask = dial_back(self.identity, gossip.api_url, self._port, self._config.timeouts.request)
+        ask = dial_back(self.link, gossip.api_url, self._port)
         await gossip.nat.detect(gossip.table.alive, ask)
 
     async def _start_mapper(self) -> None:

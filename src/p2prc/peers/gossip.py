@@ -24,6 +24,7 @@ import msgpack
 import psutil
 
 from .._aio import CrashHandler, TaskSet, log_crash
+from .._client_async import peer_url
 from ..config import NodeConfig
 from ..errors import P2PRCError, PeerProtocolError
 from ..identity import Identity
@@ -32,6 +33,7 @@ from ..trust import TrustPolicy
 from ..tunnel.nat import NatState
 from . import exchange
 from .exchange import MAX_EXCHANGE_BYTES
+from .link import PeerLink, PeerTarget
 from .records import (
     MAX_ADDRESSES,
     VERSION_BOUND,
@@ -91,6 +93,7 @@ class Gossip:
         on_crash: CrashHandler = log_crash,
         trust: TrustPolicy | None = None,
         nat: NatState | None = None,
+        link: PeerLink | None = None,
     ) -> None:
         self._trust = trust or TrustPolicy(config.trust, identity.public_key)
         # The node's one NAT state (the mapper reads it too); a change re-signs the record.
@@ -103,6 +106,8 @@ class Gossip:
         self._config = config
         self._settings = config.gossip
         self._timeouts = config.timeouts
+        # The one way this node calls another (signed, bounded by [timeouts]).
+        self._link = link or PeerLink(identity, lambda: self.table, config.timeouts)
         self._state = state
         self._store = PeerStore(state.connection)
         self._api_port = api_port
@@ -233,16 +238,12 @@ class Gossip:
         What it answers counts against that member's share of new members, unless it is
         a root node or ``trusted`` (an address the owner gave).
         """
-        from ..client import AsyncClient
-
         audience = audience or self.member_at(address)
         rooted = trusted or address in self._config.bootstrap
         introducer = None if rooted else (audience or f"address:{address}")
         request = exchange.Request(exchange.digest(self.table))
         changed = 0
-        async with AsyncClient(
-            address, identity=self._identity, audience=audience, timeout=self._timeouts.request
-        ) as client:
+        async with self._link.connect(PeerTarget(peer_url(address), audience)) as client:
             for round_ in range(_ROUNDS):
                 answer = exchange.decode_answer(await client.exchange(request.encode()))
                 changed += self._merge(answer.records, answer.claims, introducer)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..config import NodeConfig
 from ..errors import P2PRCError
-from ..identity import Identity, node_id_of, parse_public_key
+from ..identity import node_id_of, parse_public_key
+from ..peers.link import PeerLink, PeerTarget
 from ..trust import TrustPolicy
 
 if TYPE_CHECKING:
@@ -129,17 +130,13 @@ class NatState:
             await asyncio.sleep(interval)
 
 
-def dial_back(
-    identity: Identity, api_url: Callable[[Member], str], port: int, timeout: float
-) -> Ask:
-    """An ``Ask`` that has a member's API connect back to our ``port``, each request
-    bounded by ``timeout`` seconds."""
+def dial_back(link: PeerLink, api_url: Callable[[Member], str], port: int) -> Ask:
+    """An ``Ask`` that has a member's API connect back to our ``port`` (through the
+    node's peer link, so each request is signed and bounded by ``[timeouts]``)."""
 
     async def ask(member: Member) -> bool:
-        from ..client import AsyncClient
-
-        url, audience = api_url(member), member.record.node_id
-        async with AsyncClient(url, identity=identity, audience=audience, timeout=timeout) as peer:
+        target = PeerTarget(api_url(member), member.record.node_id)
+        async with link.connect(target) as peer:
             return (await peer.reachability(port)).reachable
 
     return ask
