@@ -292,3 +292,43 @@ async def test_a_rank_whose_container_dies_is_retried_on_another_peer(
             failed = await _finished(jobs, job)
             assert failed.state is JobState.FAILED
             assert "rank 0 lost its peer" in failed.reason
+
+
+async def test_placement_from_the_table_and_a_peer_that_leaves(
+    node_factory: Any, docker_client: Any, tmp_path: Path
+) -> None:
+    command = "echo started; sleep 4; mkdir -p out; echo ok > out/done"
+    async with node_factory("bob") as bob:
+        roots = [f"127.0.0.1:{bob.port}"]
+        async with (
+            node_factory("carol", bootstrap=roots) as carol,
+            node_factory("alice", bootstrap=roots) as alice,
+        ):
+            wanted = {bob.identity.node_id, carol.identity.node_id}
+            for _ in range(300):
+                if {m.record.node_id for m in alice.gossip.table.alive()} >= wanted:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("alice never learnt of bob and carol")
+            big = parse_task({"run": "true", "resources": {"cpus": 1000}})
+            task = parse_task({"run": command, "outputs": ["out"], "retries": 1})
+            async with for_node(alice) as jobs:
+                refused = await _finished(jobs, jobs.submit(big))
+                assert refused.state is JobState.FAILED
+                assert "bob: " in refused.reason
+                assert "cores < 1000" in refused.reason
+                job = await _until_running(jobs, jobs.submit(task))
+                first = job.placements[0]
+                assert first.container is not None
+                host = bob if first.container.peer == bob.identity.node_id else carol
+                other = carol if host is bob else bob
+                await host.aclose()  # leaves the membership: its rank moves
+                done = await _finished(jobs, job)
+                log = await _log(jobs, job.id)
+                states = {m.record.name: m.state for m in alice.gossip.table.members.values()}
+                assert done.state is JobState.SUCCEEDED, (done.reason, log, states)
+                placement = done.placements[0]
+                assert placement.container is not None
+                assert placement.container.peer == other.identity.node_id
+                assert any("membership declared" in line for line in log)

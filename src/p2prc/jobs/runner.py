@@ -12,18 +12,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..containers.service import FIRST_EXTRA_PORT, Progress
 from ..errors import (
-    LimitExceeded,
+    ContainerError,
     NotTrusted,
     P2PRCError,
     PeerError,
     PeerNotFound,
-    QuotaExceeded,
+    PeerUnreachable,
 )
 from ..models import ContainerView, CreateContainer
 from .models import JobState, JobView, RankPlacement
@@ -37,10 +37,13 @@ __all__ = ["ContainerHost", "FindPeers", "JobRunner"]
 log = logging.getLogger(__name__)
 
 # A peer that answers so is skipped for the next one; any other error fails the rank.
-_SKIP = (NotTrusted, QuotaExceeded, LimitExceeded, PeerError, PeerNotFound)
+_SKIP = (NotTrusted, ContainerError, PeerError, PeerNotFound)
 _OFFSET_EVERY = 1.0
 # Logins again to the same container before a rank counts as lost.
 _RECONNECTS = 3
+# Seconds between looks at the membership state of the nodes hosting ranks.
+_WATCH_EVERY = 1.0
+T = TypeVar("T")
 
 
 class ContainerHost(Protocol):
@@ -54,6 +57,10 @@ class ContainerHost(Protocol):
 
 
 FindPeers = Callable[[Task], tuple[list[Candidate], list[str]]]
+
+
+class _PeerGone(PeerUnreachable):
+    """Membership declared the rank's hosting node dead: no use logging in again."""
 
 
 class _Failed(Exception):
@@ -75,8 +82,10 @@ class JobRunner:
         host: ContainerHost,
         key_file: Path,
         find_peers: FindPeers,
+        peer_gone: Callable[[str], bool] = lambda node_id: False,
     ) -> None:
         self._store = store
+        self._gone = peer_gone
         self.job_id = job_id
         self._host = host
         self._key_file = key_file
@@ -158,13 +167,14 @@ class JobRunner:
         else:
             found, unfit = self._find(task)
         skipped = list(unfit)
+        attempt = self._store.get(self.job_id).placements[rank].attempt + (1 if exclude else 0)
         spec = CreateContainer(
             image=task.image,
             cpus=task.resources.cpus,
             memory=task.resources.memory,
             gpus=task.resources.gpus,
             ports=task.ports,
-            name=f"{self.job_id}-{rank}",
+            name=f"{self.job_id}-{rank}" + (f"-{attempt}" if attempt else ""),
         )
 
         async def progress(message: str) -> None:
@@ -178,12 +188,11 @@ class JobRunner:
                 self.note(f"skipped {candidate.name}: {exc}", rank)
                 continue
             self._views[rank] = view
-            attempt = self._store.get(self.job_id).placements[rank].attempt
             placement = RankPlacement(
                 rank=rank,
                 peer=candidate.name,
                 container=view,
-                attempt=attempt + (1 if exclude else 0),
+                attempt=attempt,
                 skipped=skipped,
             )
             self._store.set_placement(self.job_id, placement)
@@ -271,7 +280,7 @@ class JobRunner:
                 self._save_offset(rank, offset)
 
             try:
-                offset = await session.follow(placement.log_offset, on_line)
+                offset = await self._watched(rank, session.follow(placement.log_offset, on_line))
                 self._save_offset(rank, offset, force=True)
                 codes[rank] = await session.exit_code()
                 done = self._store.get(self.job_id).placements[rank]
@@ -280,12 +289,29 @@ class JobRunner:
                 )
                 return
             except PeerError as exc:
-                if await self._reconnect(rank):
+                if not isinstance(exc, _PeerGone) and await self._reconnect(rank):
                     continue
                 if placement.attempt >= task.retries:
                     raise _Failed(JobState.FAILED, f"rank {rank} lost its peer: {exc}") from None
                 self.note(f"lost {placement.peer} ({exc}); retrying elsewhere", rank)
             await self._retry(task, rank, placement)
+
+    async def _watched(self, rank: int, work: Coroutine[Any, Any, T]) -> T:
+        """``work``, unless membership declares the rank's hosting node dead first."""
+        peer = self._views[rank].peer
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_WATCH_EVERY)
+                if done:
+                    return task.result()
+                if self._gone(peer):
+                    raise _PeerGone(f"membership declared its node {peer[:12]} dead")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, P2PRCError):
+                    await task
 
     async def _reconnect(self, rank: int) -> bool:
         """Log in again to the rank's container (a dropped connection, not a dead peer)."""

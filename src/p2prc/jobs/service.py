@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -14,6 +14,7 @@ from ..config import NodeConfig
 from ..errors import InvalidRequest, NotFound, P2PRCError
 from ..identity import Identity
 from ..peers.gossip import Gossip
+from ..peers.table import MemberState
 from ..state import State
 from .models import FINAL_STATES, JobEvent, JobState, JobView
 from .placement import Candidate, candidates
@@ -38,8 +39,10 @@ class JobService:
         key_file: Path,
         find_peers: FindPeers,
         on_crash: CrashHandler = log_crash,
+        peer_gone: Callable[[str], bool] = lambda node_id: False,
     ) -> None:
         self.store = store
+        self._gone = peer_gone
         self._host = host
         self._key_file = key_file
         self._find = find_peers
@@ -86,7 +89,9 @@ class JobService:
         return job
 
     def _spawn(self, job_id: str, *, resume: bool = False) -> None:
-        runner = JobRunner(self.store, job_id, self._host, self._key_file, self._find)
+        runner = JobRunner(
+            self.store, job_id, self._host, self._key_file, self._find, peer_gone=self._gone
+        )
 
         async def run() -> None:
             try:
@@ -175,6 +180,13 @@ def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
             return candidates(task, [], node.identity.node_id)
         return candidates(task, gossip.table.alive(), node.identity.node_id)
 
+    def gone(node_id: str) -> bool:
+        try:
+            member = node.gossip.table.get(node_id)
+        except RuntimeError:
+            return False
+        return member is not None and member.state >= MemberState.DEAD
+
     store = JobStore(node.state.connection, node.home_path / "jobs")
     key = node.home_path / "identity" / "id_ed25519"
-    return JobService(store, node.tracked, key, find, on_crash=on_crash)
+    return JobService(store, node.tracked, key, find, on_crash=on_crash, peer_gone=gone)
