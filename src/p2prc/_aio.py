@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
-__all__ = ["CrashHandler", "TaskSet", "log_crash"]
+__all__ = ["CrashHandler", "Report", "Spawn", "TaskSet", "log_crash", "reported"]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +65,43 @@ class TaskSet:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+EventT = TypeVar("EventT")
+# Puts one event on a stream; safe to call from any thread.
+Report = Callable[[EventT], None]
+
+
+class Spawn(Protocol):
+    """Runs a task owned by the node (``Node.spawn``)."""
+
+    def __call__(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
+
+
+def reported(
+    spawn: Spawn, work: Callable[[Report[EventT]], Coroutine[Any, Any, None]], *, name: str
+) -> AsyncIterator[EventT]:
+    """Run ``work`` as a node task (``spawn(coro, name=...)``); iterate what it reports.
+
+    The task belongs to the node, not to the reader: it runs to its end even if nobody
+    reads any more.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[EventT | None] = asyncio.Queue()
+
+    def report(event: EventT) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    async def run() -> None:
+        try:
+            await work(report)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    spawn(run(), name=name)
+
+    async def events() -> AsyncIterator[EventT]:
+        while (event := await queue.get()) is not None:
+            yield event
+
+    return events()

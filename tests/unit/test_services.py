@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from p2prc._aio import Report, reported
 from p2prc.api import create_app
-from p2prc.api._stream import Report, reported, task_stream
+from p2prc.api._stream import task_stream
 from p2prc.config import Home, NodeConfig, Timeouts, TrustConfig
 from p2prc.containers import hostkeys
 from p2prc.containers.service import ContainerService

@@ -6,51 +6,19 @@ disconnects, so a container is never left half-created and a plugin run is still
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-__all__ = ["NDJSON", "Report", "Spawn", "ndjson", "reported", "task_stream"]
+from .._aio import Report, Spawn, reported
+
+__all__ = ["NDJSON", "ndjson", "task_stream"]
 
 NDJSON = "application/x-ndjson"
 
 EventT = TypeVar("EventT", bound=BaseModel)
-# Puts one event on the stream; safe to call from any thread.
-Report = Callable[[EventT], None]
-
-
-class Spawn(Protocol):
-    """Runs a task owned by the node (``Node.spawn``)."""
-
-    def __call__(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
-
-
-def reported(
-    spawn: Spawn, work: Callable[[Report[EventT]], Coroutine[Any, Any, None]], *, name: str
-) -> AsyncIterator[EventT]:
-    """Run ``work`` as a node task (``spawn(coro, name=...)``); iterate what it reports."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[EventT | None] = asyncio.Queue()
-
-    def report(event: EventT) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, event)
-
-    async def run() -> None:
-        try:
-            await work(report)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    spawn(run(), name=name)
-
-    async def events() -> AsyncIterator[EventT]:
-        while (event := await queue.get()) is not None:
-            yield event
-
-    return events()
 
 
 def task_stream(

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from .._aio import Report
 from ..containers.service import ContainerService, Progress
 from ..containers.tracked import TrackedContainers
 from ..errors import P2PRCError
@@ -19,7 +20,7 @@ from ..models import (
     RemoteCreate,
     TrackedContainer,
 )
-from ._stream import Report, task_stream
+from ._stream import task_stream
 from .auth import RequestVerifier
 
 __all__ = ["ContainerNode", "router"]

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from ..api._stream import Report, Spawn, reported
+from .._aio import Report, Spawn, reported
 from ..config import Home
 from ..containers.groups import GroupStore
 from ..containers.store import ContainerStore
