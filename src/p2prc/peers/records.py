@@ -116,13 +116,8 @@ class PeerRecord:
 
     def verify(self) -> None:
         """Raise ``PeerProtocolError`` unless the record is well-formed and self-signed."""
-        if node_id_of(self.public_key) != self.node_id:
-            raise PeerProtocolError("record's node id does not match its key")
         message = b"p2prc-record-v1" + _packb(self.body())
-        try:
-            verify_signature(self.public_key, self.signature, message)
-        except Exception:
-            raise PeerProtocolError("record signature does not verify") from None
+        _check_signed("record", "node id", self.node_id, self.public_key, self.signature, message)
 
     @property
     def host(self) -> str:
@@ -164,13 +159,20 @@ class Claim:
 
     def verify(self) -> None:
         """Check the claim against the author key it carries."""
-        if node_id_of(self.author_key) != self.by:
-            raise PeerProtocolError("claim's author does not match its key")
         message = b"p2prc-claim-v1" + _packb(self.body())
-        try:
-            verify_signature(self.author_key, self.signature, message)
-        except Exception:
-            raise PeerProtocolError("claim signature does not verify") from None
+        _check_signed("claim", "author", self.by, self.author_key, self.signature, message)
+
+
+def _check_signed(
+    what: str, who: str, node_id: str, key: bytes, signature: bytes, message: bytes
+) -> None:
+    """``PeerProtocolError`` unless ``key`` is ``node_id``'s and signed ``message``."""
+    if node_id_of(key) != node_id:
+        raise PeerProtocolError(f"{what}'s {who} does not match its key")
+    try:
+        verify_signature(key, signature, message)
+    except Exception:
+        raise PeerProtocolError(f"{what} signature does not verify") from None
 
 
 def _unpack(data: bytes, limit: int) -> list[Any]:
