@@ -14,15 +14,7 @@ from ..models import PeerView
 from ..node import init_home
 from ._common import Options, command, emit, options_of
 
-__all__ = [
-    "add_peer",
-    "list_peers",
-    "meta_app",
-    "peers_app",
-    "resolve",
-    "set_metadata",
-    "sync_peers",
-]
+__all__ = ["meta_app", "peers_app", "resolve"]
 
 peers_app = typer.Typer(help="The network: who is there, alive or not, and how far away.")
 meta_app = typer.Typer(help="This node's metadata, spread to every node.")

@@ -11,18 +11,7 @@ from ..errors import InvalidRequest
 from ..models import ContainerGroup, PluginEvent, PluginRun
 from ._common import Options, command, emit, err, options_of
 
-__all__ = [
-    "create_group",
-    "delete_group",
-    "group_app",
-    "list_groups",
-    "list_plugins",
-    "plugin_app",
-    "pull_plugin",
-    "remove_plugin",
-    "run_plugin",
-    "show_or_change_group",
-]
+__all__ = ["group_app", "plugin_app"]
 
 group_app = typer.Typer(help="Groups of tracked containers, for plugins.")
 plugin_app = typer.Typer(help="Ansible plugins: playbooks run against containers or groups.")
