@@ -34,6 +34,7 @@ _JOB = ".p2prc-job"
 # A line longer than this is cut into pieces: a rank without newlines cannot fill memory.
 MAX_LINE = 64 * 1024
 _CONNECT_TIMEOUT = 20.0
+_MAX_DEPTH = 64
 
 OnLine = Callable[[str, int], Awaitable[None]]
 OnProgress = Callable[[int], None]
@@ -233,11 +234,16 @@ class RankSession:
         count = 0
         with _ssh_errors(self.view, "download from"):
             for output in outputs:
-                count += await self._fetch(posixpath.join(WORK, output), target / output, note)
+                count += await self._fetch(posixpath.join(WORK, output), target / output, note, 0)
         return count
 
-    async def _fetch(self, remote: str, local: Path, note: Callable[[str], None]) -> int:
+    async def _fetch(
+        self, remote: str, local: Path, note: Callable[[str], None], depth: int
+    ) -> int:
         where = remote.removeprefix(f"{WORK}/")
+        if depth > _MAX_DEPTH:
+            note(f"output {where} is nested more than {_MAX_DEPTH} deep; skipped")
+            return 0
         try:
             attrs = await self.sftp.lstat(remote)
         except asyncssh.SFTPNoSuchFile:
@@ -264,7 +270,7 @@ class RankSession:
             name = str(entry.filename)
             if name in (".", "..") or "/" in name or "\0" in name:
                 continue
-            count += await self._fetch(posixpath.join(remote, name), local / name, note)
+            count += await self._fetch(posixpath.join(remote, name), local / name, note, depth + 1)
         return count
 
 

@@ -96,6 +96,9 @@ class JobRunner:
         self._reconnects: dict[int, int] = {}
         # Set by cancel(): the task's cancellation is the owner's, not the node stopping.
         self.cancelled = False
+        # Set once the job is over and its containers are being removed: a cancel now
+        # would only interrupt the removal.
+        self.closing = False
 
     def __repr__(self) -> str:
         return f"<JobRunner {self.job_id} [{len(self._views)} containers]>"
@@ -127,6 +130,7 @@ class JobRunner:
             log.exception("job %s crashed", self.job_id)
             self._finish(JobState.FAILED, f"internal error: {exc!r}")
         finally:
+            self.closing = True
             await self._close(remove=not (leave or job.task.keep))
 
     def _finish(self, state: JobState, reason: str) -> None:
@@ -182,7 +186,7 @@ class JobRunner:
 
         for candidate in order_for_rank([c for c in found if c.peer not in exclude], rank):
             try:
-                view = await self._host.create_on_peer(candidate.peer, spec, progress)
+                view = await self._create(rank, candidate.peer, spec, progress)
             except _SKIP as exc:
                 skipped.append(f"{candidate.name}: {exc.code}: {exc}")
                 self.note(f"skipped {candidate.name}: {exc}", rank)
@@ -200,6 +204,19 @@ class JobRunner:
             return view
         why = "; ".join(skipped) or "no peer is known (see 'p2prc peers list')"
         raise _Failed(JobState.FAILED, f"no peer could take rank {rank}: {why}")
+
+    async def _create(
+        self, rank: int, peer: str, spec: CreateContainer, progress: Progress
+    ) -> ContainerView:
+        """A container on ``peer``; a cancel waits for it (the peer makes it anyway), so
+        that it is removed with the others rather than left behind."""
+        creating = asyncio.ensure_future(self._host.create_on_peer(peer, spec, progress))
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self._views[rank] = await creating
+            raise
 
     async def _connect(self, view: ContainerView) -> RankSession:
         session = RankSession(view, self._key_file)

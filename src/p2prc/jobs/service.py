@@ -114,10 +114,10 @@ class JobService:
         entry = self._runners.get(job.id)
         if entry is not None:
             runner, task = entry
-            runner.cancelled = True
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({task})
+            if not (runner.cancelled or runner.closing):
+                runner.cancelled = True
+                task.cancel()
+            await asyncio.wait({task})
         elif job.state not in FINAL_STATES:
             self.store.set_state(job.id, JobState.CANCELLED, "cancelled by the owner")
         return self.store.get(job.id)

@@ -144,3 +144,48 @@ async def test_placement_skips_peers_that_refuse(tmp_path: Path, fake_node: Fake
     assert final.state is JobState.FAILED
     assert "carol: quota_exceeded: carol is full" in final.reason
     assert "dave: not_trusted" in final.reason
+
+
+class _SlowHost:
+    """A peer that takes its time to create a container, then makes it anyway."""
+
+    def __init__(self, view: ContainerView) -> None:
+        self.view = view
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+        self.removed: list[str] = []
+
+    async def create_on_peer(
+        self, peer: str, spec: CreateContainer | None = None, progress: object = None
+    ) -> ContainerView:
+        self.asked.set()
+        await self.release.wait()
+        return self.view
+
+    async def remove(self, container: str) -> str:
+        self.removed.append(container)
+        return container
+
+
+async def test_a_cancel_while_placing_removes_the_container_the_peer_made(
+    tmp_path: Path, fake_node: FakeNode
+) -> None:
+    view = ContainerView.model_validate(
+        {
+            "id": "0123456789ab", "name": "c", "peer": "a" * 32, "image": "p2prc/sshd:latest",
+            "ssh": {"host": "127.0.0.1", "port": 2222, "user": "p2prc"}, "ports": [],
+            "gpu": False, "cpus": 1, "memory": 1, "owner": "b" * 32, "created_at": 0,
+        }
+    )  # fmt: skip
+    host = _SlowHost(view)
+    store = JobStore(fake_node.state.connection, tmp_path / "jobs")
+    async with JobService(store, host, tmp_path / "key", lambda task: ([], [])) as service:
+        job = service.submit(parse_task({"run": "x", "peers": ["bob"]}))
+        await asyncio.wait_for(host.asked.wait(), 5)
+        cancelling = asyncio.ensure_future(service.cancel(job.id))
+        await asyncio.sleep(0.05)
+        assert not cancelling.done()  # waits for the peer's answer
+        host.release.set()
+        final = await asyncio.wait_for(cancelling, 5)
+    assert final.state is JobState.CANCELLED
+    assert host.removed == ["0123456789ab"]
