@@ -227,6 +227,18 @@ async def test_the_cli_and_the_library_on_a_real_node(
         assert failing == 1
         assert "rank 0 exited with code 3" in capsys.readouterr().err
 
+        task_file = tmp_path / "task.toml"
+        task_file.write_text(
+            f'workdir = "upload"\nnodes = 2\noutputs = ["out"]\npeers = ["{bob.api_url}"]\n'
+            'run = "mkdir out && cp input.txt out/from-$P2PRC_NODE_RANK.txt"\n'
+        )
+        code = await asyncio.to_thread(
+            _cli, "--home", home, "run", str(task_file), "--to", str(tmp_path / "there")
+        )
+        assert code == 0, capsys.readouterr()
+        for rank in (0, 1):
+            assert (tmp_path / "there" / "out" / f"from-{rank}.txt").read_text() == "abc\n"
+
         async with AsyncClient(home=home) as client:
             job = await JobsAPI(client).run(
                 parse_task({"run": "echo one; echo two", "peers": [bob.api_url]})
