@@ -168,9 +168,12 @@ class RankSession:
                 await self.sftp.mkdir(WORK)
                 return
 
-            def handler(_src: bytes, _dst: bytes, copied: int, total: int) -> None:
-                if progress is not None and copied == total:
-                    progress(total)
+            done: dict[bytes, int] = {}
+
+            def handler(src: bytes, _dst: bytes, copied: int, _total: int) -> None:
+                if progress is not None:
+                    progress(copied - done.get(src, 0))
+                    done[src] = copied
 
             await self.sftp.put(
                 workdir, WORK, recurse=True, follow_symlinks=False, progress_handler=handler

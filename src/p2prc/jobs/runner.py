@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -43,6 +45,8 @@ _OFFSET_EVERY = 1.0
 _RECONNECTS = 3
 # Seconds between looks at the membership state of the nodes hosting ranks.
 _WATCH_EVERY = 1.0
+# Seconds between upload progress lines in the job's log.
+_PROGRESS_EVERY = 2.0
 T = TypeVar("T")
 
 
@@ -225,17 +229,21 @@ class JobRunner:
 
     async def _prepare(self, task: Task, rank: int) -> None:
         session = self._sessions[rank] = await self._connect(self._views[rank])
-        started = time.monotonic()
+        total = 0 if task.workdir is None else await asyncio.to_thread(_tree_size, task.workdir)
+        started = shown = time.monotonic()
         sent = 0
 
         def progress(size: int) -> None:
-            nonlocal sent
+            nonlocal sent, shown
             sent += size
+            if time.monotonic() - shown >= _PROGRESS_EVERY:
+                shown = time.monotonic()
+                self.note(f"uploading: {_mib(sent)} of {_mib(total)} MiB", rank)
 
         await session.upload(task.workdir, progress)
         if task.workdir is not None:
             took = time.monotonic() - started
-            self.note(f"uploaded {sent} bytes in {took:.1f} s", rank)
+            self.note(f"uploaded {_mib(sent)} MiB in {took:.1f} s", rank)
 
     def _addresses(self, task: Task) -> list[str]:
         """Where each rank can be reached: its first extra port when it has one."""
@@ -394,6 +402,21 @@ class JobRunner:
             except P2PRCError as exc:
                 self.note(f"could not remove container {view.id}: {exc}", rank)
         self._views.clear()
+
+
+def _tree_size(folder: str) -> int:
+    """Bytes of the regular files under ``folder`` (links not followed)."""
+    total = 0
+    for parent, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(parent, name))
+                total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f}"
 
 
 def _join(host: str, port: int) -> str:
