@@ -6,9 +6,9 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +24,7 @@ from ..peers.gossip import MAX_EXCHANGE_BYTES
 from ..specs import collect_specs, own_addresses
 from ..state import State
 from . import containers, jobs, peers, plugins, tunnel
-from .auth import RequestVerifier
+from .auth import Owner, Peer, RequestVerifier
 
 __all__ = ["NodeView", "RequestLimits", "body_limit", "create_app"]
 
@@ -212,9 +212,7 @@ def create_app(node: NodeView) -> FastAPI:
     )
     _install_error_handlers(app)
     app.add_middleware(RequestLimits)
-    verifier = RequestVerifier(node.identity, node.config.trust, node.state)
-    Peer = Annotated[CallerInfo, Depends(verifier.peer)]
-    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
+    verifier = app.state.verifier = RequestVerifier(node.identity, node.config.trust, node.state)
 
     @app.get("/health", tags=["read"])
     async def health() -> Health:
@@ -261,7 +259,7 @@ def create_app(node: NodeView) -> FastAPI:
         return Health()
 
     app.include_router(containers.router(node, verifier))
-    app.include_router(peers.router(node, verifier))
+    app.include_router(peers.router(node))
     app.include_router(plugins.router(node, verifier))
     app.include_router(tunnel.router(node, verifier))
     app.include_router(jobs.router(node, verifier))

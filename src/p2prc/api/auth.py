@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
+from fastapi import Depends
 from starlette.requests import Request
 
 from .._rate import SlidingWindow
@@ -38,7 +40,7 @@ from ..models import CallerInfo
 from ..state import State
 from ..trust import TrustPolicy
 
-__all__ = ["KeyRate", "RequestVerifier"]
+__all__ = ["KeyRate", "Owner", "Peer", "RequestVerifier", "Signed"]
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
@@ -157,6 +159,29 @@ class KeyRate(SlidingWindow):
             raise RateLimited("too many callers right now; try again later")
         if not self.take(key, now):
             raise RateLimited(f"at most {self.limit} of these per {self.window:g} s; try later")
+
+
+def _verifier(request: Request) -> RequestVerifier:
+    verifier: RequestVerifier = request.app.state.verifier  # set by create_app
+    return verifier
+
+
+async def _signed(request: Request) -> CallerInfo:
+    return await _verifier(request).authenticated(request)
+
+
+async def _peer(request: Request) -> CallerInfo:
+    return await _verifier(request).peer(request)
+
+
+async def _owner(request: Request) -> CallerInfo:
+    return await _verifier(request).owner(request)
+
+
+# The callers a route may ask for, checked by the app's RequestVerifier (app.state.verifier).
+Signed = Annotated[CallerInfo, Depends(_signed)]
+Peer = Annotated[CallerInfo, Depends(_peer)]
+Owner = Annotated[CallerInfo, Depends(_owner)]
 
 
 def _target(request: Request) -> str:

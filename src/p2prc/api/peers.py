@@ -4,14 +4,14 @@ import os
 from dataclasses import fields
 from typing import Annotated, Protocol
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from ..errors import InvalidRequest, NotFound, P2PRCError, PeerProtocolError
-from ..models import CallerInfo, MetadataUpdate, PeerAddress, PeerView, SyncResult
+from ..models import MetadataUpdate, PeerAddress, PeerView, SyncResult
 from ..peers.gossip import MAX_EXCHANGE_BYTES, Gossip, member_state
 from ..peers.records import PeerRecord
 from ..peers.table import Member
-from .auth import RequestVerifier
+from .auth import Owner, Peer, Signed
 
 __all__ = ["router", "view_of"]
 
@@ -44,12 +44,9 @@ def view_of(gossip: Gossip, record: PeerRecord, member: Member | None) -> PeerVi
     )
 
 
-def router(node: PeerNode, verifier: RequestVerifier) -> APIRouter:
+def router(node: PeerNode) -> APIRouter:
     """Routes under /peers and /meta."""
     routes = APIRouter(tags=["peers"])
-    Caller = Annotated[CallerInfo, Depends(verifier.authenticated)]
-    Peer = Annotated[CallerInfo, Depends(verifier.peer)]
-    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
 
     @routes.get("/peers")
     async def peers(
@@ -85,7 +82,7 @@ def router(node: PeerNode, verifier: RequestVerifier) -> APIRouter:
         }
 
     @routes.post("/peers/exchange", response_class=Response)
-    async def exchange(request: Request, caller: Caller) -> Response:
+    async def exchange(request: Request, caller: Signed) -> Response:
         """Push-pull anti-entropy (msgpack): merge what the caller pushed, answer one
         bounded page of what its digest lacks and the ids we want from it."""
         body = await request.body()
