@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Self
 
-__all__ = ["AsyncClosing", "Closing"]
+__all__ = ["AsyncClosing", "Closing", "Component"]
 
 
 class Closing:
@@ -45,3 +45,17 @@ class AsyncClosing:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class Component(AsyncClosing):
+    """``async with thing:`` starts it, and closes it on the way out.
+
+    Subclasses define ``start`` and ``aclose`` (a node, gossip, a service, a relay).
+    """
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self

@@ -70,3 +70,30 @@ def test_nonce_limit(tmp_path: Path) -> None:
             assert state.remember_nonce(f"{index:032x}", time.time() + 60, limit=3)
         with pytest.raises(OverflowError):
             state.remember_nonce("f" * 32, time.time() + 60, limit=3)
+
+
+async def test_closing_mixins_start_and_close_once() -> None:
+    from p2prc._closing import AsyncClosing, Closing, Component
+
+    calls: list[str] = []
+
+    class Sync(Closing):
+        def close(self) -> None:
+            calls.append("close")
+
+    class Async(AsyncClosing):
+        async def aclose(self) -> None:
+            calls.append("aclose")
+
+    class Started(Component):
+        async def start(self) -> None:
+            calls.append("start")
+
+        async def aclose(self) -> None:
+            calls.append("stop")
+
+    with Sync() as sync:
+        assert isinstance(sync, Sync)
+    async with Async(), Started():
+        assert calls == ["close", "start"]
+    assert calls == ["close", "start", "stop", "aclose"]
