@@ -40,6 +40,7 @@ class NodeView(
 ):
     """What the API needs from a node."""
 
+    # Twin of jobs.service.JobNode's first four: each Protocol lists what its own code reads.
     @property
     def identity(self) -> Identity: ...
     @property
