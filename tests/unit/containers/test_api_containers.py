@@ -299,3 +299,21 @@ async def test_a_host_unfit_for_ssh_creates_nothing(node: FakeNode) -> None:
     with pytest.raises(InvalidRequest, match="SSH host"):
         await node.containers.create(CreateContainer(), caller, "evil{{7*7}}", progress)
     assert node.runtime.containers == {}
+
+
+def test_a_tracked_container_is_picked_by_name_then_unique_id_prefix() -> None:
+    from p2prc.containers.store import pick_tracked
+    from p2prc.errors import ContainerNotFound, InvalidRequest
+    from p2prc.models import ContainerView, TrackedContainer
+
+    def item(container_id: str, name: str) -> TrackedContainer:
+        view = ContainerView.model_construct(id=container_id, name=name)
+        return TrackedContainer.model_construct(container=view, peer_address="10.0.0.1:8088")
+
+    tracked = [item("abc123", "web"), item("abd456", "abc")]
+    assert pick_tracked(tracked, "abc").container.id == "abd456"  # a name wins over a prefix
+    assert pick_tracked(tracked, "ABC1").container.id == "abc123"
+    with pytest.raises(InvalidRequest, match="matches 2 containers"):
+        pick_tracked(tracked, "ab")
+    with pytest.raises(ContainerNotFound, match="see 'p2prc container list'"):
+        pick_tracked(tracked, "zz")
