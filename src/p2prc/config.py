@@ -13,13 +13,21 @@ import re
 import secrets
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import ConfigError, validation_message
 
@@ -159,54 +167,50 @@ def parse_duration(value: str | int | float) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
 
 
+def _checked(parse: Callable[[str], object]) -> AfterValidator:
+    """A validator that keeps the text as written once ``parse`` accepts it."""
+
+    def check(value: str) -> str:
+        parse(value)
+        return value
+
+    return AfterValidator(check)
+
+
+# Text fields checked when the config is read, kept as written.
+_Ip = Annotated[str, _checked(ipaddress.ip_address)]
+_Size = Annotated[str, _checked(parse_size)]
+_Duration = Annotated[str, _checked(parse_duration)]
+
+
 class ContainerConfig(_Section):
     """What this node offers its peers, with defaults and maxima for every resource."""
 
     images: list[str] = Field(default_factory=lambda: ["p2prc/sshd:latest"])
     docker_host: str = "unix:///var/run/docker.sock"
     user: str = "p2prc"
-    publish_host: str = "0.0.0.0"
+    publish_host: _Ip = "0.0.0.0"
     default_cpus: float = Field(default=1.0, gt=0)
     max_cpus: float = Field(default_factory=lambda: float(os.cpu_count() or 1), gt=0)
-    default_memory: str = "1GiB"
-    max_memory: str = "4GiB"
+    default_memory: _Size = "1GiB"
+    max_memory: _Size = "4GiB"
     pids: int = Field(default=512, ge=16, le=1_000_000)
     # Disk per container where the storage driver can limit it ("0": no limit asked for).
-    disk: str = "10GiB"
+    disk: _Size = "10GiB"
     max_gpus: int = Field(default=1, ge=0, le=64)
     # Networks a container may not reach (besides this host's own addresses).
     blocked_networks: list[str] = Field(default_factory=lambda: ["169.254.0.0/16"])
     max_ports: int = Field(default=16, ge=0, le=64)
     max_per_peer: int = Field(default=4, ge=0)
     max_total: int = Field(default=16, ge=0)
-    default_ttl: str | None = None
-    max_ttl: str = "7d"
+    default_ttl: _Duration | None = None
+    max_ttl: _Duration = "7d"
     ssh_wait: float = Field(default=20.0, gt=0, le=300)
-
-    @field_validator("default_memory", "max_memory", "disk")
-    @classmethod
-    def _sizes(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_size(value)
-        return value
 
     @field_validator("blocked_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         return [str(ipaddress.ip_network(item, strict=False)) for item in value]
-
-    @field_validator("default_ttl", "max_ttl")
-    @classmethod
-    def _durations(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_duration(value)
-        return value
-
-    @field_validator("publish_host")
-    @classmethod
-    def _publish_host_is_ip(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
 
 
 class GossipConfig(_Section):
@@ -217,7 +221,7 @@ class GossipConfig(_Section):
     port: int | None = Field(default=None, ge=0, le=65535)
     # Addresses put in this node's record; empty means the listen address if specific,
     # else this machine's own addresses.
-    advertise: list[str] = Field(default_factory=list)
+    advertise: list[_Ip] = Field(default_factory=list)
     interval: float = Field(default=0.2, gt=0.01, le=10)
     fanout: int = Field(default=3, ge=1, le=16)
     indirect_checks: int = Field(default=3, ge=0, le=16)
@@ -228,20 +232,13 @@ class GossipConfig(_Section):
     # mDNS on the LAN; only active when the node listens on a non-loopback address.
     lan_discovery: bool = True
 
-    @field_validator("advertise")
-    @classmethod
-    def _advertise_ips(cls, value: list[str]) -> list[str]:
-        for address in value:
-            ipaddress.ip_address(address)
-        return value
-
 
 class RelayConfig(_Section):
     """Serving as a relay for nodes behind NAT (public nodes), and the limits on it."""
 
     enabled: bool = False
     port: int = Field(default=8089, ge=0, le=65535)
-    public_host: str = "0.0.0.0"
+    public_host: _Ip = "0.0.0.0"
     ports_per_client: int = Field(default=16, ge=1, le=1024)
     connections_per_client: int = Field(default=1024, ge=1, le=100_000)
     max_connections: int = Field(default=4096, ge=1, le=100_000)
@@ -256,12 +253,6 @@ class RelayConfig(_Section):
     # trust.allow; NAT detection believes these nodes' answers too. Open trust mode does
     # not make strangers relays.
     use: list[str] = Field(default_factory=list, max_length=64)
-
-    @field_validator("public_host")
-    @classmethod
-    def _public_host_is_ip(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
 
     @field_validator("use")
     @classmethod
@@ -286,7 +277,7 @@ class NodeConfig(_Section):
     """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
 
     name: str = Field(default_factory=lambda: _default_name())
-    host: str = "0.0.0.0"
+    host: _Ip = "0.0.0.0"
     port: int = Field(default=8088, ge=1, le=65535)
     bootstrap: list[str] = Field(default_factory=list)
     behind_nat: Literal["auto"] | bool = "auto"
@@ -304,12 +295,6 @@ class NodeConfig(_Section):
     def _name_is_simple(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError("must be 1-63 letters, digits, '.', '_' or '-'")
-        return value
-
-    @field_validator("host")
-    @classmethod
-    def _host_is_ip(cls, value: str) -> str:
-        ipaddress.ip_address(value)
         return value
 
     @field_validator("bootstrap")
