@@ -35,6 +35,18 @@ _JOB = ".p2prc-job"
 MAX_LINE = 64 * 1024
 _CONNECT_TIMEOUT = 20.0
 _MAX_DEPTH = 64
+# SFTP transfers: bytes per request and requests in flight (OpenSSH's sftp-server takes
+# up to 256 KiB a request); measured on loopback, see the report in the changelog.
+_BLOCK = 128 * 1024
+_REQUESTS = 64
+# AES-GCM first: with AES-NI it moves bytes at about twice ChaCha20-Poly1305's speed here.
+_CIPHERS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+]
 
 OnLine = Callable[[str, int], Awaitable[None]]
 OnProgress = Callable[[int], None]
@@ -131,6 +143,7 @@ class RankSession:
                 keepalive_interval=15,
                 keepalive_count_max=4,
                 config=[],
+                encryption_algs=_CIPHERS,
             )
             self._sftp = await self._conn.start_sftp_client()
         except (asyncssh.Error, OSError, TimeoutError) as exc:
@@ -176,7 +189,13 @@ class RankSession:
                     done[src] = copied
 
             await self.sftp.put(
-                workdir, WORK, recurse=True, follow_symlinks=False, progress_handler=handler
+                workdir,
+                WORK,
+                recurse=True,
+                follow_symlinks=False,
+                progress_handler=handler,
+                block_size=_BLOCK,
+                max_requests=_REQUESTS,
             )
 
     async def start(self, script: str) -> None:
@@ -260,7 +279,9 @@ class RankSession:
             if not _claim(local):
                 note(f"output {where} came from another rank too; kept the first")
                 return 0
-            await self.sftp.get(remote, str(local), follow_symlinks=False)
+            await self.sftp.get(
+                remote, str(local), follow_symlinks=False, block_size=_BLOCK, max_requests=_REQUESTS
+            )
             return 1
         if not stat.S_ISDIR(mode):
             note(f"output {where} is not a file or directory; skipped")

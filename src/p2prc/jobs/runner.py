@@ -383,12 +383,13 @@ class JobRunner:
             def note(message: str, rank: int = rank) -> None:
                 self.note(message, rank)
 
+            started = time.monotonic()
             try:
                 count = await session.download(task.outputs, target, note)
             except PeerError as exc:
                 self.note(f"could not download its outputs: {exc}", rank)
                 continue
-            self.note(f"downloaded {count} files", rank)
+            self.note(f"downloaded {count} files in {time.monotonic() - started:.1f} s", rank)
 
     async def _close(self, *, remove: bool) -> None:
         for session in self._sessions.values():
