@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # A peer that answers so is skipped for the next one; any other error fails the rank.
 _SKIP = (NotTrusted, ContainerError, PeerError, PeerNotFound)
 _OFFSET_EVERY = 1.0
+# Bytes of log a job keeps on the submitting node.
+MAX_LOG = 256 * 1024**2
 # Logins again to the same container before a rank counts as lost.
 _RECONNECTS = 3
 # Seconds between looks at the membership state of the nodes hosting ranks.
@@ -98,6 +100,7 @@ class JobRunner:
         self._views: dict[int, ContainerView] = {}
         self._saved_at: dict[int, float] = {}
         self._reconnects: dict[int, int] = {}
+        self._logged: int | None = None
         # Set by cancel(): the task's cancellation is the owner's, not the node stopping.
         self.cancelled = False
         # Set once the job is over and its containers are being removed: a cancel now
@@ -301,7 +304,7 @@ class JobRunner:
             placement = self._store.get(self.job_id).placements[rank]
 
             async def on_line(line: str, offset: int, rank: int = rank) -> None:
-                self._store.append_log(self.job_id, rank, line)
+                self._keep_line(rank, line)
                 self._save_offset(rank, offset)
 
             try:
@@ -364,6 +367,17 @@ class JobRunner:
         addresses = self._addresses(task)
         await self._sessions[rank].start(job_script(task, self._env(rank, addresses)))
         self._move(JobState.RUNNING, "")
+
+    def _keep_line(self, rank: int, line: str) -> None:
+        """Keep a rank's line, up to MAX_LOG bytes of log per job (then one note, no more)."""
+        if self._logged is None:
+            with contextlib.suppress(OSError):
+                self._logged = self._store.log_file(self.job_id).stat().st_size
+        size = self._logged = (self._logged or 0) + len(line) + 64
+        if size <= MAX_LOG:
+            self._store.append_log(self.job_id, rank, line)
+        elif size - len(line) - 64 <= MAX_LOG:
+            self.note(f"the log passed {MAX_LOG // 1024**2} MiB; further lines are not kept")
 
     def _save_offset(self, rank: int, offset: int, *, force: bool = False) -> None:
         now = time.monotonic()

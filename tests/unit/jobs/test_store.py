@@ -85,3 +85,17 @@ def test_the_log_reads_from_an_offset(store: JobStore) -> None:
     with store.log_file(job.id).open("ab") as file:
         file.write(b'{"rank": 0, "li')  # a line still being written
     assert store.read_log(job.id, offset) == ([], offset)
+
+
+def test_a_job_keeps_a_bounded_log(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2prc.jobs import runner
+
+    monkeypatch.setattr(runner, "MAX_LOG", 400)
+    job = store.create(parse_task({"run": "x"}))
+    jobs = runner.JobRunner(store, job.id, None, Path("key"), lambda task: ([], []))  # type: ignore[arg-type]
+    for number in range(20):
+        jobs._keep_line(0, f"line {number}")
+    lines = [line.line for line in store.read_log(job.id)[0]]
+    assert lines[0] == "line 0"
+    assert lines[-1] == "the log passed 0 MiB; further lines are not kept"
+    assert 2 < len(lines) < 20
