@@ -217,9 +217,12 @@ class AsyncClient(AsyncClosing):
         identity: Identity | None = None,
         audience: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float = 30.0,
+        timeout: float | httpx.Timeout = 30.0,
     ) -> None:
-        """``audience``: the node id expected at ``base_url``; requests are signed for it."""
+        """``audience``: the node id expected at ``base_url``; requests are signed for it.
+
+        ``timeout``: seconds (connecting gets at most 5 of them), or an ``httpx.Timeout``.
+        """
         self._home = home if isinstance(home, Home) else resolve_home(home)
         self.audience = audience
         self._local = base_url is None
@@ -236,7 +239,9 @@ class AsyncClient(AsyncClosing):
             auth=_SignatureAuth(identity, audience),
             transport=transport,
             verify=_pinned_context(pin) if pin is not None else True,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            timeout=timeout
+            if isinstance(timeout, httpx.Timeout)
+            else httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             trust_env=False,
         )
 

@@ -64,7 +64,7 @@ class Client(Closing):
         identity: Identity | None = None,
         audience: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float = 30.0,
+        timeout: float | httpx.Timeout = 30.0,
     ) -> None:
         self._runner = asyncio.Runner()
         try:

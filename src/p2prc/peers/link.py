@@ -102,10 +102,8 @@ class PeerLink:
             identity=self._identity,
             audience=target.node_id,
             transport=self._transport,
-            timeout=timeouts.request,
+            timeout=httpx.Timeout(timeouts.request, connect=timeouts.connect),
         )
-        # AsyncClient takes one number (connect: at most 5 s of it); config bounds each phase.
-        client._http.timeout = httpx.Timeout(timeouts.request, connect=timeouts.connect)
         async with client:
             yield client
 
