@@ -28,6 +28,7 @@ from .containers.store import ContainerStore
 from .containers.tracked import TrackedContainers
 from .errors import NodeAlreadyRunning, NodeError
 from .identity import Identity
+from .jobs.service import JobService, for_node
 from .peers.gossip import Gossip
 from .peers.link import PeerLink
 from .plugins.service import PluginRuns
@@ -119,6 +120,7 @@ class Node:
         self._link: PeerLink | None = None
         self._tracked: TrackedContainers | None = None
         self._plugin_runs: PluginRuns | None = None
+        self._jobs: JobService | None = None
         self._gossip: Gossip | None = None
         self._mapper: PortMapper | None = None
         self.relay: RelayServer | None = None
@@ -186,6 +188,11 @@ class Node:
     def plugin_runs(self) -> PluginRuns:
         """Groups, plugins and plugin runs of this node's owner."""
         return _running(self._plugin_runs, "The plugin service runs only while the node runs.")
+
+    @property
+    def jobs(self) -> JobService:
+        """Jobs this node submitted to its peers."""
+        return _running(self._jobs, "The job service runs only while the node runs.")
 
     @property
     def container_store(self) -> ContainerStore:
@@ -418,6 +425,9 @@ class Node:
                 self._components["lan"] = "ok"
 
         await self._start_mapper()
+        jobs = for_node(self, self._crash_handler("jobs"))
+        self._jobs = await self._stack.enter_async_context(jobs)
+        self._components["jobs"] = "ok"
 
     async def _detect_nat(self, gossip: Gossip) -> None:
         """Ask trusted peers to connect back to our API port (see ``NatState``)."""

@@ -16,28 +16,24 @@ from p2prc import AsyncClient, Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.cli import main
 from p2prc.jobs.client import JobsAPI
 from p2prc.jobs.models import JobState, JobView
-from p2prc.jobs.service import JobService, for_node
+from p2prc.jobs.service import JobService
 from p2prc.jobs.task import parse_task
 
 pytestmark = pytest.mark.docker
 
 
-class _JobNode(Node):
-    """A node with its job service, as node.py's hook will start it (the lead wires it)."""
-
-    jobs: JobService
-
-    async def _start_components(self) -> None:
-        await super()._start_components()
-        self.jobs = await self._stack.enter_async_context(for_node(self))
+@contextlib.asynccontextmanager
+async def _jobs(node: Node) -> AsyncIterator[JobService]:
+    """The node's own job service."""
+    yield node.jobs
 
 
 @contextlib.asynccontextmanager
-async def _submitter(home: Path) -> AsyncIterator[_JobNode]:
+async def _submitter(home: Path) -> AsyncIterator[Node]:
     config, identity = init_home(
         Home(home), NodeConfig(name=home.name, trust=TrustConfig(mode="open"))
     )
-    async with _JobNode(config, Home(home), identity=identity, host="127.0.0.1", port=0) as node:
+    async with Node(config, Home(home), identity=identity, host="127.0.0.1", port=0) as node:
         yield node
 
 
@@ -87,7 +83,7 @@ async def test_a_job_uploads_runs_and_brings_files_back(
                 "peers": [bob.api_url],
             }
         )
-        async with for_node(alice) as jobs:
+        async with _jobs(alice) as jobs:
             job = jobs.submit(task)
             done = await _finished(jobs, job)
             log = await _log(jobs, job.id)
@@ -127,7 +123,7 @@ async def test_three_ranks_on_two_peers_see_each_other(
                 "peers": [bob.api_url, carol.api_url],
             }
         )
-        async with for_node(alice) as jobs:
+        async with _jobs(alice) as jobs:
             job = jobs.submit(task)
             done = await _finished(jobs, job)
             assert done.state is JobState.SUCCEEDED, (done.reason, await _log(jobs, job.id))
@@ -163,7 +159,7 @@ async def test_cancel_stops_every_rank_and_removes_the_containers(
 ) -> None:
     async with node_factory("alice") as alice, node_factory("bob") as bob:
         task = parse_task({"run": "echo started; sleep 600", "nodes": 2, "peers": [bob.api_url]})
-        async with for_node(alice) as jobs:
+        async with _jobs(alice) as jobs:
             job = await _until_running(jobs, jobs.submit(task))
             assert len(_containers(docker_client, job)) == 2
             cancelled = await asyncio.wait_for(jobs.cancel(job.id), 60)
@@ -185,7 +181,7 @@ async def test_time_limit_and_out_of_memory_have_their_own_states(
                 "peers": [bob.api_url],
             }
         )
-        async with for_node(alice) as jobs:
+        async with _jobs(alice) as jobs:
             slow_job, hungry_job = jobs.submit(slow), jobs.submit(hungry)
             timed_out = await _finished(jobs, slow_job)
             oom = await _finished(jobs, hungry_job)
@@ -280,7 +276,7 @@ async def test_a_rank_whose_container_dies_is_retried_on_another_peer(
         peers = [bob.api_url, carol.api_url]
         task = parse_task({"run": command, "outputs": ["out"], "peers": peers, "retries": 1})
         once = parse_task({"run": "echo started; sleep 30", "peers": peers})
-        async with for_node(alice) as jobs:
+        async with _jobs(alice) as jobs:
             job = await _until_running(jobs, jobs.submit(task))
             first = job.placements[0].container
             assert first is not None
@@ -325,7 +321,7 @@ async def test_placement_from_the_table_and_a_peer_that_leaves(
                 raise AssertionError("alice never learnt of bob and carol")
             big = parse_task({"run": "true", "resources": {"cpus": 1000}})
             task = parse_task({"run": command, "outputs": ["out"], "retries": 1})
-            async with for_node(alice) as jobs:
+            async with _jobs(alice) as jobs:
                 refused = await _finished(jobs, jobs.submit(big))
                 assert refused.state is JobState.FAILED
                 assert "bob: " in refused.reason
