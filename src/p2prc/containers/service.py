@@ -26,6 +26,7 @@ from ..errors import (
     LimitExceeded,
     P2PRCError,
     QuotaExceeded,
+    validation_message,
 )
 from ..identity import b64decode
 from ..models import (
@@ -416,7 +417,9 @@ class ContainerService:
                 expires_at=plan.expires_at,
             )
         except ValidationError as exc:  # e.g. containers.user is not a POSIX user name
-            raise ContainerError(f"cannot describe container {info.id}: {exc}") from None
+            raise ContainerError(
+                f"cannot describe container {info.id}: {validation_message(exc)}"
+            ) from None
 
 
 def _check_ssh_host(host: str) -> None:

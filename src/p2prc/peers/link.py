@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import httpx
 
 from .._client_async import AsyncClient, is_address, peer_url
+from .._match import unique_peer
 from ..config import Timeouts
-from ..errors import InvalidRequest, PeerNotFound
 from ..identity import Identity
 from .table import Member, PeerTable
 
@@ -42,18 +42,10 @@ def resolve_peer(typed: str, members: Iterable[Member], me: str = "") -> PeerTar
             if member.record.api_url == url:
                 return PeerTarget(url, member.record.node_id)
         return PeerTarget(url, None)
-    if not text:
-        raise PeerNotFound("no peer given")
-    matches = [m for m in others if m.record.name == text]
-    if not matches:
-        prefix = text.lower()
-        matches = [m for m in others if m.record.node_id.startswith(prefix)]
-    if len(matches) > 1:
-        raise InvalidRequest(f"{typed!r} matches {len(matches)} peers; give more of the node id")
-    if not matches:
-        raise PeerNotFound(f"no peer named {typed!r} or with that id; see 'p2prc peers list'")
-    record = matches[0].record
-    return PeerTarget(record.api_url, record.node_id)
+    member = unique_peer(
+        text, others, ident=lambda m: m.record.node_id, name=lambda m: m.record.name
+    )
+    return PeerTarget(member.record.api_url, member.record.node_id)
 
 
 class PeerLink:
