@@ -586,6 +586,6 @@ def _path_part(text: str) -> str:
 
 
 def _identity_if_any(home: Home) -> Identity | None:
-    if not (home.identity_dir / "id_ed25519").exists():
+    if not home.identity_key.exists():
         return None
     return Identity.load(home.identity_dir)

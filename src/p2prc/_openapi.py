@@ -14,7 +14,7 @@ __all__ = ["openapi_document"]
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document of a node's API, independent of any one node."""
     from .api.app import create_app
-    from .config import NodeConfig
+    from .config import DEFAULT_PORT, NodeConfig
     from .identity import Identity
     from .state import State
 
@@ -22,7 +22,7 @@ def openapi_document() -> dict[str, Any]:
         identity = Identity.generate()
         config = NodeConfig(name="schema")
         home_path = Path(".")
-        port = 8088
+        port = DEFAULT_PORT
         started_at = 0.0
 
         def __init__(self, state: State) -> None:

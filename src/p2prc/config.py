@@ -32,6 +32,7 @@ from pydantic import (
 from .errors import ConfigError, validation_message
 
 __all__ = [
+    "DEFAULT_PORT",
     "ContainerConfig",
     "GossipConfig",
     "Home",
@@ -47,6 +48,8 @@ __all__ = [
     "save",
     "set_value",
 ]
+
+DEFAULT_PORT = 8088  # the original P2PRC port
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _NODE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -70,6 +73,16 @@ class Home:
     @property
     def identity_dir(self) -> Path:
         return self.path / "identity"
+
+    @property
+    def identity_key(self) -> Path:
+        """The node's private key, also the SSH key for its containers."""
+        return self.identity_dir / "id_ed25519"  # identity._PRIVATE_NAME
+
+    @property
+    def known_hosts(self) -> Path:
+        """The pinned SSH host keys of tracked containers."""
+        return self.path / "known_hosts"
 
     @property
     def state_file(self) -> Path:
@@ -96,7 +109,7 @@ class Home:
         for directory in (self.path, self.plugins_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
-        for file in (self.config_file, self.path / "known_hosts"):
+        for file in (self.config_file, self.known_hosts):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(file, 0o600)
 
@@ -278,7 +291,7 @@ class NodeConfig(_Section):
 
     name: str = Field(default_factory=lambda: _default_name())
     host: _Ip = "0.0.0.0"
-    port: int = Field(default=8088, ge=1, le=65535)
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
     bootstrap: list[str] = Field(default_factory=list)
     behind_nat: Literal["auto"] | bool = "auto"
     default_image: str = "p2prc/sshd:latest"
@@ -310,7 +323,7 @@ def _default_name() -> str:
     return f"{host}-{secrets.token_hex(3)}"
 
 
-def split_address(address: str, default_port: int = 8088) -> tuple[str, int]:
+def split_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``host:port``, ``[v6]:port`` or a bare host, as a (host, port) pair."""
     text = address.strip()
     host, port = text, default_port
@@ -484,7 +497,7 @@ def _original_peers(path: Path) -> list[str]:
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
             continue
-        port = str(entry.get("ServerPort") or "8088")
+        port = str(entry.get("ServerPort") or DEFAULT_PORT)
         if ipv4 := entry.get("IPV4"):
             address = f"{ipv4}:{port}"
         elif ipv6 := entry.get("IPV6"):

@@ -348,7 +348,7 @@ class Node:
         db, home = self.state.connection, self._home
         table = (lambda: self.gossip.table) if self._config.gossip.enabled else None
         self._link = PeerLink(self.identity, table, self._config.timeouts)
-        self._tracked = TrackedContainers(self._link, db, home.path / "known_hosts")
+        self._tracked = TrackedContainers(self._link, db, home.known_hosts)
         self._plugin_runs = PluginRuns(db, home, self._config.plugin_path, spawn=self.spawn)
 
     async def _start_components(self) -> None:

@@ -129,7 +129,7 @@ def pin_host_key(home: Home, view: ContainerView) -> None:
     """Write the host key the peer gave at creation to known_hosts (it is there already
     unless someone removed it)."""
     if view.ssh.host_key:
-        hostkeys.pin(home.path / "known_hosts", hostkeys.alias(view.id), view.ssh.host_key)
+        hostkeys.pin(home.known_hosts, hostkeys.alias(view.id), view.ssh.host_key)
 
 
 def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
@@ -139,7 +139,7 @@ def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
     return [
         "ssh",
         "-i",
-        str(home.identity_dir / "id_ed25519"),
+        str(home.identity_key),
         "-p",
         str(view.ssh.port),
         "-o",
@@ -147,7 +147,7 @@ def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
         "-o",
         f"StrictHostKeyChecking={checking}",
         "-o",
-        f"UserKnownHostsFile={home.path / 'known_hosts'}",
+        f"UserKnownHostsFile={home.known_hosts}",
         # Each container has its own host key; ports are reused by later containers.
         "-o",
         f"HostKeyAlias={hostkeys.alias(view.id)}",

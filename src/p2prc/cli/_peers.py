@@ -8,7 +8,7 @@ from rich.table import Table
 
 from .._match import unique_peer
 from ..client import Client, is_address, peer_url
-from ..config import load, set_value
+from ..config import DEFAULT_PORT, load, set_value
 from ..errors import NodeNotRunning
 from ..models import PeerView
 from ..node import init_home
@@ -44,7 +44,7 @@ def list_peers(options: Options) -> None:
 def add_peer(options: Options, address: str) -> None:
     """Remember a root node and exchange tables with it now if the node runs."""
     if not is_address(address):
-        address = f"{address}:8088"
+        address = f"{address}:{DEFAULT_PORT}"
     peer_url(address)  # validates
     init_home(options.home)
     bootstrap = load(options.home).bootstrap

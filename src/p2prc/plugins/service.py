@@ -60,8 +60,8 @@ class PluginRuns:
         self._containers = ContainerStore(db)
         self._runs = RunStore(db)
         self._plugins = PluginStore(Path(plugin_path) if plugin_path else home.plugins_dir)
-        self._key = home.identity_dir / "id_ed25519"
-        self._known_hosts = home.path / "known_hosts"
+        self._key = home.identity_key
+        self._known_hosts = home.known_hosts
         self._spawn = spawn
         self._runner = runner
 
