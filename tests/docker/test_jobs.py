@@ -340,3 +340,25 @@ async def test_placement_from_the_table_and_a_peer_that_leaves(
                 assert placement.container is not None
                 assert placement.container.peer == other.identity.node_id
                 assert any("membership declared" in line for line in log)
+
+
+async def test_a_rank_lost_while_the_submitter_was_down_is_retried(
+    node_factory: Any, docker_client: Any, tmp_path: Path
+) -> None:
+    command = "echo started; sleep 3; echo finished"
+    async with node_factory("bob") as bob, node_factory("carol") as carol:
+        peers = [bob.api_url, carol.api_url]
+        task = parse_task({"run": command, "peers": peers, "retries": 1})
+        async with _submitter(tmp_path / "alice") as alice:
+            job = await _until_running(alice.jobs, alice.jobs.submit(task))
+        first = job.placements[0].container
+        assert first is not None
+        docker_client.containers.get(first.id).remove(force=True)
+        async with _submitter(tmp_path / "alice") as alice:
+            done = await _finished(alice.jobs, job)
+            log = await _log(alice.jobs, job.id)
+            assert done.state is JobState.SUCCEEDED, (done.reason, log)
+            placement = done.placements[0]
+            assert placement.container is not None
+            assert placement.container.peer == carol.identity.node_id
+            assert "finished" in log

@@ -163,8 +163,16 @@ class JobRunner:
                 raise _Failed(JobState.FAILED, f"rank {placement.rank} was never placed")
             self._views[placement.rank] = placement.container
         self.note("the submitting node restarted; reattaching")
-        for rank, view in self._views.items():
-            self._sessions[rank] = await self._connect(view)
+        for placement in job.placements:
+            rank, view = placement.rank, self._views[placement.rank]
+            try:
+                self._sessions[rank] = await self._connect(view)
+            except PeerError as exc:
+                if placement.attempt >= job.task.retries:
+                    raise _Failed(JobState.FAILED, f"rank {rank} lost its peer: {exc}") from None
+                self.note(f"lost {placement.peer} ({exc}); retrying elsewhere", rank)
+                self._sessions[rank] = RankSession(view, self._key_file)  # closed: replaced
+                await self._retry(job.task, rank, placement)
         await self._follow_all(job.task)
 
     def _move(self, state: JobState, reason: str) -> None:
