@@ -259,9 +259,9 @@ def create_app(node: NodeView) -> FastAPI:
         node.close()
         return Health()
 
-    app.include_router(containers.router(node, verifier))
+    app.include_router(containers.router(node))
     app.include_router(peers.router(node))
-    app.include_router(plugins.router(node, verifier))
-    app.include_router(tunnel.router(node, verifier))
+    app.include_router(plugins.router(node))
+    app.include_router(tunnel.router(node))
     app.include_router(jobs.router(node, verifier))
     return app

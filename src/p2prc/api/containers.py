@@ -2,9 +2,9 @@
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from .._aio import Report
@@ -12,7 +12,6 @@ from ..containers.service import ContainerService, Progress
 from ..containers.tracked import TrackedContainers
 from ..errors import P2PRCError
 from ..models import (
-    CallerInfo,
     ContainerView,
     CreateContainer,
     CreateEvent,
@@ -21,7 +20,7 @@ from ..models import (
     TrackedContainer,
 )
 from ._stream import task_stream
-from .auth import RequestVerifier
+from .auth import Owner, Peer
 
 __all__ = ["ContainerNode", "router"]
 
@@ -38,11 +37,9 @@ class ContainerNode(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
 
 
-def router(node: ContainerNode, verifier: RequestVerifier) -> APIRouter:
+def router(node: ContainerNode) -> APIRouter:
     """Routes under /containers, /images and /tracked."""
     routes = APIRouter(tags=["containers"])
-    Peer = Annotated[CallerInfo, Depends(verifier.peer)]
-    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
 
     @routes.get("/images")
     async def images() -> ImageList:

@@ -1,12 +1,11 @@
 """Owner-only routes for groups of tracked containers and Ansible plugins."""
 
-from typing import Annotated, Protocol
+from typing import Protocol
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from ..models import (
-    CallerInfo,
     ContainerGroup,
     GroupMember,
     PluginEvent,
@@ -16,7 +15,7 @@ from ..models import (
 )
 from ..plugins.service import PluginRuns
 from ._stream import ndjson
-from .auth import RequestVerifier
+from .auth import Owner
 
 __all__ = ["PluginNode", "router"]
 
@@ -28,10 +27,9 @@ class PluginNode(Protocol):
     def plugin_runs(self) -> PluginRuns: ...
 
 
-def router(node: PluginNode, verifier: RequestVerifier) -> APIRouter:
+def router(node: PluginNode) -> APIRouter:
     """Routes under /groups, /plugins and /plugin-runs (all for the node's owner)."""
     routes = APIRouter(tags=["plugins"])
-    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
 
     @routes.post("/groups")
     async def create_group(caller: Owner) -> ContainerGroup:

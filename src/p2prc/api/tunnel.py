@@ -3,16 +3,16 @@
 import asyncio
 import contextlib
 import ipaddress
-from typing import Annotated, Protocol
+from typing import Protocol
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from ..config import NodeConfig
 from ..errors import InvalidRequest, NotFound
-from ..models import CallerInfo, MappedPort, MapPortRequest, Reachability, ReachabilityRequest
+from ..models import MappedPort, MapPortRequest, Reachability, ReachabilityRequest
 from ..peers.gossip import Gossip
 from ..tunnel.mapper import PortMapper
-from .auth import KeyRate, RequestVerifier
+from .auth import KeyRate, Owner, Peer, Signed
 
 __all__ = ["router"]
 
@@ -29,12 +29,9 @@ class TunnelNode(Protocol):
     def gossip(self) -> Gossip: ...
 
 
-def router(node: TunnelNode, verifier: RequestVerifier) -> APIRouter:
+def router(node: TunnelNode) -> APIRouter:
     """Routes under /map-port."""
     routes = APIRouter(tags=["tunnel"])
-    Peer = Annotated[CallerInfo, Depends(verifier.peer)]
-    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
-    Signed = Annotated[CallerInfo, Depends(verifier.authenticated)]
 
     @routes.post("/map-port")
     async def map_port(body: MapPortRequest, caller: Peer) -> MappedPort:
