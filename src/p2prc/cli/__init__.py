@@ -140,15 +140,22 @@ def images_command(
     dockerfile: Annotated[
         Path | None, typer.Option("--dockerfile", help="build: directory with a Dockerfile.")
     ] = None,
-    tag: Annotated[str | None, typer.Option("--tag", help="build: the image's name.")] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="build, bootstrap --packages: the image's name.")
+    ] = None,
+    packages: Annotated[
+        str | None,
+        typer.Option("--packages", help="bootstrap: extra Debian packages, a,b (offline)."),
+    ] = None,
 ) -> None:
     """Images a peer offers (the original --vi).
 
-    'images bootstrap' builds the default image; 'images build --dockerfile DIR --tag T'
-    builds your own and offers it to peers (they pick it with --image).
+    'images bootstrap' builds the default image; 'images bootstrap --offline --packages
+    povray --tag lab/render:1' builds one with extra Debian packages; 'images build
+    --dockerfile DIR --tag T' builds your own. Peers pick an offered image with --image.
     """
     if peer == "bootstrap":
-        bootstrap_images(options_of(ctx), offline=offline, force=force)
+        bootstrap_images(options_of(ctx), offline=offline, force=force, packages=packages, tag=tag)
     elif peer == "build":
         if dockerfile is None or tag is None:
             raise InvalidRequest("images build needs --dockerfile DIR and --tag NAME")

@@ -14,7 +14,7 @@ from ..client import Client
 from ..config import Home
 from ..containers import hostkeys
 from ..containers.store import pick_tracked
-from ..errors import InvalidRequest, validation_message
+from ..errors import ConfigError, InvalidRequest, validation_message
 from ..models import ContainerView, CreateContainer
 from ._common import Options, command, emit, err, options_of
 
@@ -172,13 +172,40 @@ def images(options: Options, peer: str) -> None:
     emit(options, result, table)
 
 
-def bootstrap_images(options: Options, *, offline: bool | None, force: bool) -> None:
-    """Build the default container image on this machine, offline if need be."""
-    from ..containers.images import DEFAULT_IMAGE, ensure_default_image
+def bootstrap_images(
+    options: Options,
+    *,
+    offline: bool | None,
+    force: bool,
+    packages: str | None = None,
+    tag: str | None = None,
+) -> None:
+    """Build the default container image on this machine, offline if need be; with
+    ``packages``, the image ``tag``: the default one plus those Debian packages, offline."""
+    from ..config import load
+    from ..containers.images import DEFAULT_IMAGE, ensure_default_image, ensure_package_image
 
-    with err.status(f"building {DEFAULT_IMAGE} (a first offline build takes minutes)"):
-        how = ensure_default_image(offline=offline, force=force)
-    emit(options, {"image": DEFAULT_IMAGE, "how": how}, f"{DEFAULT_IMAGE}: {how}")
+    if packages is None:
+        if tag is not None:
+            raise InvalidRequest("images bootstrap --tag needs --packages (the extra packages)")
+        with err.status(f"building {DEFAULT_IMAGE} (a first offline build takes minutes)"):
+            how = ensure_default_image(offline=offline, force=force)
+        emit(options, {"image": DEFAULT_IMAGE, "how": how}, f"{DEFAULT_IMAGE}: {how}")
+        return
+    if tag is None or offline is False:
+        raise InvalidRequest("images bootstrap --packages needs --tag NAME and builds offline")
+    with err.status(f"building {tag} offline with {packages} (minutes)"):
+        how = ensure_package_image(tag, packages.split(","), force=force)
+    try:
+        offered = load(options.home).containers.images
+    except ConfigError:
+        offered = [DEFAULT_IMAGE]
+    if tag in offered:
+        emit(options, {"image": tag, "how": how, "offered": True}, f"{tag}: {how} (offered)")
+        return
+    hint = json.dumps([*offered, tag])
+    text = f"{tag}: {how}; offer it: p2prc config set containers.images '{hint}'"
+    emit(options, {"image": tag, "how": how, "offered": False}, text)
 
 
 def build_image(options: Options, context: Path, tag: str) -> None:

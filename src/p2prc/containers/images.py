@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,16 @@ __all__ = [
     "DEFAULT_IMAGE",
     "IMAGE_VERSION",
     "apt_mirror",
+    "base_tag_for",
     "bootstrap_base",
     "build_default_image",
     "build_offered_image",
+    "debootstrap_command",
     "ensure_default_image",
+    "ensure_package_image",
     "image_exists",
     "image_version",
+    "package_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,8 +49,14 @@ BASE_OFFLINE = "p2prc/base:bookworm"
 # rebuilt on its base, e.g. for the entrypoint that needs no DAC_OVERRIDE.
 IMAGE_VERSION = "2"
 _VERSION_LABEL = "org.p2prc.image-version"
+# The extra Debian packages an image was bootstrapped with (sorted, comma-separated).
+_PACKAGES_LABEL = "org.p2prc.packages"
 _PACKAGES = ["openssh-server", "python3", "sudo", "ca-certificates", "iproute2", "procps"]
 _DEBIAN_PATH = re.compile(r"/debian/?$")
+# Debian policy 5.6.1: lower case letters, digits, '+', '-', '.'; two characters at least,
+# starting with a letter or digit. The names reach debootstrap as one argument, never a shell.
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{1,99}")
+_MAX_PACKAGES = 64
 
 
 def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
@@ -109,48 +120,87 @@ def image_exists(tag: str) -> bool:
 
 def image_version(tag: str) -> str | None:
     """The sshd layer version label of ``tag`` (None when absent or unlabelled)."""
+    version = _labels(tag).get(_VERSION_LABEL)
+    return str(version) if version is not None else None
+
+
+def _labels(tag: str) -> dict[str, Any]:
     import docker.errors
 
     client = _client()
     try:
         with _docker_errors():
-            labels = client.images.get(tag).labels or {}
+            return dict(client.images.get(tag).labels or {})
     except (docker.errors.ImageNotFound, ContainerError):
-        return None
+        return {}
     finally:
         client.close()
-    version = labels.get(_VERSION_LABEL)
-    return str(version) if version is not None else None
 
 
-def bootstrap_base(tag: str = BASE_OFFLINE, *, mirror: str | None = None) -> None:
-    """Build the base image offline: debootstrap a minimal bookworm and import it."""
+def package_names(text: str | Iterable[str]) -> list[str]:
+    """Extra Debian package names from ``a,b`` (or a list), checked, sorted, without repeats."""
+    words = text.split(",") if isinstance(text, str) else list(text)
+    names = sorted({word.strip() for word in words if word.strip()})
+    for name in names:
+        if not _PACKAGE_NAME.fullmatch(name):
+            raise InvalidRequest(f"{name!r} is not a Debian package name (like povray)")
+    if len(names) > _MAX_PACKAGES:
+        raise InvalidRequest(f"at most {_MAX_PACKAGES} extra packages")
+    return [name for name in names if name not in _PACKAGES]
+
+
+def base_tag_for(tag: str) -> str:
+    """The offline base an image with extra packages is built on: ``lab/render:1`` ->
+    ``lab/render-base:1``."""
+    if not re.match(IMAGE_REFERENCE, tag) or "@" in tag:
+        raise InvalidRequest(f"{tag!r} is not an image reference like lab/render:1")
+    name, colon, version = tag.rpartition(":")
+    if not colon or "/" in version:
+        name, version = tag, "latest"
+    return f"{name}-base:{version}"
+
+
+def debootstrap_command(root: Path, mirror: str, packages: Iterable[str] = ()) -> list[str]:
+    """The debootstrap argument list for a minbase bookworm with the default packages and
+    ``packages`` (checked by :func:`package_names`)."""
+    extra = package_names(list(packages))
+    if not mirror.startswith(("http://", "https://", "file:/")):
+        raise ContainerError(f"{mirror!r} is not a mirror URL")
+    return [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join([*_PACKAGES, *extra])}",
+        "bookworm",
+        str(root),
+        mirror,
+    ]
+
+
+def bootstrap_base(
+    tag: str = BASE_OFFLINE, *, mirror: str | None = None, packages: Iterable[str] = ()
+) -> None:
+    """Build a base image offline: debootstrap a minimal bookworm (plus ``packages``) and
+    import it."""
     if shutil.which("debootstrap") is None:
         raise ContainerError("debootstrap is not installed (apt-get install debootstrap)")
     if shutil.which("docker") is None:
         raise RuntimeUnavailable("the docker command is not installed")
+    extra = package_names(list(packages))
     mirror = mirror or apt_mirror()
     with tempfile.TemporaryDirectory(prefix="p2prc-rootfs-") as tmp:
         root = Path(tmp) / "root"
-        command = [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(_PACKAGES)}",
-            "bookworm",
-            str(root),
-            mirror,
-        ]
         log.info("debootstrap into %s", root)
-        _run(command, "debootstrap")
-        _import(root, tag)
+        _run(debootstrap_command(root, mirror, extra), "debootstrap")
+        _import(root, tag, extra)
 
 
-def _import(root: Path, tag: str) -> None:
+def _import(root: Path, tag: str, packages: list[str] | None = None) -> None:
     tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
     assert tar.stdout is not None
+    label = ["--change", f"LABEL {_PACKAGES_LABEL}={','.join(packages)}"] if packages else []
     try:
         result = subprocess.run(
-            ["docker", "import", "-", tag],
+            ["docker", "import", *label, "-", tag],
             stdin=tar.stdout,
             capture_output=True,
             text=True,
@@ -236,3 +286,25 @@ def ensure_default_image(*, offline: bool | None = None, force: bool = False) ->
         bootstrap_base()
     build_default_image(base)
     return "offline" if base == BASE_OFFLINE else "pulled"
+
+
+def ensure_package_image(tag: str, packages: Iterable[str], *, force: bool = False) -> str:
+    """Make sure ``tag`` exists as the default image plus Debian ``packages``, built offline
+    (debootstrap, import as its own base, the sshd layer); returns how (or 'present')."""
+    extra = package_names(list(packages))
+    if not extra:
+        raise InvalidRequest("name the extra packages, like --packages povray,imagemagick")
+    if tag == DEFAULT_IMAGE:
+        raise InvalidRequest(f"{DEFAULT_IMAGE} keeps the default packages; name yours with --tag")
+    base = base_tag_for(tag)
+    wanted = ",".join(extra)
+    if not force and _labels(tag).get(_PACKAGES_LABEL) == wanted:
+        if image_version(tag) == IMAGE_VERSION:
+            return "present"
+        log.info("rebuilding the sshd layer of %s on %s", tag, base)
+        build_default_image(base, tag)
+        return "updated"
+    if force or _labels(base).get(_PACKAGES_LABEL) != wanted:
+        bootstrap_base(base, packages=extra)
+    build_default_image(base, tag)
+    return "offline"
