@@ -138,7 +138,11 @@ def run_command(
         written = await api.download(job.id, to) if final.task.outputs else []
         return final, written
 
-    job, written = _call(options, work)
+    try:
+        job, written = _call(options, work)
+    except KeyboardInterrupt:
+        err.print("stopped following; the job runs on ('p2prc jobs cancel ID' stops it)")
+        raise typer.Exit(130) from None
     for path in written:
         err.print(f"  {path}", markup=False)
     if options.json or detach:

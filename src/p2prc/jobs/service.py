@@ -143,13 +143,15 @@ class JobService:
         offset = 0
         while True:
             final = self.store.get(job.id).final
-            lines, offset = self.store.read_log(job.id, offset)
-            for line in lines:
-                yield JobEvent(event="log", log=line)
+            while True:  # everything written so far, a bounded chunk at a time
+                lines, offset = self.store.read_log(job.id, offset)
+                if not lines:
+                    break
+                for line in lines:
+                    yield JobEvent(event="log", log=line)
             if final or not follow:
                 break
-            if not lines:
-                await asyncio.sleep(_POLL)
+            await asyncio.sleep(_POLL)
         yield JobEvent(event="finished", job=self.store.get(job.id))
 
 

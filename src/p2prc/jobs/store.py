@@ -24,6 +24,8 @@ __all__ = ["JobStore", "allowed", "check_job_id"]
 
 _JOB_ID = re.compile(r"^job[0-9a-f]{12}$")
 _PREFIX = re.compile(r"^[0-9a-z]{1,15}$")
+# Bytes of log read at once; a kept line is far shorter (ranks' lines are cut at 64 KiB).
+_READ_LIMIT = 1024 * 1024
 
 _NEXT: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.PLACING, JobState.FAILED, JobState.CANCELLED}),
@@ -145,12 +147,15 @@ class JobStore:
         with self.log_file(job_id).open("ab") as file:
             file.write(entry.model_dump_json().encode() + b"\n")
 
-    def read_log(self, job_id: str, offset: int = 0) -> tuple[list[LogLine], int]:
-        """The whole lines from byte ``offset`` on, and the offset after the last of them."""
+    def read_log(
+        self, job_id: str, offset: int = 0, limit: int = _READ_LIMIT
+    ) -> tuple[list[LogLine], int]:
+        """The whole lines in up to ``limit`` bytes from ``offset``, and the offset after
+        the last of them (a follower reads on from there)."""
         try:
             with self.log_file(job_id).open("rb") as file:
                 file.seek(offset)
-                data = file.read()
+                data = file.read(limit)
         except FileNotFoundError:
             return [], offset
         end = data.rfind(b"\n") + 1

@@ -99,3 +99,17 @@ def test_a_job_keeps_a_bounded_log(store: JobStore, monkeypatch: pytest.MonkeyPa
     assert lines[0] == "line 0"
     assert lines[-1] == "the log passed 0 MiB; further lines are not kept"
     assert 2 < len(lines) < 20
+
+
+def test_the_log_reads_in_bounded_chunks(store: JobStore) -> None:
+    job = store.create(parse_task({"run": "x"}))
+    for number in range(100):
+        store.append_log(job.id, 0, f"{number:04d}" * 20)
+    seen, offset = [], 0
+    while True:
+        lines, offset = store.read_log(job.id, offset, limit=1000)
+        if not lines:
+            break
+        assert len(lines) < 20
+        seen += lines
+    assert [line.line[:4] for line in seen] == [f"{n:04d}" for n in range(100)]
