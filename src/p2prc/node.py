@@ -15,10 +15,10 @@ import socket
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from ._aio import CrashHandler, TaskSet
+from ._closing import Component
 from .api import create_app
 from .api._server import ApiServer, api_server, bind_api
 from .config import Home, NodeConfig, atomic_write, join_address
@@ -94,7 +94,7 @@ class _NodeState(enum.Enum):
     CLOSED = 3
 
 
-class Node:
+class Node(Component):
     """One p2prc node.
 
     Usage::
@@ -305,18 +305,6 @@ class Node:
             self._home.runtime_file.unlink(missing_ok=True)
             self._unlock_home()
             log.info("node %s stopped", self._config.name)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         """Run a background task owned by the node; it is cancelled when the node closes."""

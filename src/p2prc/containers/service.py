@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
 from .._aio import CrashHandler, TaskSet, log_crash
+from .._closing import Component
 from ..config import NodeConfig, parse_duration, parse_size
 from ..errors import (
     ContainerError,
@@ -79,7 +80,7 @@ class CreatePlan:
     caller: CallerInfo
 
 
-class ContainerService:
+class ContainerService(Component):
     """Creates, lists and removes the containers peers run on this node."""
 
     def __init__(
@@ -121,13 +122,6 @@ class ContainerService:
     async def aclose(self) -> None:
         await self._tasks.cancel_all()
         await self._runtime.aclose()
-
-    async def __aenter__(self) -> ContainerService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     def offered_images(self) -> list[str]:
         return list(dict.fromkeys([self._config.default_image, *self._limits.images]))

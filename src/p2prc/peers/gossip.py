@@ -25,6 +25,7 @@ import psutil
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._client_async import peer_url
+from .._closing import Component
 from ..config import NodeConfig
 from ..errors import P2PRCError, PeerProtocolError
 from ..identity import Identity
@@ -77,7 +78,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         log.debug("gossip socket error: %s", exc)
 
 
-class Gossip:
+class Gossip(Component):
     """Knows the network: who is there, whether they are alive, and how far away."""
 
     def __init__(
@@ -187,13 +188,6 @@ class Gossip:
         await self._tasks.cancel_all()
         if self._transport is not None:
             self._transport.close()
-
-    async def __aenter__(self) -> Gossip:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     # Public operations ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._aio import CrashHandler, TaskSet, log_crash
+from .._closing import Component
 from ..config import join_address
 
 __all__ = ["SERVICE", "LanDiscovery"]
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 SERVICE = "_p2prc._tcp.local."
 
 
-class LanDiscovery:
+class LanDiscovery(Component):
     """Announces the node on the LAN and calls ``join(url)`` for each node found."""
 
     def __init__(
@@ -80,13 +81,6 @@ class LanDiscovery:
             await self._browser.async_cancel()
             await self._zeroconf.async_unregister_service(self._info)
         await self._zeroconf.async_close()
-
-    async def __aenter__(self) -> LanDiscovery:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def _resolve(self, zeroconf: Any, name: str) -> None:
         try:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from .._aio import CrashHandler, TaskSet, log_crash
+from .._closing import Component
 from ..config import NodeConfig, join_address
 from ..errors import DomainTaken, InvalidRequest, NotFound, OwnerOnly, P2PRCError, RelayUnavailable
 from ..identity import Identity
@@ -54,7 +55,7 @@ _RETRY_FIRST, _RETRY_MOST = 1.0, 30.0
 log = logging.getLogger(__name__)
 
 
-class PortMapper:
+class PortMapper(Component):
     """The node's published ports."""
 
     def __init__(
@@ -112,13 +113,6 @@ class PortMapper:
             self._api_tls.close()
         await close_quietly(*self._api_conns)
         self._api_conns.clear()
-
-    async def __aenter__(self) -> PortMapper:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     @property
     def behind_nat(self) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._aio import CrashHandler, TaskSet, log_crash
+from .._closing import Component
 from ..errors import DomainTaken, InvalidRequest, P2PRCError, TunnelProtocolError
 from ..identity import Identity, node_id_of, verify_signature
 from .domains import MAX_HEAD, normalize_domain, request_host
@@ -115,7 +116,7 @@ class _Route:
     released: float | None = None
 
 
-class RelayServer:
+class RelayServer(Component):
     """Accepts tunnel clients and serves their public ports."""
 
     def __init__(
@@ -202,13 +203,6 @@ class RelayServer:
         await close_quietly(*self._open)  # connections being forwarded end with the relay
         self._open.clear()
         await self._tasks.cancel_all()
-
-    async def __aenter__(self) -> RelayServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = FramedStream(reader, writer, FrameDecoder())
