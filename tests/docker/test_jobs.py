@@ -362,3 +362,15 @@ async def test_a_rank_lost_while_the_submitter_was_down_is_retried(
             assert placement.container is not None
             assert placement.container.peer == carol.identity.node_id
             assert "finished" in log
+
+
+async def test_a_failed_rank_stops_the_others(node_factory: Any, docker_client: Any) -> None:
+    command = 'if [ "$P2PRC_NODE_RANK" = 1 ]; then exit 3; fi; echo started; sleep 600'
+    async with node_factory("alice") as alice, node_factory("bob") as bob:
+        task = parse_task({"run": command, "nodes": 2, "peers": [bob.api_url]})
+        async with _jobs(alice) as jobs:
+            done = await asyncio.wait_for(jobs.wait(jobs.submit(task).id), 60)
+            assert done.state is JobState.FAILED
+            assert done.reason == "rank 1 exited with code 3"
+            assert any("stopping ranks 0" in line for line in await _log(jobs, done.id))
+            assert _containers(docker_client, done) == []

@@ -101,6 +101,7 @@ class JobRunner:
         self._saved_at: dict[int, float] = {}
         self._reconnects: dict[int, int] = {}
         self._logged: int | None = None
+        self._first_failure: int | None = None
         # Set by cancel(): the task's cancellation is the owner's, not the node stopping.
         self.cancelled = False
         # Set once the job is over and its containers are being removed: a cancel now
@@ -149,7 +150,7 @@ class JobRunner:
         self._move(JobState.PLACING, "placing")
         for rank in range(task.nodes):
             await self._place(task, rank, exclude=set())
-        await asyncio.gather(*(self._prepare(task, rank) for rank in range(task.nodes)))
+        await _together([self._prepare(task, rank) for rank in range(task.nodes)])
         addresses = self._addresses(task)
         for rank in range(task.nodes):
             await self._sessions[rank].start(job_script(task, self._env(rank, addresses)))
@@ -285,14 +286,15 @@ class JobRunner:
         codes: dict[int, tuple[int | None, bool]] = {}
         try:
             async with asyncio.timeout(remaining):
-                await asyncio.gather(*(self._follow(task, rank, codes) for rank in self._sessions))
+                await _together([self._follow(task, rank, codes) for rank in list(self._sessions)])
         except TimeoutError:
             for session in self._sessions.values():
                 await session.kill()
             await self._download(task)
             raise _Failed(JobState.TIMED_OUT, f"the time limit of {limit:g} s ran out") from None
         await self._download(task)
-        for rank in sorted(codes):
+        # The rank that failed first, then the others (stopped because of it).
+        for rank in sorted(codes, key=lambda rank: (rank != self._first_failure, rank)):
             code, oom = codes[rank]
             if oom and code != 0:
                 memory = task.resources.memory or "the peer's default"
@@ -319,6 +321,9 @@ class JobRunner:
                 offset = await self._watched(rank, session.follow(placement.log_offset, on_line))
                 self._save_offset(rank, offset, force=True)
                 codes[rank] = await session.exit_code()
+                if codes[rank][0] != 0 and self._first_failure is None:
+                    self._first_failure = rank
+                    await self._stop_others(rank)
                 done = self._store.get(self.job_id).placements[rank]
                 self._store.set_placement(
                     self.job_id, done.model_copy(update={"exit_code": codes[rank][0]})
@@ -331,6 +336,14 @@ class JobRunner:
                     raise _Failed(JobState.FAILED, f"rank {rank} lost its peer: {exc}") from None
                 self.note(f"lost {placement.peer} ({exc}); retrying elsewhere", rank)
             await self._retry(task, rank, placement)
+
+    async def _stop_others(self, failed: int) -> None:
+        """One rank failed: the others are stopped (a rank waiting on it would hang)."""
+        others = [r for r in self._sessions if r != failed]
+        if others:
+            self.note(f"rank {failed} failed; stopping ranks {', '.join(map(str, others))}")
+        for rank in others:
+            await self._sessions[rank].kill()
 
     async def _watched(self, rank: int, work: Coroutine[Any, Any, T]) -> T:
         """``work``, unless membership declares the rank's hosting node dead first."""
@@ -425,6 +438,17 @@ class JobRunner:
             except P2PRCError as exc:
                 self.note(f"could not remove container {view.id}: {exc}", rank)
         self._views.clear()
+
+
+async def _together(work: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``work`` at once; the first failure cancels the rest (and waits for them)."""
+    tasks = [asyncio.ensure_future(item) for item in work]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _tree_size(folder: str) -> int:
