@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._aio import CrashHandler, TaskSet, log_crash
+from .._closing import Component
 from ..errors import P2PRCError, RelayUnavailable, TunnelError, TunnelProtocolError, error_class
 from ..identity import Identity
 from .frames import FrameDecoder
@@ -70,7 +71,7 @@ _HEARTBEAT = 3.0
 log = logging.getLogger(__name__)
 
 
-class TunnelClient:
+class TunnelClient(Component):
     """Exposes local TCP ports on a relay's public ports."""
 
     def __init__(
@@ -198,13 +199,6 @@ class TunnelClient:
         await self._tasks.cancel_all()
         if self._control is not None:
             await close_quietly(self._control.writer)
-
-    async def __aenter__(self) -> TunnelClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def _connect(self) -> FramedStream:
         try:
