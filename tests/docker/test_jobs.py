@@ -217,6 +217,26 @@ async def test_the_cli_and_the_library_on_a_real_node(
         job_id = listed[0]["id"]
         assert await asyncio.to_thread(_cli, "--home", home, "jobs", "logs", job_id) == 0
         assert "(0) done -ls" in capsys.readouterr().out
+        assert await asyncio.to_thread(_cli, "--home", home, "jobs", "show", job_id[:7]) == 0
+        shown = capsys.readouterr().out
+        assert f"{job_id}  succeeded" in shown
+        assert "rank 0: " in shown
+        again = tmp_path / "again"
+        code = await asyncio.to_thread(
+            _cli, "--home", home, "jobs", "results", job_id, "--to", str(again)
+        )
+        assert code == 0
+        assert (again / "out" / "upper.txt").read_text() == "ABC\n"
+        assert await asyncio.to_thread(_cli, "--home", home, "jobs", "cancel", job_id) == 0
+        assert f"{job_id} succeeded" in capsys.readouterr().out  # a finished job stays so
+        code = await asyncio.to_thread(
+            _cli, "--home", home, "run", "--detach", "--peer", bob.api_url, "--", "sleep", "600"
+        )
+        detached = capsys.readouterr().out.strip()
+        assert code == 0
+        assert detached.startswith("job")
+        assert await asyncio.to_thread(_cli, "--home", home, "jobs", "cancel", detached) == 0
+        assert f"{detached} cancelled" in capsys.readouterr().out
         failing = await asyncio.to_thread(
             _cli, "--home", home, "run", "--peer", bob.api_url, "--", "sh", "-c", "exit 3"
         )

@@ -189,3 +189,13 @@ async def test_a_cancel_while_placing_removes_the_container_the_peer_made(
         final = await asyncio.wait_for(cancelling, 5)
     assert final.state is JobState.CANCELLED
     assert host.removed == ["0123456789ab"]
+
+
+def test_a_node_naming_results_outside_is_refused(tmp_path: Path) -> None:
+    from p2prc.errors import PeerProtocolError
+    from p2prc.jobs.client import _local
+
+    assert _local(tmp_path, "a/b.txt") == tmp_path / "a" / "b.txt"
+    for bad in ("../x", "/etc/passwd", "a/../../x", "", "."):
+        with pytest.raises(PeerProtocolError):
+            _local(tmp_path, bad)
