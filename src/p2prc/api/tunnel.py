@@ -1,7 +1,5 @@
 """Port mapping routes: publish a local port of this node (the original /MAPPort, signed)."""
 
-import asyncio
-import contextlib
 import ipaddress
 from typing import Protocol
 
@@ -12,6 +10,7 @@ from ..errors import InvalidRequest, NotFound
 from ..models import MappedPort, MapPortRequest, Reachability, ReachabilityRequest
 from ..peers.gossip import Gossip
 from ..tunnel.mapper import PortMapper
+from ..tunnel.streams import connects
 from .auth import KeyRate, Owner, Peer, Signed
 
 __all__ = ["router"]
@@ -54,8 +53,8 @@ def router(node: TunnelNode) -> APIRouter:
         host = request.client.host if request.client else ""
         port = _dial_back_port(node, caller.node_id, host, body.port)
         dial_backs.hit(caller.node_id)
-        connects = await _connects(host, port, node.config.timeouts.connect)
-        return Reachability(address=host, port=port, reachable=connects)
+        reachable = await connects(host, port, node.config.timeouts.connect)
+        return Reachability(address=host, port=port, reachable=reachable)
 
     @routes.get("/map-port")
     async def mappings(caller: Owner) -> list[MappedPort]:
@@ -100,17 +99,3 @@ def _is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
-
-
-async def _connects(host: str, port: int, connect: float) -> bool:
-    if not host:
-        return False
-    try:
-        async with asyncio.timeout(connect):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True

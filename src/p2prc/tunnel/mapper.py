@@ -20,7 +20,6 @@ certificate, so callers pin the node id and the relay can neither read nor chang
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Collection
@@ -40,7 +39,7 @@ from .domains import normalize_domain
 from .listeners import loopback_only, read_listening
 from .nat import NatState
 from .relay import RelayServer
-from .streams import close_quietly, pipe
+from .streams import close_quietly, connects, pipe
 from .tls import server_context
 
 __all__ = ["PortMapper"]
@@ -144,7 +143,7 @@ class PortMapper(Component):
                     f"local port {port} is not a TCP port of your containers on this node"
                     " that listens beyond loopback"
                 )
-        elif not udp and not await _listening(port, self._timeouts.connect):
+        elif not udp and not await connects("127.0.0.1", port, self._timeouts.connect):
             raise InvalidRequest(f"nothing listens on local port {port}")
         await self._nat_settled()
         async with self._lock:
@@ -161,7 +160,7 @@ class PortMapper(Component):
         addresses = await asyncio.to_thread(read_listening, port)
         if addresses is None or loopback_only(addresses):
             return False
-        return await _listening(port, self._timeouts.connect)
+        return await connects("127.0.0.1", port, self._timeouts.connect)
 
     def _owner(self, port: int, udp: bool) -> str | None:
         """Who mapped ``port`` ('' for the owner), ``None`` when it is not mapped."""
@@ -420,18 +419,6 @@ class PortMapper(Component):
                     await self._gossip.refresh()  # learn of relays we do not know yet
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MOST)
-
-
-async def _listening(port: int, connect: float) -> bool:
-    try:
-        async with asyncio.timeout(connect):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 def _mapped(

@@ -1,4 +1,4 @@
-"""Framed messages over asyncio streams, and a pipe between two plain sockets."""
+"""Framed messages over asyncio streams, a pipe between two plain sockets, and a probe."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ __all__ = [
     "CLOSE_WAIT",
     "FramedStream",
     "close_quietly",
+    "connects",
     "pipe",
 ]
 
@@ -103,3 +104,16 @@ async def close_quietly(*writers: asyncio.StreamWriter) -> None:
                 wait.cancel()
             elif not wait.cancelled():
                 wait.exception()  # retrieved: OSError, SSL errors of a connection gone anyway
+
+
+async def connects(host: str, port: int, within: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``within`` seconds."""
+    if not host:
+        return False
+    try:
+        async with asyncio.timeout(within):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    await close_quietly(writer)
+    return True
