@@ -150,6 +150,8 @@ class Node(Component):
         where = f"{self._host}:{self._port}" if self._port else "not listening"
         return f"<Node {self._config.name} [{self._lifecycle.name.lower()} | {where}]>"
 
+    # Twins on purpose: one typed property per part of the running node (the check is in
+    # _running), so each router's Protocol and mypy see the part's own type.
     @property
     def config(self) -> NodeConfig:
         return self._config

@@ -30,6 +30,7 @@ class PluginNode(Protocol):
 def router(node: PluginNode) -> APIRouter:
     """Routes under /groups, /plugins and /plugin-runs (all for the node's owner)."""
     routes = APIRouter(tags=["plugins"])
+    # Twins on purpose: each route is one call into node.plugin_runs, of one shape.
 
     @routes.post("/groups")
     async def create_group(caller: Owner) -> ContainerGroup:

@@ -152,6 +152,8 @@ def _key(data: Mapping[str, object], key: str, size: int) -> bytes:
     return raw
 
 
+# Twins on purpose: each message below spells out its own to_map / from_map, so the wire
+# format and the type and size check of every field stand in one place per message.
 class _Message:
     __slots__ = ()
     TYPE: ClassVar[MessageType]
