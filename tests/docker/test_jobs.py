@@ -84,7 +84,7 @@ async def test_a_job_uploads_runs_and_brings_files_back(
             }
         )
         async with _jobs(alice) as jobs:
-            job = jobs.submit(task)
+            job = await jobs.submit(task)
             done = await _finished(jobs, job)
             log = await _log(jobs, job.id)
             assert done.state is JobState.SUCCEEDED, (done.reason, log)
@@ -124,7 +124,7 @@ async def test_three_ranks_on_two_peers_see_each_other(
             }
         )
         async with _jobs(alice) as jobs:
-            job = jobs.submit(task)
+            job = await jobs.submit(task)
             done = await _finished(jobs, job)
             assert done.state is JobState.SUCCEEDED, (done.reason, await _log(jobs, job.id))
             hosts = [p.container.peer for p in done.placements if p.container is not None]
@@ -160,7 +160,7 @@ async def test_cancel_stops_every_rank_and_removes_the_containers(
     async with node_factory("alice") as alice, node_factory("bob") as bob:
         task = parse_task({"run": "echo started; sleep 600", "nodes": 2, "peers": [bob.api_url]})
         async with _jobs(alice) as jobs:
-            job = await _until_running(jobs, jobs.submit(task))
+            job = await _until_running(jobs, await jobs.submit(task))
             assert len(_containers(docker_client, job)) == 2
             cancelled = await asyncio.wait_for(jobs.cancel(job.id), 60)
             assert cancelled.state is JobState.CANCELLED
@@ -182,7 +182,7 @@ async def test_time_limit_and_out_of_memory_have_their_own_states(
             }
         )
         async with _jobs(alice) as jobs:
-            slow_job, hungry_job = jobs.submit(slow), jobs.submit(hungry)
+            slow_job, hungry_job = await jobs.submit(slow), await jobs.submit(hungry)
             timed_out = await _finished(jobs, slow_job)
             oom = await _finished(jobs, hungry_job)
             assert timed_out.state is JobState.TIMED_OUT, timed_out.reason
@@ -271,7 +271,7 @@ async def test_a_restarted_submitter_reattaches(
     async with node_factory("bob") as bob:
         task = parse_task({"run": command, "outputs": ["out"], "peers": [bob.api_url]})
         async with _submitter(tmp_path / "alice") as alice:
-            job = await _until_running(alice.jobs, alice.jobs.submit(task))
+            job = await _until_running(alice.jobs, await alice.jobs.submit(task))
         assert len(_containers(docker_client, job)) == 1  # left running for the next start
         async with _submitter(tmp_path / "alice") as alice:
             done = await _finished(alice.jobs, job)
@@ -297,7 +297,7 @@ async def test_a_rank_whose_container_dies_is_retried_on_another_peer(
         task = parse_task({"run": command, "outputs": ["out"], "peers": peers, "retries": 1})
         once = parse_task({"run": "echo started; sleep 30", "peers": peers})
         async with _jobs(alice) as jobs:
-            job = await _until_running(jobs, jobs.submit(task))
+            job = await _until_running(jobs, await jobs.submit(task))
             first = job.placements[0].container
             assert first is not None
             assert first.peer == bob.identity.node_id
@@ -313,7 +313,7 @@ async def test_a_rank_whose_container_dies_is_retried_on_another_peer(
             assert _containers(docker_client, done) == []
 
             # Without retries left, the job fails and says why.
-            job = await _until_running(jobs, jobs.submit(once))
+            job = await _until_running(jobs, await jobs.submit(once))
             view = job.placements[0].container
             assert view is not None
             docker_client.containers.get(view.id).remove(force=True)
@@ -342,11 +342,11 @@ async def test_placement_from_the_table_and_a_peer_that_leaves(
             big = parse_task({"run": "true", "resources": {"cpus": 1000}})
             task = parse_task({"run": command, "outputs": ["out"], "retries": 1})
             async with _jobs(alice) as jobs:
-                refused = await _finished(jobs, jobs.submit(big))
+                refused = await _finished(jobs, await jobs.submit(big))
                 assert refused.state is JobState.FAILED
                 assert "bob: " in refused.reason
                 assert "cores < 1000" in refused.reason
-                job = await _until_running(jobs, jobs.submit(task))
+                job = await _until_running(jobs, await jobs.submit(task))
                 first = job.placements[0]
                 assert first.container is not None
                 host = bob if first.container.peer == bob.identity.node_id else carol
@@ -370,7 +370,7 @@ async def test_a_rank_lost_while_the_submitter_was_down_is_retried(
         peers = [bob.api_url, carol.api_url]
         task = parse_task({"run": command, "peers": peers, "retries": 1})
         async with _submitter(tmp_path / "alice") as alice:
-            job = await _until_running(alice.jobs, alice.jobs.submit(task))
+            job = await _until_running(alice.jobs, await alice.jobs.submit(task))
         first = job.placements[0].container
         assert first is not None
         docker_client.containers.get(first.id).remove(force=True)
@@ -389,7 +389,7 @@ async def test_a_failed_rank_stops_the_others(node_factory: Any, docker_client: 
     async with node_factory("alice") as alice, node_factory("bob") as bob:
         task = parse_task({"run": command, "nodes": 2, "peers": [bob.api_url]})
         async with _jobs(alice) as jobs:
-            done = await asyncio.wait_for(jobs.wait(jobs.submit(task).id), 60)
+            done = await asyncio.wait_for(jobs.wait((await jobs.submit(task)).id), 60)
             assert done.state is JobState.FAILED
             assert done.reason == "rank 1 exited with code 3"
             assert any("stopping ranks 0" in line for line in await _log(jobs, done.id))

@@ -37,7 +37,7 @@ def router(node: object, verifier: RequestVerifier) -> APIRouter:
     @routes.post("/jobs")
     async def submit(body: Task, caller: Owner) -> JobView:
         """Start a job; answers at once with its id (follow it with /jobs/{id}/logs)."""
-        return jobs().submit(body)
+        return await jobs().submit(body)
 
     @routes.get("/jobs")
     async def list_jobs(caller: Owner) -> list[JobView]:

@@ -77,12 +77,12 @@ class JobService:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def submit(self, task: Task) -> JobView:
-        """Record a job and start it; returns at once."""
+    async def submit(self, task: Task) -> JobView:
+        """Record a job and start it; returns once it is recorded."""
         if task.workdir is not None:
             if not Path(task.workdir).is_absolute():
                 raise InvalidRequest("workdir must be an absolute path on the node's machine")
-            check_workdir(Path(task.workdir))
+            await asyncio.to_thread(check_workdir, Path(task.workdir))
         job = self.store.create(task)
         self.store.append_log(job.id, None, f"submitted: {task.nodes} rank(s)")
         self._spawn(job.id)

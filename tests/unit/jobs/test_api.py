@@ -138,7 +138,7 @@ async def test_placement_skips_peers_that_refuse(tmp_path: Path, fake_node: Fake
     store = JobStore(fake_node.state.connection, tmp_path / "jobs")
     service = JobService(store, host, tmp_path / "key", lambda task: ([], []))
     async with service:
-        job = service.submit(parse_task({"run": "x", "peers": ["carol", "dave"]}))
+        job = await service.submit(parse_task({"run": "x", "peers": ["carol", "dave"]}))
         final = await asyncio.wait_for(service.wait(job.id), 10)
     assert host.asked == ["carol", "dave"]
     assert final.state is JobState.FAILED
@@ -180,7 +180,7 @@ async def test_a_cancel_while_placing_removes_the_container_the_peer_made(
     host = _SlowHost(view)
     store = JobStore(fake_node.state.connection, tmp_path / "jobs")
     async with JobService(store, host, tmp_path / "key", lambda task: ([], [])) as service:
-        job = service.submit(parse_task({"run": "x", "peers": ["bob"]}))
+        job = await service.submit(parse_task({"run": "x", "peers": ["bob"]}))
         await asyncio.wait_for(host.asked.wait(), 5)
         cancelling = asyncio.ensure_future(service.cancel(job.id))
         await asyncio.sleep(0.05)
