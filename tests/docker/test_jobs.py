@@ -394,3 +394,30 @@ async def test_a_failed_rank_stops_the_others(node_factory: Any, docker_client: 
             assert done.reason == "rank 1 exited with code 3"
             assert any("stopping ranks 0" in line for line in await _log(jobs, done.id))
             assert _containers(docker_client, done) == []
+
+
+async def test_a_container_is_entered_only_with_its_pinned_host_key(
+    node_factory: Any, docker_client: Any, tmp_path: Path
+) -> None:
+    from p2prc.errors import PeerUnreachable
+    from p2prc.identity import Identity
+    from p2prc.jobs.remote import RankSession
+
+    async with node_factory("alice") as alice, node_factory("bob") as bob:
+        task = parse_task({"run": "true", "peers": [bob.api_url], "keep": True})
+        async with _jobs(alice) as jobs:
+            done = await _finished(jobs, await jobs.submit(task))
+        view = done.placements[0].container
+        assert view is not None
+        assert len(_containers(docker_client, done)) == 1  # kept
+        key = tmp_path / "alice" / "identity" / "id_ed25519"
+        async with RankSession(view, key) as session:
+            assert await session.exit_code() == (0, False)
+        other = Identity.generate().openssh_public_key("x")
+        forged = view.model_copy(update={"ssh": view.ssh.model_copy(update={"host_key": other})})
+        with pytest.raises(PeerUnreachable, match="cannot log in"):
+            await RankSession(forged, key).connect()
+        blind = view.model_copy(update={"ssh": view.ssh.model_copy(update={"host_key": ""})})
+        with pytest.raises(PeerUnreachable, match="without an SSH host key"):
+            RankSession(blind, key)
+        await alice.tracked.remove(view.id)
