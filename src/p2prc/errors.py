@@ -13,6 +13,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- RequestTooLarge         too_large (413)
     +-- NotFound                    not_found (404)
     |   +-- PeerNotFound            peer_not_found (404): no record has that name or id
+    |   +-- JobNotFound             job_not_found (404): the node submitted no such job
     +-- NodeError                   node_error (500)
     |   +-- NodeNotRunning          node_not_running (503)
     |   +-- NodeAlreadyRunning      node_already_running (409)
@@ -37,6 +38,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- LimitExceeded           limit_exceeded (422)
     |   +-- QuotaExceeded           quota_exceeded (429)
     +-- PluginError                 plugin_error (422)
+    +-- JobError                    job_error (409): the job cannot do that in its state
     +-- TunnelError                 tunnel_error (502)
     |   +-- TunnelProtocolError     tunnel_protocol_error (502)
     |   +-- RelayUnavailable        relay_unavailable (503)
@@ -68,6 +70,8 @@ __all__ = [
     "IdentityError",
     "ImageNotFound",
     "InvalidRequest",
+    "JobError",
+    "JobNotFound",
     "LimitExceeded",
     "NodeAlreadyRunning",
     "NodeError",
@@ -163,6 +167,12 @@ class PeerNotFound(NotFound):
     """No peer in the signed table has that name or node id prefix (never a DNS name)."""
 
     code = "peer_not_found"
+
+
+class JobNotFound(NotFound):
+    """The node submitted no job with that id (or prefix)."""
+
+    code = "job_not_found"
 
 
 class NodeError(P2PRCError):
@@ -326,6 +336,13 @@ class PluginError(P2PRCError):
 
     status = 422
     code = "plugin_error"
+
+
+class JobError(P2PRCError):
+    """The job cannot do that in its state (no results yet, say)."""
+
+    status = 409
+    code = "job_error"
 
 
 class TunnelError(P2PRCError):

@@ -25,7 +25,6 @@ from ..errors import (
     P2PRCError,
     PeerError,
     PeerNotFound,
-    PeerUnreachable,
 )
 from ..models import ContainerView, CreateContainer
 from .models import JobState, JobView, RankPlacement
@@ -65,8 +64,11 @@ class ContainerHost(Protocol):
 FindPeers = Callable[[Task], tuple[list[Candidate], list[str]]]
 
 
-class _PeerGone(PeerUnreachable):
-    """Membership declared the rank's hosting node dead: no use logging in again."""
+class _PeerGone(Exception):
+    """Membership declared the rank's hosting node dead: no use logging in again.
+
+    Internal, outside the P2PRCError tree: it never leaves the runner (``_follow``
+    catches it with the peer errors and retries the rank or fails the job)."""
 
 
 class _Failed(Exception):
@@ -329,7 +331,7 @@ class JobRunner:
                     self.job_id, done.model_copy(update={"exit_code": codes[rank][0]})
                 )
                 return
-            except PeerError as exc:
+            except (PeerError, _PeerGone) as exc:
                 if not isinstance(exc, _PeerGone) and await self._reconnect(rank):
                     continue
                 if placement.attempt >= task.retries:

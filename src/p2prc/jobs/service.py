@@ -11,7 +11,7 @@ from typing import Protocol
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from ..config import NodeConfig
-from ..errors import InvalidRequest, NotFound, P2PRCError
+from ..errors import InvalidRequest, JobError, P2PRCError
 from ..identity import Identity
 from ..peers.gossip import Gossip
 from ..peers.table import MemberState
@@ -134,7 +134,7 @@ class JobService:
         job = self.store.get(job_id)
         folder = self.store.results_dir(job.id)
         if not folder.is_dir():
-            raise NotFound(f"job {job.id} has no results (yet)")
+            raise JobError(f"job {job.id} has no results (yet)")
         return folder
 
     async def events(self, job_id: str, *, follow: bool = False) -> AsyncIterator[JobEvent]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..errors import InvalidRequest, NotFound, StateError
+from ..errors import InvalidRequest, JobNotFound, StateError
 from .models import FINAL_STATES, JobState, JobView, LogLine, RankPlacement
 from .task import Task
 
@@ -91,7 +91,7 @@ class JobStore:
             f"SELECT {_COLUMNS} FROM jobs WHERE id LIKE ? ORDER BY created_at", (f"{typed}%",)
         ).fetchall()
         if not rows:
-            raise NotFound(f"no job {typed!r}; see 'p2prc jobs list'")
+            raise JobNotFound(f"no job {typed!r}; see 'p2prc jobs list'")
         if len(rows) > 1:
             raise InvalidRequest(f"{typed!r} matches {len(rows)} jobs; give more of the id")
         return _job(rows[0])

@@ -12,7 +12,7 @@ import pytest
 
 from p2prc.api import create_app
 from p2prc.client import AsyncClient
-from p2prc.errors import InvalidRequest, NotFound, NotTrusted, OwnerOnly, QuotaExceeded
+from p2prc.errors import InvalidRequest, JobNotFound, NotFound, NotTrusted, OwnerOnly, QuotaExceeded
 from p2prc.identity import Identity
 from p2prc.jobs.client import JobsAPI
 from p2prc.jobs.models import JobState
@@ -50,11 +50,11 @@ async def test_a_job_without_peers_fails_with_the_reason(api: JobsAPI) -> None:
 
 
 async def test_unknown_jobs_and_bad_ids(api: JobsAPI) -> None:
-    with pytest.raises(NotFound):
+    with pytest.raises(JobNotFound):
         await api.get("jobffffffffffff")
     with pytest.raises(InvalidRequest):
         await api.get("../etc")
-    with pytest.raises(NotFound):
+    with pytest.raises(JobNotFound):
         await api.results("jobffffffffffff")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from p2prc.errors import InvalidRequest, NotFound
+from p2prc.errors import InvalidRequest, JobNotFound
 from p2prc.jobs.models import FINAL_STATES, JobState, RankPlacement
 from p2prc.jobs.store import JobStore, allowed, check_job_id
 from p2prc.jobs.task import parse_task
@@ -35,7 +35,7 @@ def test_lookups_that_fail(store: JobStore) -> None:
     store.create(parse_task({"run": "x"}))
     with pytest.raises(InvalidRequest, match="matches 2 jobs"):
         store.get("job")
-    with pytest.raises(NotFound):
+    with pytest.raises(JobNotFound):
         store.get("jobffffffffffff")
     for bad in ("../x", "job%", "", "a" * 40):
         with pytest.raises(InvalidRequest):
