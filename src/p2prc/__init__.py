@@ -20,6 +20,8 @@ from .errors import (
     IdentityError,
     ImageNotFound,
     InvalidRequest,
+    JobError,
+    JobNotFound,
     LimitExceeded,
     NodeAlreadyRunning,
     NodeError,
@@ -46,6 +48,9 @@ from .errors import (
     WrongAudience,
 )
 from .identity import Identity
+from .jobs.client import Job, JobsAPI
+from .jobs.models import JobState, JobView
+from .jobs.task import Task, load_task
 from .models import (
     CallerInfo,
     ContainerGroup,
@@ -90,6 +95,12 @@ __all__ = [
     "ImageList",
     "ImageNotFound",
     "InvalidRequest",
+    "Job",
+    "JobError",
+    "JobNotFound",
+    "JobState",
+    "JobView",
+    "JobsAPI",
     "LimitExceeded",
     "MappedPort",
     "Node",
@@ -121,6 +132,7 @@ __all__ = [
     "Specs",
     "StateError",
     "SyncResult",
+    "Task",
     "Timeouts",
     "TrackedContainer",
     "TrustConfig",
@@ -128,4 +140,5 @@ __all__ = [
     "WrongAudience",
     "__version__",
     "init_home",
+    "load_task",
 ]

@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -62,6 +62,10 @@ from .models import (
     TrackedContainer,
 )
 
+if TYPE_CHECKING:
+    from .jobs.client import Job, JobsAPI
+    from .jobs.task import Task
+
 __all__ = ["AsyncClient", "ProgressCallback", "is_address", "local_api_url", "peer_url"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -100,8 +104,7 @@ def _pinned(base_url: str, audience: str | None) -> tuple[str, str | None]:
     named = url.username
     if named and audience is not None and named != audience:
         raise WrongNode(f"{base_url} names node {named}, not {audience}")
-    pin = named or audience
-    return (str(url.copy_with(username=None, password=None)).rstrip("/"), pin or None)
+    return (str(url.copy_with(username=None, password=None)).rstrip("/"), named or audience or None)
 
 
 def _pinned_context(node_id: str) -> ssl.SSLContext:
@@ -121,8 +124,7 @@ def is_address(text: str) -> bool:
 def local_api_url(home: Home) -> str:
     """The API address the running node of ``home`` wrote down."""
     try:
-        info = json.loads(home.runtime_file.read_text())
-        return str(info["api"])
+        return str(json.loads(home.runtime_file.read_text())["api"])
     except (OSError, ValueError, KeyError, TypeError):
         raise NodeNotRunning(
             f"no node is running for {home.path}; start one with 'p2prc start'"
@@ -478,14 +480,23 @@ class AsyncClient(AsyncClosing):
         body = ReachabilityRequest(port=port).model_dump()
         return await self._call("POST", "/reachability", Reachability, body)
 
+    @property
+    def jobs(self) -> JobsAPI:
+        """The node's jobs: ``submit``, ``list``, ``get``, ``cancel``, ``download``."""
+        from .jobs.client import JobsAPI  # here: jobs.client imports this module
+
+        return JobsAPI(self)
+
+    async def run(self, task: Task) -> Job:
+        """Submit ``task`` (``POST /jobs``); the ``Job`` has ``logs``, ``wait``, ``results``."""
+        return await self.jobs.run(task)
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def _call(
-        self, method: str, path: str, model: type[ModelT], json_body: Any = None
-    ) -> ModelT:
-        response = await self._request(method, path, json_body)
+    async def _call(self, method: str, path: str, model: type[ModelT], body: Any = None) -> ModelT:
+        response = await self._request(method, path, body)
         return _validate(model, response, f"{self.base_url}{path}")
 
     async def _request(
@@ -586,6 +597,4 @@ def _path_part(text: str) -> str:
 
 
 def _identity_if_any(home: Home) -> Identity | None:
-    if not home.identity_key.exists():
-        return None
-    return Identity.load(home.identity_dir)
+    return Identity.load(home.identity_dir) if home.identity_key.exists() else None

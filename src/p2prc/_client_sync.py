@@ -20,6 +20,8 @@ from ._client_async import AsyncClient
 from ._closing import Closing
 from .config import Home
 from .identity import Identity
+from .jobs.client import BlockingJob, BlockingJobsAPI
+from .jobs.task import Task
 
 __all__ = ["Client"]
 
@@ -127,6 +129,16 @@ class Client(Closing):
     map_port = _blocking(AsyncClient.map_port)
     mappings = _blocking(AsyncClient.mappings)
     unmap_port = _blocking(AsyncClient.unmap_port)
+
+    @property
+    def jobs(self) -> BlockingJobsAPI:
+        """The node's jobs: ``submit``, ``list``, ``get``, ``cancel``, ``download``."""
+        return BlockingJobsAPI(self, self._async.jobs)
+
+    # Explicit: the twin of AsyncClient.run answers a blocking handle, not a Job.
+    def run(self, task: Task) -> BlockingJob:
+        """Submit ``task`` (``POST /jobs``); the ``Job`` has ``logs``, ``wait``, ``results``."""
+        return self.jobs.run(task)
 
     # Explicit: the twin of ``aclose`` also closes the runner, and is named ``close``.
     def close(self) -> None:

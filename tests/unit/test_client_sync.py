@@ -12,11 +12,18 @@ import pytest
 
 from p2prc.api import create_app
 from p2prc.client import AsyncClient, Client
+from p2prc.errors import JobNotFound
+from p2prc.jobs.client import BlockingJob
+from p2prc.jobs.models import JobState
+from p2prc.jobs.service import for_node
+from p2prc.jobs.task import parse_task
 from p2prc.models import ContainerView, NodeStatus, PeerView
 from tests.conftest import FakeNode
 
 # Async methods whose sync twin has another name.
 _RENAMED = {"aclose": "close"}
+# Async methods whose sync twin is written out: it answers a blocking handle.
+_EXPLICIT = {"run"}
 
 
 def _async_operations() -> list[str]:
@@ -42,6 +49,12 @@ def test_every_async_method_has_a_sync_twin(name: str) -> None:
     assert not inspect.iscoroutinefunction(twin)
     if name in _RENAMED:
         return  # an explicit method: its own parameters and docstring
+    if name in _EXPLICIT:
+        assert list(inspect.signature(twin).parameters) == list(
+            inspect.signature(method).parameters
+        )
+        assert inspect.getdoc(twin) == inspect.getdoc(method)
+        return
     assert twin.__name__ == name
     assert inspect.signature(twin) == inspect.signature(method)
     assert inspect.getdoc(twin) == inspect.getdoc(method)
@@ -81,6 +94,25 @@ def test_sync_client_refuses_a_running_loop(fake_node: FakeNode, tmp_path: Path)
         assert client.health().status
     finally:
         client.close()
+
+
+def test_sync_client_runs_a_job(fake_node: FakeNode, tmp_path: Path) -> None:
+    setattr(fake_node, "jobs", for_node(fake_node))  # noqa: B010 (the node's hook, faked)
+    with _client(fake_node, tmp_path) as client:
+        job = client.run(parse_task({"run": ["echo", "hi"]}))
+        assert isinstance(job, BlockingJob)
+        final = job.wait()
+        assert final.state is JobState.FAILED
+        assert "no peer could take rank 0" in final.reason
+        lines = [line.line for line in job.logs(follow=False)]
+        assert lines[0] == "submitted: 1 rank(s)"
+        assert [j.id for j in client.jobs.list()] == [job.id]
+        again = client.jobs.job(job.id[:8])
+        assert again.id == job.id
+        assert again.view.state is JobState.FAILED
+        assert again.cancel().state is JobState.FAILED
+        with pytest.raises(JobNotFound):
+            client.jobs.get("jobffffffffffff")
 
 
 if TYPE_CHECKING:  # checked by mypy, never run: the twins keep the async types

@@ -8,6 +8,9 @@ Usage::
             print(line.rank, line.line)
         final = await job.wait()
         await job.results("out/")
+
+``Client.jobs`` and ``Client.run`` give the blocking twins, ``BlockingJobsAPI`` and
+``BlockingJob``: the same calls, each run on the sync client's private event loop.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import builtins
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -28,7 +32,9 @@ from ..errors import InvalidRequest, PeerProtocolError
 from .models import JobEvent, JobView, LogLine, ResultFile
 from .task import Task
 
-__all__ = ["Job", "JobsAPI"]
+__all__ = ["BlockingJob", "BlockingJobsAPI", "Job", "JobsAPI"]
+
+_T = TypeVar("_T")
 
 
 def _job_path(job_id: str) -> str:
@@ -139,7 +145,7 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id} [{self.view.state.value}]>"
 
-    async def logs(self, *, follow: bool = True) -> AsyncIterator[LogLine]:
+    async def logs(self, *, follow: bool = True) -> AsyncGenerator[LogLine, None]:
         """Every log line, live until the job ends (``follow=False``: what is kept now)."""
         async with contextlib.aclosing(self._api.events(self.id, follow=follow)) as events:
             async for event in events:
@@ -157,12 +163,105 @@ class Job:
         return self.view
 
     async def cancel(self) -> JobView:
+        """Stop every rank and remove the containers."""
         self.view = await self._api.cancel(self.id)
         return self.view
 
     async def results(self, to: Path | str) -> list[Path]:
         """Download what the job brought back into ``to``."""
         return await self._api.download(self.id, Path(to))
+
+
+class _Runs(Protocol):
+    """The sync client's private event loop (``Client._run``)."""
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T: ...
+
+
+class BlockingJobsAPI:
+    """The blocking twin of ``JobsAPI`` (``Client.jobs``)."""
+
+    def __init__(self, runs: _Runs, api: JobsAPI) -> None:
+        self._runs = runs
+        self._api = api
+
+    def submit(self, task: Task) -> JobView:
+        """``POST /jobs``: start a job; returns at once."""
+        return self._runs._run(self._api.submit(task))
+
+    def run(self, task: Task) -> BlockingJob:
+        """Submit ``task`` and return a handle to follow, wait for, cancel or fetch it."""
+        return BlockingJob(self._runs, self._runs._run(self._api.run(task)))
+
+    def job(self, job_id: str) -> BlockingJob:
+        """A handle to a job already submitted (id or unique prefix)."""
+        return BlockingJob(self._runs, Job(self._api, self.get(job_id)))
+
+    def list(self) -> builtins.list[JobView]:
+        """``GET /jobs``."""
+        return self._runs._run(self._api.list())
+
+    def get(self, job_id: str) -> JobView:
+        """``GET /jobs/ID`` (a unique prefix is enough)."""
+        return self._runs._run(self._api.get(job_id))
+
+    def cancel(self, job_id: str) -> JobView:
+        """``POST /jobs/ID/cancel``: stop every rank, remove the containers."""
+        return self._runs._run(self._api.cancel(job_id))
+
+    def results(self, job_id: str) -> builtins.list[ResultFile]:
+        """``GET /jobs/ID/results``: the files the job brought back."""
+        return self._runs._run(self._api.results(job_id))
+
+    def download(self, job_id: str, to: Path) -> builtins.list[Path]:
+        """Every result file into ``to`` (created), streamed; returns the paths written."""
+        return self._runs._run(self._api.download(job_id, to))
+
+
+class BlockingJob:
+    """The blocking twin of ``Job``: ``logs()``, ``wait()``, ``cancel()``, ``results(dir)``."""
+
+    def __init__(self, runs: _Runs, job: Job) -> None:
+        self._runs = runs
+        self._job = job
+        self.id = job.id
+
+    def __repr__(self) -> str:
+        return f"<BlockingJob {self.id} [{self.view.state.value}]>"
+
+    @property
+    def view(self) -> JobView:
+        """The job as last seen."""
+        return self._job.view
+
+    def logs(self, *, follow: bool = True) -> Iterator[LogLine]:
+        """Every log line, live until the job ends (``follow=False``: what is kept now)."""
+        lines = self._job.logs(follow=follow)
+        try:
+            while True:
+                try:
+                    yield self._runs._run(_next(lines))
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(RuntimeError):  # the client was closed meanwhile
+                self._runs._run(lines.aclose())
+
+    def wait(self) -> JobView:
+        """The job once it reached its final state."""
+        return self._runs._run(self._job.wait())
+
+    def cancel(self) -> JobView:
+        """Stop every rank and remove the containers."""
+        return self._runs._run(self._job.cancel())
+
+    def results(self, to: Path | str) -> builtins.list[Path]:
+        """Download what the job brought back into ``to``."""
+        return self._runs._run(self._job.results(to))
+
+
+async def _next(lines: AsyncGenerator[LogLine, None]) -> LogLine:
+    return await anext(lines)
 
 
 def _absolute(path: Path) -> Path:

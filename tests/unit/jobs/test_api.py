@@ -14,7 +14,7 @@ from p2prc.api import create_app
 from p2prc.client import AsyncClient
 from p2prc.errors import InvalidRequest, JobNotFound, NotFound, NotTrusted, OwnerOnly, QuotaExceeded
 from p2prc.identity import Identity
-from p2prc.jobs.client import JobsAPI
+from p2prc.jobs.client import Job, JobsAPI
 from p2prc.jobs.models import JobState
 from p2prc.jobs.service import JobService, for_node
 from p2prc.jobs.store import JobStore
@@ -47,6 +47,14 @@ async def test_a_job_without_peers_fails_with_the_reason(api: JobsAPI) -> None:
     assert (await api.get(job.id[:8])).state is JobState.FAILED
     # Cancelling a finished job changes nothing.
     assert (await api.cancel(job.id)).state is JobState.FAILED
+
+
+async def test_the_client_runs_jobs(api_client: AsyncClient, jobs: JobService) -> None:
+    assert isinstance(api_client.jobs, JobsAPI)
+    job = await api_client.run(parse_task({"run": "true"}))
+    assert isinstance(job, Job)
+    assert (await asyncio.wait_for(job.wait(), 10)).state is JobState.FAILED
+    assert [j.id for j in await api_client.jobs.list()] == [job.id]
 
 
 async def test_unknown_jobs_and_bad_ids(api: JobsAPI) -> None:
