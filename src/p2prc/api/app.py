@@ -213,7 +213,7 @@ def create_app(node: NodeView) -> FastAPI:
     )
     _install_error_handlers(app)
     app.add_middleware(RequestLimits)
-    verifier = app.state.verifier = RequestVerifier(node.identity, node.config.trust, node.state)
+    app.state.verifier = RequestVerifier(node.identity, node.config.trust, node.state)
 
     @app.get("/health", tags=["read"])
     async def health() -> Health:
@@ -263,5 +263,5 @@ def create_app(node: NodeView) -> FastAPI:
     app.include_router(peers.router(node))
     app.include_router(plugins.router(node))
     app.include_router(tunnel.router(node))
-    app.include_router(jobs.router(node, verifier))
+    app.include_router(jobs.router(node))
     return app

@@ -4,26 +4,23 @@ import asyncio
 import os
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import FileResponse, StreamingResponse
 
 from ..errors import InvalidRequest, NodeError, NotFound
 from ..jobs.models import JobEvent, JobView, ResultFile
 from ..jobs.service import JobService
 from ..jobs.task import Task
-from ..models import CallerInfo
 from ._stream import ndjson
-from .auth import RequestVerifier
+from .auth import Owner
 
 __all__ = ["router"]
 
 
-def router(node: object, verifier: RequestVerifier) -> APIRouter:
+def router(node: object) -> APIRouter:
     """Routes under /jobs (all for the node's owner); the node's ``jobs`` is read per call."""
     routes = APIRouter(tags=["jobs"])
-    Owner = Annotated[CallerInfo, Depends(verifier.owner)]
 
     def jobs() -> JobService:
         try:

@@ -16,11 +16,11 @@ import shlex
 import stat
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import asyncssh
 
+from .._closing import AsyncClosing
 from ..errors import InvalidRequest, P2PRCError, PeerUnreachable
 from ..models import ContainerView
 from .task import Command, Task
@@ -99,7 +99,7 @@ def _follow(offset: int) -> str:
     )
 
 
-class RankSession:
+class RankSession(AsyncClosing):
     """An SSH connection to one rank's container, as the container's user."""
 
     def __init__(self, view: ContainerView, key_file: Path, *, timeout: float = 30.0) -> None:
@@ -119,14 +119,6 @@ class RankSession:
     async def __aenter__(self) -> Self:
         await self.connect()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def connect(self) -> None:
         ssh = self.view.ssh

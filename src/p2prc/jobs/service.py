@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 from .._aio import CrashHandler, TaskSet, log_crash
-from ..config import NodeConfig
+from .._closing import Component
+from ..config import Home, NodeConfig
 from ..errors import InvalidRequest, JobError, P2PRCError
 from ..identity import Identity
 from ..peers.gossip import Gossip
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 _POLL = 0.2
 
 
-class JobService:
+class JobService(Component):
     """Owns the jobs this node submitted, and the task running each unfinished one."""
 
     def __init__(
@@ -69,13 +70,6 @@ class JobService:
     async def aclose(self) -> None:
         """Stop following: running jobs stay running, to be reattached to."""
         await self._tasks.cancel_all()
-
-    async def __aenter__(self) -> JobService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def submit(self, task: Task) -> JobView:
         """Record a job and start it; returns once it is recorded."""
@@ -190,5 +184,5 @@ def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
         return member is not None and member.state >= MemberState.DEAD
 
     store = JobStore(node.state.connection, node.home_path / "jobs")
-    key = node.home_path / "identity" / "id_ed25519"
+    key = Home(node.home_path).identity_key
     return JobService(store, node.tracked, key, find, on_crash=on_crash, peer_gone=gone)
