@@ -125,6 +125,18 @@ def ssh_command(
     os.execvp(argv[0], argv)
 
 
+@container_app.command("cp")
+def cp_command(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(help="A local path, or ID:PATH in a container.")],
+    dst: Annotated[str, typer.Argument(help="A local path, or ID:PATH in a container.")],
+) -> None:
+    """Copy files to or from a container you created (directories recursive), over SSH."""
+    from ._copy import copy_files
+
+    copy_files(options_of(ctx), src, dst)
+
+
 def pin_host_key(home: Home, view: ContainerView) -> None:
     """Write the host key the peer gave at creation to known_hosts (it is there already
     unless someone removed it)."""
