@@ -21,11 +21,11 @@ from typing import Self
 import asyncssh
 
 from .._closing import AsyncClosing
-from ..errors import InvalidRequest, P2PRCError, PeerUnreachable
+from ..errors import InvalidRequest, JobError, P2PRCError, PeerUnreachable
 from ..models import ContainerView
 from .task import Command, Task
 
-__all__ = ["RankSession", "job_script"]
+__all__ = ["RankSession", "ResultBudget", "job_script"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,24 @@ def _follow(offset: int) -> str:
         f'cd "$HOME/{_JOB}" && while [ ! -s pid ]; do sleep 0.1; done; '
         f'exec tail -s 0.2 -c +{int(offset) + 1} --pid="$(cat pid)" -F log 2>/dev/null'
     )
+
+
+class ResultBudget:
+    """The bytes a job's results may still take on the submitting node (all ranks)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, size: int, where: str) -> None:
+        """Count ``size`` more bytes of ``where``; a ``JobError`` past the limit."""
+        if size > self.left:
+            self.left = 0
+            raise JobError(
+                f"the results passed the limit of {self.limit / 1024**3:g} GiB at {where}; "
+                "the rest is not brought back"
+            )
+        self.left -= size
 
 
 class RankSession(AsyncClosing):
@@ -243,16 +261,27 @@ class RankSession(AsyncClosing):
         with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
             await self._connection.run(command, check=False, timeout=self._timeout)
 
-    async def download(self, outputs: list[str], target: Path, note: Callable[[str], None]) -> int:
-        """Bring back each output under ``target``; links are refused, never followed."""
+    async def download(
+        self, outputs: list[str], target: Path, note: Callable[[str], None], budget: ResultBudget
+    ) -> int:
+        """Bring back each output under ``target``; links are refused, never followed.
+
+        Every byte counts against ``budget``: past it, a ``JobError`` (the file cut off
+        is removed, those before it kept)."""
         count = 0
         with _ssh_errors(self.view, "download from"):
             for output in outputs:
-                count += await self._fetch(posixpath.join(WORK, output), target / output, note, 0)
+                remote = posixpath.join(WORK, output)
+                count += await self._fetch(remote, target / output, note, budget, 0)
         return count
 
     async def _fetch(
-        self, remote: str, local: Path, note: Callable[[str], None], depth: int
+        self,
+        remote: str,
+        local: Path,
+        note: Callable[[str], None],
+        budget: ResultBudget,
+        depth: int,
     ) -> int:
         where = remote.removeprefix(f"{WORK}/")
         if depth > _MAX_DEPTH:
@@ -271,9 +300,7 @@ class RankSession(AsyncClosing):
             if not _claim(local):
                 note(f"output {where} came from another rank too; kept the first")
                 return 0
-            await self.sftp.get(
-                remote, str(local), follow_symlinks=False, block_size=_BLOCK, max_requests=_REQUESTS
-            )
+            await self._get(remote, local, budget, where, attrs.size or 0)
             return 1
         if not stat.S_ISDIR(mode):
             note(f"output {where} is not a file or directory; skipped")
@@ -286,8 +313,35 @@ class RankSession(AsyncClosing):
             name = str(entry.filename)
             if name in (".", "..") or "/" in name or "\0" in name:
                 continue
-            count += await self._fetch(posixpath.join(remote, name), local / name, note, depth + 1)
+            child = posixpath.join(remote, name)
+            count += await self._fetch(child, local / name, note, budget, depth + 1)
         return count
+
+    async def _get(
+        self, remote: str, local: Path, budget: ResultBudget, where: str, stated: int
+    ) -> None:
+        """One file, counted as it arrives (the peer's stated size is only a first look)."""
+        budget.take(stated, where)
+        counted = stated
+
+        def count(_src: bytes, _dst: bytes, copied: int, _total: int) -> None:
+            nonlocal counted
+            if copied > counted:
+                budget.take(copied - counted, where)
+                counted = copied
+
+        try:
+            await self.sftp.get(
+                remote,
+                str(local),
+                follow_symlinks=False,
+                block_size=_BLOCK,
+                max_requests=_REQUESTS,
+                progress_handler=count,
+            )
+        except BaseException:
+            _discard(local)
+            raise
 
 
 def _claim(local: Path) -> bool:
@@ -295,6 +349,11 @@ def _claim(local: Path) -> bool:
     if local.exists() or local.is_symlink():
         return False
     return _make_dir(local.parent)
+
+
+def _discard(local: Path) -> None:
+    """Remove a file cut off mid-transfer: a results tree holds only whole files."""
+    local.unlink(missing_ok=True)
 
 
 def _make_dir(local: Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import stat
@@ -17,23 +18,27 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
+from ..client import is_address
 from ..containers.service import FIRST_EXTRA_PORT, Progress
 from ..errors import (
     ContainerError,
+    JobError,
     NotTrusted,
     P2PRCError,
     PeerError,
     PeerNotFound,
+    PeerProtocolError,
 )
 from ..models import ContainerView, CreateContainer
 from .models import JobState, JobView, RankPlacement
 from .placement import Candidate, order_for_rank
-from .remote import RankSession, job_script
+from .remote import RankSession, ResultBudget, job_script
 from .store import JobStore
 from .task import Task
 
-__all__ = ["ContainerHost", "FindPeers", "JobRunner"]
+__all__ = ["MAX_LOG", "MAX_RESULTS", "ContainerHost", "FindPeers", "JobRunner", "SshHosts"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ _SKIP = (NotTrusted, ContainerError, PeerError, PeerNotFound)
 _OFFSET_EVERY = 1.0
 # Bytes of log a job keeps on the submitting node.
 MAX_LOG = 256 * 1024**2
+# Bytes of results a job brings back to the submitting node (all ranks together).
+MAX_RESULTS = 10 * 1024**3
 # Logins again to the same container before a rank counts as lost.
 _RECONNECTS = 3
 # Seconds between looks at the membership state of the nodes hosting ranks.
@@ -62,6 +69,9 @@ class ContainerHost(Protocol):
 
 
 FindPeers = Callable[[Task], tuple[list[Candidate], list[str]]]
+# The hosts a peer (node id) publishes in its signed record, and its relay's; None when
+# no record of it is known.
+SshHosts = Callable[[str], set[str] | None]
 
 
 class _PeerGone(Exception):
@@ -91,8 +101,13 @@ class JobRunner:
         key_file: Path,
         find_peers: FindPeers,
         peer_gone: Callable[[str], bool] = lambda node_id: False,
+        ssh_hosts: SshHosts = lambda node_id: None,
+        max_results: int = MAX_RESULTS,
     ) -> None:
         self._store = store
+        self._ssh_hosts = ssh_hosts
+        self._budget = ResultBudget(max_results)
+        self._results_error = ""
         self._gone = peer_gone
         self.job_id = job_id
         self._host = host
@@ -204,7 +219,9 @@ class JobRunner:
 
         for candidate in order_for_rank([c for c in found if c.peer not in exclude], rank):
             try:
-                view = await self._create(rank, candidate.peer, spec, progress)
+                view = await self._checked(
+                    candidate.peer, await self._create(rank, candidate.peer, spec, progress)
+                )
             except _SKIP as exc:
                 skipped.append(f"{candidate.name}: {exc.code}: {exc}")
                 self.note(f"skipped {candidate.name}: {exc}", rank)
@@ -235,6 +252,22 @@ class JobRunner:
             with contextlib.suppress(Exception):
                 self._views[rank] = await creating
             raise
+
+    async def _checked(self, typed: str, view: ContainerView) -> ContainerView:
+        """``view``, once its SSH host is one its peer publishes (or its relay, or the
+        address the owner pinned); else the container is removed, nothing connects."""
+        allowed = self._ssh_hosts(view.peer) or set()
+        if is_address(typed):  # pinned as host:port or a URL: the host the owner gave
+            with contextlib.suppress(ValueError):
+                allowed.add(canonical_host(urlsplit(_as_url(typed)).hostname or ""))
+        if canonical_host(view.ssh.host) in allowed:
+            return view
+        with contextlib.suppress(P2PRCError):
+            await self._host.remove(view.id)
+        raise PeerProtocolError(
+            f"its container's SSH host {view.ssh.host} is not an address it publishes "
+            "(nor its relay's); not connecting there"
+        )
 
     async def _connect(self, view: ContainerView) -> RankSession:
         session = RankSession(view, self._key_file)
@@ -306,6 +339,8 @@ class JobRunner:
             if code != 0:
                 hint = " (killed: SIGKILL, often out of memory)" if code == 137 else ""
                 raise _Failed(JobState.FAILED, f"rank {rank} exited with code {code}{hint}")
+        if self._results_error:
+            raise _Failed(JobState.FAILED, self._results_error)
         self._finish(JobState.SUCCEEDED, "")
 
     async def _follow(
@@ -422,10 +457,14 @@ class JobRunner:
 
             started = time.monotonic()
             try:
-                count = await session.download(task.outputs, target, note)
+                count = await session.download(task.outputs, target, note, self._budget)
             except PeerError as exc:
                 self.note(f"could not download its outputs: {exc}", rank)
                 continue
+            except JobError as exc:
+                self._results_error = f"rank {rank}: {exc}"
+                self.note(str(exc), rank)
+                return
             self.note(f"downloaded {count} files in {time.monotonic() - started:.1f} s", rank)
 
     async def _close(self, *, remove: bool) -> None:
@@ -462,6 +501,19 @@ def _tree_size(folder: str) -> int:
                 info = os.lstat(os.path.join(parent, name))
                 total += info.st_size if stat.S_ISREG(info.st_mode) else 0
     return total
+
+
+def canonical_host(host: str) -> str:
+    """A host as the SSH check compares it: an IP address in its one form, else lowercase."""
+    text = host.strip().strip("[]").lower()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+def _as_url(address: str) -> str:
+    return address if "://" in address else f"http://{address}"
 
 
 def _mib(size: int) -> str:

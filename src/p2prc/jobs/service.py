@@ -15,15 +15,16 @@ from ..config import Home, NodeConfig
 from ..errors import InvalidRequest, JobError, P2PRCError
 from ..identity import Identity
 from ..peers.gossip import Gossip
+from ..peers.records import PeerRecord
 from ..peers.table import MemberState
 from ..state import State
 from .models import FINAL_STATES, JobEvent, JobState, JobView
 from .placement import Candidate, candidates
-from .runner import ContainerHost, FindPeers, JobRunner
+from .runner import MAX_RESULTS, ContainerHost, FindPeers, JobRunner, SshHosts, canonical_host
 from .store import JobStore
 from .task import Task, check_workdir
 
-__all__ = ["JobNode", "JobService", "for_node"]
+__all__ = ["JobNode", "JobService", "for_node", "published_hosts"]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,13 @@ class JobService(Component):
         find_peers: FindPeers,
         on_crash: CrashHandler = log_crash,
         peer_gone: Callable[[str], bool] = lambda node_id: False,
+        ssh_hosts: SshHosts = lambda node_id: None,
+        max_results: int = MAX_RESULTS,
     ) -> None:
         self.store = store
         self._gone = peer_gone
+        self._ssh_hosts = ssh_hosts
+        self._max_results = max_results
         self._host = host
         self._key_file = key_file
         self._find = find_peers
@@ -84,7 +89,14 @@ class JobService(Component):
 
     def _spawn(self, job_id: str, *, resume: bool = False) -> None:
         runner = JobRunner(
-            self.store, job_id, self._host, self._key_file, self._find, peer_gone=self._gone
+            self.store,
+            job_id,
+            self._host,
+            self._key_file,
+            self._find,
+            peer_gone=self._gone,
+            ssh_hosts=self._ssh_hosts,
+            max_results=self._max_results,
         )
 
         async def run() -> None:
@@ -183,6 +195,30 @@ def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
             return False
         return member is not None and member.state >= MemberState.DEAD
 
+    def ssh_hosts(node_id: str) -> set[str] | None:
+        try:
+            table = node.gossip.table
+        except RuntimeError:
+            return None
+        member = table.get(node_id)
+        if member is None:
+            return None
+        relay = table.get(member.record.relay) if member.record.relay else None
+        return published_hosts(member.record, None if relay is None else relay.record)
+
     store = JobStore(node.state.connection, node.home_path / "jobs")
     key = Home(node.home_path).identity_key
-    return JobService(store, node.tracked, key, find, on_crash=on_crash, peer_gone=gone)
+    return JobService(
+        store, node.tracked, key, find, on_crash=on_crash, peer_gone=gone, ssh_hosts=ssh_hosts
+    )
+
+
+def published_hosts(record: PeerRecord, relay: PeerRecord | None) -> set[str]:
+    """The hosts a peer's containers may be reached at: its signed record's addresses,
+    where its relay publishes its API, and its relay's own addresses."""
+    hosts = {canonical_host(address) for address in record.addresses}
+    if record.public_api:
+        hosts.add(canonical_host(record.public_api.rpartition(":")[0]))
+    if relay is not None:
+        hosts |= {canonical_host(address) for address in relay.addresses}
+    return hosts - {""}
