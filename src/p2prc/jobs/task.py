@@ -55,7 +55,9 @@ class Resources(BaseModel):
     memory: str | None = Field(default=None, max_length=32, description="512MiB, 2GiB, ...")
     gpus: int = Field(default=0, ge=0, le=64)
     disk: str | None = Field(
-        default=None, max_length=32, description="Disk each rank needs, where the host limits it"
+        default=None,
+        max_length=32,
+        description="Refused for now: a peer gives each container the disk its own config sets",
     )
 
     @field_validator("memory", "disk")
@@ -63,6 +65,18 @@ class Resources(BaseModel):
     def _size(cls, value: str | None) -> str | None:
         if value is not None and parse_size_or_none(value) is None:
             raise ValueError(f"{value!r} is not a positive size like 512MiB or 2GiB")
+        return value
+
+    # A container create has no disk size to pass on (each peer's containers.disk sets it):
+    # refused rather than accepted and silently ignored.
+    @field_validator("disk")
+    @classmethod
+    def _no_disk(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(
+                "a rank's disk cannot be asked for: each peer gives its containers the disk "
+                "its own config sets (containers.disk); leave resources.disk out"
+            )
         return value
 
     @property

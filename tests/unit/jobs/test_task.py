@@ -132,3 +132,8 @@ def test_a_workdir_with_a_fifo_is_refused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "w" / "pipe")
     with pytest.raises(InvalidRequest, match="pipe is not a file or directory"):
         parse_task({"run": "x", "workdir": str(tmp_path / "w")})
+
+
+def test_a_disk_size_is_refused_not_ignored() -> None:
+    with pytest.raises(InvalidRequest, match=r"resources\.disk: a rank's disk cannot be asked"):
+        parse_task({"run": "x", "resources": {"disk": "20GiB"}})
