@@ -8,7 +8,7 @@ import pytest
 import typer
 
 from p2prc.cli import app
-from p2prc.cli._legacy import LEGACY, move_globals, translate
+from p2prc.cli._legacy import LEGACY, move_globals, normalise, translate
 from p2prc.errors import InvalidRequest
 
 from .test_cli import run
@@ -87,6 +87,24 @@ def test_modern_commands_pass_through() -> None:
         "--json",
         "status",
     ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--", "ls", "-ls"],
+        ["run", "--nodes", "2", "--", "sh", "-s"],
+        ["container", "ssh", "c1", "--", "tool", "-gpu", "-ls", "--ls"],
+        ["run", "--", "-ls"],
+    ],
+)
+def test_what_follows_a_double_dash_reaches_the_command_untouched(argv: list[str]) -> None:
+    assert normalise(argv) == argv
+    assert translate(argv) == argv
+
+
+def test_original_flags_before_a_double_dash_are_still_rewritten() -> None:
+    assert normalise(["-ls", "--", "-ls"]) == ["--ls", "--", "-ls"]
 
 
 def test_help_hides_the_original_flags(capsys: pytest.CaptureFixture[str]) -> None:

@@ -176,8 +176,12 @@ _GLOBAL_SWITCHES = ("--json", "--debug")
 
 
 def normalise(argv: list[str]) -> list[str]:
-    """``-ls`` -> ``--ls``: the original took its long flags with one dash too."""
-    return [f"-{arg}" if arg[:1] == "-" and arg[1:] in _SINGLE_DASH else arg for arg in argv]
+    """``-ls`` -> ``--ls``: the original took its long flags with one dash too.
+
+    Only before ``--``: what follows is a command's own (``p2prc run -- ls -ls``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    front = [f"-{arg}" if arg[:1] == "-" and arg[1:] in _SINGLE_DASH else arg for arg in argv[:end]]
+    return front + argv[end:]
 
 
 def move_globals(argv: list[str]) -> list[str]:
