@@ -36,6 +36,7 @@ __all__ = [
     "ContainerConfig",
     "GossipConfig",
     "Home",
+    "MetricsConfig",
     "NodeConfig",
     "RelayConfig",
     "Timeouts",
@@ -286,6 +287,22 @@ class RelayConfig(_Section):
         return value
 
 
+class MetricsConfig(_Section):
+    """``[metrics]``: the Prometheus endpoint ``/metrics`` (off unless enabled)."""
+
+    enabled: bool = False
+    # Addresses or networks (CIDR) that may scrape without a signature; others, and
+    # loopback always (relayed API requests arrive from there), need the owner's signature.
+    allow: list[str] = Field(default_factory=list, max_length=256)
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        return value
+
+
 class NodeConfig(_Section):
     """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
 
@@ -302,6 +319,7 @@ class NodeConfig(_Section):
     containers: ContainerConfig = Field(default_factory=ContainerConfig)
     gossip: GossipConfig = Field(default_factory=GossipConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @field_validator("name")
     @classmethod
