@@ -128,6 +128,17 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX jobs_created ON jobs (created_at);
     """,
+    # 10: invites this node gave out: the SHA-256 of each secret, its expiry and uses left.
+    """
+    CREATE TABLE invites (
+        digest TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        uses_left INTEGER NOT NULL,
+        redeemed_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX invites_expires ON invites (expires_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -8,21 +8,41 @@ everyone when ``trust.mode`` is ``open``.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 from .config import TrustConfig
 from .identity import node_id_of, parse_public_key
 
-__all__ = ["TrustPolicy"]
+__all__ = ["TrustPolicy", "fingerprint", "openssh_line"]
+
+
+def openssh_line(public_key: bytes, comment: str = "") -> str:
+    """A raw Ed25519 public key as an ``authorized_keys`` line."""
+    blob = b"".join(len(part).to_bytes(4, "big") + part for part in (b"ssh-ed25519", public_key))
+    line = f"ssh-ed25519 {base64.b64encode(blob).decode()}"
+    return f"{line} {comment}" if comment else line
+
+
+def fingerprint(public_key: bytes) -> str:
+    """``SHA256:...`` of the key, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(openssh_line(public_key).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 class TrustPolicy:
     """Who this node trusts, by public key and by node id."""
 
     def __init__(self, config: TrustConfig, own_key: bytes) -> None:
-        self._config = config
         self._own_key = own_key
         self._own_id = node_id_of(own_key)
-        self._keys = {parse_public_key(key) for key in config.allow}
-        self._ids = {node_id_of(key) for key in self._keys}
+        self.reload(config)
+
+    def reload(self, config: TrustConfig) -> None:
+        """Take a new ``[trust]`` section (``p2prc trust add``) without a restart."""
+        keys = {parse_public_key(key) for key in config.allow}
+        # One assignment each, built first: a check running meanwhile sees old or new.
+        self._config, self._keys, self._ids = config, keys, {node_id_of(key) for key in keys}
 
     def __repr__(self) -> str:
         return f"<TrustPolicy [{self._config.mode} | {len(self._keys)} keys]>"
@@ -31,6 +51,11 @@ class TrustPolicy:
     def open(self) -> bool:
         """Whether every key is trusted (the original's UnsafeMode)."""
         return self._config.mode == "open"
+
+    @property
+    def allowed(self) -> list[str]:
+        """The ``trust.allow`` entries this policy holds now."""
+        return list(self._config.allow)
 
     @property
     def own_id(self) -> str:

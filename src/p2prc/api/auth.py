@@ -40,7 +40,7 @@ from ..models import CallerInfo
 from ..state import State
 from ..trust import TrustPolicy
 
-__all__ = ["KeyRate", "Owner", "Peer", "RequestVerifier", "Signed"]
+__all__ = ["KeyRate", "Owner", "Peer", "RequestVerifier", "Signed", "not_trusted_message"]
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
@@ -51,6 +51,14 @@ _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 _OWNER_NONCES = 100_000
 _LISTED_NONCES = (5_000, 200_000)
 _STRANGER_NONCES = (1_000, 20_000)
+
+
+def not_trusted_message(refused_by: str, caller: str) -> str:
+    """What ``NotTrusted`` says: who refused, and what its owner runs to allow the caller."""
+    return (
+        f"node {refused_by} does not trust your node {caller}; its owner can allow you with "
+        f"'p2prc trust add {caller}' (or send you a token from 'p2prc invite')"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +83,15 @@ class RequestVerifier:
         self._trust = trust
         self._state = state
         self.policy = TrustPolicy(trust, identity.public_key)
+        self.name = ""  # this node's name, for the errors it answers (set by the app)
 
     async def peer(self, request: Request) -> CallerInfo:
         """FastAPI dependency: any caller the trust policy accepts."""
         signed = await self._verify(request)
         if not self.policy.allows_key(signed.public_key):
-            node_id = signed.caller.node_id
-            raise NotTrusted(f"node {node_id} is not in this node's trust.allow list")
+            me = self._identity.node_id
+            refused_by = f"{self.name} ({me})" if self.name else me
+            raise NotTrusted(not_trusted_message(refused_by, signed.caller.node_id))
         return self._remember(signed)
 
     async def authenticated(self, request: Request) -> CallerInfo:

@@ -21,6 +21,7 @@ from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
 from ._peers import meta_app, peers_app
 from ._plugins import group_app, plugin_app
+from ._trust import id_command, invite_command, join_command, trust_app
 
 __all__ = ["app", "main"]
 
@@ -40,6 +41,10 @@ app.add_typer(meta_app, name="meta")
 app.add_typer(group_app, name="group")
 app.command("run")(run_command)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(trust_app, name="trust")
+app.command("id")(id_command)
+app.command("invite")(invite_command)
+app.command("join")(join_command)
 
 
 @app.command("map-port")

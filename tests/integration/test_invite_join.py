@@ -1,0 +1,70 @@
+"""Invite and join between two real nodes on loopback, then a container at once; trust by name."""
+
+from pathlib import Path
+
+import pytest
+
+from p2prc import AsyncClient, Home
+from p2prc.config import load
+from p2prc.errors import NotTrusted
+from p2prc.identity import parse_public_key
+from p2prc.peers.invites import TrustAPI, join
+from tests.integration.test_containers_remote import _node
+
+
+async def test_join_by_token_then_create_at_once_and_reuse_refused(tmp_path: Path) -> None:
+    async with (
+        _node(tmp_path, "alice") as alice,
+        _node(tmp_path, "bob") as bob,
+        _node(tmp_path, "carol") as _carol,
+        AsyncClient(home=tmp_path / "alice") as to_alice,
+        AsyncClient(home=tmp_path / "bob") as to_bob,
+        AsyncClient(home=tmp_path / "carol") as to_carol,
+    ):
+        with pytest.raises(NotTrusted) as refused:
+            await to_bob.create_on_peer(alice.api_url)
+        assert f"p2prc trust add {bob.identity.node_id}" in str(refused.value)
+        assert "alice" in str(refused.value)
+
+        invitation = await TrustAPI(to_alice).invite(ttl=60, uses=1)
+        joined = await join(invitation.token, to_bob)
+        assert (joined.node_id, joined.name) == (alice.identity.node_id, "alice")
+
+        view = await to_bob.create_on_peer(alice.api_url)  # no restart of alice
+        assert view.peer == alice.identity.node_id
+        assert [e.node_id for e in await TrustAPI(to_alice).list()] == [bob.identity.node_id]
+        assert [e.node_id for e in await TrustAPI(to_bob).list()] == [alice.identity.node_id]
+        assert bob.identity.node_id in {m.record.node_id for m in alice.gossip.table.alive()}, (
+            "bob's exchange with alice put it in alice's table"
+        )
+        allow = load(Home(alice.home_path)).trust.allow
+        assert [parse_public_key(key) for key in allow] == [bob.identity.public_key]
+        assert [e.name for e in await TrustAPI(to_alice).list()] == ["bob"]
+
+        with pytest.raises(NotTrusted, match="already used"):
+            await join(invitation.token, to_carol)
+        with pytest.raises(NotTrusted):
+            await to_carol.create_on_peer(alice.api_url)
+
+
+async def test_trust_add_by_name_from_the_signed_table(tmp_path: Path) -> None:
+    async with (
+        _node(tmp_path, "alice") as alice,
+        _node(tmp_path, "carol") as carol,
+        AsyncClient(home=tmp_path / "alice") as to_alice,
+        AsyncClient(home=tmp_path / "carol") as to_carol,
+    ):
+        await to_carol.add_peer(alice.api_url)  # alice learns carol's signed record
+        found = await TrustAPI(to_alice).lookup("carol")
+        assert found.node_id == carol.identity.node_id
+        assert found.fingerprint.startswith("SHA256:")
+        added = await TrustAPI(to_alice).add(found.public_key)
+        assert added.added
+        assert added.name == "carol"
+        view = await to_carol.create_on_peer(alice.api_url)
+        assert view.peer == alice.identity.node_id
+        removed = await TrustAPI(to_alice).remove("carol")
+        assert removed.node_id == carol.identity.node_id
+        with pytest.raises(NotTrusted):
+            await to_carol.create_on_peer(alice.api_url)
+        assert load(Home(alice.home_path)).trust.allow == []
