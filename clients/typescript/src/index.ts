@@ -101,6 +101,75 @@ export interface MapPortOptions {
   udp?: boolean;
 }
 
+/** A job's description (POST /jobs); only `run` is required. */
+export interface Task {
+  image?: string;
+  resources?: { cpus?: number; memory?: string; gpus?: number };
+  setup?: string | string[];
+  run: string | string[];
+  env?: Record<string, string>;
+  workdir?: string;
+  outputs?: string[];
+  nodes?: number;
+  ports?: number;
+  time_limit?: string | number;
+  retries?: number;
+  peers?: string[];
+  keep?: boolean;
+}
+
+export type JobState =
+  | "pending"
+  | "placing"
+  | "running"
+  | "succeeded"
+  | "failed"
+  | "cancelled"
+  | "oom"
+  | "timed_out";
+
+/** Where one rank runs (or ran), and the peers skipped on the way there. */
+export interface RankPlacement {
+  rank: number;
+  peer: string;
+  container: ContainerView | null;
+  attempt: number;
+  exit_code: number | null;
+  log_offset: number;
+  skipped: string[];
+}
+
+/** A job as its submitting node keeps it. */
+export interface JobView {
+  id: string;
+  task: Task;
+  state: JobState;
+  reason: string;
+  created_at: number;
+  finished_at: number | null;
+  placements: RankPlacement[];
+}
+
+/** One line a rank wrote (rank null: a line of the job layer itself). */
+export interface LogLine {
+  rank: number | null;
+  line: string;
+  time: number;
+}
+
+/** One NDJSON line of GET /jobs/{id}/logs: a log line, or the job once it ends. */
+export interface JobEvent {
+  event: "log" | "finished";
+  log?: LogLine | null;
+  job?: JobView | null;
+}
+
+/** One file a job brought back, relative to its results. */
+export interface ResultFile {
+  path: string;
+  size: number;
+}
+
 /** An error answered by a node: the same `code` the Python client maps to its classes. */
 export class P2PRCError extends Error {
   constructor(
@@ -245,6 +314,55 @@ export class P2PRCClient {
       if (event.event === "created" && event.container) return event.container;
     }
     throw new P2PRCError("peer_protocol_error", "the stream ended without a result", 502);
+  }
+
+  /** Start a job on the pool (owner only); answers at once with its id. */
+  submitJob(task: Task): Promise<JobView> {
+    return this.request<JobView>("POST", "/jobs", task);
+  }
+
+  /** Every job this node submitted, oldest first (owner only). */
+  jobs(): Promise<JobView[]> {
+    return this.request<JobView[]>("GET", "/jobs", undefined, true);
+  }
+
+  /** One job, by id or unique prefix (owner only). */
+  job(id: string): Promise<JobView> {
+    return this.request<JobView>("GET", `/jobs/${encodeURIComponent(id)}`, undefined, true);
+  }
+
+  /** Stop every rank and remove the job's containers (owner only). */
+  cancelJob(id: string): Promise<JobView> {
+    return this.request<JobView>("POST", `/jobs/${encodeURIComponent(id)}/cancel`);
+  }
+
+  /** The job's log lines, then a `finished` event; `follow` waits for the job's end. */
+  async *jobLogs(id: string, follow = false): AsyncGenerator<JobEvent> {
+    const path = `/jobs/${encodeURIComponent(id)}/logs?follow=${follow}`;
+    const response = await this.send("GET", path, undefined, true);
+    const decoder = new TextDecoder();
+    let pending = "";
+    for await (const chunk of response.body ?? []) {
+      pending += decoder.decode(chunk as Uint8Array, { stream: true });
+      const lines = pending.split("\n");
+      pending = lines.pop() ?? "";
+      for (const line of lines) if (line.trim()) yield JSON.parse(line) as JobEvent;
+    }
+    if (pending.trim()) yield JSON.parse(pending) as JobEvent;
+  }
+
+  /** The files the job brought back (owner only). */
+  jobResults(id: string): Promise<ResultFile[]> {
+    const path = `/jobs/${encodeURIComponent(id)}/results`;
+    return this.request<ResultFile[]>("GET", path, undefined, true);
+  }
+
+  /** One result file's bytes (owner only). */
+  async jobResultFile(id: string, path: string): Promise<Uint8Array> {
+    const parts = path.split("/").map(encodeURIComponent).join("/");
+    const url = `/jobs/${encodeURIComponent(id)}/results/${parts}`;
+    const response = await this.send("GET", url, undefined, true);
+    return new Uint8Array(await response.arrayBuffer());
   }
 
   private async request<T>(

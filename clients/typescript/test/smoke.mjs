@@ -46,4 +46,21 @@ if (process.env.P2PRC_CREATE === "1") {
   assert.equal((await owner.containers()).length, 0);
   console.log("typescript client: container created and removed");
 }
+// Jobs: alone, the node has no peer to place a rank on, so the job fails with the reason.
+const submitted = await owner.submitJob({ run: ["echo", "hi"] });
+assert.match(submitted.id, /^job[0-9a-f]{12}$/);
+const events = [];
+for await (const event of owner.jobLogs(submitted.id, true)) events.push(event);
+assert.equal(events[0].log.line, "submitted: 1 rank(s)");
+const finished = events.at(-1);
+assert.equal(finished.event, "finished");
+assert.equal(finished.job.state, "failed");
+assert.match(finished.job.reason, /no peer could take rank 0/);
+assert.equal((await owner.job(submitted.id.slice(0, 8))).id, submitted.id);
+assert.ok((await owner.jobs()).some((job) => job.id === submitted.id));
+assert.equal((await owner.cancelJob(submitted.id)).state, "failed");
+await assert.rejects(owner.jobResults(submitted.id), (error) => error.code === "job_error");
+await assert.rejects(owner.job("jobffffffffffff"), (error) => error.code === "job_not_found" && error.status === 404);
+await assert.rejects(stranger.jobs(), (error) => error instanceof P2PRCError && error.status === 403);
+console.log("typescript client: jobs checked");
 console.log("typescript client: 10 checks passed");
