@@ -1,14 +1,18 @@
 """Invite and join between two real nodes on loopback, then a container at once; trust by name."""
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import p2prc
 from p2prc import AsyncClient, Home
 from p2prc.config import load
-from p2prc.errors import NotTrusted
+from p2prc.errors import NotTrusted, PeerNotFound
 from p2prc.identity import parse_public_key
 from p2prc.peers.invites import TrustAPI, join
+from tests.integration.conftest import p2prc as run_cli
 from tests.integration.test_containers_remote import _node
 
 
@@ -37,6 +41,8 @@ async def test_join_by_token_then_create_at_once_and_reuse_refused(tmp_path: Pat
         assert bob.identity.node_id in {m.record.node_id for m in alice.gossip.table.alive()}, (
             "bob's exchange with alice put it in alice's table"
         )
+        address = alice.api_url.removeprefix("http://")
+        assert load(Home(bob.home_path)).bootstrap == [address]
         allow = load(Home(alice.home_path)).trust.allow
         assert [parse_public_key(key) for key in allow] == [bob.identity.public_key]
         assert [e.name for e in await TrustAPI(to_alice).list()] == ["bob"]
@@ -68,3 +74,47 @@ async def test_trust_add_by_name_from_the_signed_table(tmp_path: Path) -> None:
         with pytest.raises(NotTrusted):
             await to_carol.create_on_peer(alice.api_url)
         assert load(Home(alice.home_path)).trust.allow == []
+
+
+async def test_trust_add_by_an_address_no_record_publishes(tmp_path: Path) -> None:
+    async with (
+        _node(tmp_path, "alice") as _alice,
+        _node(tmp_path, "dave") as dave,
+        AsyncClient(home=tmp_path / "alice") as to_alice,
+    ):
+        found = await TrustAPI(to_alice).lookup(dave.api_url.removeprefix("http://"))
+        assert (found.node_id, found.name) == (dave.identity.node_id, "dave")
+        with pytest.raises(PeerNotFound, match="p2prc id"):
+            await TrustAPI(to_alice).lookup("nobody")
+
+
+def test_invite_and_join_with_the_cli_between_processes(node_factory: Any, tmp_path: Path) -> None:
+    for name in ("alice", "bob", "carol"):
+        run_cli(tmp_path / name, "init")
+        run_cli(tmp_path / name, "config", "set", "name", name)
+    alice, bob, carol = node_factory("alice"), node_factory("bob"), node_factory("carol")
+    token = json.loads(run_cli(alice.home, "--json", "invite", "--ttl", "10m").stdout)["token"]
+    joined = json.loads(run_cli(bob.home, "--json", "join", token).stdout)
+    assert joined["node_id"] == alice.node_id
+    with p2prc.Client(alice.api, home=bob.home) as client:
+        assert client.whoami().node_id == bob.node_id  # trusted at once, no restart
+
+    again = run_cli(carol.home, "join", token, check=False)
+    assert again.returncode == 1
+    assert (
+        again.stderr.strip() == "NotTrusted: this invite token was already used; ask for a new one"
+    )
+    garbage = run_cli(carol.home, "join", "p2prc1garbage", check=False)
+    assert garbage.returncode == 1
+    assert len(garbage.stderr.strip().splitlines()) == 1
+
+    run_cli(carol.home, "peers", "add", alice.api.removeprefix("http://"))
+    refused = run_cli(carol.home, "--json", "trust", "add", "carol", check=False)
+    assert "--yes" in refused.stderr
+    added = json.loads(run_cli(alice.home, "--json", "trust", "add", "carol", "--yes").stdout)
+    assert added["node_id"] == carol.node_id
+    listed = json.loads(run_cli(alice.home, "--json", "trust", "list").stdout)
+    assert {row["name"] for row in listed} == {"bob", "carol"}
+    run_cli(alice.home, "trust", "rm", "carol")
+    with p2prc.Client(alice.api, home=carol.home) as client, pytest.raises(p2prc.NotTrusted):
+        client.whoami()

@@ -95,6 +95,8 @@ def router(node: TrustNode, verifier: RequestVerifier) -> APIRouter:
     @routes.post("/invites/redeem")
     async def redeem(body: RedeemRequest, caller: Signed) -> RedeemAnswer:
         """Present an invite's secret: the caller's key is trusted (any signed caller)."""
+        if caller.role == "owner":
+            raise InvalidRequest("this invite is this node's own; run 'p2prc join' elsewhere")
         now = time.monotonic()
         everyone.hit("*", now)
         per_key.hit(caller.node_id, now)

@@ -9,8 +9,10 @@ for the pinned node id, and the inviter's answer must carry the key of that node
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import json
 import secrets
 import sqlite3
 import threading
@@ -22,6 +24,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._client_async import AsyncClient, peer_url
+from ..config import Home, load, set_value, split_address
 from ..errors import InvalidRequest, NotTrusted, P2PRCError, PeerProtocolError
 from ..identity import b64decode, b64encode, node_id_of, parse_public_key
 from ..models import SyncResult
@@ -282,6 +285,7 @@ async def join(token: str, local: AsyncClient) -> JoinResult:
         _check_pin(answer, parsed.node_id, address)
         trusted = await TrustAPI(local).add(answer.public_key)
         synced: SyncResult = await local.add_peer(address)
+        await asyncio.to_thread(_keep_bootstrap, local._home, address)
         return JoinResult(
             node_id=answer.node_id,
             name=answer.name,
@@ -290,6 +294,17 @@ async def join(token: str, local: AsyncClient) -> JoinResult:
             learned=synced.changed,
         )
     raise PeerProtocolError("no inviter address answered: " + "; ".join(failures))
+
+
+def _keep_bootstrap(home: Home, address: str) -> None:
+    """Add the inviter to ``bootstrap`` in config.toml, so a restart finds it again."""
+    try:
+        split_address(address)
+    except ValueError:
+        return  # a URL (an API on a relay) is no bootstrap address; the table keeps it
+    known = load(home).bootstrap
+    if address not in known:
+        set_value(home, "bootstrap", json.dumps([*known, address]))
 
 
 def _check_pin(answer: RedeemAnswer, pin: str, address: str) -> None:
