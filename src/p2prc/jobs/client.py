@@ -1,9 +1,9 @@
-"""The library side of jobs: ``JobsAPI(client)`` over a local node's ``/jobs`` routes.
+"""The library side of jobs: ``client.jobs`` (a ``JobsAPI``) over a node's ``/jobs`` routes.
 
 Usage::
 
     async with AsyncClient(home=home) as client:
-        job = await JobsAPI(client).run(Task(run="make -j8", workdir="/src"))
+        job = await client.run(Task(run="make -j8", workdir="/src"))  # client.jobs.run
         async for line in job.logs():
             print(line.rank, line.line)
         final = await job.wait()
