@@ -16,6 +16,7 @@ from ..client import Client
 from ..errors import InvalidRequest, P2PRCError
 from ._common import Options, emit, err, options_of, out
 from ._containers import bootstrap_images, build_image, container_app, images
+from ._doctor import doctor_command
 from ._jobs import jobs_app, run_command
 from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
@@ -34,6 +35,7 @@ app = typer.Typer(
 for command in (init, start, status, stop, specs):
     app.command()(command)
 app.command("interfaces")(interfaces_command)
+app.command("doctor")(doctor_command)
 app.add_typer(config_app, name="config")
 app.add_typer(container_app, name="container")
 app.add_typer(peers_app, name="peers")
