@@ -1,16 +1,19 @@
 """Invite and join between two real nodes on loopback, then a container at once; trust by name."""
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import p2prc
 from p2prc import AsyncClient, Home
+from p2prc.cli import main
 from p2prc.config import load
-from p2prc.errors import NotTrusted, PeerNotFound
-from p2prc.identity import parse_public_key
+from p2prc.errors import NotTrusted, PeerNotFound, RateLimited
+from p2prc.identity import Identity, parse_public_key
 from p2prc.peers.invites import TrustAPI, join
 from tests.integration.conftest import p2prc as run_cli
 from tests.integration.test_containers_remote import _node
@@ -118,3 +121,38 @@ def test_invite_and_join_with_the_cli_between_processes(node_factory: Any, tmp_p
     run_cli(alice.home, "trust", "rm", "carol")
     with p2prc.Client(alice.api, home=carol.home) as client, pytest.raises(p2prc.NotTrusted):
         client.whoami()
+
+
+async def test_redeem_is_rate_limited_per_key(tmp_path: Path) -> None:
+    async with (
+        _node(tmp_path, "alice") as alice,
+        _node(tmp_path, "mallory") as _mallory,
+        AsyncClient(alice.api_url, home=tmp_path / "mallory") as to_alice,
+    ):
+        for _ in range(5):
+            with pytest.raises(NotTrusted, match="not one this node gave out"):
+                await TrustAPI(to_alice).redeem(secrets.token_bytes(16))
+        with pytest.raises(RateLimited):
+            await TrustAPI(to_alice).redeem(secrets.token_bytes(16))
+
+
+def test_trust_add_asks_on_a_terminal(
+    node_factory: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = node_factory("alice")
+    peer = Identity(Ed25519PrivateKey.generate())
+    key = peer.openssh_public_key()
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    answers = iter([False, True])
+    monkeypatch.setattr("typer.confirm", lambda *args, **kwargs: next(answers))
+    home = ["--home", str(alice.home)]
+    with pytest.raises(SystemExit) as declined:
+        main([*home, "trust", "add", key])
+    assert declined.value.code == 1
+    assert f"trust (name unknown)  {peer.node_id}  SHA256:" in capsys.readouterr().err
+    assert load(Home(alice.home)).trust.allow == []
+    with pytest.raises(SystemExit) as accepted:
+        main([*home, "trust", "add", key])
+    assert accepted.value.code == 0
+    assert "now trusts" in capsys.readouterr().out
+    assert [parse_public_key(k) for k in load(Home(alice.home)).trust.allow] == [peer.public_key]
