@@ -1,5 +1,6 @@
 """``p2prc container cp`` against a real container on a real node (Docker)."""
 
+import asyncio
 import hashlib
 import json
 import os
@@ -9,6 +10,10 @@ from typing import Any
 
 import pytest
 
+from p2prc import AsyncClient, Home
+from p2prc.config import RelayConfig
+from p2prc.containers.copy import download, upload
+from p2prc.models import CreateContainer
 from tests.integration.conftest import NodeProcess, close, p2prc, start_node
 
 pytestmark = pytest.mark.docker
@@ -107,3 +112,37 @@ def test_paths_out_of_reach_are_one_line_errors(
     assert "outside" in refused.stderr
     assert "refusing" in refused.stderr
     assert not (tmp_path / "evil").exists()
+
+
+async def test_big_file_through_a_relay(node_factory: Any, tmp_path: Path) -> None:
+    """A container on a node behind NAT (configured), reached at the relay's public port."""
+    relay_config = RelayConfig(enabled=True, port=0, public_host="127.0.0.1")
+    async with node_factory("relay", relay=relay_config, behind_nat=False) as relay:
+        boot = [relay.api_url.removeprefix("http://")]
+        use = RelayConfig(use=[relay.identity.node_id])
+        async with (
+            node_factory("home", behind_nat=True, bootstrap=boot, relay=use) as home,
+            AsyncClient(home=tmp_path / "relay") as client,
+        ):
+            api = ""
+            for _ in range(100):
+                found = [v for v in await client.peers() if v.node_id == home.identity.node_id]
+                if found and found[0].public_api:
+                    api = found[0].api
+                    break
+                await asyncio.sleep(0.1)
+            assert api, "the NAT'd node's API never appeared on the relay"
+            view = await client.create_on_peer(api, CreateContainer(name="cp-relay"))
+            hosted = [v for v in home.container_store.hosted() if v.id == view.id]
+            assert view.ssh.port != hosted[0].ssh.port  # the relay's port, not Docker's
+            big = tmp_path / "big.bin"
+            with big.open("wb") as file:
+                for _ in range(64):
+                    file.write(os.urandom(1 << 20))
+            key = Home(tmp_path / "relay").identity_key
+            sent = await upload(view, key, big, "")
+            assert sent.bytes == 64 << 20
+            back = tmp_path / "back.bin"
+            await download(view, key, "big.bin", back)
+            assert _digest(back) == _digest(big)
+            await client.remove_tracked(view.id)
