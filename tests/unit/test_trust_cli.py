@@ -11,11 +11,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, init_home
 from p2prc.cli import main
-from p2prc.config import TrustConfig, load
+from p2prc.config import TrustConfig, load, set_value
 from p2prc.errors import ConfigError, InvalidRequest, NotFound
-from p2prc.identity import Identity
+from p2prc.identity import Identity, parse_public_key
 from p2prc.peers.invites import TrustAPI
 from p2prc.trust import TrustPolicy, fingerprint, openssh_line
+
+
+def run_set(home: Path, allow: list[str]) -> bool:
+    return bool(set_value(Home(home), "trust.allow", json.dumps(allow)))
 
 
 def _identity() -> Identity:
@@ -118,6 +122,17 @@ async def test_add_writes_config_and_reloads_every_policy(tmp_path: Path) -> Non
         assert not list(config_file.parent.glob(".config.toml.*.tmp"))
         config_file.write_text(before)
 
+        other = _identity()
+        await api.add(other.openssh_public_key())
+        assert (await api.remove(other.openssh_public_key("any comment"))).node_id == other.node_id
+        # An edit made with 'p2prc config set' while the node runs is kept, not overwritten.
+        hand = _identity().openssh_public_key("by-hand")
+        assert run_set(node.home_path, [openssh_line(peer.public_key), hand])
+        added = await api.add(other.openssh_public_key())
+        assert len(load(Home(node.home_path)).trust.allow) == 3
+        assert node.trust.allows_key(parse_public_key(hand))
+        await api.remove("by-hand")
+        await api.remove(added.node_id)
         removed = await api.remove(peer.node_id[:8])
         assert removed.node_id == peer.node_id
         assert not node.trust.allows_key(peer.public_key)

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 
 from .._client_async import AsyncClient
 from .._match import unique_prefix
-from ..config import Home, NodeConfig, join_address, set_value
+from ..config import Home, NodeConfig, join_address, load, set_value
 from ..errors import InvalidRequest, NotFound, P2PRCError, PeerNotFound, PeerProtocolError
 from ..identity import Identity, b64decode, node_id_of, parse_public_key
 from ..peers.gossip import Gossip
@@ -133,11 +133,13 @@ class _Allow:
         member = None if gossip is None else gossip.table.get(node_id)
         return "" if member is None else member.record.name
 
-    def entries(self) -> list[TrustEntry]:
+    def entries(self, lines: list[str] | None = None) -> list[TrustEntry]:
+        """``lines`` (by default the running policy's) with names: the table's, else the
+        comment the line was written with."""
         result = []
-        for line in self._verifier.policy.allowed:
-            key = parse_public_key(line)
-            comment = line.split()[2] if len(line.split()) > 2 else ""
+        for line in self._verifier.policy.allowed if lines is None else lines:
+            key, parts = parse_public_key(line), line.split()
+            comment = parts[2] if len(parts) > 2 else ""
             result.append(_entry(key, self.name_of(node_id_of(key)) or comment))
         return result
 
@@ -169,7 +171,7 @@ class _Allow:
         if key == self._node.identity.public_key:
             raise InvalidRequest("this is this node's own key; it is always trusted")
         async with self._lock:
-            current = list(self._verifier.policy.allowed)
+            current = await self._on_disk()
             if any(parse_public_key(line) == key for line in current):
                 return _entry(key, name)
             line = openssh_line(key, _COMMENT.sub("", name)[:64])
@@ -178,10 +180,10 @@ class _Allow:
 
     async def remove(self, typed: str) -> TrustEntry:
         async with self._lock:
-            current = list(self._verifier.policy.allowed)
+            current = await self._on_disk()
             found = unique_prefix(
                 typed,
-                self.entries(),
+                self.entries(current),
                 ident=lambda entry: entry.node_id,
                 name=lambda entry: entry.name or None,
                 what="trusted key",
@@ -191,6 +193,11 @@ class _Allow:
             kept = [line for line in current if node_id_of(parse_public_key(line)) != found.node_id]
             await self._write(kept)
         return found
+
+    async def _on_disk(self) -> list[str]:
+        # The file, not the running policy: an edit made by 'p2prc config set' is kept.
+        config = await asyncio.to_thread(load, self._home)
+        return list(config.trust.allow)
 
     async def _write(self, allow: list[str]) -> None:
         # The same path as 'p2prc config set trust.allow': the whole file validates first.

@@ -99,7 +99,7 @@ def trust_list(ctx: typer.Context) -> None:
 @trust_app.command("rm")
 def trust_rm(
     ctx: typer.Context,
-    peer: Annotated[str, typer.Argument(help="A trusted node's id prefix or name.")],
+    peer: Annotated[str, typer.Argument(help="A trusted node's id prefix, name or key.")],
 ) -> None:
     """Stop trusting a peer (config.toml too)."""
     options = options_of(ctx)

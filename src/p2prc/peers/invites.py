@@ -240,7 +240,12 @@ class TrustAPI:
         return _entries(response.json(), self._client.base_url)
 
     async def remove(self, peer: str) -> TrustEntry:
-        """``DELETE /trust/PEER`` (a node id prefix or a name); the entry removed."""
+        """``DELETE /trust/PEER`` (a node id prefix, a name or the key); the entry removed."""
+        if peer.strip().startswith("ssh-ed25519 "):
+            try:
+                peer = node_id_of(parse_public_key(peer))
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
         path = f"/trust/{quote(peer, safe='')}"
         return await self._client._call("DELETE", path, TrustEntry)
 
