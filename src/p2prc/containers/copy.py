@@ -128,6 +128,8 @@ async def upload(
                             block_size=BLOCK, max_requests=REQUESTS,
                         )  # fmt: skip
                         await sftp.chmod(path, entry.mode & 0o777)
+            with _remote_errors(view, target):
+                target = str(await sftp.realpath(target))
             sftp.exit()
     finally:
         conn.close()
