@@ -40,6 +40,7 @@ _REDEEM_ALL = (60, 60.0)
 _COMMENT = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# Twin of app.NodeView's first five (each router's Protocol lists what its code reads).
 class TrustNode(Protocol):
     @property
     def identity(self) -> Identity: ...
