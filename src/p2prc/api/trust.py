@@ -28,6 +28,7 @@ from ..peers.invites import (
     encode_token,
 )
 from ..peers.link import resolve_peer
+from ..peers.table import PeerTable
 from ..state import State
 from ..trust import TrustPolicy, fingerprint, openssh_line
 from .auth import KeyRate, Owner, RequestVerifier, Signed
@@ -130,8 +131,8 @@ class _Allow:
         self._lock = asyncio.Lock()
 
     def name_of(self, node_id: str) -> str:
-        gossip = self._gossip()
-        member = None if gossip is None else gossip.table.get(node_id)
+        table = self._table()
+        member = None if table is None else table.get(node_id)
         return "" if member is None else member.record.name
 
     def entries(self, lines: list[str] | None = None) -> list[TrustEntry]:
@@ -153,8 +154,8 @@ class _Allow:
             except ValueError as exc:
                 raise InvalidRequest(str(exc)) from None
             return key, self.name_of(node_id_of(key))
-        gossip = self._gossip()
-        members = gossip.table.alive() if gossip is not None else []
+        table = self._table()
+        members = table.alive() if table is not None else []
         me = self._node.identity.node_id
         try:
             target = resolve_peer(text, members, me)
@@ -163,7 +164,7 @@ class _Allow:
                 f"{exc}, or give its key: 'p2prc id' on that node prints it"
             ) from None
         if target.node_id is not None:
-            member = gossip.table.get(target.node_id) if gossip is not None else None
+            member = table.get(target.node_id) if table is not None else None
             if member is not None:
                 return member.record.public_key, member.record.name
         return await self._ask_status(target.url)
@@ -216,9 +217,9 @@ class _Allow:
             policies.append(own)
         return policies
 
-    def _gossip(self) -> Gossip | None:
+    def _table(self) -> PeerTable | None:
         try:
-            return self._node.gossip
+            return self._node.gossip.table
         except RuntimeError:  # gossip is off, or not running yet
             return None
 
