@@ -23,7 +23,7 @@ from ..models import CallerInfo, Health, NodeStatus, Specs
 from ..peers.gossip import MAX_EXCHANGE_BYTES
 from ..specs import collect_specs, own_addresses
 from ..state import State
-from . import containers, jobs, metrics, peers, plugins, trust, tunnel
+from . import containers, jobs, metrics, peers, plugins, trust, tunnel, ui
 from .auth import Owner, Peer, RequestVerifier
 
 __all__ = ["NodeView", "RequestLimits", "body_limit", "create_app"]
@@ -266,4 +266,5 @@ def create_app(node: NodeView) -> FastAPI:
     app.include_router(jobs.router(node))
     metrics.install(app, node, app.state.verifier)
     app.include_router(trust.router(node, app.state.verifier))
+    app.include_router(ui.router(node))
     return app

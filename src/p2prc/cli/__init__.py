@@ -23,6 +23,7 @@ from ._node import config_app, init, interfaces_command, specs, start, status, s
 from ._peers import meta_app, peers_app
 from ._plugins import group_app, plugin_app
 from ._trust import id_command, invite_command, join_command, trust_app
+from ._ui import ui_command
 
 __all__ = ["app", "main"]
 
@@ -47,6 +48,7 @@ app.add_typer(trust_app, name="trust")
 app.command("id")(id_command)
 app.command("invite")(invite_command)
 app.command("join")(join_command)
+app.command("ui")(ui_command)
 
 
 @app.command("map-port")
