@@ -19,9 +19,9 @@ from typing import Literal, Protocol
 
 import asyncssh
 
-from ..errors import ContainerError, InvalidRequest, NotFound, P2PRCError, PeerUnreachable
+from ..errors import ContainerError, InvalidRequest, NotFound
 from ..models import ContainerView
-from .sftp import BLOCK, REQUESTS, login
+from .sftp import BLOCK, REQUESTS, login, ssh_errors
 
 __all__ = ["CopyProgress", "CopyResult", "Remote", "download", "parse_sides", "upload"]
 
@@ -346,13 +346,11 @@ def _remote_errors(view: ContainerView, path: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _ssh_errors(view: ContainerView) -> Iterator[None]:
-    try:
-        yield
-    except P2PRCError:
-        raise
-    except (asyncssh.Error, TimeoutError, ConnectionError) as exc:
-        why = str(exc) or type(exc).__name__
-        raise PeerUnreachable(f"copy with container {view.id} failed: {why}") from None
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        raise InvalidRequest(f"{where}{exc.strerror or exc}") from None
+    with ssh_errors(view, "copy files to or from"):
+        try:
+            yield
+        except (TimeoutError, ConnectionError):
+            raise
+        except OSError as exc:  # this machine's side: a local file
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise InvalidRequest(f"{where}{exc.strerror or exc}") from None

@@ -6,14 +6,16 @@ refused, never learnt.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
 
-from ..errors import PeerUnreachable
+from ..errors import P2PRCError, PeerUnreachable
 from ..models import ContainerView
 
-__all__ = ["BLOCK", "CIPHERS", "REQUESTS", "login"]
+__all__ = ["BLOCK", "CIPHERS", "REQUESTS", "login", "ssh_errors"]
 
 CONNECT_TIMEOUT = 20.0
 # SFTP transfers: bytes per request and requests in flight (OpenSSH's sftp-server takes
@@ -55,3 +57,16 @@ async def login(view: ContainerView, key_file: Path) -> asyncssh.SSHClientConnec
     except (asyncssh.Error, OSError, TimeoutError, ValueError) as exc:
         why = str(exc) or type(exc).__name__
         raise PeerUnreachable(f"cannot log in to container {view.id}: {why}") from None
+
+
+@contextlib.contextmanager
+def ssh_errors(view: ContainerView, doing: str) -> Iterator[None]:
+    """SSH and transport failures while ``doing`` something to a container, as
+    ``PeerUnreachable``; our own errors pass unchanged."""
+    try:
+        yield
+    except P2PRCError:
+        raise
+    except (asyncssh.Error, OSError, TimeoutError) as exc:
+        why = str(exc) or type(exc).__name__
+        raise PeerUnreachable(f"cannot {doing} container {view.id}: {why}") from None
