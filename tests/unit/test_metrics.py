@@ -1,5 +1,6 @@
 """``/metrics``: Prometheus text read back by prometheus-client's own parser; who may scrape."""
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2prc import FakeRuntime, Home, Node, NodeConfig, init_home
+from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.api.app import create_app
 from p2prc.config import MetricsConfig, RelayConfig
 from p2prc.errors import ConfigError
@@ -124,3 +125,41 @@ def test_allow_must_be_addresses(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         set_value(home, "metrics.allow", '["10.0.0.300/8"]')
     set_value(home, "metrics.enabled", "true")
+
+
+async def test_a_relay_counts_its_tunnel(tmp_path: Path) -> None:
+    """Real gossip and a real tunnel on loopback: the scrape reads the live state."""
+    web = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    relay_config = RelayConfig(enabled=True, port=0, public_host="127.0.0.1")
+    enabled = MetricsConfig(enabled=True)
+    async with (
+        web,
+        _node(
+            tmp_path / "r",
+            metrics=enabled,
+            relay=relay_config,
+            behind_nat=False,
+            trust=TrustConfig(mode="open"),
+        ) as relay,  # fmt: skip
+        _node(
+            tmp_path / "h",
+            behind_nat=True,
+            bootstrap=[relay.api_url.removeprefix("http://")],
+            relay=RelayConfig(use=[relay.identity.node_id]),
+        ) as home,  # fmt: skip
+        AsyncClient(home=tmp_path / "h" / "node") as client,
+    ):
+        for _ in range(100):
+            if any(p.relay_port and p.state == "alive" for p in await client.peers() if not p.me):
+                break
+            await asyncio.sleep(0.1)
+        await client.map_port(web.sockets[0].getsockname()[1])
+        async with _http(relay) as http:
+            answer = await http.get("/metrics", headers=_signed(relay, relay.identity))
+        assert home.mapper.behind_nat
+    families = _families(answer.text)
+    values = {s.name: s.value for family in families.values() for s in family.samples}
+    assert values["p2prc_relay_tunnels"] == 1
+    assert values["p2prc_gossip_datagrams_received_total"] > 0
+    alive = [s for s in families["p2prc_members"].samples if s.labels["state"] == "alive"]
+    assert alive[0].value == 1
