@@ -1,14 +1,18 @@
 """The dashboard's login (one-time token, session cookie) and its read-only JSON."""
 
+import asyncio
+import json
+import webbrowser
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from p2prc import Identity
+from p2prc import Home, Identity, Node, NodeConfig, init_home
 from p2prc.api import create_app
 from p2prc.api.ui import COOKIE, MAX_SESSIONS, MAX_TOKENS, UiLogin, UiSessions
+from p2prc.cli import main
 from p2prc.client import AsyncClient
 from p2prc.errors import AuthError, OwnerOnly
 from p2prc.models import CreateContainer
@@ -146,3 +150,56 @@ def test_tokens_expire_and_tables_stay_bounded() -> None:
     assert sessions.valid(str(opened[-1]))
     now[0] += 3601
     assert not sessions.valid(str(opened[-1]))
+
+
+async def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    def run() -> int:
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    code = await asyncio.to_thread(run)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+async def test_cli_prints_a_link_that_works_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = Home(tmp_path / "alice")
+    config, identity = init_home(home, NodeConfig(name="alice"))
+    async with Node(config, home, identity=identity, host="127.0.0.1", port=0) as node:
+        code, out, _ = await _cli(capsys, "--home", str(home.path), "ui", "--print-url")
+        assert code == 0
+        url = out.strip()
+        assert url.startswith(f"{node.api_url}/ui/login?token=")
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(url)).status_code == 303
+            assert (await http.get(url)).status_code == 401
+
+        code, out, _ = await _cli(capsys, "--json", "--home", str(home.path), "ui", "--print-url")
+        assert json.loads(out)["expires_in"] == 60
+
+        opened: list[str] = []
+
+        def browser_open(link: str) -> bool:
+            opened.append(link)
+            return True
+
+        monkeypatch.setattr(webbrowser, "open", browser_open)
+        code, out, _ = await _cli(capsys, "--home", str(home.path), "ui")
+        assert code == 0
+        assert len(opened) == 1
+        assert "opened the dashboard" in out
+
+
+async def test_cli_without_a_running_node_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = Home(tmp_path / "idle")
+    init_home(home)
+    code, _, err = await _cli(capsys, "--home", str(home.path), "ui", "--print-url")
+    assert code == 1
+    assert "NodeNotRunning" in err
