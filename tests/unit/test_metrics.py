@@ -140,13 +140,13 @@ async def test_a_relay_counts_its_tunnel(tmp_path: Path) -> None:
             relay=relay_config,
             behind_nat=False,
             trust=TrustConfig(mode="open"),
-        ) as relay,  # fmt: skip
+        ) as relay,
         _node(
             tmp_path / "h",
             behind_nat=True,
             bootstrap=[relay.api_url.removeprefix("http://")],
             relay=RelayConfig(use=[relay.identity.node_id]),
-        ) as home,  # fmt: skip
+        ) as home,
         AsyncClient(home=tmp_path / "h" / "node") as client,
     ):
         for _ in range(100):

@@ -124,9 +124,12 @@ async def upload(
                     else:
                         progress.file(entry.rel or local.name, entry.size)
                         await sftp.put(
-                            str(source), path, progress_handler=_counter(progress),
-                            block_size=BLOCK, max_requests=REQUESTS,
-                        )  # fmt: skip
+                            str(source),
+                            path,
+                            progress_handler=_counter(progress),
+                            block_size=BLOCK,
+                            max_requests=REQUESTS,
+                        )
                         await sftp.chmod(path, entry.mode & 0o777)
             with _remote_errors(view, target):
                 target = str(await sftp.realpath(target))
@@ -169,9 +172,12 @@ async def download(
                     else:
                         progress.file(entry.rel or path.name, entry.size)
                         await sftp.get(
-                            source, str(path), progress_handler=_counter(progress),
-                            block_size=BLOCK, max_requests=REQUESTS,
-                        )  # fmt: skip
+                            source,
+                            str(path),
+                            progress_handler=_counter(progress),
+                            block_size=BLOCK,
+                            max_requests=REQUESTS,
+                        )
                         path.chmod(entry.mode & 0o777)
             sftp.exit()
     finally:

@@ -33,8 +33,8 @@ def test_local_walk_parents_first_links_as_links(tmp_path: Path) -> None:
     (root / "a" / "f").write_bytes(b"12345")
     (root / "l").symlink_to("/etc/passwd")
     entries = _walk_local(root)
-    assert [(e.kind, e.rel) for e in entries] == [("dir", ""), ("dir", "a"), ("file", "a/f"),
-                                                  ("link", "l")]  # fmt: skip
+    kinds = [(e.kind, e.rel) for e in entries]
+    assert kinds == [("dir", ""), ("dir", "a"), ("file", "a/f"), ("link", "l")]
     assert entries[2].size == 5
     assert entries[3].link == "/etc/passwd"
     with pytest.raises(NotFound, match="no such file"):
