@@ -11,9 +11,10 @@ import pytest
 
 from p2prc import Home, Identity, Node, NodeConfig, init_home
 from p2prc.api import create_app
-from p2prc.api.ui import COOKIE, MAX_SESSIONS, MAX_TOKENS, UiLogin, UiSessions
+from p2prc.api.ui import COOKIE, MAX_SESSIONS, MAX_TOKENS, UiLogin, UiSessions, overview
 from p2prc.cli import main
 from p2prc.client import AsyncClient
+from p2prc.config import RelayConfig, TrustConfig
 from p2prc.errors import AuthError, OwnerOnly
 from p2prc.models import CreateContainer
 from tests.conftest import FakeNode
@@ -203,3 +204,60 @@ async def test_cli_without_a_running_node_says_so(
     code, _, err = await _cli(capsys, "--home", str(home.path), "ui", "--print-url")
     assert code == 1
     assert "NodeNotRunning" in err
+
+
+async def test_overview_shows_relay_load_mappings_and_the_relay_path(tmp_path: Path) -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    local_port = server.sockets[0].getsockname()[1]
+    relay_home, nat_home = Home(tmp_path / "relay"), Home(tmp_path / "home")
+    relay_config, relay_id = init_home(
+        relay_home,
+        NodeConfig(
+            name="relay",
+            trust=TrustConfig(mode="open"),
+            relay=RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
+            behind_nat=False,
+        ),
+    )
+    try:
+        async with Node(
+            relay_config, relay_home, identity=relay_id, host="127.0.0.1", port=0
+        ) as relay:
+            nat_config, nat_id = init_home(
+                nat_home,
+                NodeConfig(
+                    name="home",
+                    behind_nat=True,
+                    bootstrap=[relay.api_url.removeprefix("http://")],
+                    relay=RelayConfig(use=[relay.identity.node_id]),
+                ),
+            )
+            async with (
+                Node(nat_config, nat_home, identity=nat_id, host="127.0.0.1", port=0) as home,
+                AsyncClient(home=nat_home) as client,
+            ):
+                for _ in range(100):
+                    if any(p.relay_port and p.state == "alive" for p in await client.peers()):
+                        break
+                    await asyncio.sleep(0.1)
+                mapped = await client.map_port(local_port)
+                seen = overview(home)
+                assert seen.behind_nat is True
+                assert [(m.local_port, m.relay) for m in seen.mappings] == [
+                    (local_port, relay.identity.node_id)
+                ]
+                assert seen.relay is None
+                load = overview(relay).relay
+                assert load is not None
+                assert [t.node_id for t in load.tunnels] == [home.identity.node_id]
+                assert load.tunnels[0].ports == 2  # its API (public_api) and the mapped port
+                for _ in range(100):  # the home node's new record reaches the relay by gossip
+                    peers = {p.node_id: p for p in overview(relay).peers}
+                    if peers[home.identity.node_id].relay == relay.identity.node_id:
+                        break
+                    await asyncio.sleep(0.1)
+                assert peers[home.identity.node_id].relay == relay.identity.node_id
+                assert mapped.relay == relay.identity.node_id
+    finally:
+        server.close()
+        await server.wait_closed()
