@@ -14,14 +14,18 @@ import logging
 import posixpath
 import shlex
 import stat
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Self
 
 import asyncssh
 
 from .._closing import AsyncClosing
-from ..errors import InvalidRequest, JobError, P2PRCError, PeerUnreachable
+from ..containers.sftp import BLOCK as _BLOCK
+from ..containers.sftp import REQUESTS as _REQUESTS
+from ..containers.sftp import login
+from ..containers.sftp import ssh_errors as _ssh_errors
+from ..errors import InvalidRequest, JobError, PeerUnreachable
 from ..models import ContainerView
 from .task import Command, Task
 
@@ -33,20 +37,7 @@ WORK = "work"
 _JOB = ".p2prc-job"
 # A line longer than this is cut into pieces: a rank without newlines cannot fill memory.
 MAX_LINE = 64 * 1024
-_CONNECT_TIMEOUT = 20.0
 _MAX_DEPTH = 64
-# SFTP transfers: bytes per request and requests in flight (OpenSSH's sftp-server takes
-# up to 256 KiB a request); measured on loopback, see the report in the changelog.
-_BLOCK = 128 * 1024
-_REQUESTS = 64
-# AES-GCM first: with AES-NI it moves bytes at about twice ChaCha20-Poly1305's speed here.
-_CIPHERS = [
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-    "aes128-ctr",
-    "aes256-ctr",
-]
 
 OnLine = Callable[[str, int], Awaitable[None]]
 OnProgress = Callable[[int], None]
@@ -139,22 +130,8 @@ class RankSession(AsyncClosing):
         return self
 
     async def connect(self) -> None:
-        ssh = self.view.ssh
+        self._conn = await login(self.view, self._key_file)
         try:
-            host_key = asyncssh.import_public_key(ssh.host_key)
-            self._conn = await asyncssh.connect(
-                ssh.host,
-                ssh.port,
-                username=ssh.user,
-                client_keys=[str(self._key_file)],
-                known_hosts=([host_key], [], []),
-                agent_path=None,
-                connect_timeout=_CONNECT_TIMEOUT,
-                keepalive_interval=15,
-                keepalive_count_max=4,
-                config=[],
-                encryption_algs=_CIPHERS,
-            )
             self._sftp = await self._conn.start_sftp_client()
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             await self.aclose()
@@ -363,14 +340,3 @@ def _make_dir(local: Path) -> bool:
     except (FileExistsError, NotADirectoryError):
         return False
     return True
-
-
-@contextlib.contextmanager
-def _ssh_errors(view: ContainerView, doing: str) -> Iterator[None]:
-    try:
-        yield
-    except P2PRCError:
-        raise
-    except (asyncssh.Error, OSError, TimeoutError) as exc:
-        why = str(exc) or type(exc).__name__
-        raise PeerUnreachable(f"cannot {doing} container {view.id}: {why}") from None
