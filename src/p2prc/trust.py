@@ -14,7 +14,7 @@ import hashlib
 from .config import TrustConfig
 from .identity import node_id_of, parse_public_key
 
-__all__ = ["TrustPolicy", "fingerprint", "openssh_line"]
+__all__ = ["TrustPolicy", "fingerprint", "not_trusted_message", "openssh_line"]
 
 
 def openssh_line(public_key: bytes, comment: str = "") -> str:
@@ -79,3 +79,11 @@ class TrustPolicy:
         network (NAT answers, relays) worth believing, so those checks ask this.
         """
         return node_id == self._own_id or node_id in self._ids
+
+
+def not_trusted_message(refused_by: str, caller: str) -> str:
+    """What ``NotTrusted`` says: who refused, and what its owner runs to allow the caller."""
+    return (
+        f"node {refused_by} does not trust your node {caller}; its owner can allow you with "
+        f"'p2prc trust add {caller}' (or send you a token from 'p2prc invite')"
+    )

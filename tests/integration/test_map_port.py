@@ -13,7 +13,7 @@ import pytest
 
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.config import GossipConfig, RelayConfig
-from p2prc.errors import DomainTaken, InvalidRequest, NotFound
+from p2prc.errors import DomainTaken, InvalidRequest, NotFound, RelayUnavailable
 from p2prc.models import CreateContainer
 
 BODY = os.urandom(1024 * 1024)
@@ -308,3 +308,19 @@ async def test_udp_port_through_a_relay(tmp_path: Path) -> None:
             assert await client.mappings() == []
     finally:
         echo.close()
+
+
+async def test_a_relay_that_refuses_is_named_with_its_reason(tmp_path: Path, web_port: int) -> None:
+    """The owner learns which relay refused and what its owner runs, without its log."""
+    relay_config = {**_relay_config(), "trust": TrustConfig(mode="allowlist")}
+    async with (
+        _node(tmp_path, "relay", **relay_config) as relay,
+        _node(tmp_path, "home", **_natted(relay)) as home,
+        AsyncClient(home=tmp_path / "home") as client,
+    ):
+        await _wait_for_relay(client)
+        with pytest.raises(RelayUnavailable) as refused:
+            await client.map_port(web_port)
+        text = str(refused.value)
+        assert "relay (" in text  # the relay's name and id prefix
+        assert f"p2prc trust add {home.identity.node_id}" in text

@@ -74,7 +74,7 @@ async def test_relay_refuses_nodes_it_does_not_allow(tmp_path: Path) -> None:
     closed = RelayServer(RELAY, tmp_path, host="127.0.0.1", allowed=lambda node_id: False)
     async with closed:
         client = TunnelClient(CLIENT, "127.0.0.1", closed.port, RELAY.node_id)
-        with pytest.raises(TunnelError, match="may not use"):
+        with pytest.raises(TunnelError, match="does not trust your node"):
             await client.start()
         await client.aclose()
 

@@ -38,7 +38,7 @@ from ..identity import (
 )
 from ..models import CallerInfo
 from ..state import State
-from ..trust import TrustPolicy
+from ..trust import TrustPolicy, not_trusted_message
 
 __all__ = ["KeyRate", "Owner", "Peer", "RequestVerifier", "Signed", "not_trusted_message"]
 
@@ -51,14 +51,6 @@ _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 _OWNER_NONCES = 100_000
 _LISTED_NONCES = (5_000, 200_000)
 _STRANGER_NONCES = (1_000, 20_000)
-
-
-def not_trusted_message(refused_by: str, caller: str) -> str:
-    """What ``NotTrusted`` says: who refused, and what its owner runs to allow the caller."""
-    return (
-        f"node {refused_by} does not trust your node {caller}; its owner can allow you with "
-        f"'p2prc trust add {caller}' (or send you a token from 'p2prc invite')"
-    )
 
 
 @dataclass(frozen=True, slots=True)

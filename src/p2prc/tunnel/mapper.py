@@ -295,6 +295,7 @@ class PortMapper(Component):
     async def _tunnel(self) -> TunnelClient:
         if self._client is not None:
             return self._client
+        refusals: list[str] = []
         for member in self._relays():
             record = member.record
             client = TunnelClient(
@@ -309,6 +310,7 @@ class PortMapper(Component):
                 await client.start()
             except P2PRCError as exc:
                 log.info("relay %s not usable: %s", record.name, exc)
+                refusals.append(f"{record.name} ({record.node_id[:8]}): {exc}")
                 await client.aclose()
                 continue
             if self._api_port and self._gossip is not None and self._tls_dir is not None:
@@ -319,6 +321,7 @@ class PortMapper(Component):
                     public_api = await client.expose(await self._api_endpoint(), wanted)
                 except (P2PRCError, OSError, TimeoutError) as exc:
                     log.info("relay %s does not publish our API: %s", record.name, exc)
+                    refusals.append(f"{record.name} ({record.node_id[:8]}): {exc}")
                     await client.aclose()
                     continue
                 self._gossip.set_relay(record.node_id, join_address(record.host, public_api))
@@ -332,6 +335,8 @@ class PortMapper(Component):
             log.info("tunnel through relay %s (%s)", record.name, record.host)
             self._tasks.spawn(self._failover(client), "relay-watch")
             return client
+        if refusals:  # say what each relay answered: the reason is not only in its log
+            raise RelayUnavailable("no relay took this node: " + "; ".join(refusals))
         raise RelayUnavailable(
             "no reachable relay among trusted peers (a public node in trust.allow or relay.use"
             " that enables relay)"

@@ -38,6 +38,7 @@ from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
 from ..errors import DomainTaken, InvalidRequest, P2PRCError, TunnelProtocolError
 from ..identity import Identity, node_id_of, verify_signature
+from ..trust import not_trusted_message
 from .domains import MAX_HEAD, normalize_domain, request_host
 from .frames import FrameDecoder
 from .mux import Mux
@@ -219,7 +220,7 @@ class RelayServer(Component):
             log.info("relay connection closed: %s", exc or type(exc).__name__)
             if not writer.is_closing():
                 with contextlib.suppress(Exception):  # the peer may be gone mid-write
-                    await stream.send(Error(str(exc)[:200]))
+                    await stream.send(Error(str(exc)[:500]))
             await close_quietly(writer)
 
     def _authenticate(self, hello: object, nonce: str) -> str:
@@ -229,7 +230,8 @@ class RelayServer(Component):
         verify_signature(hello.key, hello.signature, message)
         node_id = node_id_of(hello.key)
         if not self._allowed(node_id):
-            raise TunnelProtocolError(f"node {node_id} may not use this relay")
+            refused_by = f"relay {self._identity.node_id}"
+            raise TunnelProtocolError(not_trusted_message(refused_by, node_id))
         return node_id
 
     async def _serve_tunnel(self, tunnel: _Tunnel) -> None:
