@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -122,12 +122,11 @@ class NodeCollector(Collector):
         relay = getattr(self._node, "relay", None)
         if relay is None:
             return
-        # The relay keeps no public counts yet: its tunnels and their streams, read here.
-        tunnels: dict[str, Any] = getattr(relay, "_tunnels", {})
+        load = relay.load()
         yield GaugeMetricFamily(
-            "p2prc_relay_tunnels", "Tunnel clients connected to this relay.", value=len(tunnels)
+            "p2prc_relay_tunnels", "Tunnel clients connected to this relay.", value=len(load)
         )
-        streams = sum(len(t.mux.streams) for t in tunnels.values())
+        streams = sum(tunnel.streams for tunnel in load)
         yield GaugeMetricFamily(
             "p2prc_relay_streams", "Streams open through this relay.", value=streams
         )

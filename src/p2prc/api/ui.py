@@ -200,11 +200,9 @@ def _peers(gossip: Gossip | None) -> tuple[PeerView | None, list[PeerView]]:
 def _relay(relay: RelayServer | None) -> RelayLoad | None:
     if relay is None:
         return None
-    # The relay keeps no public counts yet: its tunnels, read as the metrics read them.
-    tunnels: dict[str, Any] = getattr(relay, "_tunnels", {})
     rows = [
-        RelayTunnel(node_id=node_id, ports=tunnel.ports, streams=len(tunnel.mux.streams))
-        for node_id, tunnel in sorted(tunnels.items())
+        RelayTunnel(node_id=load.node_id, ports=load.ports, streams=load.streams)
+        for load in relay.load()
     ]
     forwarded = getattr(relay, "bytes_forwarded", None)
     return RelayLoad(

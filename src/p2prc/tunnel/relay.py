@@ -69,7 +69,7 @@ from .streams import FramedStream, close_quietly, pipe
 from .tls import server_context
 from .udp import Datagrams, RecentPeers
 
-__all__ = ["RelayLimits", "RelayServer"]
+__all__ = ["RelayLimits", "RelayServer", "TunnelLoad"]
 
 _Bound = TypeVar("_Bound")
 # A handler of one message type; the table's key says which message class it gets.
@@ -106,6 +106,15 @@ class _Tunnel:
     @property
     def ports(self) -> int:
         return len(self.servers) + len(self.udp)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelLoad:
+    """One tunnel client's share of the relay: public ports and open streams."""
+
+    node_id: str
+    ports: int
+    streams: int
 
 
 @dataclass(slots=True)
@@ -163,6 +172,13 @@ class RelayServer(Component):
 
     def __repr__(self) -> str:
         return f"<RelayServer [:{self.port} | {len(self._tunnels)} tunnels]>"
+
+    def load(self) -> list[TunnelLoad]:
+        """Every connected tunnel client with its public ports and open streams, by id."""
+        return [
+            TunnelLoad(node_id, tunnel.ports, len(tunnel.mux.streams))
+            for node_id, tunnel in sorted(self._tunnels.items())
+        ]
 
     @property
     def routes_domains(self) -> bool:
