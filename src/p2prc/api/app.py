@@ -23,7 +23,7 @@ from ..models import CallerInfo, Health, NodeStatus, Specs
 from ..peers.gossip import MAX_EXCHANGE_BYTES
 from ..specs import collect_specs, own_addresses
 from ..state import State
-from . import containers, jobs, metrics, peers, plugins, trust, tunnel, ui
+from . import containers, jobs, metrics, overview, peers, plugins, trust, tunnel, ui
 from .auth import Owner, Peer, RequestVerifier
 
 __all__ = ["NodeView", "RequestLimits", "body_limit", "create_app"]
@@ -267,4 +267,5 @@ def create_app(node: NodeView) -> FastAPI:
     metrics.install(app, node, app.state.verifier)
     app.include_router(trust.router(node, app.state.verifier))
     app.include_router(ui.router(node))
+    app.include_router(overview.router(node))
     return app

@@ -12,26 +12,17 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict
 
-from ..containers.service import ContainerService
-from ..containers.tracked import TrackedContainers
 from ..errors import AuthError
-from ..identity import Identity, b64encode
-from ..jobs.models import JobView
-from ..jobs.service import JobService
-from ..models import CallerInfo, ContainerView, MappedPort, PeerView, TrackedContainer
-from ..peers.gossip import Gossip
-from ..tunnel.mapper import PortMapper
-from ..tunnel.relay import RelayServer
 from .auth import Owner
-from .peers import view_of
+from .overview import Overview, overview
 
-__all__ = ["COOKIE", "Overview", "UiLogin", "UiSessions", "router"]
+__all__ = ["COOKIE", "Overview", "UiLogin", "UiSessions", "overview", "router"]
 
 COOKIE = "p2prc_ui"
 TOKEN_TTL = 60.0
@@ -66,37 +57,6 @@ class UiLogin(_Answer):
 
     path: str
     expires_in: float
-
-
-class RelayTunnel(_Answer):
-    """One node tunnelling through this relay."""
-
-    node_id: str
-    ports: int
-    streams: int
-
-
-class RelayLoad(_Answer):
-    """What this node's relay carries now."""
-
-    port: int
-    tunnels: list[RelayTunnel]
-    streams: int
-    forwarded_bytes: int | None
-
-
-class Overview(_Answer):
-    """Everything the dashboard shows, read in one go."""
-
-    me: PeerView | None
-    peers: list[PeerView]
-    hosted: list[ContainerView]
-    tracked: list[TrackedContainer]
-    jobs: list[JobView]
-    mappings: list[MappedPort]
-    behind_nat: bool | None
-    relay: RelayLoad | None
-    at: float
 
 
 def _digest(secret: str) -> bytes:
@@ -179,65 +139,6 @@ class UiSessions:
         digest = self._sessions.find(session)
         if digest is not None:
             self._sessions.pop(digest)
-
-
-def _part(node: object, name: str, kind: type[Any]) -> Any:
-    """The node's running ``name`` when it has one of type ``kind``, else None."""
-    try:
-        part = getattr(node, name, None)
-    except RuntimeError:  # a Node's parts raise while it is not running
-        return None
-    return part if isinstance(part, kind) else None
-
-
-def _peers(gossip: Gossip | None) -> tuple[PeerView | None, list[PeerView]]:
-    if gossip is None:
-        return None, []
-    members = sorted(gossip.table.members.values(), key=lambda m: m.record.node_id)
-    return view_of(gossip, gossip.me, None), [view_of(gossip, m.record, m) for m in members]
-
-
-def _relay(relay: RelayServer | None) -> RelayLoad | None:
-    if relay is None:
-        return None
-    rows = [
-        RelayTunnel(node_id=load.node_id, ports=load.ports, streams=load.streams)
-        for load in relay.load()
-    ]
-    forwarded = getattr(relay, "bytes_forwarded", None)
-    return RelayLoad(
-        port=relay.port,
-        tunnels=rows,
-        streams=sum(row.streams for row in rows),
-        forwarded_bytes=forwarded if isinstance(forwarded, int) else None,
-    )
-
-
-def overview(node: object) -> Overview:
-    """What the dashboard shows now; parts the node does not run are empty."""
-    me, peers = _peers(_part(node, "gossip", Gossip))
-    hosted: list[ContainerView] = []
-    containers: ContainerService | None = _part(node, "containers", ContainerService)
-    identity: Identity | None = _part(node, "identity", Identity)
-    if containers is not None and identity is not None:
-        owner = CallerInfo(
-            node_id=identity.node_id, role="owner", public_key=b64encode(identity.public_key)
-        )
-        hosted = containers.owned_by(owner)
-    tracked: TrackedContainers | None = _part(node, "tracked", TrackedContainers)
-    jobs: JobService | None = _part(node, "jobs", JobService)
-    mapper: PortMapper | None = _part(node, "mapper", PortMapper)
-    return Overview(
-        me=me,
-        peers=peers,
-        hosted=hosted,
-        tracked=tracked.list() if tracked is not None else [],
-        jobs=jobs.list() if jobs is not None else [],
-        mappings=mapper.mappings() if mapper is not None else [],
-        behind_nat=mapper.behind_nat if mapper is not None else None,
-        relay=_relay(_part(node, "relay", RelayServer)),
-        at=time.time(),
-    )
 
 
 def _static() -> dict[str, bytes]:

@@ -1,6 +1,7 @@
 """Commands about this machine's node: init, start, status, stop, specs, interfaces, config."""
 
 import asyncio
+import itertools
 import json
 import logging
 import signal
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group
+from rich.live import Live
 from rich.table import Table
 
-from ..client import Client
+from ..client import AsyncClient, Client
 from ..config import Home, import_original, load, set_value
 from ..errors import NodeError, NodeNotRunning
 from ..models import Health, NodeStatus, Specs
@@ -76,25 +79,128 @@ async def _serve(node: Node, options: Options) -> None:
         raise NodeError(f"the node stopped: {node.failure}")
 
 
-def status(ctx: typer.Context) -> None:
-    """Show the running node of this home."""
+def status(
+    ctx: typer.Context,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh every 2 s until Ctrl-C.")
+    ] = False,
+    count: Annotated[
+        int | None, typer.Option("--count", min=1, help="With --watch: stop after N views.")
+    ] = None,
+    interval: Annotated[float, typer.Option("--interval", min=0.01, hidden=True)] = 2.0,
+) -> None:
+    """This node (NAT verdict, relay, mappings, health) and each peer, with its path."""
     options = options_of(ctx)
-    with Client(home=options.home) as client:
-        result = client.status()
-        health = client.health()
-    data = {**result.model_dump(mode="json"), "health": health.model_dump(mode="json")}
-    emit(options, data, _status_table(result, health))
+    if not watch:
+        data, view = _status_view(options)
+        emit(options, data, view)
+        return
+    rounds = itertools.count(1) if count is None else range(1, count + 1)
+    try:
+        if options.json or not out.is_terminal:
+            for round_ in rounds:
+                if round_ > 1:
+                    time.sleep(interval)
+                emit(options, *_status_view(options))
+            return
+        with Live(console=out, auto_refresh=False) as live:
+            for round_ in rounds:
+                if round_ > 1:
+                    time.sleep(interval)
+                live.update(_status_view(options)[1], refresh=True)
+    except KeyboardInterrupt:
+        return
 
 
-def _status_table(status: NodeStatus, health: Health) -> Table:
+def _status_view(options: Options) -> tuple[dict[str, Any], Group]:
+    """The JSON answer and the tables of ``p2prc status``, read from the node now."""
+    result, health, view = asyncio.run(_read_status(options.home))
+    data = {
+        **result.model_dump(mode="json"),
+        "health": health.model_dump(mode="json"),
+        **_status_data(view),
+    }
+    return data, Group(_status_table(result, health, data), "", _peers_table(data["peers"]))
+
+
+async def _read_status(home: Home) -> tuple[NodeStatus, Health, Any]:
+    from ..api.overview import Overview  # the server's model, loaded only by this command
+
+    async with AsyncClient(home=home) as client:
+        result, health = await client.status(), await client.health()
+        response = await client._request("GET", "/overview", signed=True)
+    return result, health, Overview.model_validate_json(response.content)
+
+
+def _status_data(view: Any) -> dict[str, Any]:
+    """This node's NAT verdict, relay and mappings, and each peer with its path."""
+    me = view.me
+    names = {peer.node_id: peer.name for peer in [*view.peers, *([me] if me else [])]}
+    behind_nat = view.behind_nat if view.behind_nat is not None else getattr(me, "behind_nat", None)
+    relay = None
+    if me is not None and me.relay:
+        relay = {"node_id": me.relay, "name": names.get(me.relay, ""), "public_api": me.public_api}
+    peers = [
+        {
+            "name": peer.name,
+            "node_id": peer.node_id,
+            "state": peer.state,
+            "path": _path(peer, names),
+            "rtt_ms": peer.rtt_ms,
+            "gpus": peer.gpus,
+            "api": peer.api,
+        }
+        for peer in view.peers
+    ]
+    mappings = [m.model_dump(mode="json", by_alias=False) for m in view.mappings]
+    return {
+        "nat": "unknown" if behind_nat is None else "behind NAT" if behind_nat else "public",
+        "behind_nat": behind_nat,
+        "relay": relay,
+        "mappings": mappings,
+        "peers": peers,
+    }
+
+
+def _path(peer: Any, names: dict[str, str]) -> str:
+    """How this node reaches ``peer``: ``direct`` or ``relay via NAME``."""
+    if peer.relay:
+        return f"relay via {names.get(peer.relay) or peer.relay[:8]}"
+    if peer.behind_nat:
+        return "none (behind NAT, no relay)"
+    return "direct"
+
+
+def _status_table(status: NodeStatus, health: Health, data: dict[str, Any]) -> Table:
     table = Table(show_header=False, box=None)
     for key in ("name", "node_id", "api", "version", "trust_mode", "uptime_s"):
         table.add_row(key, str(getattr(status, key)))
     table.add_row("addresses", ", ".join(status.addresses))
+    table.add_row("nat", data["nat"])
+    relay = data["relay"]
+    if relay is not None:
+        name = relay["name"] or relay["node_id"][:8]
+        table.add_row("relay", f"{name} ({relay['node_id'][:8]}), public api {relay['public_api']}")
+    table.add_row("mappings", str(len(data["mappings"])))
+    for mapping in data["mappings"]:
+        via = f" via {mapping['relay'][:8]}" if mapping["relay"] else ""
+        table.add_row("", f"{mapping['local_port']} -> {mapping['entire_address']}{via}")
     table.add_row("health", health.status)
     for name, state in health.components.items():
         if state != "ok":
             table.add_row(f"  {name}", state)
+    return table
+
+
+def _peers_table(peers: list[dict[str, Any]]) -> Table:
+    table = Table("peer", "id", "state", "path", "rtt", "gpus", box=None, title_justify="left")
+    for peer in peers:
+        rtt = "-" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.1f} ms"
+        table.add_row(
+            peer["name"], peer["node_id"][:8], peer["state"], peer["path"], rtt, str(peer["gpus"])
+        )
+    if not peers:
+        table.add_row("(no peers yet)", "", "", "", "", "")
     return table
 
 

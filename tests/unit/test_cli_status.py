@@ -1,0 +1,135 @@
+"""``p2prc status``: this node's NAT verdict and relay, each peer's path, --watch and --json."""
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
+from p2prc.api.overview import Overview
+from p2prc.cli import main
+from p2prc.config import RelayConfig
+from p2prc.errors import AuthError, OwnerOnly
+from p2prc.identity import Identity
+
+
+@contextlib.asynccontextmanager
+async def _node(path: Path, name: str, **config: object) -> AsyncIterator[Node]:
+    home = Home(path / name)
+    settings, identity = init_home(home, NodeConfig(name=name, **config))  # type: ignore[arg-type]
+    async with Node(
+        settings, home, identity=identity, host="127.0.0.1", port=0, runtime=FakeRuntime()
+    ) as node:
+        yield node
+
+
+async def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    def run() -> int:
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    code = await asyncio.to_thread(run)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+async def _wait_for(client: AsyncClient, *names: str, relayed: str = "") -> None:
+    """Until every one of ``names`` is alive in the table and ``relayed`` names its relay."""
+    for _ in range(200):
+        peers = {p.name: p for p in await client.peers() if not p.me}
+        if all(n in peers and peers[n].state == "alive" for n in names) and (
+            not relayed or peers[relayed].relay
+        ):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{names} never all appeared alive")
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[dict[str, Node]]:
+    """A public relay, a NAT'd node tunnelling through it, and a public node: 'pub'."""
+    open_trust: dict[str, Any] = {"trust": TrustConfig(mode="open")}
+    relay_config = RelayConfig(enabled=True, port=0, public_host="127.0.0.1")
+    async with _node(
+        tmp_path, "relay", behind_nat=False, relay=relay_config, **open_trust
+    ) as relay:
+        boot = [relay.api_url.removeprefix("http://")]
+        use = RelayConfig(use=[relay.identity.node_id])
+        async with (
+            _node(tmp_path, "home", behind_nat=True, bootstrap=boot, relay=use) as home,
+            _node(tmp_path, "pub", behind_nat=False, bootstrap=boot, **open_trust) as pub,
+            AsyncClient(home=tmp_path / "pub") as client,
+        ):
+            await _wait_for(client, "relay", "home", relayed="home")
+            yield {"relay": relay, "home": home, "pub": pub}
+
+
+async def test_status_shows_each_peers_path(
+    network: dict[str, Node], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = await _cli(capsys, "--home", str(tmp_path / "pub"), "status")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "relay via relay" in rows["home"]
+    assert "direct" in rows["relay"]
+    assert "alive" in rows["home"]
+    assert rows["nat"].split()[1] == "public"
+    for key in ("mappings", "health", "node_id"):
+        assert key in rows
+
+
+async def test_status_json_is_one_object(
+    network: dict[str, Node], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = await _cli(capsys, "--json", "--home", str(tmp_path / "home"), "status")
+    assert code == 0, err
+    data = json.loads(out)
+    home, relay = network["home"], network["relay"]
+    assert data["node_id"] == home.identity.node_id
+    assert data["health"]["status"] == "ok"
+    assert (data["nat"], data["behind_nat"]) == ("behind NAT", True)
+    assert data["relay"]["node_id"] == relay.identity.node_id
+    assert data["relay"]["name"] == "relay"
+    assert data["relay"]["public_api"].startswith("127.0.0.1:")
+    assert isinstance(data["mappings"], list)
+    paths = {peer["name"]: peer["path"] for peer in data["peers"]}
+    assert paths["relay"] == "direct"
+
+
+async def test_watch_stops_after_count(
+    network: dict[str, Node], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = str(tmp_path / "pub")
+    args = ("--json", "--home", home, "status", "--watch", "--count", "2", "--interval", "0.05")
+    code, out, err = await _cli(capsys, *args)
+    assert code == 0, err
+    views = [json.loads(line) for line in out.splitlines()]
+    assert len(views) == 2
+    assert all(v["node_id"] == network["pub"].identity.node_id for v in views)
+    code, out, err = await _cli(
+        capsys, "--home", home, "status", "-w", "--count", "2", "--interval", "0.05"
+    )
+    assert code == 0, err
+    assert out.count("relay via relay") == 2
+
+
+async def test_overview_is_owner_only(network: dict[str, Node], tmp_path: Path) -> None:
+    pub = network["pub"]
+    async with AsyncClient(home=tmp_path / "pub") as owner:
+        answer = await owner._request("GET", "/overview", signed=True)
+        view = Overview.model_validate_json(answer.content)
+        assert view.me is not None
+        assert view.me.node_id == pub.identity.node_id
+        assert view.behind_nat is False
+    async with AsyncClient(
+        pub.api_url, home=tmp_path / "none", identity=Identity.generate()
+    ) as stranger:
+        with pytest.raises((OwnerOnly, AuthError)):
+            await stranger._request("GET", "/overview", signed=True)
