@@ -1,14 +1,18 @@
 """``p2prc container ...`` and ``p2prc images``: containers on peers."""
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.table import Table
+from rich.text import Text
 
 from ..client import Client
 from ..config import Home
@@ -200,13 +204,13 @@ def bootstrap_images(
     if packages is None:
         if tag is not None:
             raise InvalidRequest("images bootstrap --tag needs --packages (the extra packages)")
-        with err.status(f"building {DEFAULT_IMAGE} (a first offline build takes minutes)"):
+        with _steps(options, f"building {DEFAULT_IMAGE} (a first offline build takes minutes)"):
             how = ensure_default_image(offline=offline, force=force)
         emit(options, {"image": DEFAULT_IMAGE, "how": how}, f"{DEFAULT_IMAGE}: {how}")
         return
     if tag is None or offline is False:
         raise InvalidRequest("images bootstrap --packages needs --tag NAME and builds offline")
-    with err.status(f"building {tag} offline with {packages} (minutes)"):
+    with _steps(options, f"building {tag} offline with {packages} (minutes)"):
         how = ensure_package_image(tag, packages.split(","), force=force)
     try:
         offered = load(options.home).containers.images
@@ -220,6 +224,29 @@ def bootstrap_images(
     emit(options, {"image": tag, "how": how, "offered": False}, text)
 
 
+@contextlib.contextmanager
+def _steps(options: Options, title: str) -> Iterator[None]:
+    """The steps of an image build: a spinner over the main steps on a terminal, else
+    plain lines on stderr (stdout keeps the result alone)."""
+    from ..containers.images import reporting
+
+    if options.json or not sys.stdout.isatty():
+        err.print(title, markup=False)
+        with reporting(lambda text: err.print(f"  {text}", markup=False)):
+            yield
+        return
+
+    with err.status(Text(title)) as spinner:
+
+        def show(text: str) -> None:
+            if not text.startswith("debootstrap: "):  # its hundreds of lines only flash by
+                err.print(Text(f"  {text}"))
+            spinner.update(Text(f"{title}: {text}"[:200]))
+
+        with reporting(show):
+            yield
+
+
 def build_image(options: Options, context: Path, tag: str) -> None:
     """Build an image from a Dockerfile and add it to the images this node offers."""
     from ..config import load, set_value
@@ -227,7 +254,7 @@ def build_image(options: Options, context: Path, tag: str) -> None:
     from ..node import init_home
 
     init_home(options.home)
-    with err.status(f"building {tag} from {context}"):
+    with _steps(options, f"building {tag} from {context}"):
         build_offered_image(context, tag)
     offered = load(options.home).containers.images
     if tag not in offered:

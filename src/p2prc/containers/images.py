@@ -8,12 +8,15 @@ Every external program runs from an argument list; nothing goes through a shell.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ __all__ = [
     "image_exists",
     "image_version",
     "package_names",
+    "reporting",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,25 @@ _DEBIAN_PATH = re.compile(r"/debian/?$")
 # starting with a letter or digit. The names reach debootstrap as one argument, never a shell.
 _PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{1,99}")
 _MAX_PACKAGES = 64
+# Where the steps of a build go besides the log (``p2prc images``: a spinner or lines).
+_progress: ContextVar[Callable[[str], None] | None] = ContextVar("_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting(progress: Callable[[str], None]) -> Iterator[None]:
+    """Send each step of the builds run inside (debootstrap, import, layers) to ``progress``."""
+    token = _progress.set(progress)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def _step(text: str) -> None:
+    log.info("%s", text)
+    progress = _progress.get()
+    if progress is not None:
+        progress(text)
 
 
 def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
@@ -189,8 +212,9 @@ def bootstrap_base(
     mirror = mirror or apt_mirror()
     with tempfile.TemporaryDirectory(prefix="p2prc-rootfs-") as tmp:
         root = Path(tmp) / "root"
-        log.info("debootstrap into %s", root)
+        _step(f"debootstrap bookworm from {mirror} into {root}")
         _run(debootstrap_command(root, mirror, extra), "debootstrap")
+        _step(f"importing the root file system as {tag}")
         _import(root, tag, extra)
 
 
@@ -214,14 +238,36 @@ def _import(root: Path, tag: str, packages: list[str] | None = None) -> None:
 
 
 def _run(command: list[str], what: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip()[-800:]
-        raise ContainerError(f"{what} failed ({result.returncode}): {tail}")
+    """Run ``command``, each line of its output a step; its last lines name a failure."""
+    lines: collections.deque[str] = collections.deque(maxlen=20)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip():
+                lines.append(line.strip())
+                _step(f"{what}: {line.strip()}")
+    if process.returncode != 0:
+        tail = "\n".join(lines)[-800:]
+        raise ContainerError(f"{what} failed ({process.returncode}): {tail}")
+
+
+def _build(client: Any, tag: str, **options: Any) -> None:
+    """``docker build`` (classic builder) with each of its steps reported."""
+    for chunk in client.api.build(tag=tag, rm=True, forcerm=True, decode=True, **options):
+        if not isinstance(chunk, dict):
+            continue
+        if "error" in chunk:
+            raise ContainerError(f"docker build of {tag} failed: {str(chunk['error']).strip()}")
+        line = str(chunk.get("stream", "")).strip()
+        if line.startswith("Step "):
+            _step(f"{tag}: {line}")
 
 
 def pull_base(tag: str = BASE_PULL) -> None:
     """Pull the public base image."""
+    _step(f"pulling {tag}")
     client = _client()
     try:
         with _docker_errors():
@@ -236,10 +282,9 @@ def build_default_image(base: str, tag: str = DEFAULT_IMAGE) -> None:
     context = resources.files("p2prc.containers") / "sshd"
     client = _client()
     try:
+        _step(f"building the sshd layer of {tag} on {base}")
         with resources.as_file(context) as path, _docker_errors():
-            client.images.build(
-                path=str(path), tag=tag, buildargs={"BASE": base}, rm=True, forcerm=True
-            )
+            _build(client, tag, path=str(path), buildargs={"BASE": base})
     finally:
         client.close()
 
@@ -252,8 +297,9 @@ def build_offered_image(context: Path, tag: str) -> None:
         raise InvalidRequest(f"{context} has no Dockerfile")
     client = _client()
     try:
+        _step(f"building {tag} from {context}")
         with _docker_errors():
-            client.images.build(path=str(context), tag=tag, rm=True, forcerm=True)
+            _build(client, tag, path=str(context))
     finally:
         client.close()
 
@@ -268,7 +314,6 @@ def ensure_default_image(*, offline: bool | None = None, force: bool = False) ->
             return "present"
         for base in (BASE_OFFLINE, BASE_PULL):
             if image_exists(base):
-                log.info("rebuilding the sshd layer of %s on %s", DEFAULT_IMAGE, base)
                 build_default_image(base)
                 return "updated"
     base = BASE_OFFLINE if offline else BASE_PULL
@@ -301,7 +346,6 @@ def ensure_package_image(tag: str, packages: Iterable[str], *, force: bool = Fal
     if not force and _labels(tag).get(_PACKAGES_LABEL) == wanted:
         if image_version(tag) == IMAGE_VERSION:
             return "present"
-        log.info("rebuilding the sshd layer of %s on %s", tag, base)
         build_default_image(base, tag)
         return "updated"
     if force or _labels(base).get(_PACKAGES_LABEL) != wanted:
