@@ -2,15 +2,18 @@
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.api.overview import Overview
+from p2prc.cli import _node as _node_cli
 from p2prc.cli import main
 from p2prc.config import RelayConfig
 from p2prc.errors import AuthError, OwnerOnly
@@ -133,3 +136,21 @@ async def test_overview_is_owner_only(network: dict[str, Node], tmp_path: Path) 
     ) as stranger:
         with pytest.raises((OwnerOnly, AuthError)):
             await stranger._request("GET", "/overview", signed=True)
+
+
+async def test_watch_on_a_terminal_redraws_in_place(
+    network: dict[str, Node],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=120)
+    monkeypatch.setattr(_node_cli, "out", terminal)
+    home = str(tmp_path / "pub")
+    args = ("--home", home, "status", "--watch", "--count", "3", "--interval", "0.05")
+    code, _, err = await _cli(capsys, *args)
+    assert code == 0, err
+    drawn = screen.getvalue()
+    assert drawn.count("relay via relay") >= 3  # each view, and the last one kept on exit
+    assert "\x1b[" in drawn  # cursor moves: one live view, redrawn
