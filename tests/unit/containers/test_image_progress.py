@@ -54,7 +54,11 @@ def test_a_failed_build_says_why() -> None:
 
 def test_run_reports_lines_and_keeps_the_tail_for_errors() -> None:
     seen: list[str] = []
-    script = "print('I: Retrieving'); import sys; print('E: no mirror', file=sys.stderr); exit(3)"
+    # flush: a piped stdout is block-buffered, and the order of the two lines is the point.
+    script = (
+        "import sys; print('I: Retrieving', flush=True);"
+        " print('E: no mirror', file=sys.stderr); exit(3)"
+    )
     with images.reporting(seen.append), pytest.raises(ContainerError) as caught:
         images._run([sys.executable, "-c", script], "debootstrap")
     assert seen == ["debootstrap: I: Retrieving", "debootstrap: E: no mirror"]
