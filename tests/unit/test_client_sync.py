@@ -125,3 +125,15 @@ if TYPE_CHECKING:  # checked by mypy, never run: the twins keep the async types
         client.map_port(8080, "example.test", udp=True)
         client.map_port("8080")  # type: ignore[arg-type]
         client.peers(1)  # type: ignore[call-arg]
+
+
+def test_every_job_call_has_a_blocking_twin() -> None:
+    from p2prc.jobs.client import BlockingJobsAPI, Job, JobsAPI
+
+    for async_class, twin in ((JobsAPI, BlockingJobsAPI), (Job, BlockingJob)):
+        for name, member in vars(async_class).items():
+            if name.startswith("_") or not callable(member):
+                continue
+            assert hasattr(twin, name), f"{twin.__name__} has no {name}"
+            if inspect.iscoroutinefunction(member):
+                assert getattr(twin, name).__doc__ == member.__doc__ or name in ("run",)

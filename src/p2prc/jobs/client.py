@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import os
 import secrets
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -35,6 +36,9 @@ from .task import Task
 __all__ = ["BlockingJob", "BlockingJobsAPI", "Job", "JobsAPI"]
 
 _T = TypeVar("_T")
+_S = TypeVar("_S")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def _job_path(job_id: str) -> str:
@@ -178,52 +182,71 @@ class _Runs(Protocol):
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T: ...
 
 
-class BlockingJobsAPI:
+class _Twin(Generic[_S]):
+    """A blocking twin of an async object: its calls run on the sync client's loop."""
+
+    def __init__(self, runs: _Runs, of: _S) -> None:
+        self._runs = runs
+        self._of = of
+
+    def _iterate(self, items: AsyncGenerator[_T, None]) -> Iterator[_T]:
+        """An async generator as a plain iterator, each step run on the sync loop."""
+        try:
+            while True:
+                try:
+                    yield self._runs._run(_next(items))
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(RuntimeError):  # the client was closed meanwhile
+                self._runs._run(items.aclose())
+
+
+def _blocking(
+    method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[_Twin[_S], _P], _R]:
+    """The blocking form of an async method (as ``_client_sync._blocking`` for ``Client``)."""
+
+    @functools.wraps(method)
+    def blocking(self: _Twin[_S], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return self._runs._run(method(self._of, *args, **kwargs))
+
+    return blocking
+
+
+class BlockingJobsAPI(_Twin["JobsAPI"]):
     """The blocking twin of ``JobsAPI`` (``Client.jobs``)."""
 
-    def __init__(self, runs: _Runs, api: JobsAPI) -> None:
-        self._runs = runs
-        self._api = api
+    submit = _blocking(JobsAPI.submit)
+    list = _blocking(JobsAPI.list)
+    get = _blocking(JobsAPI.get)
+    cancel = _blocking(JobsAPI.cancel)
+    results = _blocking(JobsAPI.results)
+    download = _blocking(JobsAPI.download)
 
-    def submit(self, task: Task) -> JobView:
-        """``POST /jobs``: start a job; returns at once."""
-        return self._runs._run(self._api.submit(task))
-
+    # Explicit: these answer blocking handles, not the async ones.
     def run(self, task: Task) -> BlockingJob:
         """Submit ``task`` and return a handle to follow, wait for, cancel or fetch it."""
-        return BlockingJob(self._runs, self._runs._run(self._api.run(task)))
+        return BlockingJob(self._runs, self._runs._run(self._of.run(task)))
+
+    def events(self, job_id: str, *, follow: bool = False) -> Iterator[JobEvent]:
+        """The job's log lines, then a ``finished`` event with the job."""
+        return self._iterate(self._of.events(job_id, follow=follow))
 
     def job(self, job_id: str) -> BlockingJob:
         """A handle to a job already submitted (id or unique prefix)."""
-        return BlockingJob(self._runs, Job(self._api, self.get(job_id)))
-
-    def list(self) -> builtins.list[JobView]:
-        """``GET /jobs``."""
-        return self._runs._run(self._api.list())
-
-    def get(self, job_id: str) -> JobView:
-        """``GET /jobs/ID`` (a unique prefix is enough)."""
-        return self._runs._run(self._api.get(job_id))
-
-    def cancel(self, job_id: str) -> JobView:
-        """``POST /jobs/ID/cancel``: stop every rank, remove the containers."""
-        return self._runs._run(self._api.cancel(job_id))
-
-    def results(self, job_id: str) -> builtins.list[ResultFile]:
-        """``GET /jobs/ID/results``: the files the job brought back."""
-        return self._runs._run(self._api.results(job_id))
-
-    def download(self, job_id: str, to: Path) -> builtins.list[Path]:
-        """Every result file into ``to`` (created), streamed; returns the paths written."""
-        return self._runs._run(self._api.download(job_id, to))
+        return BlockingJob(self._runs, Job(self._of, self.get(job_id)))
 
 
-class BlockingJob:
+class BlockingJob(_Twin["Job"]):
     """The blocking twin of ``Job``: ``logs()``, ``wait()``, ``cancel()``, ``results(dir)``."""
 
+    wait = _blocking(Job.wait)
+    cancel = _blocking(Job.cancel)
+    results = _blocking(Job.results)
+
     def __init__(self, runs: _Runs, job: Job) -> None:
-        self._runs = runs
-        self._job = job
+        super().__init__(runs, job)
         self.id = job.id
 
     def __repr__(self) -> str:
@@ -232,36 +255,16 @@ class BlockingJob:
     @property
     def view(self) -> JobView:
         """The job as last seen."""
-        return self._job.view
+        return self._of.view
 
+    # Explicit: an async iterator becomes a plain one.
     def logs(self, *, follow: bool = True) -> Iterator[LogLine]:
         """Every log line, live until the job ends (``follow=False``: what is kept now)."""
-        lines = self._job.logs(follow=follow)
-        try:
-            while True:
-                try:
-                    yield self._runs._run(_next(lines))
-                except StopAsyncIteration:
-                    return
-        finally:
-            with contextlib.suppress(RuntimeError):  # the client was closed meanwhile
-                self._runs._run(lines.aclose())
-
-    def wait(self) -> JobView:
-        """The job once it reached its final state."""
-        return self._runs._run(self._job.wait())
-
-    def cancel(self) -> JobView:
-        """Stop every rank and remove the containers."""
-        return self._runs._run(self._job.cancel())
-
-    def results(self, to: Path | str) -> builtins.list[Path]:
-        """Download what the job brought back into ``to``."""
-        return self._runs._run(self._job.results(to))
+        return self._iterate(self._of.logs(follow=follow))
 
 
-async def _next(lines: AsyncGenerator[LogLine, None]) -> LogLine:
-    return await anext(lines)
+async def _next(items: AsyncGenerator[_T, None]) -> _T:
+    return await anext(items)
 
 
 def _absolute(path: Path) -> Path:
