@@ -128,11 +128,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# What a trusted key may do on this node ('p2prc trust add PEER --role ...').
+TRUST_ROLES = ("containers", "relay", "map-port")
+
+
 class TrustConfig(_Section):
     """Who may make state-changing requests to this node."""
 
     mode: Literal["open", "allowlist"] = "allowlist"
     allow: list[str] = Field(default_factory=list)
+    # Node id -> what that key may do here; a key in allow without an entry may do all.
+    roles: dict[str, list[str]] = Field(default_factory=dict)
     # Signed requests older or newer than this many seconds are refused.
     clock_skew: float = Field(default=60.0, gt=0, le=3600)
 
@@ -143,6 +149,20 @@ class TrustConfig(_Section):
 
         for key in value:
             parse_public_key(key)
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _roles_known(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for node_id, roles in value.items():
+            if not _NODE_ID.match(node_id):
+                raise ValueError(f"trust.roles: {node_id!r} is not a node id (32 hex digits)")
+            unknown = sorted(set(roles) - set(TRUST_ROLES))
+            if unknown:
+                known = ", ".join(TRUST_ROLES)
+                raise ValueError(
+                    f"trust.roles.{node_id}: unknown role(s) {unknown}; known: {known}"
+                )
         return value
 
 

@@ -375,7 +375,7 @@ class Node(Component):
                 host=self._host,
                 port=relay.port,
                 public_host=relay.public_host,
-                allowed=self.trust.allows_node,
+                allowed=lambda node_id: self.trust.allows(node_id, "relay"),
                 limits=limits,
                 http_port=relay.http_port or None,
                 https_port=relay.https_port or None,

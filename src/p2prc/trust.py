@@ -3,7 +3,9 @@
 Membership is public: any key may gossip. Using this node's resources (containers, its
 relay, map-port) and believing a peer about the network (NAT answers, relays to use) is
 for the keys this policy trusts: the node's own key, the keys in ``trust.allow``, or
-everyone when ``trust.mode`` is ``open``.
+everyone when ``trust.mode`` is ``open``. ``trust.roles`` narrows what a listed key may
+do (``containers``, ``relay``, ``map-port``); a key without an entry may do all of it, and
+open mode lets every key do all of it, as before roles existed.
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from .config import TrustConfig
+from .config import TRUST_ROLES, TrustConfig
 from .identity import node_id_of, parse_public_key
 
-__all__ = ["TrustPolicy", "fingerprint", "not_trusted_message", "openssh_line"]
+__all__ = [
+    "ROLES",
+    "TrustPolicy",
+    "fingerprint",
+    "missing_role_message",
+    "not_trusted_message",
+    "openssh_line",
+]
+
+ROLES = TRUST_ROLES
 
 
 def openssh_line(public_key: bytes, comment: str = "") -> str:
@@ -72,6 +83,19 @@ class TrustPolicy:
         """The same question asked by node id (relay clients, gossip members)."""
         return self.open or node_id == self._own_id or node_id in self._ids
 
+    def allows(self, node_id: str, role: str) -> bool:
+        """Whether ``node_id`` may use this node for ``role`` (one of ``ROLES``)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        if self.open or node_id == self._own_id:
+            return True
+        return node_id in self._ids and role in self.roles_of(node_id)
+
+    def roles_of(self, node_id: str) -> tuple[str, ...]:
+        """The roles ``trust.roles`` gives a listed key (all of them without an entry)."""
+        given = self._config.roles.get(node_id)
+        return ROLES if given is None else tuple(role for role in ROLES if role in given)
+
     def listed(self, node_id: str) -> bool:
         """Whether the owner named this node (in ``trust.allow``), whatever the mode.
 
@@ -81,9 +105,22 @@ class TrustPolicy:
         return node_id == self._own_id or node_id in self._ids
 
 
-def not_trusted_message(refused_by: str, caller: str) -> str:
+def not_trusted_message(refused_by: str, caller: str, role: str = "") -> str:
     """What ``NotTrusted`` says: who refused, and what its owner runs to allow the caller."""
+    if role:
+        return (
+            f"node {refused_by} does not trust your node {caller} for {role!r}; its owner can "
+            f"allow you with 'p2prc trust add {caller} --role {role}'"
+        )
     return (
         f"node {refused_by} does not trust your node {caller}; its owner can allow you with "
         f"'p2prc trust add {caller}' (or send you a token from 'p2prc invite')"
+    )
+
+
+def missing_role_message(refused_by: str, caller: str, role: str) -> str:
+    """What ``NotTrusted`` says when the caller is trusted, but not for ``role``."""
+    return (
+        f"node {refused_by} trusts your node {caller}, but not for {role!r}; its owner can "
+        f"add it with 'p2prc trust add {caller} --role {role}'"
     )

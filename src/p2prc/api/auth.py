@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -38,9 +39,18 @@ from ..identity import (
 )
 from ..models import CallerInfo
 from ..state import State
-from ..trust import TrustPolicy, not_trusted_message
+from ..trust import TrustPolicy, missing_role_message, not_trusted_message
 
-__all__ = ["KeyRate", "Owner", "Peer", "RequestVerifier", "Signed", "not_trusted_message"]
+__all__ = [
+    "ContainerUser",
+    "KeyRate",
+    "Owner",
+    "Peer",
+    "PortMapUser",
+    "RequestVerifier",
+    "Signed",
+    "not_trusted_message",
+]
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
@@ -84,6 +94,18 @@ class RequestVerifier:
             me = self._identity.node_id
             refused_by = f"{self.name} ({me})" if self.name else me
             raise NotTrusted(not_trusted_message(refused_by, signed.caller.node_id))
+        return self._remember(signed)
+
+    async def peer_for(self, request: Request, role: str) -> CallerInfo:
+        """FastAPI dependency: a caller the trust policy accepts for ``role``."""
+        signed = await self._verify(request)
+        node_id = signed.caller.node_id
+        if not self.policy.allows(node_id, role):
+            me = self._identity.node_id
+            refused_by = f"{self.name} ({me})" if self.name else me
+            if self.policy.allows_key(signed.public_key):
+                raise NotTrusted(missing_role_message(refused_by, node_id, role))
+            raise NotTrusted(not_trusted_message(refused_by, node_id))
         return self._remember(signed)
 
     async def authenticated(self, request: Request) -> CallerInfo:
@@ -180,10 +202,20 @@ async def _owner(request: Request) -> CallerInfo:
     return await _verifier(request).owner(request)
 
 
+def _peer_for(role: str) -> Callable[[Request], Awaitable[CallerInfo]]:
+    async def dependency(request: Request) -> CallerInfo:
+        return await _verifier(request).peer_for(request, role)
+
+    return dependency
+
+
 # The callers a route may ask for, checked by the app's RequestVerifier (app.state.verifier).
 Signed = Annotated[CallerInfo, Depends(_signed)]
 Peer = Annotated[CallerInfo, Depends(_peer)]
 Owner = Annotated[CallerInfo, Depends(_owner)]
+# A caller the trust policy accepts for one role (trust.roles), by route.
+ContainerUser = Annotated[CallerInfo, Depends(_peer_for("containers"))]
+PortMapUser = Annotated[CallerInfo, Depends(_peer_for("map-port"))]
 
 
 def _target(request: Request) -> str:

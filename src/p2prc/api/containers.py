@@ -20,7 +20,7 @@ from ..models import (
     TrackedContainer,
 )
 from ._stream import task_stream
-from .auth import Owner, Peer
+from .auth import ContainerUser, Owner
 
 __all__ = ["ContainerNode", "router"]
 
@@ -47,7 +47,9 @@ def router(node: ContainerNode) -> APIRouter:
         return await node.containers.images()
 
     @routes.post("/containers", response_model=CreateEvent)
-    async def create(body: CreateContainer, request: Request, caller: Peer) -> StreamingResponse:
+    async def create(
+        body: CreateContainer, request: Request, caller: ContainerUser
+    ) -> StreamingResponse:
         """Create a container for the caller; answers NDJSON progress, then the container."""
         plan = await node.containers.validate(body, caller)
         host = request.url.hostname or "127.0.0.1"
@@ -58,12 +60,12 @@ def router(node: ContainerNode) -> APIRouter:
         return task_stream(node.spawn, work, name="container-create", first=_ACCEPTED)
 
     @routes.get("/containers")
-    async def list_containers(caller: Peer) -> list[ContainerView]:
+    async def list_containers(caller: ContainerUser) -> list[ContainerView]:
         """The caller's containers on this node (all of them for the owner)."""
         return node.containers.owned_by(caller)
 
     @routes.delete("/containers/{container_id}")
-    async def remove(container_id: str, caller: Peer) -> dict[str, str]:
+    async def remove(container_id: str, caller: ContainerUser) -> dict[str, str]:
         """Remove one of the caller's containers (the owner may remove any)."""
         await node.containers.remove(container_id, caller)
         return {"removed": container_id}

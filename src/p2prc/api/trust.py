@@ -4,6 +4,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +31,7 @@ from ..peers.invites import (
 from ..peers.link import resolve_peer
 from ..peers.table import PeerTable
 from ..state import State
-from ..trust import TrustPolicy, fingerprint, openssh_line
+from ..trust import ROLES, TrustPolicy, fingerprint, openssh_line
 from .auth import KeyRate, Owner, RequestVerifier, Signed
 
 __all__ = ["TrustNode", "router"]
@@ -69,22 +70,22 @@ def router(node: TrustNode, verifier: RequestVerifier) -> APIRouter:
     async def lookup(body: TrustRequest, caller: Owner) -> TrustEntry:
         """Who a peer (name, node id prefix, address or key) is, without trusting it."""
         key, name = await allow.resolve(body.peer)
-        return _entry(key, name)
+        return allow.entry(key, name)
 
     @routes.post("/trust")
     async def add(body: TrustRequest, caller: Owner) -> TrustEntry:
-        """Trust a peer now and in config.toml (its key goes into trust.allow)."""
+        """Trust a peer now and in config.toml (trust.allow; roles given: trust.roles)."""
         key, name = await allow.resolve(body.peer)
-        return await allow.add(key, name)
+        return await allow.add(key, name, body.roles)
 
     @routes.get("/trust")
     async def entries(caller: Owner) -> list[TrustEntry]:
-        """The keys in trust.allow, with the name each peer's record gives."""
+        """The keys in trust.allow, with the name each peer's record gives and their roles."""
         return allow.entries()
 
     @routes.delete("/trust/{peer}")
     async def remove(peer: str, caller: Owner) -> TrustEntry:
-        """Stop trusting a peer (a node id prefix, or its name); config.toml too."""
+        """Stop trusting a peer (a node id prefix, or its name); config.toml too (its roles)."""
         return await allow.remove(peer)
 
     @routes.post("/invites")
@@ -142,8 +143,14 @@ class _Allow:
         for line in self._verifier.policy.allowed if lines is None else lines:
             key, parts = parse_public_key(line), line.split()
             comment = parts[2] if len(parts) > 2 else ""
-            result.append(_entry(key, self.name_of(node_id_of(key)) or comment))
+            result.append(self.entry(key, self.name_of(node_id_of(key)) or comment))
         return result
+
+    def entry(self, key: bytes, name: str, *, added: bool = False) -> TrustEntry:
+        """``key`` as the API shows it, with the roles the running policy gives it."""
+        policy, node_id = self._verifier.policy, node_id_of(key)
+        roles = list(policy.roles_of(node_id)) if policy.listed(node_id) else []
+        return _entry(key, name, added=added, roles=roles)
 
     async def resolve(self, typed: str) -> tuple[bytes, str]:
         """The key and name ``typed`` names: a key, or a peer from the signed table."""
@@ -169,20 +176,32 @@ class _Allow:
                 return member.record.public_key, member.record.name
         return await self._ask_status(target.url)
 
-    async def add(self, key: bytes, name: str) -> TrustEntry:
+    async def add(self, key: bytes, name: str, roles: Sequence[str] | None = None) -> TrustEntry:
+        """Trust ``key``; ``roles`` adds to what it may do (none: all, for a new key)."""
         if key == self._node.identity.public_key:
             raise InvalidRequest("this is this node's own key; it is always trusted")
+        node_id = node_id_of(key)
         async with self._lock:
-            current = await self._on_disk()
-            if any(parse_public_key(line) == key for line in current):
-                return _entry(key, name)
-            line = openssh_line(key, _COMMENT.sub("", name)[:64])
-            await self._write([*current, line])
-        return _entry(key, name, added=True)
+            current, given = await self._on_disk()
+            known = any(parse_public_key(line) == key for line in current)
+            if known and roles is None:
+                return self.entry(key, name)
+            had = given.get(node_id, list(ROLES) if known else [])
+            wanted = [r for r in ROLES if roles is None or r in roles or r in had]
+            kept = {k: v for k, v in given.items() if k != node_id}
+            # All roles need no entry; roles go first, so a new key never briefly has more.
+            if kept != given or len(wanted) < len(ROLES):
+                await self._write_roles(
+                    kept if len(wanted) == len(ROLES) else {**kept, node_id: wanted}
+                )
+            if not known:
+                line = openssh_line(key, _COMMENT.sub("", name)[:64])
+                await self._write([*current, line])
+        return self.entry(key, name, added=not known)
 
     async def remove(self, typed: str) -> TrustEntry:
         async with self._lock:
-            current = await self._on_disk()
+            current, given = await self._on_disk()
             found = unique_prefix(
                 typed,
                 self.entries(current),
@@ -194,16 +213,25 @@ class _Allow:
             )
             kept = [line for line in current if node_id_of(parse_public_key(line)) != found.node_id]
             await self._write(kept)
+            if found.node_id in given:
+                await self._write_roles({k: v for k, v in given.items() if k != found.node_id})
         return found
 
-    async def _on_disk(self) -> list[str]:
+    async def _on_disk(self) -> tuple[list[str], dict[str, list[str]]]:
         # The file, not the running policy: an edit made by 'p2prc config set' is kept.
         config = await asyncio.to_thread(load, self._home)
-        return list(config.trust.allow)
+        return list(config.trust.allow), dict(config.trust.roles)
 
     async def _write(self, allow: list[str]) -> None:
         # The same path as 'p2prc config set trust.allow': the whole file validates first.
         config = await asyncio.to_thread(set_value, self._home, "trust.allow", json.dumps(allow))
+        for policy in self._policies():
+            policy.reload(config.trust)
+
+    async def _write_roles(self, roles: dict[str, list[str]]) -> None:
+        # TOML's inline table (node ids are bare keys); the config validates each role.
+        text = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in roles.items()) + "}"
+        config = await asyncio.to_thread(set_value, self._home, "trust.roles", text)
         for policy in self._policies():
             policy.reload(config.trust)
 
@@ -240,13 +268,14 @@ class _Allow:
         return key, status.name
 
 
-def _entry(key: bytes, name: str, *, added: bool = False) -> TrustEntry:
+def _entry(key: bytes, name: str, *, added: bool = False, roles: list[str]) -> TrustEntry:
     return TrustEntry(
         public_key=openssh_line(key),
         node_id=node_id_of(key),
         name=name,
         fingerprint=fingerprint(key),
         added=added,
+        roles=roles,
     )
 
 

@@ -11,7 +11,7 @@ from ..models import MappedPort, MapPortRequest, Reachability, ReachabilityReque
 from ..peers.gossip import Gossip
 from ..tunnel.mapper import PortMapper
 from ..tunnel.streams import connects
-from .auth import KeyRate, Owner, Peer, Signed
+from .auth import KeyRate, Owner, PortMapUser, Signed
 
 __all__ = ["router"]
 
@@ -33,7 +33,7 @@ def router(node: TunnelNode) -> APIRouter:
     routes = APIRouter(tags=["tunnel"])
 
     @routes.post("/map-port")
-    async def map_port(body: MapPortRequest, caller: Peer) -> MappedPort:
+    async def map_port(body: MapPortRequest, caller: PortMapUser) -> MappedPort:
         """Publish one of this node's local ports (trusted peers may ask: the original --ra)."""
         # The owner any port; a peer only its own containers' (the mapper checks).
         by = "" if caller.role == "owner" else caller.node_id

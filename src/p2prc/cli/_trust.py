@@ -13,7 +13,7 @@ from ..config import load, parse_duration
 from ..errors import InvalidRequest
 from ..identity import Identity
 from ..peers.invites import TrustAPI, TrustEntry, join
-from ..trust import fingerprint
+from ..trust import ROLES, fingerprint
 from ._common import Options, emit, err, options_of
 
 __all__ = ["id_command", "invite_command", "join_command", "trust_app"]
@@ -33,7 +33,8 @@ def _call(options: Options, work: Callable[[AsyncClient], Awaitable[T]]) -> T:
 
 def _describe(entry: TrustEntry) -> str:
     name = entry.name or "(name unknown)"
-    return f"{name}  {entry.node_id}  {entry.fingerprint}"
+    roles = f"  [{', '.join(entry.roles)}]" if entry.roles else ""
+    return f"{name}  {entry.node_id}  {entry.fingerprint}{roles}"
 
 
 def id_command(ctx: typer.Context) -> None:
@@ -67,8 +68,16 @@ def trust_add(
         str, typer.Argument(help="A peer name, node id prefix, host:port, or 'ssh-ed25519 ...'.")
     ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask to confirm.")] = False,
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role",
+            help=f"What it may do: {', '.join(ROLES)} (repeatable; default: all). "
+            "Adds to a trusted key's roles.",
+        ),
+    ] = None,
 ) -> None:
-    """Trust a peer: its key goes into trust.allow, at once and in config.toml."""
+    """Trust a peer: its key goes into trust.allow (roles: trust.roles), now and in config.toml."""
     options = options_of(ctx)
     if not yes and (options.json or not sys.stdin.isatty()):
         raise InvalidRequest("trust add asks to confirm: give --yes with --json or without a tty")
@@ -80,16 +89,16 @@ def trust_add(
             err.print(f"trust {_describe(found)}?", markup=False)
             if not await asyncio.to_thread(typer.confirm, "add it to trust.allow", default=False):
                 raise typer.Exit(1)
-        return await api.add(found.public_key)
+        return await api.add(found.public_key, role or None)
 
     entry = _call(options, work)
-    verb = "now trusts" if entry.added else "already trusted"
+    verb = "now trusts" if entry.added else "trusts" if role else "already trusted"
     emit(options, entry, f"{verb} {_describe(entry)}")
 
 
 @trust_app.command("list")
 def trust_list(ctx: typer.Context) -> None:
-    """The keys this node trusts: node id, name, fingerprint."""
+    """The keys this node trusts: node id, name, fingerprint, roles."""
     options = options_of(ctx)
     entries = _call(options, lambda client: TrustAPI(client).list())
     rows = [entry.model_dump(mode="json", exclude={"added"}) for entry in entries]

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +70,11 @@ class TrustRequest(_Body):
     """A peer to trust or look up: name, node id prefix, address, or a literal public key."""
 
     peer: str = Field(min_length=1, max_length=600)
+    roles: list[Literal["containers", "relay", "map-port"]] | None = Field(
+        default=None,
+        max_length=3,
+        description="POST /trust: roles to add to the key's (trust.roles); none: all roles",
+    )
 
 
 class TrustEntry(_Answer):
@@ -80,6 +85,9 @@ class TrustEntry(_Answer):
     name: str = Field(default="", description="From the peer's signed record; empty: unknown")
     fingerprint: str = Field(description="SHA256:..., as ssh-keygen -l prints it")
     added: bool = Field(default=False, description="POST /trust: whether it was new")
+    roles: list[str] = Field(
+        default_factory=list, description="What the key may do here; empty: not trusted yet"
+    )
 
 
 class InviteCreate(_Body):
@@ -229,9 +237,13 @@ class TrustAPI:
         body = TrustRequest(peer=peer).model_dump()
         return await self._client._call("POST", "/trust/lookup", TrustEntry, body)
 
-    async def add(self, peer: str) -> TrustEntry:
-        """``POST /trust``: trust ``peer`` now and in ``config.toml``."""
-        body = TrustRequest(peer=peer).model_dump()
+    async def add(self, peer: str, roles: list[str] | None = None) -> TrustEntry:
+        """``POST /trust``: trust ``peer`` now and in ``config.toml`` (``roles``: not all)."""
+        try:
+            request = TrustRequest.model_validate({"peer": peer, "roles": roles})
+        except ValueError as exc:
+            raise InvalidRequest(f"--role: {exc}") from None
+        body = request.model_dump(exclude_none=True)
         return await self._client._call("POST", "/trust", TrustEntry, body)
 
     async def list(self) -> list[TrustEntry]:

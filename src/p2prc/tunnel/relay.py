@@ -247,7 +247,7 @@ class RelayServer(Component):
         node_id = node_id_of(hello.key)
         if not self._allowed(node_id):
             refused_by = f"relay {self._identity.node_id}"
-            raise TunnelProtocolError(not_trusted_message(refused_by, node_id))
+            raise TunnelProtocolError(not_trusted_message(refused_by, node_id, role="relay"))
         return node_id
 
     async def _serve_tunnel(self, tunnel: _Tunnel) -> None:
