@@ -114,10 +114,16 @@ def test_invite_and_join_with_the_cli_between_processes(node_factory: Any, tmp_p
     run_cli(carol.home, "peers", "add", alice.api.removeprefix("http://"))
     refused = run_cli(carol.home, "--json", "trust", "add", "carol", check=False)
     assert "--yes" in refused.stderr
-    added = json.loads(run_cli(alice.home, "--json", "trust", "add", "carol", "--yes").stdout)
-    assert added["node_id"] == carol.node_id
+    added = run_cli(alice.home, "--json", "trust", "add", "carol", "--yes", "--role", "relay")
+    assert json.loads(added.stdout)["node_id"] == carol.node_id
+    assert json.loads(added.stdout)["roles"] == ["relay"]
     listed = json.loads(run_cli(alice.home, "--json", "trust", "list").stdout)
     assert {row["name"] for row in listed} == {"bob", "carol"}
+    assert "carol" in run_cli(alice.home, "trust", "list").stdout.split("[relay]")[0]
+    with p2prc.Client(alice.api, home=carol.home) as client:
+        assert client.whoami().node_id == carol.node_id
+        with pytest.raises(p2prc.NotTrusted, match="--role containers"):
+            client.containers()
     run_cli(alice.home, "trust", "rm", "carol")
     with p2prc.Client(alice.api, home=carol.home) as client, pytest.raises(p2prc.NotTrusted):
         client.whoami()
