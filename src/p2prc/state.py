@@ -139,6 +139,10 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX invites_expires ON invites (expires_at);
     """,
+    # 11: the roles an invite's redeemer is trusted for (JSON list; NULL: all of them).
+    """
+    ALTER TABLE invites ADD COLUMN roles TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -12,7 +12,8 @@ from p2prc.config import TrustConfig, load, set_value
 from p2prc.errors import ConfigError, ContainerNotFound, InvalidRequest, NotTrusted, TunnelError
 from p2prc.identity import Identity
 from p2prc.models import CreateContainer
-from p2prc.peers.invites import TrustAPI
+from p2prc.peers.invites import InviteStore, TrustAPI, decode_token
+from p2prc.state import State
 from p2prc.trust import ROLES, TrustPolicy
 from p2prc.tunnel.client import TunnelClient
 from p2prc.tunnel.relay import RelayServer
@@ -167,3 +168,32 @@ async def test_trust_add_with_roles(tmp_path: Path) -> None:
         assert not node.trust.allows(other.node_id, "containers")
         with pytest.raises(InvalidRequest, match="--role"):
             await api.add(other.openssh_public_key(), ["admin"])
+
+
+async def test_invite_roles_apply_on_redeem(tmp_path: Path) -> None:
+    home = Home(tmp_path / "alice")
+    init_home(home, NodeConfig(name="alice"))
+    config, identity = init_home(home)
+    node = Node(config, home, identity=identity, host="127.0.0.1", port=0, runtime=FakeRuntime())
+    joiner = _identity()
+    async with node, AsyncClient(home=home.path) as owner:
+        with pytest.raises(InvalidRequest, match="--role"):
+            await TrustAPI(owner).invite(roles=["admin"])
+        token = decode_token((await TrustAPI(owner).invite(roles=["relay"])).token)
+        async with AsyncClient(
+            node.api_url, home=tmp_path / "none", identity=joiner, audience=identity.node_id
+        ) as peer:
+            await TrustAPI(peer).redeem(token.secret)
+            with pytest.raises(NotTrusted, match="--role containers"):
+                await peer.containers()
+        assert load(home).trust.roles == {joiner.node_id: ["relay"]}
+        assert node.trust.allows(joiner.node_id, "relay")
+
+
+def test_invite_store_keeps_roles(tmp_path: Path) -> None:
+    with State(tmp_path / "s.db") as state:
+        store = InviteStore(state.connection)
+        narrow, _ = store.create(60, 1, roles=["map-port"])
+        wide, _ = store.create(60, 1)
+        assert store.redeem(narrow, "a" * 32) == ["map-port"]
+        assert store.redeem(wide, "b" * 32) is None

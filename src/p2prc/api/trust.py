@@ -91,7 +91,7 @@ def router(node: TrustNode, verifier: RequestVerifier) -> APIRouter:
     @routes.post("/invites")
     async def create_invite(body: InviteCreate, caller: Owner) -> Invitation:
         """A token for a new node: 'p2prc join TOKEN' there trusts it both ways."""
-        secret, expires = invites.create(body.ttl, body.uses)
+        secret, expires = invites.create(body.ttl, body.uses, roles=body.roles)
         token = InviteToken(_addresses(node), node.identity.node_id, secret)
         return Invitation(token=encode_token(token), expires_at=expires, uses=body.uses)
 
@@ -109,9 +109,9 @@ def router(node: TrustNode, verifier: RequestVerifier) -> APIRouter:
             secret = b""
         if len(secret) != 16:
             raise InvalidRequest("not an invite secret")
-        invites.redeem(secret, caller.node_id)
+        roles = invites.redeem(secret, caller.node_id)
         key = b64decode(caller.public_key)
-        await allow.add(key, allow.name_of(node_id_of(key)))
+        await allow.add(key, allow.name_of(node_id_of(key)), roles)
         return RedeemAnswer(
             node_id=node.identity.node_id,
             name=node.config.name,

@@ -120,6 +120,10 @@ def invite_command(
     ctx: typer.Context,
     ttl: Annotated[str, typer.Option("--ttl", help="How long it works: 1h, 30m, 2d.")] = "1h",
     uses: Annotated[int, typer.Option("--uses", min=1, max=1000, help="How many nodes.")] = 1,
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help=f"What it may do: {', '.join(ROLES)} (default: all)."),
+    ] = None,
 ) -> None:
     """A token a new node joins with ('p2prc join TOKEN'): it is trusted both ways."""
     options = options_of(ctx)
@@ -127,12 +131,13 @@ def invite_command(
         seconds = parse_duration(ttl)
     except ValueError as exc:
         raise InvalidRequest(f"--ttl: {exc}") from None
-    invitation = _call(options, lambda client: TrustAPI(client).invite(seconds, uses))
+    invitation = _call(options, lambda client: TrustAPI(client).invite(seconds, uses, role or None))
     until = datetime.fromtimestamp(invitation.expires_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
     human = (
         f"{invitation.token}\n"
         f"on the new machine (its node running): p2prc join {invitation.token}\n"
         f"works {uses} time(s), until {until}"
+        + (f"; the new node may use: {', '.join(role)}" if role else "")
     )
     emit(options, invitation, human)
 

@@ -17,6 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
@@ -58,6 +59,9 @@ MAX_USES = 1000
 _REDEEM_TIMEOUT = 15.0
 
 
+Role = Literal["containers", "relay", "map-port"]  # config.TRUST_ROLES
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -70,7 +74,7 @@ class TrustRequest(_Body):
     """A peer to trust or look up: name, node id prefix, address, or a literal public key."""
 
     peer: str = Field(min_length=1, max_length=600)
-    roles: list[Literal["containers", "relay", "map-port"]] | None = Field(
+    roles: list[Role] | None = Field(
         default=None,
         max_length=3,
         description="POST /trust: roles to add to the key's (trust.roles); none: all roles",
@@ -95,6 +99,9 @@ class InviteCreate(_Body):
 
     ttl: float = Field(default=3600.0, gt=0, le=MAX_TTL, description="Seconds")
     uses: int = Field(default=1, ge=1, le=MAX_USES)
+    roles: list[Role] | None = Field(
+        default=None, max_length=3, description="Roles the redeemer gets (trust.roles); none: all"
+    )
 
 
 class Invitation(_Answer):
@@ -190,28 +197,40 @@ class InviteStore:
         query = "SELECT COUNT(*) FROM invites WHERE expires_at > ? AND uses_left > 0"
         return int(self._db.execute(query, (now,)).fetchone()[0])
 
-    def create(self, ttl: float, uses: int, now: float | None = None) -> tuple[bytes, float]:
+    def create(
+        self,
+        ttl: float,
+        uses: int,
+        now: float | None = None,
+        *,
+        roles: Sequence[str] | None = None,
+    ) -> tuple[bytes, float]:
         """A new secret and its expiry; ``InvalidRequest`` when too many are live."""
         now = time.time() if now is None else now
         secret = secrets.token_bytes(_SECRET_BYTES)
+        given = None if roles is None else json.dumps(list(roles))
         with self._lock:
             self._db.execute("DELETE FROM invites WHERE expires_at <= ? OR uses_left <= 0", (now,))
             if self.live(now) >= MAX_LIVE_INVITES:
                 raise InvalidRequest(f"{MAX_LIVE_INVITES} invites are live; wait for some to end")
             self._db.execute(
-                "INSERT INTO invites (digest, created_at, expires_at, uses_left)"
-                " VALUES (?, ?, ?, ?)",
-                (_digest(secret), now, now + ttl, uses),
+                "INSERT INTO invites (digest, created_at, expires_at, uses_left, roles)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (_digest(secret), now, now + ttl, uses, given),
             )
         return secret, now + ttl
 
-    def redeem(self, secret: bytes, node_id: str, now: float | None = None) -> None:
-        """Spend one use of the invite ``secret`` opens; ``NotTrusted`` when none is left."""
+    def redeem(self, secret: bytes, node_id: str, now: float | None = None) -> list[str] | None:
+        """Spend one use of the invite ``secret`` opens: its roles (``None``: all).
+
+        ``NotTrusted`` when none is left.
+        """
         now = time.time() if now is None else now
         digest = _digest(secret)
         with self._lock:
             row = self._db.execute(
-                "SELECT digest, expires_at, uses_left FROM invites WHERE digest = ?", (digest,)
+                "SELECT digest, expires_at, uses_left, roles FROM invites WHERE digest = ?",
+                (digest,),
             ).fetchone()
             # The lookup is by a hash of a 128-bit secret; the comparison is constant time.
             if row is None or not hmac.compare_digest(str(row[0]), digest):
@@ -224,6 +243,8 @@ class InviteStore:
                 "UPDATE invites SET uses_left = uses_left - 1, redeemed_by = ? WHERE digest = ?",
                 (node_id, digest),
             )
+        roles: list[str] | None = None if row[3] is None else json.loads(row[3])
+        return roles
 
 
 class TrustAPI:
@@ -237,7 +258,7 @@ class TrustAPI:
         body = TrustRequest(peer=peer).model_dump()
         return await self._client._call("POST", "/trust/lookup", TrustEntry, body)
 
-    async def add(self, peer: str, roles: list[str] | None = None) -> TrustEntry:
+    async def add(self, peer: str, roles: Sequence[str] | None = None) -> TrustEntry:
         """``POST /trust``: trust ``peer`` now and in ``config.toml`` (``roles``: not all)."""
         try:
             request = TrustRequest.model_validate({"peer": peer, "roles": roles})
@@ -261,9 +282,15 @@ class TrustAPI:
         path = f"/trust/{quote(peer, safe='')}"
         return await self._client._call("DELETE", path, TrustEntry)
 
-    async def invite(self, ttl: float = 3600.0, uses: int = 1) -> Invitation:
-        """``POST /invites``: a token for a new node."""
-        body = InviteCreate(ttl=ttl, uses=uses).model_dump()
+    async def invite(
+        self, ttl: float = 3600.0, uses: int = 1, roles: Sequence[str] | None = None
+    ) -> Invitation:
+        """``POST /invites``: a token for a new node (``roles``: what it may do; all)."""
+        try:
+            request = InviteCreate.model_validate({"ttl": ttl, "uses": uses, "roles": roles})
+        except ValueError as exc:
+            raise InvalidRequest(f"--role: {exc}") from None
+        body = request.model_dump(exclude_none=True)
         return await self._client._call("POST", "/invites", Invitation, body)
 
     async def redeem(self, secret: bytes) -> RedeemAnswer:
