@@ -8,7 +8,6 @@ and the download all go through the relay, the output comes back byte-exact, the
 succeeds and the NAT'd peer's daemon holds no container afterwards.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import pytest
 from p2prc.config import Home
 from p2prc.containers.images import DEFAULT_IMAGE
 from p2prc.identity import Identity
+from tests.netns._bed import NamespaceDocker
 
 pytestmark = pytest.mark.netns
 
@@ -33,26 +33,6 @@ PREFIX = "p2j"
 ENV = {**os.environ, "TB_PREFIX": PREFIX, "TB_PUBLIC": "2", "TB_SITES": "1"}
 RELAY_IP, CLIENT_IP, HOME_IP = "198.51.100.11", "198.51.100.12", "192.168.1.10"
 HOME_NS = f"{PREFIX}-home1"
-RUN_DIR = Path("/run/netns-docker") / HOME_NS
-DATA_DIR = Path("/var/lib/netns-docker") / HOME_NS
-SOCKET = f"unix://{RUN_DIR}/docker.sock"
-CGROUPS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids")
-# `ip netns exec` remounts /sys, hiding the cgroup mounts dockerd needs; they are mounted
-# again in that command's own mount namespace (cgroup2 on a cgroup v2 host).
-_V1 = "".join(
-    f"mkdir -p /sys/fs/cgroup/{c}; mount -t cgroup -o {o} cgroup /sys/fs/cgroup/{c}\n"
-    for c, o in [(c, c) for c in CGROUPS] + [("systemd", "none,name=systemd")]
-)
-MOUNT_CGROUPS = (
-    "mount -t cgroup2 cgroup2 /sys/fs/cgroup\n"
-    if Path("/sys/fs/cgroup/cgroup.controllers").exists()
-    else "mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup\n" + _V1
-)
-DOCKERD = (
-    f"set -e\n{MOUNT_CGROUPS}"
-    f"exec dockerd --host {SOCKET} --data-root {DATA_DIR} --exec-root {RUN_DIR}/exec "
-    f"--pidfile {RUN_DIR}/dockerd.pid --bip 172.31.1.1/24 --cgroup-parent /{HOME_NS}-docker\n"
-)
 
 
 def _bed(*args: str) -> subprocess.CompletedProcess[str]:
@@ -62,39 +42,8 @@ def _bed(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def _docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """The docker CLI against the daemon inside home1's namespace."""
-    return subprocess.run(
-        ["docker", "-H", SOCKET, *args], capture_output=True, text=True, timeout=timeout,
-        check=False,
-    )  # fmt: skip
-
-
-def _stop_dockerd(dockerd: subprocess.Popen[bytes]) -> None:
-    """Every container, then the daemon (by its pid), its files and its cgroups."""
-    listed = _docker("ps", "-aq")
-    if listed.returncode == 0 and listed.stdout.split():
-        _docker("rm", "-f", *listed.stdout.split(), timeout=120)
-    dockerd.terminate()
-    try:
-        dockerd.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        dockerd.kill()
-        dockerd.wait(timeout=10)
-    shutil.rmtree(DATA_DIR, ignore_errors=True)
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
-    for parent in (DATA_DIR.parent, RUN_DIR.parent):
-        with contextlib.suppress(OSError):
-            parent.rmdir()  # when no other daemon of the kind is left
-    # The daemon's cgroup parent, made in the host's own hierarchies; empty by now.
-    for parent in Path("/sys/fs/cgroup").glob(f"*/{HOME_NS}-docker"):
-        for cgroup in sorted(parent.glob("**/"), key=lambda path: -len(path.parts)):
-            with contextlib.suppress(OSError):
-                cgroup.rmdir()
-
-
 @pytest.fixture
-def home_docker() -> Iterator[None]:
+def home_docker() -> Iterator[NamespaceDocker]:
     """The test bed, with a Docker daemon inside home1's namespace holding the image."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2")
@@ -108,28 +57,10 @@ def home_docker() -> Iterator[None]:
     up = _bed("up")
     if up.returncode != 0:
         pytest.skip(f"test bed did not come up: {up.stderr.strip()[-300:]}")
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    with (RUN_DIR / "dockerd.log").open("ab") as log:
-        dockerd = subprocess.Popen(
-            ["ip", "netns", "exec", HOME_NS, "sh", "-c", DOCKERD], stdout=log, stderr=log
-        )
     try:
-        deadline = time.monotonic() + 60
-        while _docker("info", timeout=10).returncode != 0:
-            if dockerd.poll() is not None or time.monotonic() > deadline:
-                log_text = (RUN_DIR / "dockerd.log").read_text(errors="replace")[-600:]
-                pytest.fail(f"dockerd in {HOME_NS} did not come up:\n{log_text}")
-            time.sleep(0.5)
-        with subprocess.Popen(["docker", "save", DEFAULT_IMAGE], stdout=subprocess.PIPE) as save:
-            loaded = subprocess.run(
-                ["docker", "-H", SOCKET, "load", "-q"], stdin=save.stdout, capture_output=True,
-                text=True, timeout=300, check=False,
-            )  # fmt: skip
-        assert loaded.returncode == 0, loaded.stderr
-        yield
+        with NamespaceDocker(HOME_NS).running((DEFAULT_IMAGE,)) as daemon:
+            yield daemon
     finally:
-        _stop_dockerd(dockerd)
         _bed("down")
 
 
@@ -178,7 +109,9 @@ def _wait(what: str, check: Callable[[], bool], seconds: float, *homes: Path) ->
 
 
 @pytest.mark.timeout(420)
-def test_a_job_on_a_nated_peer_through_its_relay(home_docker: None, tmp_path: Path) -> None:
+def test_a_job_on_a_nated_peer_through_its_relay(
+    home_docker: NamespaceDocker, tmp_path: Path
+) -> None:
     homes = {name: tmp_path / name for name in ("relay", "home", "client")}
     for home in homes.values():
         home.mkdir()
@@ -190,7 +123,7 @@ def test_a_job_on_a_nated_peer_through_its_relay(home_docker: None, tmp_path: Pa
     relay_id = Identity.load(Home(homes["relay"]).identity_dir).node_id
     _configure("home1", homes["home"], {**quiet, **boot, "name": "home", "trust.mode": "open",
                "gossip.advertise": HOME_IP, "relay.use": relay_id,
-               "containers.docker_host": SOCKET})  # fmt: skip
+               "containers.docker_host": home_docker.socket})  # fmt: skip
     _configure("pub2", homes["client"], {**quiet, **boot, "name": "client",
                "behind_nat": "false", "gossip.advertise": CLIENT_IP})  # fmt: skip
     nodes = [
@@ -224,7 +157,7 @@ def test_a_job_on_a_nated_peer_through_its_relay(home_docker: None, tmp_path: Pa
         # The rank's container was reached at the relay, never at home1's own address.
         assert container["ssh"]["host"] == RELAY_IP
         assert container["peer"] == Identity.load(Home(homes["home"]).identity_dir).node_id
-        left = _docker("ps", "-aq")
+        left = home_docker.docker("ps", "-aq")
         assert left.returncode == 0, left.stderr
         assert left.stdout.split() == [], "the NAT'd peer kept the job's container"
     finally:
