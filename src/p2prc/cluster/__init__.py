@@ -1,0 +1,1 @@
+"""Dask clusters on the pool: the owner node side (CA, SSH hub, service, image)."""
