@@ -14,10 +14,12 @@ to the same class, so callers catch the same exceptions locally and remotely::
     +-- NotFound                    not_found (404)
     |   +-- PeerNotFound            peer_not_found (404): no record has that name or id
     |   +-- JobNotFound             job_not_found (404): the node submitted no such job
+    |   +-- ClusterNotFound         cluster_not_found (404): the node owns no such cluster
     +-- NodeError                   node_error (500)
     |   +-- NodeNotRunning          node_not_running (503)
     |   +-- NodeAlreadyRunning      node_already_running (409)
     |   +-- AddressInUse            address_in_use (409)
+    |   +-- ClusterError            cluster_error (409): a Dask cluster cannot start or do that
     +-- AuthError                   unauthenticated (401)
     |   +-- SignatureInvalid        bad_signature (401)
     |   +-- SignatureExpired        signature_expired (401)
@@ -62,6 +64,8 @@ __all__ = [
     "AddressInUse",
     "ApiError",
     "AuthError",
+    "ClusterError",
+    "ClusterNotFound",
     "ConfigError",
     "ContainerError",
     "ContainerNotFound",
@@ -175,6 +179,12 @@ class JobNotFound(NotFound):
     code = "job_not_found"
 
 
+class ClusterNotFound(NotFound):
+    """The node owns no Dask cluster with that id, id prefix or name."""
+
+    code = "cluster_not_found"
+
+
 class NodeError(P2PRCError):
     """The local node cannot be started, reached or stopped."""
 
@@ -200,6 +210,13 @@ class AddressInUse(NodeError):
 
     status = 409
     code = "address_in_use"
+
+
+class ClusterError(NodeError):
+    """A Dask cluster could not start, or cannot do that in its state."""
+
+    status = 409
+    code = "cluster_error"
 
 
 # Twins on purpose: every family below has the shape of this one and of ContainerError
