@@ -4,12 +4,14 @@ A peer name, a unique node id prefix, ``host:port`` or a URL becomes the API URL
 and the node id to sign for (the audience), both from the peer's signed record. A name
 is never looked up in DNS: a name no record holds is ``PeerNotFound``. Only an address
 no record publishes is called as typed, its audience learned from its ``/status``.
-Every call gets the config's ``[timeouts] connect`` and ``request``.
+Every call gets the config's ``[timeouts] connect`` and ``request``, and its outcome (ok,
+or the error's code) is kept per peer node id for ``p2prc status``, for members only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
@@ -18,10 +20,11 @@ import httpx
 from .._client_async import AsyncClient, is_address, peer_url
 from .._match import unique_peer
 from ..config import Timeouts
+from ..errors import P2PRCError, PeerTimeout
 from ..identity import Identity
 from .table import Member, PeerTable
 
-__all__ = ["PeerLink", "PeerTarget", "resolve_peer"]
+__all__ = ["CallOutcome", "PeerLink", "PeerTarget", "resolve_peer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,18 @@ class PeerTarget:
 
     url: str
     node_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """How the last call this node made to a peer ended: ``code`` is empty when it worked."""
+
+    code: str
+    at: float  # wall clock
+
+    @property
+    def ok(self) -> bool:
+        return not self.code
 
 
 def resolve_peer(typed: str, members: Iterable[Member], me: str = "") -> PeerTarget:
@@ -67,6 +82,8 @@ class PeerLink:
         self._table = table
         self._timeouts = timeouts
         self._transport = transport
+        # Node id -> the last call's outcome; only members of the table are kept.
+        self._calls: dict[str, CallOutcome] = {}
 
     def __repr__(self) -> str:
         return f"<PeerLink {self._identity.node_id} [{len(self._members())} peers]>"
@@ -96,8 +113,28 @@ class PeerLink:
             transport=self._transport,
             timeout=httpx.Timeout(timeouts.request, connect=timeouts.connect),
         )
-        async with client:
-            yield client
+        try:
+            async with client:
+                yield client
+        except P2PRCError as exc:
+            self._record(target.node_id or client.audience, exc.code)
+            raise
+        except TimeoutError:  # a caller's own deadline ran out during the call
+            self._record(target.node_id or client.audience, PeerTimeout.code)
+            raise
+        self._record(target.node_id or client.audience, "")
+
+    def last_call(self, node_id: str) -> CallOutcome | None:
+        """How the last call to ``node_id`` through this link ended, if one was made."""
+        return self._calls.get(node_id)
+
+    def _record(self, node_id: str | None, code: str) -> None:
+        table = self._read_table()
+        if node_id is None or table is None or node_id not in table.members:
+            return
+        self._calls[node_id] = CallOutcome(code, time.time())
+        if len(self._calls) > len(table.members):  # forget peers the table dropped
+            self._calls = {k: v for k, v in self._calls.items() if k in table.members}
 
     def _members(self) -> list[Member]:
         table = self._read_table()

@@ -231,9 +231,11 @@ class Swim:
             return []
         self.stats.received += 1
         self._clock = now
+        member = self.table.get(sender)
+        if member is not None:
+            member.heard = now
         if source is not None:
             self._seen[sender] = source
-            member = self.table.get(sender)
             if member is not None and source == self._destination(member):
                 self._prove(sender, source)
         self._apply_updates(updates, now, sender)

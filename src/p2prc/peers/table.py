@@ -73,6 +73,9 @@ class Member:
     claim: Claim | None = None
     # Introduced by a listed key (or keyed by one): never evicted to make room.
     trusted: bool = False
+    # When we last heard from it (a datagram of its own, or a newer record of it), on the
+    # clock the updates are dated by; ``None``: only from our database.
+    heard: float | None = None
 
     @property
     def confirmations(self) -> int:
@@ -161,6 +164,8 @@ class PeerTable:
         if member is None:
             return self._admit(record, now, introducer)
         member.record = record
+        if introducer != STORED:
+            member.heard = now
         if self._raise_state(member, (record.version, MemberState.ALIVE), now):
             member.claim = None
         self._apply_pending(member, now)
@@ -201,7 +206,10 @@ class PeerTable:
         if introducer and not trusted and not self._introduced.take(introducer, now):
             self.rejected["introducer_rate"] += 1
             return Verdict.REJECTED
-        member = Member(record, state_version=record.version, state_since=now, trusted=trusted)
+        heard = None if introducer == STORED else now
+        member = Member(
+            record, state_version=record.version, state_since=now, trusted=trusted, heard=heard
+        )
         self.members[record.node_id] = member
         self._apply_pending(member, now)
         return Verdict.CHANGED

@@ -1,14 +1,18 @@
-"""The peer link's lookup: names and id prefixes from signed records, never from DNS."""
+"""The peer link's lookup (names and id prefixes from signed records, never from DNS) and
+the outcome of each call it makes, kept per member."""
 
 import socket
+import time
 from dataclasses import replace
 
+import httpx
 import pytest
 
-from p2prc.errors import InvalidRequest, PeerNotFound
+from p2prc.config import Timeouts
+from p2prc.errors import InvalidRequest, NotTrusted, PeerNotFound
 from p2prc.identity import Identity
-from p2prc.peers.link import PeerTarget, resolve_peer
-from p2prc.peers.table import Member
+from p2prc.peers.link import PeerLink, PeerTarget, resolve_peer
+from p2prc.peers.table import Member, PeerTable
 from tests.unit.peers.sim import make_record
 
 ME, BOB, CAROL = Identity.generate(), Identity.generate(), Identity.generate()
@@ -81,3 +85,70 @@ def test_an_address_uses_the_record_that_publishes_it() -> None:
 def test_an_address_no_record_publishes_is_called_as_typed() -> None:
     assert resolve_peer("10.9.9.9:8088", MEMBERS) == PeerTarget("http://10.9.9.9:8088", None)
     assert resolve_peer("[::1]:9000", []) == PeerTarget("http://[::1]:9000", None)
+
+
+# The outcome of each call, kept per member for `p2prc status` ------------------------
+
+
+def _answer(request: httpx.Request) -> httpx.Response:
+    if request.url.path == "/refuse":
+        error = {"code": "not_trusted", "message": "node n1 does not trust you"}
+        return httpx.Response(403, json={"error": error})
+    return httpx.Response(200, json={})
+
+
+def _link(*members: Member) -> tuple[PeerLink, PeerTable]:
+    table = PeerTable(make_record(ME, 0, 1))
+    for member in members:
+        table.members[member.record.node_id] = member
+    transport = httpx.MockTransport(_answer)
+    return PeerLink(ME, lambda: table, Timeouts(), transport=transport), table
+
+
+async def test_a_call_that_works_is_recorded_as_ok() -> None:
+    link, _ = _link(_member(BOB, 1))
+    assert link.last_call(BOB.node_id) is None
+    before = time.time()
+    async with link.connect(link.resolve("n1")) as client:
+        await client._request("GET", "/ok", signed=True)
+    outcome = link.last_call(BOB.node_id)
+    assert outcome is not None
+    assert outcome.ok
+    assert outcome.code == ""
+    assert before <= outcome.at <= time.time()
+
+
+async def test_a_refused_call_is_recorded_with_its_code() -> None:
+    link, _ = _link(_member(BOB, 1))
+    with pytest.raises(NotTrusted):
+        async with link.connect(link.resolve("n1")) as client:
+            await client._request("GET", "/refuse", signed=True)
+    outcome = link.last_call(BOB.node_id)
+    assert outcome is not None
+    assert not outcome.ok
+    assert outcome.code == "not_trusted"
+    async with link.connect("10.0.0.1:8001") as client:  # by address: the same member
+        await client._request("GET", "/ok", signed=True)
+    outcome = link.last_call(BOB.node_id)
+    assert outcome is not None
+    assert outcome.ok
+
+
+async def test_only_members_are_kept_and_dropped_ones_are_forgotten() -> None:
+    others = [Identity.generate() for _ in range(5)]
+    link, table = _link(*(_member(identity, 10 + n) for n, identity in enumerate(others)))
+    stranger = PeerTarget("http://10.9.9.9:8088", Identity.generate().node_id)
+    async with link.connect(stranger) as client:
+        await client._request("GET", "/ok", signed=True)
+    assert link.last_call(stranger.node_id or "") is None  # not in the table: not kept
+    for identity in others:
+        async with link.connect(link.resolve(identity.node_id)) as client:
+            await client._request("GET", "/ok", signed=True)
+    assert all(link.last_call(identity.node_id) is not None for identity in others)
+    for identity in others[:4]:
+        table.forget(identity.node_id)
+    survivor = others[4]
+    async with link.connect(link.resolve(survivor.node_id)) as client:
+        await client._request("GET", "/ok", signed=True)
+    assert len(link._calls) <= len(table.members)  # bounded by the table
+    assert [identity for identity in others if link.last_call(identity.node_id)] == [survivor]

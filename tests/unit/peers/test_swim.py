@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from p2prc.identity import Identity
 from p2prc.peers.records import Claim
 from p2prc.peers.swim import SwimSettings
-from p2prc.peers.table import MemberState
+from p2prc.peers.table import STORED, MemberState, PeerTable
 from tests.unit.peers.sim import SimNetwork, make_record
 
 
@@ -167,3 +167,31 @@ def test_a_record_advertises_at_most_eight_usable_addresses() -> None:
         "fd00::2",
         *addresses[:7],
     )
+
+
+def test_each_member_records_when_it_was_last_heard_from() -> None:
+    network = SimNetwork(4)
+    network.run(3)
+    down, went_down = network.identities[3].node_id, network.now
+    network.down.add(3)
+    network.run(1)
+    for node in network.nodes[:3]:
+        for node_id, member in node.table.members.items():
+            assert member.heard is not None
+            if node_id == down:
+                assert went_down - 1.0 < member.heard <= went_down
+            else:  # datagrams of its own kept coming
+                assert member.heard > went_down
+
+
+def test_a_newer_record_counts_as_heard_and_a_stored_one_does_not() -> None:
+    me, bob, carol = Identity.generate(), Identity.generate(), Identity.generate()
+    table = PeerTable(make_record(me, 0))
+    table.apply_record(make_record(bob, 1), introducer=STORED)
+    assert table.members[bob.node_id].heard is None
+    table.apply_record(make_record(bob, 1, version=2), now=7.5, introducer=carol.node_id)
+    assert table.members[bob.node_id].heard == 7.5
+    table.apply_record(make_record(bob, 1, version=2), now=9.0)  # the same record again
+    assert table.members[bob.node_id].heard == 7.5
+    table.apply_record(make_record(carol, 2), now=3.0, introducer=bob.node_id)
+    assert table.members[carol.node_id].heard == 3.0
