@@ -143,6 +143,26 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE invites ADD COLUMN roles TEXT;
     """,
+    # 12: Dask clusters this node owns (the view as JSON beside the columns it is found
+    # by), and their workers, each with its container (the scheduler is in the view).
+    """
+    CREATE TABLE clusters (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        view TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX clusters_created ON clusters (created_at);
+    CREATE TABLE cluster_members (
+        cluster_id TEXT NOT NULL REFERENCES clusters (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        view TEXT NOT NULL,
+        PRIMARY KEY (cluster_id, name)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

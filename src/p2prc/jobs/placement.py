@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..peers.table import Member
-from .task import Task
+from .task import Resources, Task
 
 __all__ = ["Candidate", "candidates", "order_for_rank"]
 
@@ -20,15 +20,18 @@ class Candidate:
     name: str
 
 
-def candidates(task: Task, members: Iterable[Member], me: str) -> tuple[list[Candidate], list[str]]:
-    """Peers that fit the task, nearest first, and 'name: why' for those that do not."""
+def candidates(
+    task: Task | Resources, members: Iterable[Member], me: str, *, include_me: bool = False
+) -> tuple[list[Candidate], list[str]]:
+    """Peers that fit the task (or each of its containers' ``Resources``), nearest first,
+    and 'name: why' for those that do not; this node ``me`` only with ``include_me``."""
     fitting: list[tuple[float, Member]] = []
     unfit: list[str] = []
-    needs = task.resources
+    needs = task.resources if isinstance(task, Task) else task
     memory = needs.memory_bytes
     for member in members:
         record = member.record
-        if record.node_id == me:
+        if record.node_id == me and not include_me:
             continue
         why = ""
         if needs.cpus is not None and record.cores and record.cores < needs.cpus:
