@@ -1,9 +1,12 @@
-"""``p2prc status``: this node's NAT verdict and relay, each peer's path, --watch and --json."""
+"""``p2prc status``: this node's NAT verdict and relay, each peer's path, when it was last
+heard and how our last call to it went, --watch and --json."""
 
 import asyncio
 import contextlib
 import io
 import json
+import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig, init_home
-from p2prc.api.overview import Overview
+from p2prc.api.overview import Overview, overview
 from p2prc.cli import _node as _node_cli
 from p2prc.cli import main
 from p2prc.config import RelayConfig
@@ -154,3 +157,51 @@ async def test_watch_on_a_terminal_redraws_in_place(
     drawn = screen.getvalue()
     assert drawn.count("relay via relay") >= 3  # each view, and the last one kept on exit
     assert "\x1b[" in drawn  # cursor moves: one live view, redrawn
+
+
+async def test_status_shows_when_each_peer_was_heard_and_how_our_last_call_went(
+    network: dict[str, Node], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pub = network["pub"]
+    with pytest.raises(OwnerOnly):  # home answers, and refuses: only its owner may read this
+        async with pub.link.connect(pub.link.resolve("home")) as client:
+            await client._request("GET", "/overview", signed=True)
+    code, out, err = await _cli(capsys, "--home", str(tmp_path / "pub"), "status")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.strip()]
+    header = next(line for line in lines if line.split()[:2] == ["peer", "id"])
+    assert "heard" in header
+    assert "last call" in header
+    rows = {line.split()[0]: line for line in lines}
+    assert re.search(r"owner_only \d+s ago", rows["home"])
+    assert re.search(r"ok \d+s ago", rows["relay"])  # the bootstrap exchange
+    assert re.search(r"alive\s.*\d+s ago", rows["home"])  # heard: its datagrams arrive
+
+    code, out, err = await _cli(capsys, "--json", "--home", str(tmp_path / "pub"), "status")
+    assert code == 0, err
+    peers = {peer["name"]: peer for peer in json.loads(out)["peers"]}
+    now = time.time()
+    for name in ("home", "relay"):
+        assert now - 30 < peers[name]["last_heard"] <= now
+    assert peers["home"]["last_call"]["ok"] is False
+    assert peers["home"]["last_call"]["error"] == "owner_only"
+    assert now - 30 < peers["home"]["last_call"]["at"] <= now
+    assert peers["relay"]["last_call"]["ok"] is True
+    assert peers["relay"]["last_call"]["error"] == ""
+    assert {"name", "node_id", "state", "path", "rtt_ms", "gpus", "api"} <= set(peers["home"])
+
+
+async def test_overview_peers_carry_last_heard_and_last_call(network: dict[str, Node]) -> None:
+    pub, home = network["pub"], network["home"]
+    view = overview(pub)
+    peers = {peer.node_id: peer for peer in view.peers}
+    assert all(peer.last_heard is not None for peer in peers.values())
+    assert all(peer.last_heard <= view.at for peer in peers.values() if peer.last_heard)
+    assert peers[network["relay"].identity.node_id].last_call is not None
+    async with pub.link.connect(pub.link.resolve("home")) as client:
+        await client.status()
+    call = overview(pub).peers[[p.node_id for p in view.peers].index(home.identity.node_id)]
+    assert call.last_call is not None
+    assert call.last_call.ok
+    data = json.loads(overview(pub).model_dump_json())
+    assert {"last_heard", "last_call"} <= set(data["peers"][0])

@@ -1,14 +1,16 @@
 """The node's overview: peers, containers, jobs, mappings and relay load, read in one go.
 
 The dashboard (``/ui/api/overview``, with its session cookie) and ``p2prc status`` (the
-owner's signed ``GET /overview``) both read :func:`overview`.
+owner's signed ``GET /overview``) both read :func:`overview`. Times are wall clock
+(seconds since the epoch); the gossip's monotonic times are converted once, here.
 """
 
+import asyncio
 import time
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..containers.service import ContainerService
 from ..containers.tracked import TrackedContainers
@@ -17,16 +19,47 @@ from ..jobs.models import JobView
 from ..jobs.service import JobService
 from ..models import CallerInfo, ContainerView, MappedPort, PeerView, TrackedContainer
 from ..peers.gossip import Gossip
+from ..peers.link import PeerLink
+from ..peers.table import Member
 from ..tunnel.mapper import PortMapper
 from ..tunnel.relay import RelayServer
 from .auth import Owner
 from .peers import view_of
 
-__all__ = ["Overview", "RelayLoad", "RelayTunnel", "overview", "router"]
+__all__ = [
+    "LastCall",
+    "Overview",
+    "OverviewPeer",
+    "RelayLoad",
+    "RelayTunnel",
+    "overview",
+    "router",
+]
 
 
 class _Answer(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+
+class LastCall(_Answer):
+    """How the last signed call this node made to a peer ended."""
+
+    ok: bool
+    error: str = Field(description="The error's code (not_trusted, peer_timeout, ...); empty: ok")
+    at: float = Field(description="When it ended (seconds since the epoch)")
+
+
+class OverviewPeer(PeerView):
+    """A peer with what this node last heard from it and how its last call to it ended."""
+
+    last_heard: float | None = Field(
+        default=None,
+        description="When this node last heard from it, directly or by a newer record of it "
+        "(seconds since the epoch); null: not since this node started",
+    )
+    last_call: LastCall | None = Field(
+        default=None, description="The last signed call this node made to it; null: none yet"
+    )
 
 
 class RelayTunnel(_Answer):
@@ -50,7 +83,7 @@ class Overview(_Answer):
     """Everything the dashboard shows, read in one go."""
 
     me: PeerView | None
-    peers: list[PeerView]
+    peers: list[OverviewPeer]
     hosted: list[ContainerView]
     tracked: list[TrackedContainer]
     jobs: list[JobView]
@@ -69,11 +102,31 @@ def _part(node: object, name: str, kind: type[Any]) -> Any:
     return part if isinstance(part, kind) else None
 
 
-def _peers(gossip: Gossip | None) -> tuple[PeerView | None, list[PeerView]]:
+def _peers(
+    gossip: Gossip | None, link: PeerLink | None, wall: float
+) -> tuple[PeerView | None, list[OverviewPeer]]:
     if gossip is None:
         return None, []
     members = sorted(gossip.table.members.values(), key=lambda m: m.record.node_id)
-    return view_of(gossip, gossip.me, None), [view_of(gossip, m.record, m) for m in members]
+    # The gossip dates what it hears by the event loop's clock (monotonic).
+    try:
+        clock = asyncio.get_running_loop().time()
+    except RuntimeError:
+        clock = time.monotonic()
+    return view_of(gossip, gossip.me, None), [
+        _peer(gossip, member, link, wall - clock) for member in members
+    ]
+
+
+def _peer(gossip: Gossip, member: Member, link: PeerLink | None, offset: float) -> OverviewPeer:
+    """A member's view, with when it was last heard and how our last call to it ended."""
+    fields = view_of(gossip, member.record, member).model_dump()
+    call = link.last_call(member.record.node_id) if link is not None else None
+    return OverviewPeer(
+        **fields,
+        last_heard=None if member.heard is None else member.heard + offset,
+        last_call=None if call is None else LastCall(ok=call.ok, error=call.code, at=call.at),
+    )
 
 
 def _relay(relay: RelayServer | None) -> RelayLoad | None:
@@ -94,7 +147,8 @@ def _relay(relay: RelayServer | None) -> RelayLoad | None:
 
 def overview(node: object) -> Overview:
     """What the node runs now; parts the node does not run are empty."""
-    me, peers = _peers(_part(node, "gossip", Gossip))
+    at = time.time()
+    me, peers = _peers(_part(node, "gossip", Gossip), _part(node, "link", PeerLink), at)
     hosted: list[ContainerView] = []
     containers: ContainerService | None = _part(node, "containers", ContainerService)
     identity: Identity | None = _part(node, "identity", Identity)
@@ -115,7 +169,7 @@ def overview(node: object) -> Overview:
         mappings=mapper.mappings() if mapper is not None else [],
         behind_nat=mapper.behind_nat if mapper is not None else None,
         relay=_relay(_part(node, "relay", RelayServer)),
-        at=time.time(),
+        at=at,
     )
 
 

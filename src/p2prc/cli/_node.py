@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
 from ..client import AsyncClient, Client
 from ..config import Home, import_original, load, set_value
@@ -120,7 +120,8 @@ def _status_view(options: Options) -> tuple[dict[str, Any], Group]:
         "health": health.model_dump(mode="json"),
         **_status_data(view),
     }
-    return data, Group(_status_table(result, health, data), "", _peers_table(data["peers"]))
+    peers = _peers_table(data["peers"], view.at)
+    return data, Group(_status_table(result, health, data), "", peers)
 
 
 async def _read_status(home: Home) -> tuple[NodeStatus, Health, Any]:
@@ -149,6 +150,8 @@ def _status_data(view: Any) -> dict[str, Any]:
             "rtt_ms": peer.rtt_ms,
             "gpus": peer.gpus,
             "api": peer.api,
+            "last_heard": peer.last_heard,
+            "last_call": None if peer.last_call is None else peer.last_call.model_dump(),
         }
         for peer in view.peers
     ]
@@ -192,16 +195,39 @@ def _status_table(status: NodeStatus, health: Health, data: dict[str, Any]) -> T
     return table
 
 
-def _peers_table(peers: list[dict[str, Any]]) -> Table:
-    table = Table("peer", "id", "state", "path", "rtt", "gpus", box=None, title_justify="left")
+def _peers_table(peers: list[dict[str, Any]], at: float) -> Table:
+    columns = ("peer", "id", "state", "path", "rtt", "gpus", "heard", "last call")
+    # "owner_only 3s ago" reads as one value: wrap the path or the name before it.
+    header = [Column(name, no_wrap=name in ("heard", "last call")) for name in columns]
+    table = Table(*header, box=None, title_justify="left")
     for peer in peers:
         rtt = "-" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.1f} ms"
+        call = peer["last_call"]
+        last_call = "-"
+        if call is not None:
+            last_call = f"{'ok' if call['ok'] else call['error']} {_ago(call['at'], at)}"
         table.add_row(
-            peer["name"], peer["node_id"][:8], peer["state"], peer["path"], rtt, str(peer["gpus"])
+            peer["name"],
+            peer["node_id"][:8],
+            peer["state"],
+            peer["path"],
+            rtt,
+            str(peer["gpus"]),
+            "-" if peer["last_heard"] is None else _ago(peer["last_heard"], at),
+            last_call,
         )
     if not peers:
-        table.add_row("(no peers yet)", "", "", "", "", "")
+        table.add_row("(no peers yet)", *[""] * (len(columns) - 1))
     return table
+
+
+def _ago(then: float, now: float) -> str:  # Twin: ui/app.js ago
+    """``then`` as seen at ``now``: ``3s ago``, ``4m ago``, ``2h ago``, ``5d ago``."""
+    seconds = max(0, int(now - then))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 def stop(ctx: typer.Context) -> None:

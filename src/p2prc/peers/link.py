@@ -117,18 +117,20 @@ class PeerLink:
             async with client:
                 yield client
         except P2PRCError as exc:
-            self._record(target.node_id or client.audience, exc.code)
+            self._record(target, client, exc.code)
             raise
         except TimeoutError:  # a caller's own deadline ran out during the call
-            self._record(target.node_id or client.audience, PeerTimeout.code)
+            self._record(target, client, PeerTimeout.code)
             raise
-        self._record(target.node_id or client.audience, "")
+        self._record(target, client, "")
 
     def last_call(self, node_id: str) -> CallOutcome | None:
         """How the last call to ``node_id`` through this link ended, if one was made."""
         return self._calls.get(node_id)
 
-    def _record(self, node_id: str | None, code: str) -> None:
+    def _record(self, target: PeerTarget, client: AsyncClient, code: str) -> None:
+        # A root node called by address is known by the record it answered with, if any.
+        node_id = target.node_id or client.audience or self.audience_at(target.url)
         table = self._read_table()
         if node_id is None or table is None or node_id not in table.members:
             return
