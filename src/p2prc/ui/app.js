@@ -12,6 +12,22 @@ function when(seconds) {
   return new Date(seconds * 1000).toLocaleString();
 }
 
+// Twin: cli/_node.py _ago (the same wording in `p2prc status`).
+function ago(seconds, now) {
+  if (seconds === null || seconds === undefined) return "";
+  const span = Math.max(0, Math.floor(now - seconds));
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60]]) {
+    if (span >= size) return `${Math.floor(span / size)}${unit} ago`;
+  }
+  return `${span}s ago`;
+}
+
+function lastCall(peer, now) {
+  const call = peer.last_call;
+  if (!call) return ["", ""];
+  return [`${call.ok ? "ok" : call.error} ${ago(call.at, now)}`, call.ok ? "call-ok" : "call-error"];
+}
+
 function peerName(nodeId) {
   if (!nodeId) return "";
   const name = names.get(nodeId);
@@ -82,6 +98,8 @@ function render(data) {
     (p) => [p.rtt_ms === null ? "" : p.rtt_ms.toFixed(1)],
     (p) => [p.gpus],
     (p) => [p.cores],
+    (p) => [ago(p.last_heard, data.at)],
+    (p) => lastCall(p, data.at),
     (p) => [p.public_api || p.api, "mono"],
   ], "no peers known yet");
 
