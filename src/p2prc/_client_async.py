@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -63,6 +64,7 @@ from .models import (
 )
 
 if TYPE_CHECKING:
+    from .cluster.client import ClustersAPI
     from .jobs.client import Job, JobsAPI
     from .jobs.task import Task
 
@@ -105,12 +107,6 @@ def _pinned(base_url: str, audience: str | None) -> tuple[str, str | None]:
     if named and audience is not None and named != audience:
         raise WrongNode(f"{base_url} names node {named}, not {audience}")
     return (str(url.copy_with(username=None, password=None)).rstrip("/"), named or audience or None)
-
-
-def _pinned_context(node_id: str) -> ssl.SSLContext:
-    from .tunnel.tls import pinned_context  # the TLS helpers load only when a peer uses TLS
-
-    return pinned_context(node_id)
 
 
 _ADDRESS = re.compile(r"^(https?://|\[.*\](:\d+)?$|[^:\s]+:\d{1,5}$)")
@@ -234,13 +230,18 @@ class AsyncClient(AsyncClosing):
         url, pin = _pinned(self.base_url, audience)
         if pin is not None and audience is None:
             audience = self.audience = pin  # TLS proves the node: sign for it, no probe
-        if identity is None:
-            identity = _identity_if_any(self._home)
+        if identity is None and self._home.identity_key.exists():
+            identity = Identity.load(self._home.identity_dir)
+        verify: ssl.SSLContext | bool = True
+        if pin is not None:
+            from .tunnel.tls import pinned_context  # TLS helpers load only when a peer uses TLS
+
+            verify = pinned_context(pin)
         self._http = httpx.AsyncClient(
             base_url=url,
             auth=_SignatureAuth(identity, audience),
             transport=transport,
-            verify=_pinned_context(pin) if pin is not None else True,
+            verify=verify,
             timeout=timeout
             if isinstance(timeout, httpx.Timeout)
             else httpx.Timeout(timeout, connect=min(timeout, 5.0)),
@@ -318,10 +319,7 @@ class AsyncClient(AsyncClosing):
         await self._request("DELETE", f"/tracked/{_path_part(container_id)}")
 
     async def peers(self) -> list[PeerView]:
-        """``GET /peers``, every page: the node's view of the network, itself first, then
-        by name."""
-        from urllib.parse import quote
-
+        """``GET /peers``, every page: the node's view of the network, itself, then by name."""
         views: dict[str, PeerView] = {}
         after = ""
         for _ in range(_MAX_PEER_PAGES):
@@ -472,8 +470,7 @@ class AsyncClient(AsyncClosing):
 
     async def unmap_port(self, port: int, *, udp: bool = False) -> None:
         """Stop publishing a port."""
-        suffix = "?udp=true" if udp else ""
-        await self._request("DELETE", f"/map-port/{int(port)}{suffix}")
+        await self._request("DELETE", f"/map-port/{int(port)}" + ("?udp=true" if udp else ""))
 
     async def reachability(self, port: int) -> Reachability:
         """Ask this node whether it can connect back to us on ``port``."""
@@ -486,6 +483,13 @@ class AsyncClient(AsyncClosing):
         from .jobs.client import JobsAPI  # here: jobs.client imports this module
 
         return JobsAPI(self)
+
+    @property
+    def clusters(self) -> ClustersAPI:
+        """The node's Dask clusters: ``create``, ``list``, ``get``, ``scale``, ``remove``."""
+        from .cluster.client import ClustersAPI  # here: cluster.client imports this module
+
+        return ClustersAPI(self)
 
     async def run(self, task: Task) -> Job:
         """Submit ``task`` (``POST /jobs``); the ``Job`` has ``logs``, ``wait``, ``results``."""
@@ -594,7 +598,3 @@ def _path_part(text: str) -> str:
     if not text or any(c in text for c in "/?#%") or text in (".", ".."):
         raise InvalidRequest(f"{text!r} is not a container id")
     return text
-
-
-def _identity_if_any(home: Home) -> Identity | None:
-    return Identity.load(home.identity_dir) if home.identity_key.exists() else None

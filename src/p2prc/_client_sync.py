@@ -18,6 +18,7 @@ import httpx
 
 from ._client_async import AsyncClient
 from ._closing import Closing
+from .cluster.client import BlockingClustersAPI
 from .config import Home
 from .identity import Identity
 from .jobs.client import BlockingJob, BlockingJobsAPI
@@ -134,6 +135,11 @@ class Client(Closing):
     def jobs(self) -> BlockingJobsAPI:
         """The node's jobs: ``submit``, ``list``, ``get``, ``cancel``, ``download``."""
         return BlockingJobsAPI(self, self._async.jobs)
+
+    @property
+    def clusters(self) -> BlockingClustersAPI:
+        """The node's Dask clusters: ``create``, ``list``, ``get``, ``scale``, ``remove``."""
+        return BlockingClustersAPI(self, self._async.clusters)
 
     # Explicit: the twin of AsyncClient.run answers a blocking handle, not a Job.
     def run(self, task: Task) -> BlockingJob:

@@ -1,6 +1,6 @@
 import p2prc
 
-_MODULES = {"api", "cli", "client", "config", "errors", "identity", "models", "node"}
+_MODULES = {"api", "cli", "client", "cluster", "config", "errors", "identity", "models", "node"}
 _MODULES |= {"containers", "jobs", "peers", "plugins", "specs", "state", "trust", "tunnel"}
 
 
