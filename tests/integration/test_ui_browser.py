@@ -8,6 +8,7 @@ allowed) and ``selenium``; the screenshots go to the test's tmp_path (and to
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -166,6 +167,10 @@ async def test_dashboard_shows_a_joined_peer_and_a_new_container_live(
             text = await asyncio.to_thread(_wait_text, driver, lambda t: view.id in t)
             assert "p2prc-train" in text
             assert "live · updated" in text
+            # The create was our last call to bob, and bob accepted it.
+            text = await asyncio.to_thread(
+                _wait_text, driver, lambda t: re.search(r"ok \d+s ago", t) is not None
+            )
             await asyncio.to_thread(_screenshot, driver, tmp_path / "dashboard.png", readme=True)
 
             # A stranger's record whose name is markup: the page shows it as text.
