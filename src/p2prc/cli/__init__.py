@@ -14,6 +14,7 @@ import typer
 from .. import __version__
 from ..client import Client
 from ..errors import InvalidRequest, P2PRCError
+from ._cluster import cluster_app
 from ._common import Options, emit, err, options_of, out
 from ._containers import bootstrap_images, build_image, container_app, images
 from ._doctor import doctor_command
@@ -44,6 +45,7 @@ app.add_typer(meta_app, name="meta")
 app.add_typer(group_app, name="group")
 app.command("run")(run_command)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(cluster_app, name="cluster")
 app.add_typer(trust_app, name="trust")
 app.command("id")(id_command)
 app.command("invite")(invite_command)

@@ -33,7 +33,7 @@ from ..errors import InvalidRequest, PeerProtocolError, error_class, validation_
 from ..jobs.client import _blocking, _Twin
 from .models import ClusterCreate, ClusterScale, ClusterView, WorkerView
 
-__all__ = ["BlockingClustersAPI", "ClusterEvent", "ClustersAPI"]
+__all__ = ["BlockingClustersAPI", "ClusterEvent", "ClustersAPI", "client_line"]
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
@@ -52,6 +52,19 @@ class ClusterEvent(BaseModel):
     message: str | None = None
     cluster: ClusterView | None = None
     error: dict[str, str] | None = None
+
+
+def client_line(view: ClusterView) -> str:
+    """The Python line that connects a ``distributed.Client`` to the cluster ``view``."""
+    if view.security is None:
+        return f"from distributed import Client; client = Client({view.scheduler_address!r})"
+    files = view.security
+    return (
+        "from distributed import Client, Security; "
+        f"client = Client({view.scheduler_address!r}, security=Security("
+        f"tls_ca_file={files.ca_file!r}, tls_client_cert={files.cert_file!r}, "
+        f"tls_client_key={files.key_file!r}, require_encryption=True))"
+    )
 
 
 def _cluster_path(cluster: str, *rest: str) -> str:
