@@ -28,6 +28,7 @@ from .protocol import (
     MessageType,
     Open,
     Ping,
+    Pong,
     Route,
     Routed,
     StreamMessage,
@@ -88,6 +89,7 @@ class TunnelClient(Component):
         self._host, self._port, self._relay_id = relay_host, relay_port, relay_node_id
         self._connect_timeout = connect_timeout
         self._control: FramedStream | None = None
+        self._mux: Mux | None = None  # the current connection's streams
         self._answers: asyncio.Queue[Exposed | Routed | Error] = asyncio.Queue()
         self._tasks = TaskSet(on_crash)
         self.exposed: dict[int, int] = {}
@@ -105,6 +107,8 @@ class TunnelClient(Component):
             **dict.fromkeys(_ANSWERS, self._answer),
             MessageType.OPEN: self._open,
             MessageType.DATAGRAM: self._datagram_in,
+            MessageType.PING: self._ping,
+            MessageType.PONG: self._pong,
         }
 
     def __repr__(self) -> str:
@@ -131,8 +135,9 @@ class TunnelClient(Component):
             text = answer.message if isinstance(answer, Error) else answer.TYPE
             raise TunnelError(f"relay refused: {text}")
         self._last_heard = asyncio.get_running_loop().time()
-        self._tasks.spawn(self._control_loop(self._control, Mux(self._control)), "tunnel-control")
-        self._tasks.spawn(self._heartbeat(self._control), "tunnel-heartbeat")
+        mux = self._mux = Mux(self._control)
+        self._tasks.spawn(self._control_loop(self._control, mux), "tunnel-control")
+        self._tasks.spawn(self._heartbeat(self._control, mux), "tunnel-heartbeat")
 
     async def expose(
         self,
@@ -175,6 +180,10 @@ class TunnelClient(Component):
                 answer = await asyncio.wait_for(self._answers.get(), _ANSWER_TIMEOUT)
             except TimeoutError:
                 raise TunnelError("the relay did not answer") from None
+            mux = self._mux
+            if mux is not None and mux.round_trip.rtt is None and not mux.round_trip.waiting:
+                mux.round_trip.ping()  # the first round trip sizes the windows: before streams
+                await self._control.send(Ping())
         if isinstance(answer, expected):
             return answer
         if isinstance(answer, Error):
@@ -215,7 +224,7 @@ class TunnelClient(Component):
             raise
         return FramedStream(reader, writer, FrameDecoder())
 
-    async def _heartbeat(self, control: FramedStream) -> None:
+    async def _heartbeat(self, control: FramedStream, mux: Mux) -> None:
         """Ping every few seconds; a relay silent for three periods is gone."""
         loop = asyncio.get_running_loop()
         while not self.closed.is_set():
@@ -227,6 +236,8 @@ class TunnelClient(Component):
                 await close_quietly(control.writer)
                 return
             with contextlib.suppress(OSError):
+                if not mux.round_trip.waiting:
+                    mux.round_trip.ping()
                 await control.send(Ping())
 
     async def _control_loop(self, control: FramedStream, mux: Mux) -> None:
@@ -261,6 +272,13 @@ class TunnelClient(Component):
 
     async def _stream(self, control: FramedStream, mux: Mux, message: StreamMessage) -> None:
         mux.dispatch(message)
+
+    async def _ping(self, control: FramedStream, mux: Mux, message: Ping) -> None:
+        """The relay measures its round trip too (its windows towards us)."""
+        control.try_send(Pong())
+
+    async def _pong(self, control: FramedStream, mux: Mux, message: Pong) -> None:
+        mux.round_trip.pong()
 
     async def _answer(
         self, control: FramedStream, mux: Mux, message: Exposed | Routed | Error

@@ -289,7 +289,15 @@ class RelayServer(Component):
         tunnel.mux.dispatch(message)
 
     async def _ping(self, tunnel: _Tunnel, message: Ping) -> None:
+        """Answer, and measure our own round trip on the client's beat (it sizes the
+        windows of streams towards the relay; a client that never answers keeps WINDOW)."""
         await tunnel.control.send(Pong())
+        if not tunnel.mux.round_trip.waiting:
+            tunnel.mux.round_trip.ping()
+            await tunnel.control.send(Ping())
+
+    async def _pong(self, tunnel: _Tunnel, message: Pong) -> None:
+        tunnel.mux.round_trip.pong()
 
     async def _unexpose(self, tunnel: _Tunnel, message: Unexpose) -> None:
         server = tunnel.servers.pop(message.public_port, None)
