@@ -21,6 +21,7 @@ from ._aio import CrashHandler, TaskSet
 from ._closing import Component
 from .api import create_app
 from .api._server import ApiServer, api_server, bind_api
+from .cluster import service as cluster_service
 from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
@@ -121,6 +122,7 @@ class Node(Component):
         self._tracked: TrackedContainers | None = None
         self._plugin_runs: PluginRuns | None = None
         self._jobs: JobService | None = None
+        self._clusters: cluster_service.ClusterService | None = None
         self._gossip: Gossip | None = None
         self._mapper: PortMapper | None = None
         self.relay: RelayServer | None = None
@@ -195,6 +197,11 @@ class Node(Component):
     def jobs(self) -> JobService:
         """Jobs this node submitted to its peers."""
         return _running(self._jobs, "The job service runs only while the node runs.")
+
+    @property
+    def clusters(self) -> cluster_service.ClusterService:
+        """Dask clusters this node owns."""
+        return _running(self._clusters, "The cluster service runs only while the node runs.")
 
     @property
     def container_store(self) -> ContainerStore:
@@ -418,6 +425,9 @@ class Node(Component):
         jobs = for_node(self, self._crash_handler("jobs"))
         self._jobs = await self._stack.enter_async_context(jobs)
         self._components["jobs"] = "ok"
+        clusters = cluster_service.for_node(self, on_crash=self._crash_handler("clusters"))
+        self._clusters = await self._stack.enter_async_context(clusters)
+        self._components["clusters"] = "ok"
 
     async def _detect_nat(self, gossip: Gossip) -> None:
         """Ask trusted peers to connect back to our API port (see ``NatState``)."""

@@ -73,6 +73,8 @@ class Hub(AsyncClosing):
         self._on_lost = on_lost
         self._members: dict[str, Member] = {}
         self._tasks = TaskSet(on_crash)
+        # Held while a member's forwards are made: a member added meanwhile must see it.
+        self._forwarding = asyncio.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -102,17 +104,21 @@ class Hub(AsyncClosing):
                     listener = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", inner)
                     member.listeners.append(listener)
                     member.ports[inner] = listener.get_port()
-                others = list(self._members.values())
-                for other in others:
-                    for port in other.shared_ports():
-                        await _forward_into(member, port)
-                for other in others:
-                    for port in member.shared_ports():
-                        await _forward_into(other, port)
+                async with self._forwarding:
+                    others = list(self._members.values())
+                    self._members[name] = member
+                    for other in others:
+                        for port in other.shared_ports():
+                            await _forward_into(member, port)
+                    for other in others:
+                        for port in member.shared_ports():
+                            await _forward_into(other, port)
         except BaseException:
-            await self._drop(member)
+            if name in self._members:
+                await self.remove(name)
+            else:
+                await self._drop(member)
             raise
-        self._members[name] = member
         self._tasks.spawn(self._watch(member), f"hub-watch-{name}")
         return member
 
