@@ -168,6 +168,7 @@ class RelayServer(Component):
             MessageType.UNROUTE: self._unroute_request,
             MessageType.DATAGRAM: self._datagram_out,
             MessageType.PING: self._ping,
+            MessageType.PONG: self._pong,
         }
 
     def __repr__(self) -> str:

@@ -151,6 +151,18 @@ async def _send(port: int, size: int) -> float:
     return time.perf_counter() - start
 
 
+async def _source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A local service that sends SOURCE bytes to whoever connects."""
+    chunk = os.urandom(1 << 20)
+    for _ in range(SOURCE >> 20):
+        writer.write(chunk)
+        await writer.drain()
+    await close_quietly(writer)
+
+
+SOURCE = 48 << 20
+
+
 @pytest.fixture
 async def far_tunnel(tmp_path: Path) -> AsyncIterator[tuple[TunnelClient, int]]:
     """A client 50 ms from its relay, and the client's sink's public port."""
@@ -172,6 +184,25 @@ async def test_one_stream_fills_more_than_the_first_window_per_round_trip(
     size = 48 << 20
     seconds = await _send(public, size)
     assert size / seconds > 2 * WINDOW / RTT, f"{size / seconds / 2**20:.1f} MiB/s"
+
+
+async def test_streams_towards_the_relay_grow_too(
+    far_tunnel: tuple[TunnelClient, int],
+) -> None:
+    """The relay times its own pings: a download from the NAT'd node's service."""
+    client, _ = far_tunnel
+    source = await asyncio.start_server(_source, "127.0.0.1", 0)
+    public = await client.expose(source.sockets[0].getsockname()[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", public)
+    start, total = time.perf_counter(), 0
+    while data := await asyncio.wait_for(reader.read(1 << 20), 30):
+        total += len(data)
+    seconds = time.perf_counter() - start
+    await close_quietly(writer)
+    source.close()
+    await source.wait_closed()
+    assert total == SOURCE
+    assert total / seconds > 2 * WINDOW / RTT, f"{total / seconds / 2**20:.1f} MiB/s"
 
 
 async def test_a_stalled_stream_beside_a_fast_one_far_away(
