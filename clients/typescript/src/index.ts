@@ -170,6 +170,50 @@ export interface ResultFile {
   size: number;
 }
 
+/** What POST /clusters asks for: a Dask cluster's workers, their size, and where. */
+export interface ClusterCreate {
+  workers?: number;
+  worker?: { cpus?: number; memory?: string; gpus?: number };
+  threads?: number;
+  peers?: string[];
+  scheduler_peer?: string;
+  name?: string;
+  image?: string;
+  timeout?: number;
+}
+
+export type ClusterState = "starting" | "running" | "failed" | "closed";
+
+export type WorkerState = "starting" | "running" | "lost" | "failed";
+
+/** One Dask worker: its container, its peer, the address Dask knows it by. */
+export interface WorkerView {
+  name: string;
+  peer: string;
+  state: WorkerState;
+  address: string;
+  container: ContainerView | null;
+  reason: string;
+  skipped: string[];
+}
+
+/** A Dask cluster as its owner's node keeps it; `security` names the client's TLS files. */
+export interface ClusterView {
+  id: string;
+  name: string;
+  state: ClusterState;
+  reason: string;
+  scheduler_address: string;
+  dashboard_link: string;
+  scheduler_peer: string;
+  scheduler: ContainerView | null;
+  security: { ca_file: string; cert_file: string; key_file: string } | null;
+  workers: WorkerView[];
+  versions: Record<string, string>;
+  created_at: number;
+  closed_at: number | null;
+}
+
 /** An error answered by a node: the same `code` the Python client maps to its classes. */
 export class P2PRCError extends Error {
   constructor(
@@ -363,6 +407,61 @@ export class P2PRCClient {
     const url = `/jobs/${encodeURIComponent(id)}/results/${parts}`;
     const response = await this.send("GET", url, undefined, true);
     return new Uint8Array(await response.arrayBuffer());
+  }
+
+  /** Start a Dask cluster (owner only); `onProgress` gets each step, then the cluster. */
+  async createCluster(
+    spec: ClusterCreate = {},
+    onProgress?: (message: string) => void,
+  ): Promise<ClusterView> {
+    const response = await this.send("POST", "/clusters", spec, false);
+    const text = await response.text();
+    for (const line of text.split("\n")) {
+      if (!line.trim()) continue;
+      const event = JSON.parse(line) as {
+        event: string;
+        message?: string;
+        cluster?: ClusterView;
+        error?: { code: string; message: string };
+      };
+      if (event.event === "progress" && event.message) onProgress?.(event.message);
+      if (event.event === "error" && event.error) {
+        throw new P2PRCError(event.error.code, event.error.message, response.status);
+      }
+      if (event.event === "created" && event.cluster) return event.cluster;
+    }
+    throw new P2PRCError("peer_protocol_error", "the stream ended without a cluster", 502);
+  }
+
+  /** Every Dask cluster of this node, oldest first (owner only). */
+  clusters(): Promise<ClusterView[]> {
+    return this.request<ClusterView[]>("GET", "/clusters", undefined, true);
+  }
+
+  /** One cluster, by id, unique prefix or name (owner only). */
+  cluster(id: string): Promise<ClusterView> {
+    return this.request<ClusterView>("GET", `/clusters/${encodeURIComponent(id)}`, undefined, true);
+  }
+
+  /** Add workers, or remove the newest, until the cluster has `workers` (owner only). */
+  scaleCluster(id: string, workers: number): Promise<ClusterView> {
+    return this.request<ClusterView>("POST", `/clusters/${encodeURIComponent(id)}/scale`, { workers });
+  }
+
+  /** One more worker; answers when it runs (owner only). */
+  addClusterWorker(id: string): Promise<WorkerView> {
+    return this.request<WorkerView>("POST", `/clusters/${encodeURIComponent(id)}/workers`);
+  }
+
+  /** Remove one worker and its container (owner only). */
+  removeClusterWorker(id: string, worker: string): Promise<ClusterView> {
+    const path = `/clusters/${encodeURIComponent(id)}/workers/${encodeURIComponent(worker)}`;
+    return this.request<ClusterView>("DELETE", path);
+  }
+
+  /** Close a cluster: every container removed (owner only). */
+  removeCluster(id: string): Promise<ClusterView> {
+    return this.request<ClusterView>("DELETE", `/clusters/${encodeURIComponent(id)}`);
   }
 
   private async request<T>(

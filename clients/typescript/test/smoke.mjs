@@ -62,5 +62,12 @@ assert.equal((await owner.cancelJob(submitted.id)).state, "failed");
 await assert.rejects(owner.jobResults(submitted.id), (error) => error.code === "job_error");
 await assert.rejects(owner.job("jobffffffffffff"), (error) => error.code === "job_not_found" && error.status === 404);
 await assert.rejects(stranger.jobs(), (error) => error instanceof P2PRCError && error.status === 403);
+
+// Dask clusters: the routes answer the owner only, a bad request and an unknown cluster clearly.
+assert.ok(Array.isArray(await owner.clusters()));
+await assert.rejects(owner.cluster("nosuchcluster"), (error) => error.code === "cluster_not_found" && error.status === 404);
+await assert.rejects(owner.scaleCluster("nosuchcluster", 1), (error) => error.status === 404);
+await assert.rejects(owner.createCluster({ workers: 65 }), (error) => error.code === "invalid_request");
+await assert.rejects(stranger.clusters(), (error) => error instanceof P2PRCError && error.status === 403);
 console.log("typescript client: jobs checked");
 console.log("typescript client: 10 checks passed");
