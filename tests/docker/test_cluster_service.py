@@ -1,0 +1,144 @@
+"""A Dask cluster on a real node and real containers: TLS only, every connection through
+the node's SSH hub, nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2prc.cluster.certs import ClusterCA
+from p2prc.cluster.models import ClusterCreate, ClusterState, ClusterView, WorkerState
+from p2prc.config import ContainerConfig
+from p2prc.containers.images import DEFAULT_IMAGE
+from p2prc.jobs.task import Resources
+
+# The image's Python is Debian's 3.11.2: Dask warns of any patch-level difference (the
+# cluster service itself refuses a different minor version or package version).
+pytestmark = [pytest.mark.docker, pytest.mark.filterwarnings("ignore:Mismatched versions found")]
+
+distributed = pytest.importorskip("distributed")
+
+_IMAGE = os.environ.get("P2PRC_TEST_DASK_IMAGE", "p2prc/dask-h2test:latest")
+
+
+@pytest.fixture
+def dask_image(docker_client: Any) -> str:
+    try:
+        docker_client.images.get(_IMAGE)
+    except Exception:
+        pytest.skip(f"no Dask image {_IMAGE}")
+    return _IMAGE
+
+
+def _security(view: ClusterView) -> Any:
+    assert view.security is not None
+    files = view.security
+    return distributed.Security(
+        tls_ca_file=files.ca_file,
+        tls_client_cert=files.cert_file,
+        tls_client_key=files.key_file,
+        require_encryption=True,
+    )
+
+
+async def _tls_refusal(view: ClusterView, *, certificate: bool) -> str:
+    """How the scheduler's TLS port treats a raw TLS client with or without the client's
+    certificate: "open" while it keeps the connection, else the error that ended it."""
+    assert view.security is not None
+    context = ssl.create_default_context(cafile=view.security.ca_file)
+    context.check_hostname = False
+    if certificate:
+        context.load_cert_chain(view.security.cert_file, view.security.key_file)
+    host, port = view.scheduler_address.removeprefix("tls://").rsplit(":", 1)
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+        try:
+            data = await asyncio.wait_for(reader.read(1), 2)
+        finally:
+            writer.close()
+    except TimeoutError:
+        return "open"
+    except (OSError, ssl.SSLError) as exc:
+        return repr(exc)
+    return "closed" if not data else "open"
+
+
+def _foreign_security(folder: Path) -> Any:
+    """A client certificate signed by another cluster's CA."""
+    ca = ClusterCA.create("cl000000000000")
+    issued = ca.issue("client")
+    files = {"ca.pem": ca.cert_pem, "c.pem": issued.cert_pem, "k.pem": issued.key_pem}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return distributed.Security(
+        tls_ca_file=str(folder / "ca.pem"),
+        tls_client_cert=str(folder / "c.pem"),
+        tls_client_key=str(folder / "k.pem"),
+        require_encryption=True,
+    )
+
+
+def _containers(docker_client: Any, node_id: str) -> list[Any]:
+    found = docker_client.containers.list(all=True, filters={"label": f"p2prc.node={node_id}"})
+    return list(found)
+
+
+async def test_two_workers_compute_over_tls_through_the_hub(
+    node_factory: Callable[..., Any], docker_client: Any, dask_image: str, tmp_path: Path
+) -> None:
+    offer = ContainerConfig(images=[DEFAULT_IMAGE, dask_image])
+    async with node_factory("alice", containers=offer) as alice:
+        said: list[str] = []
+
+        async def progress(line: str) -> None:
+            said.append(line)
+
+        started = time.monotonic()
+        spec = ClusterCreate(workers=2, image=dask_image, worker=Resources(cpus=1, memory="1GiB"))
+        view = await alice.clusters.create(spec, progress)
+        took = time.monotonic() - started
+        print(f"create with 2 workers: {took:.1f} s")
+        assert view.state is ClusterState.RUNNING, (view.reason, said)
+        assert [w.state for w in view.workers] == [WorkerState.RUNNING] * 2
+        assert view.scheduler_address.startswith("tls://127.0.0.1:")
+        assert alice.clusters.get(view.name).id == view.id
+        assert len(_containers(docker_client, alice.identity.node_id)) == 3
+
+        async with distributed.Client(
+            view.scheduler_address, security=_security(view), asynchronous=True, timeout=30
+        ) as client:
+            info = await client.scheduler.identity(n_workers=-1)
+            assert len(info["workers"]) == 2
+            assert {w["name"] for w in info["workers"].values()} == {"w1", "w2"}
+            squares = client.map(lambda x: x * x, range(200))
+            total = await client.submit(sum, squares)
+            assert total == sum(x * x for x in range(200))
+
+        with pytest.raises((OSError, TimeoutError)):
+            await distributed.Client(
+                view.scheduler_address.replace("tls://", "tcp://"), asynchronous=True, timeout=5
+            )
+        assert await _tls_refusal(view, certificate=True) == "open"
+        refused = await _tls_refusal(view, certificate=False)
+        assert refused != "open"
+        print(f"a TLS client without a certificate: {refused}")
+        with pytest.raises((OSError, TimeoutError)):
+            await distributed.Client(
+                view.scheduler_address,
+                security=_foreign_security(tmp_path),
+                asynchronous=True,
+                timeout=5,
+            )
+
+        closed = await alice.clusters.remove(view.id)
+        assert closed.state is ClusterState.CLOSED
+        assert _containers(docker_client, alice.identity.node_id) == []
+        assert view.security is not None
+        assert not Path(view.security.ca_file).parent.exists()
