@@ -25,6 +25,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -287,6 +288,31 @@ def _current(tag: str, versions: Mapping[str, str]) -> bool:
     )
 
 
+def _build_replacing(tag: str, context: Path) -> None:
+    """Build ``tag`` from ``context``; the image it replaces goes unless a container uses it."""
+    import docker.errors
+
+    client = images._client()
+    try:
+        with _docker_errors():
+            old = _image_id(client, tag)
+            images._build(client, tag, path=str(context))
+            if old is not None and old != _image_id(client, tag):
+                with contextlib.suppress(docker.errors.APIError):
+                    client.images.remove(old)
+    finally:
+        client.close()
+
+
+def _image_id(client: Any, tag: str) -> str | None:
+    import docker.errors
+
+    try:
+        return str(client.images.get(tag).id)
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def ensure_dask_image(
     *,
     versions: Mapping[str, str] | None = None,
@@ -313,12 +339,7 @@ def ensure_dask_image(
             _fill_site(checked, context / "site")
             _write_context(context, checked)
             images._step(f"building {tag} on {images.DEFAULT_IMAGE}")
-            client = images._client()
-            try:
-                with _docker_errors():
-                    images._build(client, tag, path=str(context))
-            finally:
-                client.close()
+            _build_replacing(tag, context)
     if not _current(tag, checked):
         raise ClusterError(f"{tag} was built but its labels do not name the versions asked")
     return tag
