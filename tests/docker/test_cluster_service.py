@@ -4,19 +4,23 @@ the node's SSH hub, nothing left behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from p2prc import Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.cluster.certs import ClusterCA
 from p2prc.cluster.models import ClusterCreate, ClusterState, ClusterView, WorkerState
 from p2prc.config import ContainerConfig
 from p2prc.containers.images import DEFAULT_IMAGE
+from p2prc.identity import Identity
 from p2prc.jobs.task import Resources
 
 # The image's Python is Debian's 3.11.2: Dask warns of any patch-level difference (the
@@ -142,3 +146,84 @@ async def test_two_workers_compute_over_tls_through_the_hub(
         assert _containers(docker_client, alice.identity.node_id) == []
         assert view.security is not None
         assert not Path(view.security.ca_file).parent.exists()
+
+
+async def _until(check: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def _node_on(home: Path, port: int, image: str) -> AsyncIterator[Node]:
+    """A node on a fixed port, as a deployed one is (its own containers are tracked at
+    its API's address, which a restart on another port would lose)."""
+    offer = ContainerConfig(images=[DEFAULT_IMAGE, image])
+    config, identity = init_home(
+        Home(home), NodeConfig(name=home.name, trust=TrustConfig(mode="open"), containers=offer)
+    )
+    async with Node(config, Home(home), identity=identity, host="127.0.0.1", port=port) as node:
+        yield node
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_scale_a_lost_worker_and_a_restart(
+    docker_client: Any, dask_image: str, tmp_path: Path
+) -> None:
+    port = _free_port()
+    try:
+        await _scale_lose_and_restart(docker_client, dask_image, tmp_path / "alice", port)
+    finally:
+        node_id = Identity.load(tmp_path / "alice" / "identity").node_id
+        for container in _containers(docker_client, node_id):
+            container.remove(force=True)
+
+
+async def _scale_lose_and_restart(
+    docker_client: Any, dask_image: str, home: Path, port: int
+) -> None:
+    async with _node_on(home, port, dask_image) as alice:
+        node_id = alice.identity.node_id
+        view = await alice.clusters.create(ClusterCreate(workers=1, image=dask_image))
+        view = await alice.clusters.scale(view.id, 3)
+        assert [(w.name, w.state) for w in view.workers] == [
+            (name, WorkerState.RUNNING) for name in ("w1", "w2", "w3")
+        ]
+        victim = view.workers[1].container
+        assert victim is not None
+        docker_client.containers.get(victim.id).kill()
+
+        def lost() -> bool:
+            return alice.clusters.get(view.id).workers[1].state is WorkerState.LOST
+
+        await _until(lost)
+        view = alice.clusters.get(view.id)
+        assert view.state is ClusterState.RUNNING
+        assert view.workers[1].reason
+        view = await alice.clusters.scale(view.id, 1)
+        assert [(w.name, w.state) for w in view.workers] == [
+            ("w1", WorkerState.RUNNING),
+            ("w2", WorkerState.LOST),
+        ]
+        await _until(lambda: len(_containers(docker_client, node_id)) == 2)
+        async with distributed.Client(
+            view.scheduler_address, security=_security(view), asynchronous=True, timeout=30
+        ) as client:
+            assert await client.submit(lambda: 6 * 7) == 42
+            info = await client.scheduler.identity(n_workers=-1)
+            assert [w["name"] for w in info["workers"].values()] == ["w1"]
+        worker = await alice.clusters.add_worker(view.id)
+        assert worker.name == "w4"
+        assert worker.state is WorkerState.RUNNING
+    # The node stopped without removing the cluster: its next start fails it and cleans up.
+    async with _node_on(home, port, dask_image) as alice:
+        again = alice.clusters.get(view.id)
+        assert again.state is ClusterState.FAILED
+        assert "restarted" in again.reason
+        await _until(lambda: _containers(docker_client, node_id) == [])
