@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import ssl
 import time
@@ -17,9 +16,11 @@ import pytest
 
 from p2prc import Home, Node, NodeConfig, TrustConfig, init_home
 from p2prc.cluster.certs import ClusterCA
+from p2prc.cluster.image import ensure_dask_image
 from p2prc.cluster.models import ClusterCreate, ClusterState, ClusterView, WorkerState
 from p2prc.config import ContainerConfig
 from p2prc.containers.images import DEFAULT_IMAGE
+from p2prc.errors import P2PRCError
 from p2prc.identity import Identity
 from p2prc.jobs.task import Resources
 
@@ -29,16 +30,14 @@ pytestmark = [pytest.mark.docker, pytest.mark.filterwarnings("ignore:Mismatched 
 
 distributed = pytest.importorskip("distributed")
 
-_IMAGE = os.environ.get("P2PRC_TEST_DASK_IMAGE", "p2prc/dask-h2test:latest")
 
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dask_image(docker_client: Any) -> str:
+    """This environment's Dask image (built when missing; the cluster service finds it)."""
     try:
-        docker_client.images.get(_IMAGE)
-    except Exception:
-        pytest.skip(f"no Dask image {_IMAGE}")
-    return _IMAGE
+        return ensure_dask_image()
+    except P2PRCError as exc:
+        pytest.skip(f"no Dask image: {exc}")
 
 
 def _security(view: ClusterView) -> Any:
@@ -105,13 +104,14 @@ async def test_two_workers_compute_over_tls_through_the_hub(
             said.append(line)
 
         started = time.monotonic()
-        spec = ClusterCreate(workers=2, image=dask_image, worker=Resources(cpus=1, memory="1GiB"))
+        spec = ClusterCreate(workers=2, worker=Resources(cpus=1, memory="1GiB"))
         view = await alice.clusters.create(spec, progress)
         took = time.monotonic() - started
         print(f"create with 2 workers: {took:.1f} s")
         assert view.state is ClusterState.RUNNING, (view.reason, said)
         assert [w.state for w in view.workers] == [WorkerState.RUNNING] * 2
         assert view.scheduler_address.startswith("tls://127.0.0.1:")
+        assert view.versions["distributed"] == distributed.__version__
         assert alice.clusters.get(view.name).id == view.id
         assert len(_containers(docker_client, alice.identity.node_id)) == 3
 

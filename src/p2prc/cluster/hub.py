@@ -33,6 +33,25 @@ log = logging.getLogger(__name__)
 # Told the member's name and why its connection (or its watched process) ended.
 OnLost = Callable[[str, str], None]
 
+_DIR = ".p2prc-dask"
+# Runs detached in its own session: its pid first, then the member's process.
+_RUN = f"""\
+cd "$HOME/{_DIR}" || exit 1
+echo $$ > pid.tmp && mv pid.tmp pid
+export DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True
+exec {{command}} >> log 2>&1 < /dev/null
+"""
+# Only setsid goes to the background: a backgrounded list would hold the channel open.
+_START = f'cd "$HOME/{_DIR}" && : > log && {{ setsid sh run.sh > /dev/null 2>&1 < /dev/null & }}'
+# Ends when the member's process does.
+_WATCH = (
+    f'cd "$HOME/{_DIR}" && while [ ! -s pid ]; do sleep 0.1; done; '
+    'exec tail --pid="$(cat pid)" -f /dev/null'
+)
+_ALIVE = f'cd "$HOME/{_DIR}" && {{ [ ! -s pid ] || kill -0 "$(cat pid)"; }}'
+_POLL = 0.25
+_TAIL = 2000
+
 
 @dataclass(eq=False)
 class Member:
@@ -122,9 +141,32 @@ class Hub(AsyncClosing):
         self._tasks.spawn(self._watch(member), f"hub-watch-{name}")
         return member
 
-    def watch(self, name: str, command: str) -> None:
-        """Run ``command`` on the member's connection; its end counts as the member lost
-        (a process that exits with the one it watches, ``tail --pid`` say)."""
+    async def launch(
+        self, name: str, files: dict[str, bytes], command: str, ready: str, limit: float
+    ) -> None:
+        """Put ``files`` in the member's ``~/.p2prc-dask`` (0600, the folder 0700), start
+        ``command`` there detached, and wait until its log shows ``ready``; a
+        ``ClusterError`` with the log's tail when it exits or ``limit`` seconds pass."""
+        member = self._members[name]
+        files = {**files, "run.sh": _RUN.format(command=command).encode()}
+        with ssh_errors(member.view, "start Dask in"):
+            async with member.conn.start_sftp_client() as sftp:
+                await sftp.makedirs(_DIR, exist_ok=True)
+                await sftp.chmod(_DIR, 0o700)
+                for file_name, data in files.items():
+                    path = f"{_DIR}/{file_name}"
+                    attrs = asyncssh.SFTPAttrs(permissions=0o600)
+                    async with sftp.open(path, "wb", attrs) as file:
+                        await file.write(data)
+                    await sftp.chmod(path, 0o600)
+                result = await member.conn.run(_START, check=False, timeout=30)
+                if result.exit_status != 0:
+                    raise ClusterError(f"container {member.view.id}: {name} did not start")
+                await _ready(member, sftp, ready, limit)
+
+    def watch(self, name: str, command: str = _WATCH) -> None:
+        """Run ``command`` on the member's connection (by default: until its launched
+        process ends); its end counts as the member lost."""
         member = self._members[name]
 
         async def run() -> None:
@@ -181,6 +223,31 @@ class Hub(AsyncClosing):
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await member.conn.wait_closed()
+
+
+async def _ready(member: Member, sftp: asyncssh.SFTPClient, mark: str, limit: float) -> None:
+    text = ""
+    try:
+        async with asyncio.timeout(limit):
+            while True:
+                async with sftp.open(f"{_DIR}/log", "rb") as file:
+                    data = await file.read()
+                text = data.decode(errors="replace") if isinstance(data, bytes) else data
+                if mark in text:
+                    return
+                alive = await member.conn.run(_ALIVE, check=False)
+                if alive.exit_status != 0:
+                    raise ClusterError(f"{member.name} exited while starting: {_tail(text)}")
+                await asyncio.sleep(_POLL)
+    except TimeoutError:
+        raise ClusterError(
+            f"{member.name} did not start within {limit:g} s: {_tail(text)}"
+        ) from None
+
+
+def _tail(text: str) -> str:
+    lines = text[-_TAIL:].strip().splitlines()
+    return " | ".join(lines[-8:]) or "(its log is empty)"
 
 
 async def _forward_into(member: Member, port: int) -> None:

@@ -18,12 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncssh
-
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
 from ..config import Home, NodeConfig
-from ..containers.sftp import ssh_errors
 from ..errors import (
     ClusterError,
     ContainerNotFound,
@@ -39,6 +36,7 @@ from ..jobs.task import Resources
 from ..models import ContainerView, CreateContainer
 from ..peers.gossip import Gossip
 from ..state import State
+from . import image as images
 from .certs import ClusterCA, Issued
 from .hub import Hub, Member
 from .models import ClusterCreate, ClusterState, ClusterView, WorkerState, WorkerView
@@ -72,28 +70,12 @@ SshHosts = Callable[[str], set[str] | None]
 SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
 WORKER_PORT = 8788
-_DIR = ".p2prc-dask"
 _DASK = "/opt/dask/bin/dask"
 _SCHEDULER = "scheduler"
 _TLS = "--tls-ca-file ca.pem --tls-cert cert.pem --tls-key key.pem"
-# Runs detached in its own session: its pid first, then Dask with TLS required.
-_RUN = f"""\
-cd "$HOME/{_DIR}" || exit 1
-echo $$ > pid.tmp && mv pid.tmp pid
-export DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True
-exec {{command}} >> log 2>&1 < /dev/null
-"""
-_START = f'cd "$HOME/{_DIR}" && : > log && {{ setsid sh run.sh > /dev/null 2>&1 < /dev/null & }}'
-# Ends when the Dask process does (the hub counts that as the member lost).
-_WATCH = (
-    f'cd "$HOME/{_DIR}" && while [ ! -s pid ]; do sleep 0.1; done; '
-    'exec tail --pid="$(cat pid)" -f /dev/null'
-)
 _READY = {_SCHEDULER: "Scheduler at:", "worker": "Registered to:"}
-_POLL = 0.25
 _CLEAN_TRIES = 3
 _CLEAN_EVERY = 2.0
-_TAIL = 2000
 
 
 @dataclass(eq=False)
@@ -259,7 +241,7 @@ class ClusterService(Component):
             f"--dashboard-address 127.0.0.1:{DASHBOARD_PORT} {_TLS}"
         )
         await self._launch(member, live, _SCHEDULER, command, spec.timeout)
-        live.hub.watch(_SCHEDULER, _WATCH)
+        live.hub.watch(_SCHEDULER)
         live.scheduler_port = member.port(SCHEDULER_PORT)
         self.store.update(
             cluster_id,
@@ -284,7 +266,7 @@ class ClusterService(Component):
             self.store.set_worker(cluster_id, worker)
             command = _worker_command(spec, worker, live.scheduler_port, address)
             await self._launch(member, live, f"worker-{name}", command, spec.timeout)
-            live.hub.watch(name, _WATCH)
+            live.hub.watch(name)
         except BaseException as exc:
             why = _why(exc)
             worker = worker.model_copy(update={"state": WorkerState.FAILED, "reason": why})
@@ -371,50 +353,11 @@ class ClusterService(Component):
     async def _launch(
         self, member: Member, live: _Live, role: str, command: str, limit: float
     ) -> None:
-        """Put the role's certificate and key in the container (0600, folder 0700), start
-        ``command`` detached, and wait for its log to show it ready."""
+        """Start ``command`` in the member's container with the role's own certificate."""
         issued = live.ca.issue(role)
         files = {"ca.pem": live.ca.cert_pem, "cert.pem": issued.cert_pem, "key.pem": issued.key_pem}
-        files["run.sh"] = _RUN.format(command=command).encode()
-        with ssh_errors(member.view, "start Dask in"):
-            async with member.conn.start_sftp_client() as sftp:
-                await sftp.makedirs(_DIR, exist_ok=True)
-                await sftp.chmod(_DIR, 0o700)
-                for name, data in files.items():
-                    path = f"{_DIR}/{name}"
-                    attrs = asyncssh.SFTPAttrs(permissions=0o600)
-                    async with sftp.open(path, "wb", attrs) as file:
-                        await file.write(data)
-                    await sftp.chmod(path, 0o600)
-                result = await member.conn.run(_START, check=False, timeout=30)
-                if result.exit_status != 0:
-                    raise ClusterError(f"container {member.view.id}: Dask did not start")
-                await self._ready(member, sftp, role, limit)
-
-    async def _ready(
-        self, member: Member, sftp: asyncssh.SFTPClient, role: str, limit: float
-    ) -> None:
         mark = _READY[_SCHEDULER if role == _SCHEDULER else "worker"]
-        text = ""
-        try:
-            async with asyncio.timeout(limit):
-                while True:
-                    async with sftp.open(f"{_DIR}/log", "rb") as file:
-                        data = await file.read()
-                    text = data.decode(errors="replace") if isinstance(data, bytes) else data
-                    if mark in text:
-                        return
-                    alive = await member.conn.run(
-                        f'cd "$HOME/{_DIR}" && {{ [ ! -s pid ] || kill -0 "$(cat pid)"; }}',
-                        check=False,
-                    )
-                    if alive.exit_status != 0:
-                        raise ClusterError(f"the {role} exited while starting: {_tail(text)}")
-                    await asyncio.sleep(_POLL)
-        except TimeoutError:
-            raise ClusterError(
-                f"the {role} did not start within {limit:g} s: {_tail(text)}"
-            ) from None
+        await live.hub.launch(member.name, files, command, mark, limit)
 
     # -- losing and removing members ----------------------------------------------------
 
@@ -535,11 +478,6 @@ async def _each(work: list[Coroutine[Any, Any, Any]]) -> None:
         raise failed.exceptions[0] from None
 
 
-def _tail(text: str) -> str:
-    lines = text[-_TAIL:].strip().splitlines()
-    return " | ".join(lines[-8:]) or "(its log is empty)"
-
-
 def _why(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return "the node stopped while the cluster was starting"
@@ -615,7 +553,24 @@ def for_node(
 
 
 async def dask_image(image: str | None, say: Progress) -> tuple[str, dict[str, str]]:
-    """The image named, else this environment's Dask image (``cluster.image``)."""
-    if image is not None:
+    """The image named (its versions checked when it has them), else this environment's
+    Dask image, built if missing; a ``ClusterError`` when the versions differ."""
+    loop = asyncio.get_running_loop()
+
+    def report(line: str) -> None:  # from the building thread, in order
+        async def one() -> None:
+            await say(line)
+
+        asyncio.run_coroutine_threadsafe(one(), loop).result()
+
+    local = images.local_versions()
+    if image is None:
+        image = await asyncio.to_thread(images.ensure_dask_image, progress=report)
+    found = await asyncio.to_thread(images.image_versions, image)
+    if found is None:
+        await say(f"image {image} names no Dask versions; they are not checked")
         return image, {}
-    raise ClusterError("no Dask image is known yet: give the cluster's image")
+    mismatch = images.version_mismatch(local, found)
+    if mismatch is not None:
+        raise ClusterError(f"{image}: {mismatch}")
+    return image, found
