@@ -227,3 +227,34 @@ async def _scale_lose_and_restart(
         assert again.state is ClusterState.FAILED
         assert "restarted" in again.reason
         await _until(lambda: _containers(docker_client, node_id) == [])
+
+
+async def test_workers_on_a_peer_and_a_lost_scheduler(
+    node_factory: Callable[..., Any], docker_client: Any, dask_image: str
+) -> None:
+    offer = ContainerConfig(images=[DEFAULT_IMAGE, dask_image])
+    async with (
+        node_factory("alice", containers=offer) as alice,
+        node_factory("bob", containers=offer) as bob,
+    ):
+        spec = ClusterCreate(workers=2, peers=[bob.api_url])
+        view = await alice.clusters.create(spec)
+        assert view.scheduler is not None
+        assert view.scheduler.peer == alice.identity.node_id
+        assert {w.container.peer for w in view.workers if w.container} == {bob.identity.node_id}
+        async with distributed.Client(
+            view.scheduler_address, security=_security(view), asynchronous=True, timeout=30
+        ) as client:
+            # Each task's result moves to another worker: worker to worker, through the hub.
+            first = client.map(lambda x: bytes(x % 251 for _ in range(4096)), range(40))
+            total = await client.submit(lambda parts: sum(map(len, parts)), first)
+            assert total == 40 * 4096
+        docker_client.containers.get(view.scheduler.id).kill()
+
+        def failed() -> bool:
+            return alice.clusters.get(view.id).state is ClusterState.FAILED
+
+        await _until(failed)
+        assert "the scheduler was lost" in alice.clusters.get(view.id).reason
+        await _until(lambda: _containers(docker_client, bob.identity.node_id) == [])
+        await _until(lambda: _containers(docker_client, alice.identity.node_id) == [])

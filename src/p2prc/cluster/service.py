@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
-from ..config import Home, NodeConfig
+from ..client import is_address, peer_url
+from ..config import Home
 from ..errors import (
     ClusterError,
     ContainerNotFound,
@@ -28,14 +30,11 @@ from ..errors import (
     P2PRCError,
     PeerProtocolError,
 )
-from ..identity import Identity
 from ..jobs.placement import Candidate, candidates, order_for_rank
 from ..jobs.runner import _SKIP, ContainerHost, canonical_host
-from ..jobs.service import published_hosts
+from ..jobs.service import JobNode, published_hosts
 from ..jobs.task import Resources
 from ..models import ContainerView, CreateContainer
-from ..peers.gossip import Gossip
-from ..state import State
 from . import image as images
 from .certs import ClusterCA, Issued
 from .hub import Hub, Member
@@ -341,6 +340,8 @@ class ClusterService(Component):
         if target is self._me:
             return view
         allowed = self._ssh_hosts(view.peer) or set()
+        if is_address(target.peer):  # pinned as an address: the host the owner gave
+            allowed.add(canonical_host(urlsplit(peer_url(target.peer)).hostname or ""))
         if canonical_host(view.ssh.host) in allowed:
             return view
         with contextlib.suppress(P2PRCError):
@@ -490,21 +491,10 @@ async def _quiet(message: str) -> None:
     """Progress nobody reads."""
 
 
-class ClusterNode(Protocol):
-    """What the cluster service needs from its node."""
+class ClusterNode(JobNode, Protocol):
+    """What the cluster service needs from its node: the job service's needs, and the
+    address of its own API (the way to its own containers)."""
 
-    @property
-    def identity(self) -> Identity: ...
-    @property
-    def config(self) -> NodeConfig: ...
-    @property
-    def state(self) -> State: ...
-    @property
-    def home_path(self) -> Path: ...
-    @property
-    def gossip(self) -> Gossip: ...
-    @property
-    def tracked(self) -> ContainerHost: ...
     @property
     def api_url(self) -> str: ...
 
