@@ -47,20 +47,23 @@ class FrameDecoder:
             raise TunnelProtocolError("the stream already failed")
         self._buffer += data
         messages = []
-        while len(self._buffer) >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME:
-                self._failed = True
-                raise TunnelProtocolError(f"frame of {length} bytes is over {MAX_FRAME}")
-            end = _HEADER.size + length
-            if len(self._buffer) < end:
-                break
-            body = bytes(self._buffer[_HEADER.size : end])
-            del self._buffer[:end]
-            messages.append(self._decode(body))
+        start, size = 0, len(self._buffer)
+        # Frames are decoded in place and the buffer cut once: no copy per frame.
+        with memoryview(self._buffer) as view:
+            while size - start >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(view, start)
+                if length > MAX_FRAME:
+                    self._failed = True
+                    raise TunnelProtocolError(f"frame of {length} bytes is over {MAX_FRAME}")
+                end = start + _HEADER.size + length
+                if size < end:
+                    break
+                messages.append(self._decode(view[start + _HEADER.size : end]))
+                start = end
+        del self._buffer[:start]
         return messages
 
-    def _decode(self, body: bytes) -> dict[str, Any]:
+    def _decode(self, body: memoryview) -> dict[str, Any]:
         try:
             message = msgpack.unpackb(body, raw=False, strict_map_key=True)
         except Exception:

@@ -43,7 +43,9 @@ _PING_LOST = 10.0
 
 
 class RoundTrip:
-    """The smoothed round trip of a control connection, from ping and pong times."""
+    """The shortest round trip of a control connection, from ping and pong times: a ping
+    waits behind the data queued on the same connection, and a window sized by that wait
+    would grow the queue it measures."""
 
     def __init__(self) -> None:
         self.rtt: float | None = None
@@ -69,7 +71,7 @@ class RoundTrip:
             return
         sample = asyncio.get_running_loop().time() - self._sent
         self._sent = None
-        self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
+        self.rtt = sample if self.rtt is None else min(self.rtt, sample)
 
 
 class MuxStream:

@@ -56,7 +56,7 @@ class FramedStream:
         ``TunnelProtocolError`` when it broke framing (it is done), ``MessageError`` for one
         frame that is no valid message (the next ``receive`` goes on)."""
         while not self._queue:
-            data = await self.reader.read(65536)
+            data = await self.reader.read(256 * 1024)
             if not data:
                 raise asyncio.IncompleteReadError(b"", None)
             self._queue.extend(self._decoder.feed(data))
