@@ -112,7 +112,7 @@ class Hub(AsyncClosing):
         in every member's container, each of ``local`` here only; the other members'
         shared ports are forwarded into the new container too."""
         if self._closed:
-            raise RuntimeError("The hub is closed.")
+            raise ClusterError("the cluster is closed")
         if name in self._members:
             raise ValueError(f"member {name!r} is already in the hub")
         conn = await login(view, self._key_file)

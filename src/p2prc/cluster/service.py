@@ -26,6 +26,7 @@ from ..config import Home
 from ..errors import (
     ClusterError,
     ContainerNotFound,
+    ImageNotFound,
     NotFound,
     P2PRCError,
     PeerProtocolError,
@@ -72,6 +73,7 @@ WORKER_PORT = 8788
 _DASK = "/opt/dask/bin/dask"
 _SCHEDULER = "scheduler"
 _TLS = "--tls-ca-file ca.pem --tls-cert cert.pem --tls-key key.pem"
+_ACTIVE = (WorkerState.STARTING, WorkerState.RUNNING)
 _READY = {_SCHEDULER: "Scheduler at:", "worker": "Registered to:"}
 _CLEAN_TRIES = 3
 _CLEAN_EVERY = 2.0
@@ -185,21 +187,25 @@ class ClusterService(Component):
             if isinstance(exc, P2PRCError):
                 raise ClusterError(why) from exc
             raise
+        running = self.store.update(cluster_id, state=ClusterState.RUNNING, reason="")
+        if running.state is not ClusterState.RUNNING:  # removed while it started
+            raise ClusterError(f"cluster {view.name} was {running.state.value} while starting")
         await say(f"cluster {view.name} runs with {spec.workers} worker(s)")
-        return self.store.update(cluster_id, state=ClusterState.RUNNING, reason="")
+        return running
 
     async def scale(
         self, cluster: str, workers: int, progress: Progress | None = None
     ) -> ClusterView:
         """Add or remove workers (the newest first) until ``workers`` run or start."""
         view = self._running(cluster)
-        active = [w for w in view.workers if w.state in (WorkerState.STARTING, WorkerState.RUNNING)]
-        if workers > len(active):
-            say = progress or _quiet
-            more = workers - len(active)
-            await _each([self._add(view.id, say) for _ in range(more)])
-        for worker in reversed(active[workers:]):
-            await self._remove_worker(view.id, worker.name)
+        async with self._live[view.id].lock:  # one scale at a time counts the workers
+            view = self._running(view.id)
+            active = [w for w in view.workers if w.state in _ACTIVE]
+            if workers > len(active):
+                more = workers - len(active)
+                await _each([self._add(view.id, progress or _quiet) for _ in range(more)])
+            for worker in reversed(active[workers:]):
+                await self._remove_worker(view.id, worker.name)
         return self.store.get(view.id)
 
     async def add_worker(self, cluster: str, progress: Progress | None = None) -> WorkerView:
@@ -232,7 +238,11 @@ class ClusterService(Component):
         target = self._me if spec.scheduler_peer is None else self._pick(spec.scheduler_peer)
         await say(f"scheduler: creating its container on {target.name}")
         create = CreateContainer(image=live.image, name=f"{cluster_id}-scheduler")
-        view = await self._create(target, create, say)
+        try:
+            view = await self._create(target, create, say)
+        except ImageNotFound as exc:
+            where = "this node's" if target is self._me else f"{target.name}'s"
+            raise ClusterError(f"{exc}; add it to containers.images in {where} config") from None
         self.store.update(cluster_id, scheduler=view, scheduler_peer=target.name)
         member = await live.hub.add(_SCHEDULER, view, [SCHEDULER_PORT], [DASHBOARD_PORT])
         command = (
