@@ -13,6 +13,7 @@ checked version strings only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -326,20 +327,42 @@ def ensure_dask_image(
     with _maybe_reporting(progress):
         if not force and _current(tag, checked):
             return tag
-        images.ensure_default_image()
-        python = _image_python(images.DEFAULT_IMAGE)
-        if python != checked["python"]:
-            raise ClusterError(
-                f"{images.DEFAULT_IMAGE} has Python {python} but the Dask versions are for "
-                f"Python {checked['python']}; Dask needs the same Python minor everywhere, so "
-                f"run the client from a Python {python} environment"
-            )
-        with tempfile.TemporaryDirectory(prefix="p2prc-dask-") as tmp:
-            context = Path(tmp)
-            _fill_site(checked, context / "site")
-            _write_context(context, checked)
-            images._step(f"building {tag} on {images.DEFAULT_IMAGE}")
-            _build_replacing(tag, context)
+        with _build_lock():
+            # Another process (or thread) may have built it while this one waited.
+            if force or not _current(tag, checked):
+                _build_dask_image(tag, checked)
     if not _current(tag, checked):
         raise ClusterError(f"{tag} was built but its labels do not name the versions asked")
     return tag
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """One Dask image build at a time on this machine (they share the wheel cache)."""
+    path = wheel_cache().parent / "dask-image.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Closing the file releases the lock, also when the build fails.
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            images._step("waiting for another build of the Dask image")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _build_dask_image(tag: str, checked: dict[str, str]) -> None:
+    images.ensure_default_image()
+    python = _image_python(images.DEFAULT_IMAGE)
+    if python != checked["python"]:
+        raise ClusterError(
+            f"{images.DEFAULT_IMAGE} has Python {python} but the Dask versions are for "
+            f"Python {checked['python']}; Dask needs the same Python minor everywhere, so "
+            f"run the client from a Python {python} environment"
+        )
+    with tempfile.TemporaryDirectory(prefix="p2prc-dask-") as tmp:
+        context = Path(tmp)
+        _fill_site(checked, context / "site")
+        _write_context(context, checked)
+        images._step(f"building {tag} on {images.DEFAULT_IMAGE}")
+        _build_replacing(tag, context)

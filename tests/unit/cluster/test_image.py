@@ -7,6 +7,8 @@ import itertools
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,26 @@ def test_a_failing_pip_is_a_cluster_error_naming_the_step(
     monkeypatch.setattr(images, "_run", fail)
     with pytest.raises(ClusterError, match=r"pip download for the Dask image failed.*dask"):
         image._fill_site(VERSIONS, tmp_path / "site")
+
+
+def test_concurrent_ensures_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(image, "wheel_cache", lambda: tmp_path / "wheels")
+    built: list[str] = []
+
+    def build(tag: str, versions: dict[str, str]) -> None:
+        time.sleep(0.3)
+        built.append(tag)
+
+    monkeypatch.setattr(image, "_current", lambda tag, versions: bool(built))
+    monkeypatch.setattr(image, "_build_dask_image", build)
+    threads = [
+        threading.Thread(target=image.ensure_dask_image, kwargs={"versions": VERSIONS})
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    assert image.ensure_dask_image(versions=VERSIONS) == "p2prc/dask:2026.8.0-py3.11"
+    for thread in threads:
+        thread.join()
+    assert built == ["p2prc/dask:2026.8.0-py3.11"]
