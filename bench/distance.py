@@ -1,0 +1,419 @@
+"""Relayed throughput over distance: p2prc's relay against ``ssh -R`` on the same delay line.
+
+The kernel here has no ``netem``, so distance is a user-space delay line
+(``tests/unit/tunnel/_delay.py``, its own process) on the tunnel's leg: the NAT'd side
+(a ``TunnelClient``, or an ``ssh -R`` client) dials the relay (a ``RelayServer``, or a
+private sshd on loopback with its own host key and authorized key) through it. At RTT 0
+there is no delay line. Every party runs in its own process; this one sends and counts:
+``--streams`` connections to the relay's public port each write for ``--seconds`` and
+half-close, the NAT'd side's sink counts the bytes and answers the count, and the rate is
+all bytes counted over the time until the last count came back. Per RTT and stream count:
+p2prc, p2prc with today's fixed 512 KiB window (growth off: the "before"), and ``ssh -R``;
+the ratios p2prc/ssh. When sshd cannot run, the ssh fields are null and ``ssh_error`` says
+why (``P2PRC_BENCH_SSHD`` names an sshd binary elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+from _common import RESULTS, free_port, stop, write_result
+
+REPO = Path(__file__).resolve().parent.parent
+SSHD = Path(os.environ.get("P2PRC_BENCH_SSHD", "/usr/sbin/sshd"))
+PRIVSEP_DIR = Path("/run/sshd")  # sshd started by root insists on this directory
+# Seconds any child has to say it is ready (its port on the first line of stdout).
+READY_S = 20.0
+CHUNK = 1 << 20
+
+
+class SshUnavailable(Exception):
+    """Why the ``ssh -R`` baseline could not run."""
+
+
+# Children: each prints its port (or "ready") on one line, then serves until stdin closes.
+
+
+async def _until_stdin_closes() -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.buffer.read)
+
+
+def _say(text: object) -> None:
+    print(text, flush=True)
+
+
+async def _role_relay(home: str) -> None:
+    from p2prc.identity import Identity
+    from p2prc.tunnel.relay import RelayServer
+
+    identity = Identity.generate()
+    async with RelayServer(identity, Path(home), host="127.0.0.1", public_host="127.0.0.1") as r:
+        _say(f"{r.port} {identity.node_id}")
+        await _until_stdin_closes()
+
+
+async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    total = 0
+    while data := await reader.read(CHUNK):
+        total += len(data)
+    writer.write(str(total).encode())
+    await writer.drain()
+    writer.close()
+
+
+async def _role_client(relay_port: int, relay_id: str) -> None:
+    from p2prc.identity import Identity
+    from p2prc.tunnel.client import TunnelClient
+
+    sink = await asyncio.start_server(_sink, "127.0.0.1", 0)
+    async with TunnelClient(Identity.generate(), "127.0.0.1", relay_port, relay_id) as client:
+        _say(await client.expose(sink.sockets[0].getsockname()[1]))
+        await _until_stdin_closes()
+
+
+async def _role_sink() -> None:
+    sink = await asyncio.start_server(_sink, "127.0.0.1", 0)
+    _say(sink.sockets[0].getsockname()[1])
+    await _until_stdin_closes()
+
+
+async def _role_delay(target: int, rtt: float) -> None:
+    sys.path.insert(0, str(REPO))
+    from tests.unit.tunnel._delay import DelayLine
+
+    async with DelayLine(target, rtt) as line:
+        _say(line.port)
+        await _until_stdin_closes()
+
+
+# The parent: start children, send, count.
+
+
+class Child:
+    """A child process of this script in one role; ``line``: what it printed first."""
+
+    def __init__(self, *args: str, fixed_window: bool = False) -> None:
+        env = dict(os.environ)
+        if fixed_window:
+            env["P2PRC_BENCH_FIXED_WINDOW"] = "1"
+        command = [sys.executable, __file__, "--role", *args]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        assert self.process.stdout is not None
+        self.line = _first_line(self.process.stdout, self.process)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            stop(self.process)
+
+
+def _first_line(stream: IO[bytes], process: subprocess.Popen[bytes]) -> str:
+    import selectors
+
+    what = " ".join(map(str, process.args)) if isinstance(process.args, list) else "child"
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        if not selector.select(READY_S):
+            stop(process)
+            raise RuntimeError(f"{what} printed nothing within {READY_S} s")
+    line = stream.readline().decode().strip()
+    if not line:
+        raise RuntimeError(f"{what} exited with {process.wait()}")
+    return line
+
+
+async def _one(port: int, seconds: float) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    chunk = os.urandom(CHUNK)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        writer.write(chunk)
+        await writer.drain()
+    writer.write_eof()
+    counted = int(await asyncio.wait_for(reader.read(), 120))
+    writer.close()
+    return counted
+
+
+def send(port: int, streams: int, seconds: float) -> float:
+    """Mbit/s of ``streams`` connections writing for ``seconds`` each, counted at the sink."""
+
+    async def run() -> float:
+        start = time.perf_counter()
+        counted = await asyncio.gather(*(_one(port, seconds) for _ in range(streams)))
+        return sum(counted) * 8 / (time.perf_counter() - start) / 1e6
+
+    return asyncio.run(run())
+
+
+def p2prc_rate(rtt: float, streams: int, seconds: float, fixed: bool, home: Path) -> float:
+    with contextlib.ExitStack() as stack:
+        relay = Child("relay", "--home", str(home))
+        stack.callback(relay.close)
+        port, relay_id = relay.line.split()
+        leg = int(port)
+        if rtt:
+            delay = Child("delay", "--target", str(leg), "--rtt", str(rtt))
+            stack.callback(delay.close)
+            leg = int(delay.line)
+        client = Child(
+            "client", "--relay-port", str(leg), "--relay-id", relay_id, fixed_window=fixed
+        )
+        stack.callback(client.close)
+        return send(int(client.line), streams, seconds)
+
+
+# Twin of bench/relay_throughput.py's ssh_reverse, with the delay line in front of sshd.
+@contextlib.contextmanager
+def ssh_reverse(rtt: float) -> Iterator[tuple[int, str]]:
+    """``ssh -N -R`` to a private sshd through the delay line: (public port, cipher)."""
+    ssh, keygen = shutil.which("ssh"), shutil.which("ssh-keygen")
+    if not SSHD.exists() or ssh is None or keygen is None:
+        raise SshUnavailable(f"no {SSHD} (apt-get install openssh-server, or P2PRC_BENCH_SSHD)")
+    started: list[subprocess.Popen[bytes]] = []
+    made_privsep = False
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        home = Path(tmp)
+        try:
+            for name in ("host_key", "client_key"):
+                subprocess.run(
+                    [keygen, "-q", "-t", "ed25519", "-N", "", "-f", home / name],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+            (home / "authorized_keys").write_bytes((home / "client_key.pub").read_bytes())
+            sshd_port, remote_port = free_port(), free_port()
+            (home / "sshd_config").write_text(
+                f"ListenAddress 127.0.0.1\nPort {sshd_port}\nHostKey {home / 'host_key'}\n"
+                f"AuthorizedKeysFile {home / 'authorized_keys'}\nPidFile none\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                "StrictModes no\nAllowTcpForwarding yes\n"
+            )
+            run_as: list[str | Path] = []
+            if os.geteuid() == 0 and not _has_user("sshd"):
+                run_as = _as_if_installed(home)
+            if os.geteuid() == 0 and not PRIVSEP_DIR.exists():
+                PRIVSEP_DIR.mkdir(mode=0o755)
+                made_privsep = True
+            sshd_log, ssh_log = home / "sshd.log", home / "ssh.log"
+            with sshd_log.open("wb") as log:
+                sshd = subprocess.Popen(
+                    [*run_as, SSHD, "-D", "-e", "-f", home / "sshd_config"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            started.append(sshd)
+            _wait(lambda: "Server listening" in sshd_log.read_text(), sshd, sshd_log)
+            leg = sshd_port
+            if rtt:
+                delay = Child("delay", "--target", str(sshd_port), "--rtt", str(rtt))
+                stack.callback(delay.close)
+                leg = int(delay.line)
+            sink = Child("sink")
+            stack.callback(sink.close)
+            command: list[str | Path] = [ssh, "-v", "-N", "-F", "none", "-p", str(leg)]
+            command += ["-R", f"{remote_port}:127.0.0.1:{sink.line}", "-i", home / "client_key"]
+            for option in (
+                "StrictHostKeyChecking=no",
+                f"UserKnownHostsFile={home / 'known_hosts'}",
+                "ExitOnForwardFailure=yes",
+                "BatchMode=yes",
+            ):
+                command += ["-o", option]
+            command.append(f"{psutil.Process().username()}@127.0.0.1")
+            with ssh_log.open("wb") as log:
+                client = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+                )
+            started.append(client)
+            _wait(lambda: _accepts(remote_port), client, ssh_log)
+            ciphers = [
+                line.split("cipher:")[1].split()[0]
+                for line in ssh_log.read_text(errors="replace").splitlines()
+                if "server->client cipher:" in line
+            ]
+            yield remote_port, ciphers[0] if ciphers else "unknown"
+        finally:
+            for process in reversed(started):
+                _stop_tree(process)
+            if made_privsep:
+                with contextlib.suppress(OSError):
+                    PRIVSEP_DIR.rmdir()
+
+
+def _as_if_installed(home: Path) -> list[str | Path]:
+    """A prefix that runs sshd (unpacked from its .deb, not installed) in its own mount
+    namespace, where /etc/passwd has its privilege separation user and root's account
+    is not locked (``*`` is, to sshd without PAM; only keys log in here anyway)."""
+    passwd = Path("/etc/passwd").read_text() + "sshd:x:65533:65534::/run/sshd:/bin/false\n"
+    shadow = [
+        "root:x:" + line.split(":", 2)[2] if line.startswith("root:") else line
+        for line in Path("/etc/shadow").read_text().splitlines()
+    ]
+    (home / "passwd").write_text(passwd)
+    (home / "shadow").write_text("\n".join([*shadow, "sshd:!:1::::::"]) + "\n")
+    script = 'mount --bind "$0" /etc/passwd && mount --bind "$1" /etc/shadow && shift && exec "$@"'
+    return ["unshare", "--mount", "--", "sh", "-c", script, home / "passwd", home / "shadow"]
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _wait(ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
+    name = Path(str(process.args[0] if isinstance(process.args, list) else process.args)).name
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace").splitlines()[-3:]
+            raise SshUnavailable(f"{name} exited {process.returncode}: {tail}")
+        if ready():
+            return
+        time.sleep(0.01)
+    raise SshUnavailable(f"{name} not ready within {READY_S} s")
+
+
+def _stop_tree(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process this benchmark started, then the children it forked (sshd sessions)."""
+    try:
+        forked = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        forked = []
+    stop(process)
+    _, alive = psutil.wait_procs(forked, timeout=5)
+    for child in alive:
+        child.terminate()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def measure(
+    rtts: list[float], stream_counts: list[int], seconds: float, with_ssh: bool = True
+) -> dict[str, object]:
+    rows: list[dict[str, object]] = []
+    ssh_error: str | None = None if with_ssh else "not asked (--no-ssh)"
+    cipher: str | None = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for rtt in rtts:
+            for streams in stream_counts:
+                home = Path(tmp) / f"relay-{rtt}-{streams}"
+                home.mkdir()
+                row: dict[str, object] = {"rtt_ms": round(rtt * 1000), "streams": streams}
+                row["p2prc_mbit"] = round(p2prc_rate(rtt, streams, seconds, False, home), 1)
+                if streams == 1:
+                    fixed = p2prc_rate(rtt, streams, seconds, True, home)
+                    row["fixed_window_mbit"] = round(fixed, 1)
+                row["ssh_mbit"] = None
+                if ssh_error is None:
+                    try:
+                        with ssh_reverse(rtt) as (port, cipher):
+                            row["ssh_mbit"] = round(send(port, streams, seconds), 1)
+                    except (SshUnavailable, OSError, subprocess.SubprocessError) as exc:
+                        ssh_error = str(exc) or type(exc).__name__
+                ssh, ours = row["ssh_mbit"], row["p2prc_mbit"]
+                ratio = ours / ssh if isinstance(ssh, float) and isinstance(ours, float) else None
+                row["ratio"] = None if ratio is None else round(ratio, 2)
+                print(row, flush=True)
+                rows.append(row)
+    return {
+        "seconds_per_run": seconds,
+        "cpus": os.cpu_count(),
+        "ssh_cipher": cipher,
+        "ssh_error": ssh_error,
+        "rows": rows,
+    }
+
+
+def write_markdown(result: dict[str, Any], name: str) -> None:
+    lines = [
+        "# Relay over distance (`bench/distance.py`)",
+        "",
+        "Delay line on the tunnel leg (NAT'd side -> relay), every party its own process,",
+        f"{result['seconds_per_run']} s of writes per run, {result['cpus']} CPUs,"
+        f" ssh cipher {result['ssh_cipher']}. Mbit/s counted at the sink.",
+        "",
+        "| RTT | streams | p2prc | p2prc, fixed 512 KiB window | `ssh -R` | p2prc / ssh |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        fixed = row.get("fixed_window_mbit", "")
+        lines.append(
+            f"| {row['rtt_ms']} ms | {row['streams']} | {row['p2prc_mbit']} | {fixed} |"
+            f" {row['ssh_mbit']} | {row['ratio']} |"
+        )
+    if result["ssh_error"]:
+        lines += ["", f"ssh baseline: {result['ssh_error']}"]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rtts", default="0,20,50,100", help="milliseconds, comma separated")
+    parser.add_argument("--streams", default="1,4")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--ssh", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default="distance", help="result name in bench/results")
+    parser.add_argument("--role", choices=["relay", "client", "sink", "delay"])
+    parser.add_argument("--home", default="")
+    parser.add_argument("--relay-port", type=int, default=0)
+    parser.add_argument("--relay-id", default="")
+    parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--rtt", type=float, default=0.0)
+    args = parser.parse_args()
+    if os.environ.get("P2PRC_BENCH_FIXED_WINDOW"):
+        import p2prc.tunnel.mux
+
+        p2prc.tunnel.mux.GROW_RTTS = 0.0  # no window is ever written out that fast
+    if args.role == "relay":
+        asyncio.run(_role_relay(args.home))
+    elif args.role == "client":
+        asyncio.run(_role_client(args.relay_port, args.relay_id))
+    elif args.role == "sink":
+        asyncio.run(_role_sink())
+    elif args.role == "delay":
+        asyncio.run(_role_delay(args.target, args.rtt))
+    else:
+        rtts = [int(ms) / 1000 for ms in args.rtts.split(",")]
+        counts = [int(n) for n in args.streams.split(",")]
+        result = measure(rtts, counts, args.seconds, args.ssh)
+        write_result(args.out, result)
+        write_markdown(result, args.out)
+        print((RESULTS / f"{args.out}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
