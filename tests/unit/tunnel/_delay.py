@@ -99,8 +99,17 @@ class _Half(asyncio.Protocol):
 class DelayLine:
     """``async with DelayLine(target_port, rtt) as line``: connect to ``line.port``."""
 
-    def __init__(self, target_port: int, rtt: float, limit: int = LIMIT) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        rtt: float,
+        limit: int = LIMIT,
+        *,
+        host: str = "127.0.0.1",
+        target_host: str = "127.0.0.1",
+    ) -> None:
         self.target_port, self.rtt, self.limit = target_port, rtt, limit
+        self.host, self.target_host = host, target_host
         self.port = 0
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.Transport] = set()
@@ -108,7 +117,7 @@ class DelayLine:
 
     async def __aenter__(self) -> DelayLine:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accepted, "127.0.0.1", 0)
+        self._server = await loop.create_server(self._accepted, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -132,7 +141,7 @@ class DelayLine:
         far = _Half(self.rtt / 2, self.limit)
         near.peer, far.peer = far, near
         try:
-            await loop.create_connection(lambda: far, "127.0.0.1", self.target_port)
+            await loop.create_connection(lambda: far, self.target_host, self.target_port)
         except OSError:
             if near.transport is not None:
                 near.transport.close()
