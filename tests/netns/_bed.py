@@ -63,16 +63,24 @@ class NamespaceDocker:
                     raise RuntimeError(f"dockerd in {self.ns} did not come up:\n{self.log()}")
                 time.sleep(0.5)
             for image in images:
-                with subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE) as save:
-                    loaded = subprocess.run(
-                        ["docker", "-H", self.socket, "load", "-q"], stdin=save.stdout,
-                        capture_output=True, text=True, timeout=300, check=False,
-                    )  # fmt: skip
-                if loaded.returncode != 0:
-                    raise RuntimeError(f"loading {image} into {self.ns}: {loaded.stderr}")
+                self._load(image)
             yield self
         finally:
             self._stop(dockerd)
+
+    def _load(self, image: str, attempts: int = 3) -> None:
+        """Copy ``image`` from the host's daemon; a load the fresh daemon drops is retried."""
+        for attempt in range(1, attempts + 1):
+            with subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE) as save:
+                loaded = subprocess.run(
+                    ["docker", "-H", self.socket, "load", "-q"], stdin=save.stdout,
+                    capture_output=True, text=True, timeout=300, check=False,
+                )  # fmt: skip
+            if loaded.returncode == 0:
+                return
+            if attempt == attempts:
+                raise RuntimeError(f"loading {image} into {self.ns}: {loaded.stderr}")
+            time.sleep(2)
 
     def _stop(self, dockerd: "subprocess.Popen[bytes]") -> None:
         """Every container, then the daemon (by its pid), its files and its cgroups."""
