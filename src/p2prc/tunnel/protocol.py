@@ -59,7 +59,8 @@ __all__ = [
     "parse",
 ]
 
-# Bytes of one stream that may be in flight (sent, not yet written out by the other side).
+# A stream's first window: bytes that may be in flight (sent, not yet written out by the
+# other side) before it grows (``tunnel/mux.py``); also the most one ``w`` frame grants.
 WINDOW = 512 * 1024
 # A datagram payload larger than this is dropped (a frame holds at most 64 KiB).
 MAX_DATAGRAM = 60_000
