@@ -1,0 +1,105 @@
+"""``p2prc forward``: local ports that reach ports of a container, until Ctrl-C or SIGTERM."""
+
+import asyncio
+import signal
+from typing import Annotated
+
+import typer
+
+from ..client import Client
+from ..containers.forward import LOOPBACK, Forwarding, forward_ports, parse_pair
+from ..containers.store import pick_tracked
+from ..errors import InvalidRequest
+from ..models import TrackedContainer
+from ._common import Options, emit, err, options_of
+
+__all__ = ["forward_command", "forward_container"]
+
+_ANY = ("0.0.0.0", "::", "")
+
+
+def forward_container(
+    options: Options, target: str, ports: list[str], local: int | None, bind: str
+) -> None:
+    """Forward local ports to ports of a tracked container until interrupted."""
+    pairs = [parse_pair(text) for text in ports]
+    if local is not None:
+        if len(pairs) != 1 or ":" in ports[0]:
+            raise InvalidRequest("--local goes with one plain PORT; else write LOCAL:PORT")
+        pairs = [parse_pair(f"{local}:{pairs[0][1]}")]
+    with Client(home=options.home) as client:
+        item = pick_tracked(client.tracked(), target)
+    if bind in _ANY:
+        err.print(
+            f"warning: listening on {bind or '*'}: anyone who can reach this machine "
+            "can use the forwarded ports",
+            markup=False,
+        )
+    asyncio.run(_run(options, item, pairs, bind))
+
+
+async def _run(
+    options: Options, item: TrackedContainer, pairs: list[tuple[int, int]], bind: str
+) -> None:
+    main = asyncio.current_task()
+    assert main is not None
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        main.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    try:
+        key = options.home.identity_key
+        async with forward_ports(item, pairs, bind, key_file=key) as forwarding:
+            _announce(options, item, forwarding)
+            await forwarding.wait()  # PeerUnreachable when the connection drops
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    err.print("stopped forwarding", markup=False)
+
+
+def _announce(options: Options, item: TrackedContainer, forwarding: Forwarding) -> None:
+    name = item.container.name or item.container.id
+    for one in forwarding.forwards:
+        data = {
+            "local": one.local,
+            "remote": f"{name}:{one.port}",
+            "container": one.container,
+            "port": one.port,
+            "local_port": one.local_port,
+            "via": forwarding.via,
+        }
+        emit(options, data, f"forwarding {one.local} -> {name}:{one.port} (via {forwarding.via})")
+
+
+def forward_command(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="A tracked container's name or id prefix.")],
+    ports: Annotated[
+        list[str],
+        typer.Argument(
+            help="PORT (the same number here) or LOCAL:PORT (0:PORT: any free port here).",
+            show_default=False,
+        ),
+    ],
+    local: Annotated[
+        int | None,
+        typer.Option("--local", min=0, max=65535, help="Local port for one PORT; 0: any free."),
+    ] = None,
+    bind: Annotated[
+        str, typer.Option("--bind", help="Local address; 0.0.0.0 opens it to the network.")
+    ] = LOOPBACK,
+) -> None:
+    """Forward local ports to ports of a container you created, like ssh -L, until Ctrl-C."""
+    forward_container(options_of(ctx), target, ports, local, bind)
