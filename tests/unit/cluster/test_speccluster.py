@@ -185,6 +185,16 @@ async def test_scale_down_by_the_names_dask_knows(
     assert len(cluster.worker_spec) == 1
 
 
+async def test_adapt_scales_down_idle_workers(cluster: P2PRCCluster, service: DaskClusters) -> None:
+    cluster.adapt(minimum=1, maximum=3, interval="50ms", wait_count=1)
+    for _ in range(200):
+        if len(service.workers) == 1 and len(cluster.workers) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert len(service.workers) == 1, service.calls
+    assert ("remove_worker", next(iter(service.clusters))) in [c[:2] for c in service.calls]
+
+
 async def test_a_refused_create_is_the_node_error(service: DaskClusters) -> None:
     service.fail_create = "image p2prc/dask:1 has dask 1.0, here 2.0"
     with pytest.raises(ClusterError, match="has dask"):
