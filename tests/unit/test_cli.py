@@ -117,3 +117,21 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--json", "--version")
     assert code == 0
     assert json.loads(out)["version"]
+
+
+def test_images_bootstrap_dask_refuses_extra_packages(
+    capsys: pytest.CaptureFixture[str], home_args: list[str]
+) -> None:
+    code, _, err = run(
+        capsys,
+        *home_args,
+        "images",
+        "bootstrap",
+        "--dask",
+        "--packages",
+        "povray",
+        "--tag",
+        "x/y:1",
+    )
+    assert code != 0
+    assert "--dask builds on the default image" in err

@@ -158,15 +158,22 @@ def images_command(
         str | None,
         typer.Option("--packages", help="bootstrap: extra Debian packages, a,b (offline)."),
     ] = None,
+    dask: Annotated[
+        bool,
+        typer.Option("--dask", help="bootstrap: the Dask image too (this Python's versions)."),
+    ] = False,
 ) -> None:
     """Images a peer offers (the original --vi).
 
     'images bootstrap' builds the default image; 'images bootstrap --offline --packages
-    povray --tag lab/render:1' builds one with extra Debian packages; 'images build
+    povray --tag lab/render:1' builds one with extra Debian packages; 'images bootstrap
+    --dask' also the Dask image for 'p2prc cluster'; 'images build
     --dockerfile DIR --tag T' builds your own. Peers pick an offered image with --image.
     """
     if peer == "bootstrap":
-        bootstrap_images(options_of(ctx), offline=offline, force=force, packages=packages, tag=tag)
+        bootstrap_images(
+            options_of(ctx), offline=offline, force=force, packages=packages, tag=tag, dask=dask
+        )
     elif peer == "build":
         if dockerfile is None or tag is None:
             raise InvalidRequest("images build needs --dockerfile DIR and --tag NAME")

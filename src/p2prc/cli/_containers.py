@@ -195,9 +195,11 @@ def bootstrap_images(
     force: bool,
     packages: str | None = None,
     tag: str | None = None,
+    dask: bool = False,
 ) -> None:
     """Build the default container image on this machine, offline if need be; with
-    ``packages``, the image ``tag``: the default one plus those Debian packages, offline."""
+    ``packages``, the image ``tag``: the default one plus those Debian packages, offline;
+    with ``dask``, also the Dask image of this environment's versions."""
     from ..config import load
     from ..containers.images import DEFAULT_IMAGE, ensure_default_image, ensure_package_image
 
@@ -206,8 +208,21 @@ def bootstrap_images(
             raise InvalidRequest("images bootstrap --tag needs --packages (the extra packages)")
         with _steps(options, f"building {DEFAULT_IMAGE} (a first offline build takes minutes)"):
             how = ensure_default_image(offline=offline, force=force)
-        emit(options, {"image": DEFAULT_IMAGE, "how": how}, f"{DEFAULT_IMAGE}: {how}")
+        if not dask:
+            emit(options, {"image": DEFAULT_IMAGE, "how": how}, f"{DEFAULT_IMAGE}: {how}")
+            return
+        from ..cluster.image import ensure_dask_image
+
+        with _steps(options, "building the Dask image (a first build downloads wheels)"):
+            dask_image = ensure_dask_image(force=force)
+        emit(
+            options,
+            {"image": DEFAULT_IMAGE, "how": how, "dask_image": dask_image},
+            f"{DEFAULT_IMAGE}: {how}; Dask image: {dask_image}",
+        )
         return
+    if dask:
+        raise InvalidRequest("images bootstrap --dask builds on the default image; drop --packages")
     if tag is None or offline is False:
         raise InvalidRequest("images bootstrap --packages needs --tag NAME and builds offline")
     with _steps(options, f"building {tag} offline with {packages} (minutes)"):
