@@ -221,6 +221,15 @@ class ContainerConfig(_Section):
     """What this node offers its peers, with defaults and maxima for every resource."""
 
     images: list[str] = Field(default_factory=lambda: ["p2prc/sshd:latest"])
+    dask: bool = Field(
+        default=True,
+        description=(
+            "Offer Dask images: any p2prc/dask:<distributed>-py<minor> may be asked for, and "
+            "a trusted peer with the containers role may have this node build one for its "
+            "Dask cluster's workers (POST /images/dask; at most 4 such images kept, one "
+            "build at a time). False: only the images listed in 'images'."
+        ),
+    )
     docker_host: str = "unix:///var/run/docker.sock"
     user: str = "p2prc"
     publish_host: _Ip = "0.0.0.0"

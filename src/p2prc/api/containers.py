@@ -1,16 +1,18 @@
 """Container routes: peers create and remove containers here; the owner tracks its own."""
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from .._aio import Report
+from ..cluster.image import dask_image_tag
+from ..cluster.remote_image import DaskImageEvent, DaskImageRequest
 from ..containers.service import ContainerService, Progress
 from ..containers.tracked import TrackedContainers
-from ..errors import P2PRCError
+from ..errors import ImageNotFound, P2PRCError
 from ..models import (
     ContainerView,
     CreateContainer,
@@ -19,7 +21,7 @@ from ..models import (
     RemoteCreate,
     TrackedContainer,
 )
-from ._stream import task_stream
+from ._stream import ndjson, task_stream
 from .auth import ContainerUser, Owner
 
 __all__ = ["ContainerNode", "router"]
@@ -38,13 +40,36 @@ class ContainerNode(Protocol):
 
 
 def router(node: ContainerNode) -> APIRouter:
-    """Routes under /containers, /images and /tracked."""
+    """Routes under /containers, /images (and /images/dask) and /tracked."""
     routes = APIRouter(tags=["containers"])
 
     @routes.get("/images")
     async def images() -> ImageList:
         """Images this node offers (the original /ShowImages)."""
         return await node.containers.images()
+
+    @routes.post("/images/dask", response_model=DaskImageEvent)
+    async def dask_image(body: DaskImageRequest, caller: ContainerUser) -> StreamingResponse:
+        """Have the Dask image of these versions here, for the caller's cluster workers;
+        answers NDJSON progress, then its tag (at once when it is here)."""
+        if not node.containers.offers(dask_image_tag(body.versions)):
+            raise ImageNotFound("this node offers no Dask images (containers.dask is off)")
+        dask = node.containers.dask_images
+        prepared = await dask.prepare(body.versions)
+        if prepared.ready:
+            return ndjson(_nothing(), first=DaskImageEvent(event="ready", tag=prepared.tag))
+
+        async def work(report: Report[DaskImageEvent]) -> None:
+            def progress(message: str) -> None:
+                report(DaskImageEvent(event="progress", message=message))
+
+            try:
+                report(DaskImageEvent(event="ready", tag=await dask.ensure(prepared, progress)))
+            except P2PRCError as exc:
+                report(DaskImageEvent(event="error", error=exc.to_body()["error"]))
+
+        first = DaskImageEvent(event="progress", message=f"building {prepared.tag}")
+        return task_stream(node.spawn, work, name="dask-image", first=first)
 
     @routes.post("/containers", response_model=CreateEvent)
     async def create(
@@ -93,6 +118,11 @@ def router(node: ContainerNode) -> APIRouter:
         return {"removed": await node.tracked.remove(container_id)}
 
     return routes
+
+
+async def _nothing() -> AsyncIterator[DaskImageEvent]:
+    return
+    yield
 
 
 def _progress(report: Report[CreateEvent]) -> Progress:

@@ -12,6 +12,7 @@ checked version strings only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import importlib.metadata
@@ -24,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,12 @@ from ..errors import ClusterError, ContainerError, InvalidRequest
 __all__ = [
     "PACKAGES",
     "VERSIONS_LABEL",
+    "dask_image",
     "dask_image_tag",
     "dockerfile",
     "ensure_dask_image",
     "image_versions",
+    "is_dask_tag",
     "local_versions",
     "manylinux_platforms",
     "pip_command",
@@ -97,6 +100,14 @@ def _checked(versions: Mapping[str, str]) -> dict[str, str]:
         if not isinstance(value, str) or not _VERSION.fullmatch(value):
             raise InvalidRequest(f"{value!r} is not a release version of {name} (like 2024.8.0)")
     return {name: versions[name] for name in sorted(wanted)}
+
+
+_TAG = re.compile(rf"p2prc/dask:(?:{_VERSION.pattern})-py(?:{_PYTHON.pattern})")
+
+
+def is_dask_tag(tag: str) -> bool:
+    """Whether ``tag`` is a Dask image's: ``p2prc/dask:<distributed>-py<minor>`` exactly."""
+    return _TAG.fullmatch(tag) is not None
 
 
 def dask_image_tag(versions: Mapping[str, str]) -> str:
@@ -236,8 +247,10 @@ def _pip(command: list[str], what: str) -> None:
         images._run(command, what)
     except (ContainerError, OSError) as exc:
         raise ClusterError(
-            f"{what} for the Dask image failed; the host needs pip and a package index "
-            f"(or the wheels in {wheel_cache()}): {exc}"
+            f"{what} for the Dask image failed; the host needs pip and a package index, or "
+            f"the wheels in {wheel_cache()} (a machine without network: run 'p2prc images "
+            "bootstrap --dask' there while it has network, or copy that folder from one that "
+            f"has it, such as the cluster owner's): {exc}"
         ) from exc
 
 
@@ -366,3 +379,29 @@ def _build_dask_image(tag: str, checked: dict[str, str]) -> None:
         _write_context(context, checked)
         images._step(f"building {tag} on {images.DEFAULT_IMAGE}")
         _build_replacing(tag, context)
+
+
+async def dask_image(
+    image: str | None, say: Callable[[str], Awaitable[None]]
+) -> tuple[str, dict[str, str]]:
+    """The image named (its versions checked when it has them), else this environment's
+    Dask image, built if missing; a ``ClusterError`` when the versions differ."""
+    loop = asyncio.get_running_loop()
+
+    def report(line: str) -> None:  # from the building thread, in order
+        async def one() -> None:
+            await say(line)
+
+        asyncio.run_coroutine_threadsafe(one(), loop).result()
+
+    local = local_versions()
+    if image is None:
+        image = await asyncio.to_thread(ensure_dask_image, progress=report)
+    found = await asyncio.to_thread(image_versions, image)
+    if found is None:
+        await say(f"image {image} names no Dask versions; they are not checked")
+        return image, {}
+    mismatch = version_mismatch(local, found)
+    if mismatch is not None:
+        raise ClusterError(f"{image}: {mismatch}")
+    return image, found

@@ -15,6 +15,7 @@ import logging
 import shlex
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -36,10 +37,13 @@ from ..jobs.runner import _SKIP, ContainerHost, canonical_host
 from ..jobs.service import JobNode, published_hosts
 from ..jobs.task import Resources
 from ..models import ContainerView, CreateContainer
+from ..peers.link import PeerLink
 from . import image as images
 from .certs import ClusterCA, Issued
 from .hub import Hub, Member
+from .image import dask_image
 from .models import ClusterCreate, ClusterState, ClusterView, WorkerState, WorkerView
+from .remote_image import ensure_on_peer
 from .store import ClusterStore
 
 __all__ = [
@@ -64,6 +68,9 @@ FindPlaces = Callable[[Resources], tuple[list[Candidate], list[str]]]
 # The image to use (the spec's, else this environment's Dask image, made if missing) and
 # the versions it carries; a ClusterError when they do not match this environment.
 ImageSource = Callable[[str | None, Progress], Awaitable[tuple[str, dict[str, str]]]]
+# Have a peer (as placement names it; its name for progress) make the Dask image of these
+# versions before a container of it is created there (``remote_image.ensure_on_peer``).
+PeerImage = Callable[[str, str, dict[str, str], Progress], Awaitable[object]]
 # The hosts a peer (node id) publishes (``jobs.service.published_hosts``); None: unknown.
 SshHosts = Callable[[str], set[str] | None]
 
@@ -86,6 +93,7 @@ class _Live:
     ca: ClusterCA
     hub: Hub
     image: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
     scheduler_port: int = 0
     next_worker: int = 1
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -105,6 +113,7 @@ class ClusterService(Component):
         me: Candidate,
         me_id: str,
         ssh_hosts: SshHosts = lambda node_id: None,
+        peer_image: PeerImage | None = None,
         on_crash: CrashHandler = log_crash,
     ) -> None:
         self.store = store
@@ -115,6 +124,7 @@ class ClusterService(Component):
         self._me = me
         self._me_id = me_id
         self._ssh_hosts = ssh_hosts
+        self._peer_image = peer_image
         self._on_crash = on_crash
         self._tasks = TaskSet(on_crash)
         self._live: dict[str, _Live] = {}
@@ -174,7 +184,7 @@ class ClusterService(Component):
                 cluster_id, ca.cert_pem, *_pair(ca.issue("client"))
             )
             hub = Hub(self._key_file, self._lost_hook(view), self._on_crash)
-            live = self._live[cluster_id] = _Live(ca, hub, image)
+            live = self._live[cluster_id] = _Live(ca, hub, image, versions)
             self.store.update(cluster_id, security=security, versions=versions)
             await self._start_scheduler(cluster_id, spec, live, say)
             await _each([self._add(cluster_id, say) for _ in range(spec.workers)])
@@ -239,10 +249,11 @@ class ClusterService(Component):
         await say(f"scheduler: creating its container on {target.name}")
         create = CreateContainer(image=live.image, name=f"{cluster_id}-scheduler")
         try:
-            view = await self._create(target, create, say)
+            view = await self._create(target, create, say, live.versions)
         except ImageNotFound as exc:
             where = "this node's" if target is self._me else f"{target.name}'s"
-            raise ClusterError(f"{exc}; add it to containers.images in {where} config") from None
+            hint = "set containers.dask = true or add it to containers.images"
+            raise ClusterError(f"{exc}; {hint} in {where} config") from None
         self.store.update(cluster_id, scheduler=view, scheduler_peer=target.name)
         member = await live.hub.add(_SCHEDULER, view, [SCHEDULER_PORT], [DASHBOARD_PORT])
         command = (
@@ -268,7 +279,7 @@ class ClusterService(Component):
         worker = WorkerView(name=name)
         self.store.set_worker(cluster_id, worker)
         try:
-            worker = await self._place(cluster_id, spec, live.image, name, number, say)
+            worker = await self._place(cluster_id, spec, live, name, number, say)
             member = await live.hub.add(name, _container(worker), [WORKER_PORT])
             address = f"tls://127.0.0.1:{member.port(WORKER_PORT)}"
             worker = worker.model_copy(update={"address": address})
@@ -294,7 +305,7 @@ class ClusterService(Component):
         self,
         cluster_id: str,
         spec: ClusterCreate,
-        image: str,
+        live: _Live,
         name: str,
         number: int,
         say: Progress,
@@ -306,7 +317,7 @@ class ClusterService(Component):
             found, skipped = self._find(spec.worker)
         needs = spec.worker
         create = CreateContainer(
-            image=image,
+            image=live.image,
             cpus=needs.cpus,
             memory=needs.memory,
             gpus=needs.gpus,
@@ -315,7 +326,7 @@ class ClusterService(Component):
         for candidate in order_for_rank(found, number - 1):
             await say(f"worker {name}: trying {candidate.name}")
             try:
-                view = await self._create(candidate, create, say)
+                view = await self._create(candidate, create, say, live.versions)
             except _SKIP as exc:
                 skipped.append(f"{candidate.name}: {exc.code}: {exc}")
                 await say(f"worker {name}: skipped {candidate.name}: {exc}")
@@ -334,10 +345,14 @@ class ClusterService(Component):
         return Candidate(text, text)
 
     async def _create(
-        self, target: Candidate, spec: CreateContainer, say: Progress
+        self, target: Candidate, spec: CreateContainer, say: Progress, versions: dict[str, str]
     ) -> ContainerView:
-        """A container on ``target``, its SSH host checked; a cancel waits for it (the
-        peer makes it anyway) so that it is removed with the rest."""
+        """A container on ``target`` (a peer makes the Dask image first), its SSH host
+        checked; a cancel waits for it (the peer makes it anyway) so that it is removed
+        with the rest."""
+        image = spec.image or ""
+        if target is not self._me and self._peer_image and versions and images.is_dask_tag(image):
+            await self._peer_image(target.peer, target.name, versions, say)
         creating = asyncio.ensure_future(self._host.create_on_peer(target.peer, spec, say))
         try:
             view = await asyncio.shield(creating)
@@ -507,6 +522,8 @@ class ClusterNode(JobNode, Protocol):
 
     @property
     def api_url(self) -> str: ...
+    @property
+    def link(self) -> PeerLink: ...
 
 
 def for_node(
@@ -548,29 +565,6 @@ def for_node(
         me=me,
         me_id=me_id,
         ssh_hosts=ssh_hosts,
+        peer_image=partial(ensure_on_peer, node.link),
         on_crash=on_crash,
     )
-
-
-async def dask_image(image: str | None, say: Progress) -> tuple[str, dict[str, str]]:
-    """The image named (its versions checked when it has them), else this environment's
-    Dask image, built if missing; a ``ClusterError`` when the versions differ."""
-    loop = asyncio.get_running_loop()
-
-    def report(line: str) -> None:  # from the building thread, in order
-        async def one() -> None:
-            await say(line)
-
-        asyncio.run_coroutine_threadsafe(one(), loop).result()
-
-    local = images.local_versions()
-    if image is None:
-        image = await asyncio.to_thread(images.ensure_dask_image, progress=report)
-    found = await asyncio.to_thread(images.image_versions, image)
-    if found is None:
-        await say(f"image {image} names no Dask versions; they are not checked")
-        return image, {}
-    mismatch = images.version_mismatch(local, found)
-    if mismatch is not None:
-        raise ClusterError(f"{image}: {mismatch}")
-    return image, found

@@ -17,6 +17,8 @@ from pydantic import ValidationError
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
+from ..cluster.image import is_dask_tag
+from ..cluster.remote_image import DaskImages
 from ..config import NodeConfig, parse_duration, parse_size
 from ..errors import (
     ContainerError,
@@ -103,6 +105,8 @@ class ContainerService(Component):
         self._lock = asyncio.Lock()
         self._pending: dict[str, str] = {}
         self._tasks = TaskSet(on_crash)
+        # Dask images made for peers' clusters (POST /images/dask).
+        self.dask_images = DaskImages(runtime)
         # Set by the node once its port mapper runs: SSH and extra ports of containers on
         # a node behind NAT are published through its relay, and views show those addresses.
         self.publisher: PortPublisher | None = None
@@ -126,12 +130,18 @@ class ContainerService(Component):
     def offered_images(self) -> list[str]:
         return list(dict.fromkeys([self._config.default_image, *self._limits.images]))
 
+    def offers(self, image: str) -> bool:
+        """Whether peers may ask for ``image``: a listed one, or any Dask image
+        (``p2prc/dask:<distributed>-py<minor>``) while ``containers.dask`` is on."""
+        return image in self.offered_images() or (self._limits.dask and is_dask_tag(image))
+
     async def images(self) -> ImageList:
         try:
             present: set[str] = set(await self._runtime.images())
         except P2PRCError:
             present = set()
-        offered = self.offered_images()
+        dask = sorted(image for image in present if self.offers(image) and is_dask_tag(image))
+        offered = list(dict.fromkeys([*self.offered_images(), *dask]))
         available = [image for image in offered if image in present]
         return ImageList(default=self._config.default_image, images=offered, available=available)
 
@@ -305,9 +315,12 @@ class ContainerService(Component):
     def _plan(self, request: CreateContainer, caller: CallerInfo) -> CreatePlan:
         limits = self._limits
         image = request.image or self._config.default_image
-        if image not in self.offered_images():
+        if not self.offers(image):
             offered = ", ".join(self.offered_images())
-            raise ImageNotFound(f"image {image!r} is not offered by this node (offered: {offered})")
+            dask = " and Dask images" if limits.dask else " (containers.dask is off)"
+            raise ImageNotFound(
+                f"image {image!r} is not offered by this node (offered: {offered}{dask})"
+            )
         cpus = request.cpus if request.cpus is not None else limits.default_cpus
         if cpus > limits.max_cpus:
             raise LimitExceeded(f"cpus {cpus:g} is above this node's maximum {limits.max_cpus:g}")
