@@ -3,6 +3,8 @@ in the container over SSH, fetched through the forwarded local port."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -10,13 +12,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from p2prc import AsyncClient, Home
+from p2prc.config import RelayConfig
+from p2prc.containers.forward import forward
+from p2prc.containers.sftp import login
+from p2prc.models import ContainerView, CreateContainer
 from tests.docker.test_container_cp import _digest, container
 from tests.integration.conftest import NodeProcess, p2prc
 
@@ -32,13 +39,17 @@ _WEB = 8000
 def serving(container: tuple[NodeProcess, str]) -> tuple[NodeProcess, str, str]:
     """The container serving ``www/blob`` (random bytes) on 127.0.0.1:8000, and its digest."""
     node, cid = container
-    start = (
+    digest = p2prc(node.home, "container", "ssh", cid, "--", _start_server()).stdout.split()[0]
+    return node, cid, digest
+
+
+def _start_server() -> str:
+    """A shell line: write ``www/blob``, serve ``www`` detached, print the blob's digest."""
+    return (
         f"mkdir -p www && head -c {_BLOB} /dev/urandom > www/blob && "
         f"(setsid python3 -m http.server {_WEB} --bind 127.0.0.1 --directory www "
         ">/dev/null 2>&1 < /dev/null &) && sha256sum www/blob"
     )
-    digest = p2prc(node.home, "container", "ssh", cid, "--", start).stdout.split()[0]
-    return node, cid, digest
 
 
 @pytest.fixture
@@ -124,3 +135,52 @@ def test_a_port_in_use_and_an_unknown_container(serving: tuple[NodeProcess, str,
     assert (
         busy.stderr.strip() == f"AddressInUse: 127.0.0.1:{port} is already in use on this machine"
     )
+
+
+@pytest.fixture
+async def relayed(node_factory: Any, tmp_path: Path) -> AsyncIterator[tuple[ContainerView, Path]]:
+    """A container on a node behind NAT (configured) that the relay node created: its SSH
+    endpoint is the relay's public port; and the relay node's key."""
+    relay_config = RelayConfig(enabled=True, port=0, public_host="127.0.0.1")
+    async with node_factory("relay", relay=relay_config, behind_nat=False) as relay:
+        boot = [relay.api_url.removeprefix("http://")]
+        use = RelayConfig(use=[relay.identity.node_id])
+        async with (
+            node_factory("home", behind_nat=True, bootstrap=boot, relay=use) as home,
+            AsyncClient(home=tmp_path / "relay") as client,
+        ):
+            for _ in range(100):
+                if api := await _public_api(client, home.identity.node_id):
+                    break
+                await asyncio.sleep(0.1)
+            assert api, "the NAT'd node's API never appeared on the relay"
+            view = await client.create_on_peer(api, CreateContainer(name="fwd-relay"))
+            hosted = [v for v in home.container_store.hosted() if v.id == view.id]
+            assert view.ssh.port != hosted[0].ssh.port  # the relay's port, not Docker's
+            yield view, Home(tmp_path / "relay").identity_key
+            await client.remove_tracked(view.id)
+
+
+async def _public_api(client: AsyncClient, node_id: str) -> str:
+    """The peer's API, once the relay has given it a public address."""
+    found = [v for v in await client.peers() if v.node_id == node_id]
+    return found[0].api if found and found[0].public_api else ""
+
+
+async def test_through_a_relay(relayed: tuple[ContainerView, Path], tmp_path: Path) -> None:
+    view, key = relayed
+    conn = await login(view, key)
+    async with conn:
+        started = await conn.run(_start_server(), check=True)
+    digest = str(started.stdout).split()[0]
+    async with forward(view, _WEB, key_file=key) as fwd, httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{fwd.local_port}/blob"
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    answer = await http.get(url, timeout=30)
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+    assert answer.status_code == 200
+    assert hashlib.sha256(answer.content).hexdigest() == digest
