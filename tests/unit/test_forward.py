@@ -95,7 +95,9 @@ async def test_a_host_key_other_than_the_pinned_one_is_refused(
         other = ContainerView.model_validate(
             {**view.model_dump(), "ssh": {**view.ssh.model_dump(), "host_key": _other_key()}}
         )
-        with pytest.raises(PeerUnreachable, match=f"cannot log in to container {view.id}"):
+        with pytest.raises(
+            PeerUnreachable, match=f"cannot log in to container {view.id}: Host key is not trusted"
+        ):
             async with forward(other, _INNER, key_file=key):
                 pytest.fail("forwarded through an unknown host key")
 
@@ -266,3 +268,10 @@ def test_the_command_refuses_what_it_cannot_do(app: tuple[typer.Typer, list[Any]
     assert isinstance(result.exception, InvalidRequest)
     result = runner.invoke(typer_app, ["forward", "nope", "80", "--local", "70000"])
     assert result.exit_code == 2  # typer's range check
+
+
+def test_only_loopback_binds_go_without_a_warning() -> None:
+    for quiet in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert _forward._loopback(quiet)
+    for loud in ("0.0.0.0", "::", "", "192.168.1.5", "example.org"):
+        assert not _forward._loopback(loud)

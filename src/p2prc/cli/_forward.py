@@ -1,6 +1,7 @@
 """``p2prc forward``: local ports that reach ports of a container, until Ctrl-C or SIGTERM."""
 
 import asyncio
+import ipaddress
 import signal
 from typing import Annotated
 
@@ -15,8 +16,6 @@ from ._common import Options, emit, err, options_of
 
 __all__ = ["forward_command", "forward_container"]
 
-_ANY = ("0.0.0.0", "::", "")
-
 
 def forward_container(
     options: Options, target: str, ports: list[str], local: int | None, bind: str
@@ -29,13 +28,22 @@ def forward_container(
         pairs = [parse_pair(f"{local}:{pairs[0][1]}")]
     with Client(home=options.home) as client:
         item = pick_tracked(client.tracked(), target)
-    if bind in _ANY:
+    if not _loopback(bind):
         err.print(
             f"warning: listening on {bind or '*'}: anyone who can reach this machine "
-            "can use the forwarded ports",
+            "there can use the forwarded ports",
             markup=False,
         )
     asyncio.run(_run(options, item, pairs, bind))
+
+
+def _loopback(bind: str) -> bool:
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
 
 
 async def _run(
