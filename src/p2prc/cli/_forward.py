@@ -31,7 +31,7 @@ def forward_container(
     if not _loopback(bind):
         err.print(
             f"warning: listening on {bind or '*'}: anyone who can reach this machine "
-            "there can use the forwarded ports",
+            "at that address can use the forwarded ports",
             markup=False,
         )
     asyncio.run(_run(options, item, pairs, bind))
