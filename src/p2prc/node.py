@@ -31,7 +31,7 @@ from .errors import NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .jobs.service import JobService, for_node
 from .peers.gossip import Gossip
-from .peers.link import PeerLink
+from .peers.link import PeerLink, PeerTarget
 from .plugins.service import PluginRuns
 from .state import State
 from .trust import TrustPolicy
@@ -143,8 +143,11 @@ class Node(Component):
         self._components: dict[str, str] = {}
         self._failure: str | None = None
         # Feature components (gossip, runtime, relay ...) are entered here in dependency
-        # order by _start_components() and exited in reverse by aclose().
+        # order by _start_components() and exited in reverse by aclose(), after the API.
         self._stack = contextlib.AsyncExitStack()
+        # The services that call this node's own API (jobs, clusters: their containers on
+        # this node are made and removed through it) start after it and stop before it.
+        self._callers = contextlib.AsyncExitStack()
         self._closing = asyncio.Event()
         self._started_at = 0.0
 
@@ -250,6 +253,7 @@ class Node(Component):
             self._port = sock.getsockname()[1]
             await self._start_components()
             await self._start_api(sock)
+            await self._start_callers()
             self._write_runtime_file()
             if self._config.behind_nat == "auto" and self._gossip is not None:
                 self._spawn(self._detect_nat(self._gossip), name="nat-detection")
@@ -262,10 +266,10 @@ class Node(Component):
         )
 
     def close(self) -> None:
-        """Ask the node to stop; safe from a signal handler and safe to repeat."""
+        """Ask the node to stop (``aclose`` stops it); safe from a signal handler and safe
+        to repeat."""
+        # The API keeps serving until aclose: the services closing first still call it.
         self._closing.set()
-        if self._server is not None:
-            self._server.should_exit = True
 
     async def wait_closed(self) -> None:
         """Wait until something asked the node to stop."""
@@ -281,7 +285,8 @@ class Node(Component):
         return dict(self._components)
 
     async def aclose(self) -> None:
-        """Stop serving, cancel background tasks, release the home.
+        """Stop in reverse start order: the services that call the node's own API, the
+        API, background tasks, the components; then release the home.
 
         Errors while closing a component are logged, never raised: the home is released
         whatever happens.
@@ -290,18 +295,13 @@ class Node(Component):
             return
         self._lifecycle = _NodeState.CLOSED
         self.close()
+        await self._close_stack(self._callers, "the services over the API")
         if self._server is not None and self._api_task is not None:
+            self._server.should_exit = True
             await asyncio.wait({self._api_task}, timeout=self._config.timeouts.shutdown + 1)
             self._server.force_exit = True
         await self._tasks.cancel_all()
-        limit = self._config.timeouts.shutdown + 5
-        try:
-            async with asyncio.timeout(limit):
-                await self._stack.aclose()
-        except TimeoutError:
-            log.error("the node's components did not stop within %.0f s; leaving them", limit)
-        except Exception:
-            log.exception("closing the node's components failed")
+        await self._close_stack(self._stack, "the node's components")
         if self._listen is not None:
             self._listen.close()
         if self._state is not None:
@@ -314,6 +314,17 @@ class Node(Component):
             self._home.runtime_file.unlink(missing_ok=True)
             self._unlock_home()
             log.info("node %s stopped", self._config.name)
+
+    async def _close_stack(self, stack: contextlib.AsyncExitStack, what: str) -> None:
+        """Exit ``stack`` within the shutdown bound; a failure or a hang is logged."""
+        limit = self._config.timeouts.shutdown + 5
+        try:
+            async with asyncio.timeout(limit):
+                await stack.aclose()
+        except TimeoutError:
+            log.error("%s did not stop within %.0f s; leaving them", what, limit)
+        except Exception:
+            log.exception("closing %s failed", what)
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         """Run a background task owned by the node; it is cancelled when the node closes."""
@@ -345,7 +356,11 @@ class Node(Component):
         db, home = self.state.connection, self._home
         table = (lambda: self.gossip.table) if self._config.gossip.enabled else None
         self._link = PeerLink(self.identity, table, self._config.timeouts)
-        self._tracked = TrackedContainers(self._link, db, home.known_hosts)
+
+        def me() -> PeerTarget:  # this node's own API, where it listens now
+            return PeerTarget(self.api_url, self.identity.node_id)
+
+        self._tracked = TrackedContainers(self._link, db, home.known_hosts, me=me)
         self._plugin_runs = PluginRuns(db, home, self._config.plugin_path, spawn=self.spawn)
 
     async def _start_components(self) -> None:
@@ -422,11 +437,14 @@ class Node(Component):
                 self._components["lan"] = "ok"
 
         await self._start_mapper()
+
+    async def _start_callers(self) -> None:
+        """Start the services that call this node's own API, once it serves."""
         jobs = for_node(self, self._crash_handler("jobs"))
-        self._jobs = await self._stack.enter_async_context(jobs)
+        self._jobs = await self._callers.enter_async_context(jobs)
         self._components["jobs"] = "ok"
         clusters = cluster_service.for_node(self, on_crash=self._crash_handler("clusters"))
-        self._clusters = await self._stack.enter_async_context(clusters)
+        self._clusters = await self._callers.enter_async_context(clusters)
         self._components["clusters"] = "ok"
 
     async def _detect_nat(self, gossip: Gossip) -> None:

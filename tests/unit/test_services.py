@@ -158,6 +158,47 @@ async def test_a_container_gone_on_its_peer_is_forgotten(make_fake_node: Any) ->
     assert tracked.list() == []
 
 
+class _Recording(httpx.AsyncBaseTransport):
+    """The host's app, remembering each URL it was called at."""
+
+    def __init__(self, host: FakeNode) -> None:
+        self.urls: list[str] = []
+        self._app = httpx.ASGITransport(app=create_app(host))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.urls.append(str(request.url))
+        return await self._app.handle_async_request(request)
+
+
+async def test_its_own_container_is_removed_where_the_node_listens_now(
+    make_fake_node: Any,
+) -> None:
+    # Before: removed at the address it was made at, gone once the node restarted elsewhere.
+    node, peer = _hosting(make_fake_node), _hosting(make_fake_node)
+    transport = _Recording(node)
+    link = PeerLink(node.identity, None, node.config.timeouts, transport=transport)
+    now = PeerTarget("http://127.0.0.1:9002", node.identity.node_id)
+    known_hosts = node.home_path / "known_hosts"
+    tracked = TrackedContainers(link, node.state.connection, known_hosts, me=lambda: now)
+    own = await tracked.create_on_peer("127.0.0.1:9001")
+    assert own.peer == node.identity.node_id
+    assert tracked.get(own.id).peer_address == "http://127.0.0.1:9001"
+    transport.urls.clear()
+    assert await tracked.remove(own.id) == own.id
+    assert transport.urls == [f"http://127.0.0.1:9002/containers/{own.id}"]
+    assert node.container_store.hosted() == []
+
+    # A peer's container is still removed at the address it was made at.
+    transport = _Recording(peer)
+    link = PeerLink(node.identity, None, node.config.timeouts, transport=transport)
+    tracked = TrackedContainers(link, node.state.connection, known_hosts, me=lambda: now)
+    other = await tracked.create_on_peer(HOST_URL)
+    transport.urls.clear()
+    await tracked.remove(other.id)
+    assert transport.urls[-1] == f"{HOST_URL}/containers/{other.id}"
+    assert all(url.startswith(HOST_URL) for url in transport.urls)
+
+
 async def test_list_prunes_expired_leases(make_fake_node: Any) -> None:
     host, owner = _hosting(make_fake_node), make_fake_node()
     now = [time.time()]  # the hosting node's clock sets the lease

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 class TrackedContainers:
     """Creates containers on peers through the peer link and keeps track of them.
 
-    ``db`` is the node's state; ``known_hosts`` the home's file of pinned SSH host keys.
+    ``db`` is the node's state; ``known_hosts`` the home's file of pinned SSH host keys;
+    ``me`` where this node's own API is now (its containers on itself are removed there,
+    not at the address they were made at: the node may listen elsewhere since).
     """
 
     def __init__(
@@ -38,8 +40,11 @@ class TrackedContainers:
         db: sqlite3.Connection,
         known_hosts: Path,
         clock: Callable[[], float] = time.time,
+        *,
+        me: Callable[[], PeerTarget] | None = None,
     ) -> None:
         self._link = link
+        self._me = me
         self._store = ContainerStore(db)
         self._groups = GroupStore(db)
         self._known_hosts = known_hosts
@@ -93,7 +98,10 @@ class TrackedContainers:
         """
         item = self.get(container)
         view = item.container
-        async with self._link.connect(item.peer_address) as client:
+        target: PeerTarget | str = item.peer_address
+        if self._me is not None and (me := self._me()).node_id == view.peer:
+            target = me
+        async with self._link.connect(target) as client:
             try:
                 await client.remove_container(view.id)
             except ContainerNotFound:
