@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..containers.docker import DEFAULT_DOCKER_HOST, _check_reachable, _docker_errors
 from ..errors import (
     ContainerError,
     ImageNotFound,
@@ -97,19 +99,54 @@ class Builder(Protocol):
 
 
 class DockerBuilder:
-    """Dask images on this machine's Docker (``cluster.image``)."""
+    """Dask images on this node's Docker (``cluster.image``); built on the default daemon
+    only (where ``cluster.image`` builds), found on any."""
+
+    def __init__(self, docker_host: str = DEFAULT_DOCKER_HOST) -> None:
+        self._host = docker_host
 
     def python(self) -> str:
         from ..containers import images as base
 
+        self._check_default()
         base.ensure_default_image()
         return images._image_python(base.DEFAULT_IMAGE)
 
     def current(self, tag: str, versions: Mapping[str, str]) -> bool:
-        return images._current(tag, versions)
+        if self._host == DEFAULT_DOCKER_HOST:
+            return images._current(tag, versions)
+        return _labelled(self._host, tag) == json.dumps(dict(versions), sort_keys=True)
 
     def build(self, versions: Mapping[str, str], progress: Callable[[str], None]) -> str:
+        self._check_default()
         return images.ensure_dask_image(versions=versions, progress=progress)
+
+    def _check_default(self) -> None:
+        if self._host != DEFAULT_DOCKER_HOST:
+            raise ImageNotFound(
+                f"this node's Docker is {self._host}, and Dask images are built on "
+                f"{DEFAULT_DOCKER_HOST} only: build it there and 'docker save | docker load' it"
+            )
+
+
+def _labelled(docker_host: str, tag: str) -> str | None:
+    """The Dask versions label of ``tag`` on ``docker_host``, as canonical JSON."""
+    import docker.errors
+
+    import docker
+
+    _check_reachable(docker_host)
+    with _docker_errors():
+        client = docker.DockerClient(base_url=docker_host, timeout=30)
+    try:
+        with _docker_errors():
+            text = (client.images.get(tag).labels or {}).get(images.VERSIONS_LABEL)
+        value = json.loads(text) if isinstance(text, str) else None
+    except (docker.errors.ImageNotFound, ContainerError, ValueError):
+        return None
+    finally:
+        client.close()
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else None
 
 
 @dataclass(eq=False)

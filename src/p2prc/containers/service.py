@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
 from ..cluster.image import is_dask_tag
-from ..cluster.remote_image import DaskImages
+from ..cluster.remote_image import DaskImages, DockerBuilder
 from ..config import NodeConfig, parse_duration, parse_size
 from ..errors import (
     ContainerError,
@@ -106,7 +106,7 @@ class ContainerService(Component):
         self._pending: dict[str, str] = {}
         self._tasks = TaskSet(on_crash)
         # Dask images made for peers' clusters (POST /images/dask).
-        self.dask_images = DaskImages(runtime)
+        self.dask_images = DaskImages(runtime, DockerBuilder(self._limits.docker_host))
         # Set by the node once its port mapper runs: SSH and extra ports of containers on
         # a node behind NAT are published through its relay, and views show those addresses.
         self.publisher: PortPublisher | None = None
