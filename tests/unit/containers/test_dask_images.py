@@ -296,7 +296,7 @@ async def test_a_failed_build_is_a_clean_error(make_fake_node: Any, tmp_path: Pa
 
 def test_dask_images_are_built_on_the_default_daemon_only() -> None:
     builder = remote_image.DockerBuilder("unix:///tmp/elsewhere.sock")
-    with pytest.raises(ImageNotFound, match="built on unix:///var/run/docker.sock only"):
+    with pytest.raises(ImageNotFound, match=r"built on unix:///var/run/docker\.sock only"):
         builder.build(versions(), print)
     with pytest.raises(ImageNotFound, match="docker save"):
         builder.python()
