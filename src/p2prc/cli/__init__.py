@@ -18,6 +18,7 @@ from ._cluster import cluster_app
 from ._common import Options, emit, err, options_of, out
 from ._containers import bootstrap_images, build_image, container_app, images
 from ._doctor import doctor_command
+from ._forward import forward_command
 from ._jobs import jobs_app, run_command
 from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
@@ -46,6 +47,7 @@ app.add_typer(group_app, name="group")
 app.command("run")(run_command)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
+app.command("forward")(forward_command)
 app.add_typer(trust_app, name="trust")
 app.command("id")(id_command)
 app.command("invite")(invite_command)
