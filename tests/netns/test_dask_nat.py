@@ -149,15 +149,16 @@ def test_a_worker_on_a_nated_peer_through_its_relay(
         home.mkdir()
     quiet = {"gossip.lan_discovery": "false"}
     boot = {"bootstrap": f"{RELAY_IP}:8088"}
-    offers = {"containers.images": json.dumps([DEFAULT_IMAGE, image])}
+    # No containers.images offer: default nodes offer Dask images (containers.dask), and
+    # the owner asks the home node for the image (its daemon has it loaded) first.
     _configure("pub1", homes["relay"], {**quiet, "name": "relay", "relay.enabled": "true",
                "trust.mode": "open", "behind_nat": "false",
                "gossip.advertise": RELAY_IP})  # fmt: skip
     relay_id = Identity.load(Home(homes["relay"]).identity_dir).node_id
-    _configure("home1", homes["home"], {**quiet, **boot, **offers, "name": "home",
+    _configure("home1", homes["home"], {**quiet, **boot, "name": "home",
                "trust.mode": "open", "gossip.advertise": HOME_IP, "relay.use": relay_id,
                "containers.docker_host": home_docker.socket})  # fmt: skip
-    _configure("pub2", homes["owner"], {**quiet, **boot, **offers, "name": "owner",
+    _configure("pub2", homes["owner"], {**quiet, **boot, "name": "owner",
                "behind_nat": "false", "gossip.advertise": OWNER_IP,
                "containers.docker_host": owner_docker.socket})  # fmt: skip
     nodes = [
