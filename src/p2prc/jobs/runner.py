@@ -38,12 +38,23 @@ from .remote import RankSession, ResultBudget, job_script
 from .store import JobStore
 from .task import Task
 
-__all__ = ["MAX_LOG", "MAX_RESULTS", "ContainerHost", "FindPeers", "JobRunner", "SshHosts"]
+__all__ = [
+    "MAX_LOG",
+    "MAX_RESULTS",
+    "SKIP",
+    "ContainerHost",
+    "FindPeers",
+    "JobRunner",
+    "SshHosts",
+    "canonical_host",
+    "checked_ssh_host",
+]
 
 log = logging.getLogger(__name__)
 
 # A peer that answers so is skipped for the next one; any other error fails the rank.
-_SKIP = (NotTrusted, ContainerError, PeerError, PeerNotFound)
+SKIP = (NotTrusted, ContainerError, PeerError, PeerNotFound)
+_SKIP = SKIP  # until cluster/service.py imports SKIP; then this line goes
 _OFFSET_EVERY = 1.0
 # Bytes of log a job keeps on the submitting node.
 MAX_LOG = 256 * 1024**2
@@ -103,8 +114,10 @@ class JobRunner:
         peer_gone: Callable[[str], bool] = lambda node_id: False,
         ssh_hosts: SshHosts = lambda node_id: None,
         max_results: int = MAX_RESULTS,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
+        self._changed = on_change
         self._ssh_hosts = ssh_hosts
         self._budget = ResultBudget(max_results)
         self._results_error = ""
@@ -131,6 +144,7 @@ class JobRunner:
     def note(self, line: str, rank: int | None = None) -> None:
         """A line in the job's log from the job layer itself."""
         self._store.append_log(self.job_id, None, line if rank is None else f"rank {rank}: {line}")
+        self._changed()
 
     async def run(self, *, resume: bool = False) -> None:
         """The job, to its final state (cancellation by the node leaves it to reattach)."""
@@ -219,10 +233,9 @@ class JobRunner:
 
         for candidate in order_for_rank([c for c in found if c.peer not in exclude], rank):
             try:
-                view = await self._checked(
-                    candidate.peer, await self._create(rank, candidate.peer, spec, progress)
-                )
-            except _SKIP as exc:
+                view = await self._create(rank, candidate.peer, spec, progress)
+                view = await checked_ssh_host(self._host, self._ssh_hosts, candidate.peer, view)
+            except SKIP as exc:
                 skipped.append(f"{candidate.name}: {exc.code}: {exc}")
                 self.note(f"skipped {candidate.name}: {exc}", rank)
                 continue
@@ -252,22 +265,6 @@ class JobRunner:
             with contextlib.suppress(Exception):
                 self._views[rank] = await creating
             raise
-
-    async def _checked(self, typed: str, view: ContainerView) -> ContainerView:
-        """``view``, once its SSH host is one its peer publishes (or its relay, or the
-        address the owner pinned); else the container is removed, nothing connects."""
-        allowed = self._ssh_hosts(view.peer) or set()
-        if is_address(typed):  # pinned as host:port or a URL: the host the owner gave
-            with contextlib.suppress(ValueError):
-                allowed.add(canonical_host(urlsplit(_as_url(typed)).hostname or ""))
-        if canonical_host(view.ssh.host) in allowed:
-            return view
-        with contextlib.suppress(P2PRCError):
-            await self._host.remove(view.id)
-        raise PeerProtocolError(
-            f"its container's SSH host {view.ssh.host} is not an address it publishes "
-            "(nor its relay's); not connecting there"
-        )
 
     async def _connect(self, view: ContainerView) -> RankSession:
         session = RankSession(view, self._key_file)
@@ -396,8 +393,7 @@ class JobRunner:
         finally:
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, P2PRCError):
-                    await task
+                await _reaped(task)
 
     async def _reconnect(self, rank: int) -> bool:
         """Log in again to the rank's container (a dropped connection, not a dead peer)."""
@@ -434,6 +430,7 @@ class JobRunner:
         size = self._logged = (self._logged or 0) + len(line) + 64
         if size <= MAX_LOG:
             self._store.append_log(self.job_id, rank, line)
+            self._changed()
         elif size - len(line) - 64 <= MAX_LOG:
             self.note(f"the log passed {MAX_LOG // 1024**2} MiB; further lines are not kept")
 
@@ -490,6 +487,39 @@ async def _together(work: list[Coroutine[Any, Any, None]]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def checked_ssh_host(
+    host: ContainerHost, ssh_hosts: SshHosts, typed: str, view: ContainerView
+) -> ContainerView:
+    """``view`` (made on the peer the owner ``typed``), once its SSH host is one its peer
+    publishes (or its relay, or the address the owner pinned); else the container is
+    removed, nothing connects, and ``PeerProtocolError`` says why."""
+    allowed = ssh_hosts(view.peer) or set()
+    if is_address(typed):  # pinned as host:port or a URL: the host the owner gave
+        with contextlib.suppress(ValueError):
+            allowed.add(canonical_host(urlsplit(_as_url(typed)).hostname or ""))
+    if canonical_host(view.ssh.host) in allowed:
+        return view
+    with contextlib.suppress(P2PRCError):
+        await host.remove(view.id)
+    raise PeerProtocolError(
+        f"its container's SSH host {view.ssh.host} is not an address it publishes "
+        "(nor its relay's); not connecting there"
+    )
+
+
+async def _reaped(task: asyncio.Future[Any]) -> None:
+    """Wait for a cancelled child to end; only a cancel of the waiting task itself (the
+    node stopping, the owner's cancel) goes on from here."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except P2PRCError:
+        pass
 
 
 def _tree_size(folder: str) -> int:

@@ -12,7 +12,7 @@ from typing import Protocol
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
 from ..config import Home, NodeConfig
-from ..errors import InvalidRequest, JobError, P2PRCError
+from ..errors import InvalidRequest, JobError, NodeNotRunning, P2PRCError
 from ..identity import Identity
 from ..peers.gossip import Gossip
 from ..peers.records import PeerRecord
@@ -24,11 +24,9 @@ from .runner import MAX_RESULTS, ContainerHost, FindPeers, JobRunner, SshHosts, 
 from .store import JobStore
 from .task import Task, check_workdir
 
-__all__ = ["JobNode", "JobService", "for_node", "published_hosts"]
+__all__ = ["JobNode", "JobService", "for_node", "peer_hosts", "published_hosts"]
 
 log = logging.getLogger(__name__)
-
-_POLL = 0.2
 
 
 class JobService(Component):
@@ -54,6 +52,9 @@ class JobService(Component):
         self._find = find_peers
         self._tasks = TaskSet(on_crash)
         self._runners: dict[str, tuple[JobRunner, asyncio.Task[None]]] = {}
+        # Per job, one event per follower of its log: set when a line or its end comes.
+        self._followers: dict[str, set[asyncio.Event]] = {}
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<JobService [{len(self._runners)} running]>"
@@ -67,6 +68,7 @@ class JobService(Component):
             reason = "the submitting node stopped while the job was being placed"
             self.store.set_state(job.id, JobState.FAILED, reason)
             self.store.append_log(job.id, None, f"failed: {reason}")
+            self._changed(job.id)
             for placement in job.placements:
                 if placement.container is not None:
                     with contextlib.suppress(P2PRCError):
@@ -74,6 +76,7 @@ class JobService(Component):
 
     async def aclose(self) -> None:
         """Stop following: running jobs stay running, to be reattached to."""
+        self._closed = True  # a job submitted now would have no runner to stop it
         await self._tasks.cancel_all()
 
     async def submit(self, task: Task) -> JobView:
@@ -82,10 +85,20 @@ class JobService(Component):
             if not Path(task.workdir).is_absolute():
                 raise InvalidRequest("workdir must be an absolute path on the node's machine")
             await asyncio.to_thread(check_workdir, Path(task.workdir))
+        self._check_open()
         job = self.store.create(task)
         self.store.append_log(job.id, None, f"submitted: {task.nodes} rank(s)")
         self._spawn(job.id)
         return job
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NodeNotRunning("the node is stopping; ask again once it runs")
+
+    def _changed(self, job_id: str) -> None:
+        """Wake the followers of the job's log."""
+        for event in self._followers.get(job_id, ()):
+            event.set()
 
     def _spawn(self, job_id: str, *, resume: bool = False) -> None:
         runner = JobRunner(
@@ -97,6 +110,7 @@ class JobService(Component):
             peer_gone=self._gone,
             ssh_hosts=self._ssh_hosts,
             max_results=self._max_results,
+            on_change=lambda: self._changed(job_id),
         )
 
         async def run() -> None:
@@ -104,6 +118,7 @@ class JobService(Component):
                 await runner.run(resume=resume)
             finally:
                 self._runners.pop(job_id, None)
+                self._changed(job_id)
 
         task = self._tasks.spawn(run(), f"job-{job_id}")
         self._runners[job_id] = (runner, task)
@@ -116,6 +131,7 @@ class JobService(Component):
 
     async def cancel(self, job_id: str) -> JobView:
         """Stop every rank and remove the containers; a finished job stays as it ended."""
+        self._check_open()  # a running job is left to reattach to, never half-cancelled
         job = self.store.get(job_id)
         entry = self._runners.get(job.id)
         if entry is not None:
@@ -126,6 +142,7 @@ class JobService(Component):
             await asyncio.wait({task})
         elif job.state not in FINAL_STATES:
             self.store.set_state(job.id, JobState.CANCELLED, "cancelled by the owner")
+            self._changed(job.id)
         return self.store.get(job.id)
 
     async def wait(self, job_id: str) -> JobView:
@@ -147,17 +164,28 @@ class JobService(Component):
         """The job's log lines (then, when following, new ones until it ends), then the job."""
         job = self.store.get(job_id)
         offset = 0
-        while True:
-            final = self.store.get(job.id).final
-            while True:  # everything written so far, a bounded chunk at a time
-                lines, offset = self.store.read_log(job.id, offset)
-                if not lines:
+        # Its own event: cleared only by this follower, so no change between its clear
+        # and its wait is missed (a shared one could be cleared by another follower).
+        changed = asyncio.Event()
+        followers = self._followers.setdefault(job.id, set())
+        followers.add(changed)
+        try:
+            while True:
+                changed.clear()
+                final = self.store.get(job.id).final
+                while True:  # everything written so far, a bounded chunk at a time
+                    lines, offset = self.store.read_log(job.id, offset)
+                    if not lines:
+                        break
+                    for line in lines:
+                        yield JobEvent(event="log", log=line)
+                if final or not follow:
                     break
-                for line in lines:
-                    yield JobEvent(event="log", log=line)
-            if final or not follow:
-                break
-            await asyncio.sleep(_POLL)
+                await changed.wait()
+        finally:
+            followers.discard(changed)
+            if not followers and self._followers.get(job.id) is followers:
+                del self._followers[job.id]
         yield JobEvent(event="finished", job=self.store.get(job.id))
 
 
@@ -195,10 +223,22 @@ def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
             return False
         return member is not None and member.state >= MemberState.DEAD
 
-    def ssh_hosts(node_id: str) -> set[str] | None:
+    store = JobStore(node.state.connection, node.home_path / "jobs")
+    key = Home(node.home_path).identity_key
+    hosts = peer_hosts(node)
+    return JobService(
+        store, node.tracked, key, find, on_crash=on_crash, peer_gone=gone, ssh_hosts=hosts
+    )
+
+
+def peer_hosts(node: JobNode) -> SshHosts:
+    """The hosts each peer's containers may be reached at (``published_hosts``), read
+    from the node's signed table when asked; ``None`` for a peer it has no record of."""
+
+    def hosts(node_id: str) -> set[str] | None:
         try:
             table = node.gossip.table
-        except RuntimeError:
+        except RuntimeError:  # gossip is off, or not running
             return None
         member = table.get(node_id)
         if member is None:
@@ -206,11 +246,7 @@ def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
         relay = table.get(member.record.relay) if member.record.relay else None
         return published_hosts(member.record, None if relay is None else relay.record)
 
-    store = JobStore(node.state.connection, node.home_path / "jobs")
-    key = Home(node.home_path).identity_key
-    return JobService(
-        store, node.tracked, key, find, on_crash=on_crash, peer_gone=gone, ssh_hosts=ssh_hosts
-    )
+    return hosts
 
 
 def published_hosts(record: PeerRecord, relay: PeerRecord | None) -> set[str]:
