@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import warnings
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,7 @@ try:
     from distributed import Security
     from distributed.core import Status
     from distributed.deploy.spec import ProcessInterface, SpecCluster
+    from distributed.versions import VersionMismatchWarning
 except ImportError as exc:  # pragma: no cover (the test environment has Dask)
     raise ImportError(
         f"p2prc.dask needs Dask ({exc}); install it with: pip install 'p2prc[dask]'"
@@ -41,6 +43,15 @@ from .errors import ClusterError, InvalidRequest, validation_message
 from .jobs.task import Resources
 
 __all__ = ["P2PRCCluster", "client_line"]
+
+# The image's Python is Debian 12's 3.11.x; the node checks every package and the Python
+# minor before a cluster starts, so Dask's table when only Python's patch release differs
+# (and nothing else) tells the user nothing. Any other difference still warns.
+_PATCH_ONLY = (
+    r"Mismatched versions found\n\n\+[-+]+\n\| Package +\| Client +\| Scheduler +\| Workers +\|\n"
+    r"\+[-+]+\n\| python +\| (3\.\d+)\.\d+\S* +\| \1\.\d+\S* +\| \1\.\d+\S* +\|\n\+[-+]+\Z"
+)
+warnings.filterwarnings("ignore", message=_PATCH_ONLY, category=VersionMismatchWarning)
 
 # A worker's graceful retirement (its results moved to others) before its container goes.
 _RETIRE_TIMEOUT = 30.0
