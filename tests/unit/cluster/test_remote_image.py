@@ -185,6 +185,7 @@ async def test_a_peer_refusing_the_image_is_skipped(tmp_path: Path) -> None:
 
     def find(needs: Any) -> tuple[list[Candidate], list[str]]:
         return [
+            me,
             Candidate("http://127.0.0.1:2", "carol"),
             Candidate("http://127.0.0.1:3", "dave"),
         ], []
@@ -197,8 +198,15 @@ async def test_a_peer_refusing_the_image_is_skipped(tmp_path: Path) -> None:
     live = _Live(ClusterCA.create(view.id), Hub(tmp_path / "key"), TAG, versions())
     with pytest.raises(ClusterError) as failed:
         await service._place(view.id, spec, live, "w1", 1, _quiet)
-    assert asked == ["carol", "dave"]
-    assert host.asked == ["http://127.0.0.1:3"]  # nothing created where the image was refused
+    assert asked == ["carol", "dave"]  # this node builds its own image: not asked
+    # Nothing was created where the image was refused.
+    assert host.asked == ["http://127.0.0.1:1", "http://127.0.0.1:3"]
+    # An image that is no Dask image (or has no versions) is the peer's config's business.
+    asked.clear()
+    other = _Live(live.ca, live.hub, "lab/dask:1", versions())
+    with pytest.raises(ClusterError):
+        await service._place(view.id, spec, other, "w2", 2, _quiet)
+    assert asked == []
     assert "carol: limit_exceeded: carol keeps 4" in str(failed.value)
     assert "dave: quota_exceeded: full" in str(failed.value)
     state.close()
