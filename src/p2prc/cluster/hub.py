@@ -174,9 +174,13 @@ class Hub(AsyncClosing):
                 result = await member.conn.run(command, check=False)
             except (asyncssh.Error, OSError) as exc:
                 why = f"its process cannot be watched: {exc}"
+            except Exception as exc:
+                # asyncssh raises AttributeError and the like for a channel opened on a
+                # connection that closes under it: that is the member gone, not a bug.
+                why = f"its connection ended while watched ({type(exc).__name__})"
             else:
                 why = f"its process ended (exit status {result.exit_status})"
-            if not self._closed:
+            if not self._closed and not member.leaving:
                 self._lost(member, why)
 
         self._tasks.spawn(run(), f"hub-process-{name}")

@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
-from ..client import is_address, peer_url
 from ..config import Home
 from ..errors import (
     ClusterError,
@@ -30,11 +28,10 @@ from ..errors import (
     ImageNotFound,
     NotFound,
     P2PRCError,
-    PeerProtocolError,
 )
 from ..jobs.placement import Candidate, candidates, order_for_rank
-from ..jobs.runner import _SKIP, ContainerHost, canonical_host
-from ..jobs.service import JobNode, published_hosts
+from ..jobs.runner import SKIP, ContainerHost, checked_ssh_host
+from ..jobs.service import JobNode, peer_hosts
 from ..jobs.task import Resources
 from ..models import ContainerView, CreateContainer
 from ..peers.link import PeerLink
@@ -84,6 +81,9 @@ _ACTIVE = (WorkerState.STARTING, WorkerState.RUNNING)
 _READY = {_SCHEDULER: "Scheduler at:", "worker": "Registered to:"}
 _CLEAN_TRIES = 3
 _CLEAN_EVERY = 2.0
+# A stop removes the running clusters' containers within this (the node gives the services
+# `[timeouts] shutdown` + 5 s); what is left is failed and removed at the next start.
+_STOP_WITHIN = 5.0
 
 
 @dataclass(eq=False)
@@ -128,6 +128,7 @@ class ClusterService(Component):
         self._on_crash = on_crash
         self._tasks = TaskSet(on_crash)
         self._live: dict[str, _Live] = {}
+        self._stopping = False
 
     def __repr__(self) -> str:
         return f"<ClusterService [{len(self._live)} running]>"
@@ -142,8 +143,8 @@ class ClusterService(Component):
             self._tasks.spawn(self._clean(view), f"cluster-clean-{view.id}")
 
     async def _clean(self, view: ClusterView) -> None:
-        """Remove a failed cluster's containers; tried again while the node's own API (the
-        way to its own containers) is still starting."""
+        """Remove a failed cluster's containers; tried again a few times, for a peer that
+        answers late."""
         for _ in range(_CLEAN_TRIES):
             if await self._remove_containers(view):
                 return
@@ -152,17 +153,26 @@ class ClusterService(Component):
     async def aclose(self) -> None:
         """Stop: each running cluster's hub is closed and its containers removed (tried
         briefly; what is left is failed and removed at the next start)."""
+        self._stopping = True  # the API still serves meanwhile: nothing new may start
         await self._tasks.cancel_all()
-        for cluster_id, live in list(self._live.items()):
+
+        async def stop(cluster_id: str, live: _Live) -> None:
             await live.hub.aclose()
-            view = self.store.get(cluster_id)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    if await self._remove_containers(view):
-                        self.store.update(
-                            cluster_id, state=ClusterState.FAILED, reason="the node stopped"
-                        )
+            if await self._remove_containers(self.store.get(cluster_id)):
+                self.store.update(cluster_id, state=ClusterState.FAILED, reason="the node stopped")
+
+        # All at once, under one bound inside the node's own stop budget.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_STOP_WITHIN):
+                await asyncio.gather(
+                    *(stop(cluster_id, live) for cluster_id, live in list(self._live.items())),
+                    return_exceptions=True,
+                )
         self._live.clear()
+
+    def _refuse_if_stopping(self) -> None:
+        if self._stopping:
+            raise ClusterError("the node is stopping; start the cluster once it runs again")
 
     def list(self) -> list[ClusterView]:
         return self.store.all()
@@ -174,6 +184,7 @@ class ClusterService(Component):
     async def create(self, spec: ClusterCreate, progress: Progress | None = None) -> ClusterView:
         """A cluster whose scheduler and ``spec.workers`` workers run; a ``ClusterError``
         with the reason otherwise, and nothing left behind."""
+        self._refuse_if_stopping()
         say = progress or _quiet
         view = self.store.create(spec)
         cluster_id = view.id
@@ -207,6 +218,7 @@ class ClusterService(Component):
         self, cluster: str, workers: int, progress: Progress | None = None
     ) -> ClusterView:
         """Add or remove workers (the newest first) until ``workers`` run or start."""
+        self._refuse_if_stopping()
         view = self._running(cluster)
         async with self._live[view.id].lock:  # one scale at a time counts the workers
             view = self._running(view.id)
@@ -220,6 +232,7 @@ class ClusterService(Component):
 
     async def add_worker(self, cluster: str, progress: Progress | None = None) -> WorkerView:
         """One more worker, once it runs and the scheduler knows it."""
+        self._refuse_if_stopping()
         view = self._running(cluster)
         return await self._add(view.id, progress or _quiet)
 
@@ -327,7 +340,7 @@ class ClusterService(Component):
             await say(f"worker {name}: trying {candidate.name}")
             try:
                 view = await self._create(candidate, create, say, live.versions)
-            except _SKIP as exc:
+            except SKIP as exc:
                 skipped.append(f"{candidate.name}: {exc.code}: {exc}")
                 await say(f"worker {name}: skipped {candidate.name}: {exc}")
                 continue
@@ -364,17 +377,7 @@ class ClusterService(Component):
             raise
         if target is self._me:
             return view
-        allowed = self._ssh_hosts(view.peer) or set()
-        if is_address(target.peer):  # pinned as an address: the host the owner gave
-            allowed.add(canonical_host(urlsplit(peer_url(target.peer)).hostname or ""))
-        if canonical_host(view.ssh.host) in allowed:
-            return view
-        with contextlib.suppress(P2PRCError):
-            await self._host.remove(view.id)
-        raise PeerProtocolError(
-            f"its container's SSH host {view.ssh.host} is not an address it publishes "
-            "(nor its relay's); not connecting there"
-        )
+        return await checked_ssh_host(self._host, self._ssh_hosts, target.peer, view)
 
     async def _launch(
         self, member: Member, live: _Live, role: str, command: str, limit: float
@@ -544,17 +547,6 @@ def for_node(
             found.insert(0, me)  # not in its own table: nearest of all
         return found, unfit
 
-    def ssh_hosts(node_id: str) -> set[str] | None:
-        try:
-            table = node.gossip.table
-        except RuntimeError:
-            return None
-        member = table.get(node_id)
-        if member is None:
-            return None
-        relay = table.get(member.record.relay) if member.record.relay else None
-        return published_hosts(member.record, None if relay is None else relay.record)
-
     store = ClusterStore(node.state.connection, node.home_path / "clusters")
     return ClusterService(
         store,
@@ -564,7 +556,7 @@ def for_node(
         image or dask_image,
         me=me,
         me_id=me_id,
-        ssh_hosts=ssh_hosts,
+        ssh_hosts=peer_hosts(node),
         peer_image=partial(ensure_on_peer, node.link),
         on_crash=on_crash,
     )

@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 # A peer that answers so is skipped for the next one; any other error fails the rank.
 SKIP = (NotTrusted, ContainerError, PeerError, PeerNotFound)
-_SKIP = SKIP  # until cluster/service.py imports SKIP; then this line goes
 _OFFSET_EVERY = 1.0
 # Bytes of log a job keeps on the submitting node.
 MAX_LOG = 256 * 1024**2

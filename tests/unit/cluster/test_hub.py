@@ -170,6 +170,30 @@ async def test_a_watched_process_ending_counts_as_lost(identity: Identity, key: 
         assert lost == [("w1", "its process ended (exit status 3)")]
 
 
+async def test_a_connection_closing_under_the_watcher_counts_as_lost(
+    identity: Identity, key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    servers: list[_Container] = []
+    lost: list[tuple[str, str]] = []
+
+    async def closing(*_args: object, **_kwargs: object) -> None:
+        # What asyncssh raised for a channel opened on a connection closing under it.
+        raise AttributeError("'NoneType' object has no attribute 'session_started'")
+
+    async with (
+        _container(6, identity, servers) as six,
+        Hub(key, lambda name, why: lost.append((name, why))) as hub,
+    ):
+        await hub.add("w1", six, shared=[])
+        monkeypatch.setattr(hub._members["w1"].conn, "run", closing)
+        hub.watch("w1")
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.05)
+        assert lost == [("w1", "its connection ended while watched (AttributeError)")]
+
+
 async def test_a_wrong_host_key_is_refused(identity: Identity, key: Path) -> None:
     servers: list[_Container] = []
     async with _container(6, identity, servers) as six, Hub(key) as hub:
