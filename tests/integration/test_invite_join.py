@@ -162,3 +162,34 @@ def test_trust_add_asks_on_a_terminal(
     assert accepted.value.code == 0
     assert "now trusts" in capsys.readouterr().out
     assert [parse_public_key(k) for k in load(Home(alice.home)).trust.allow] == [peer.public_key]
+
+
+async def test_a_token_of_another_network_is_refused_and_nothing_is_kept(tmp_path: Path) -> None:
+    """Alice's token handed to a node of another network (carol's address in it, as when a
+    token is pasted into the wrong pool): refused in one line, bob keeps nothing of it."""
+    from dataclasses import replace
+
+    from p2prc.peers.invites import decode_token, encode_token
+
+    async with (
+        _node(tmp_path, "alice") as _alice,
+        _node(tmp_path, "bob") as _bob,
+        _node(tmp_path, "carol") as carol,
+        AsyncClient(home=tmp_path / "alice") as to_alice,
+        AsyncClient(home=tmp_path / "bob") as to_bob,
+    ):
+        invitation = await TrustAPI(to_alice).invite(ttl=60, uses=1)
+        token = decode_token(invitation.token)
+        elsewhere = encode_token(replace(token, addresses=(carol.api_url.removeprefix("http://"),)))
+        before = (tmp_path / "bob" / "config.toml").read_bytes()
+        with pytest.raises(p2prc.P2PRCError) as refused:
+            await join(elsewhere, to_bob)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert "no inviter address answered" in message
+        assert "signed for another node" in message  # carol is not the pinned inviter
+        assert (tmp_path / "bob" / "config.toml").read_bytes() == before
+        assert await TrustAPI(to_bob).list() == []
+        # Alice's token is still good for its own network.
+        joined = await join(invitation.token, to_bob)
+        assert joined.node_id == token.node_id
