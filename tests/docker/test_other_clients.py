@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,40 @@ REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "clients" / "typescript"
 
 
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+
+
+@pytest.mark.timeout(300)
+def test_readme_dask_example(tmp_path: Path, docker_client: Any) -> None:
+    """The README's P2PRCCluster example, as written, on a node of its own."""
+    pytest.importorskip("distributed")
+    [script] = [b for b in _python_blocks() if "P2PRCCluster" in b]
+    home = tmp_path / "me"
+    mine = start_node(home, "--host", "127.0.0.1", "--port", "0")
+    # A cluster makes the node log a lot: its stderr pipe is drained, or the node would
+    # block on a full pipe.
+    assert mine.process.stderr is not None
+    drain = threading.Thread(target=mine.process.stderr.read, daemon=True)
+    drain.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", script],
+            env={**os.environ, "P2PRC_HOME": str(home)},
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert abs(float(result.stdout.split()[0]) - 0.5) < 0.01
+        mine_only = {"label": f"p2prc.node={mine.node_id}"}
+        left = docker_client.containers.list(all=True, filters=mine_only)
+        assert left == [], "the cluster's containers outlived its close()"
+    finally:
+        close(mine)
+
+
 def test_readme_python_example(tmp_path: Path, docker_client: Any) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    assert blocks
+    blocks = [b for b in _python_blocks() if "192.0.2.7:8088" in b]  # "From Python"
+    assert len(blocks) == 1
     peer_home, home = tmp_path / "peer", tmp_path / "me"
     peer = start_node(peer_home, "--host", "127.0.0.1", "--port", "0")
     run_cli(
