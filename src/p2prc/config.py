@@ -33,6 +33,7 @@ from .errors import ConfigError, validation_message
 
 __all__ = [
     "DEFAULT_PORT",
+    "AttachConfig",
     "ContainerConfig",
     "GossipConfig",
     "Home",
@@ -332,6 +333,13 @@ class MetricsConfig(_Section):
         return value
 
 
+class AttachConfig(_Section):
+    """``[attach]``: the gateway's listener for attached hosts (``p2prc ssh`` connects there)."""
+
+    # 0: any free port (the port is in the signed attached records, so it may change).
+    port: int = Field(default=0, ge=0, le=65535)
+
+
 class NodeConfig(_Section):
     """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
 
@@ -349,6 +357,7 @@ class NodeConfig(_Section):
     gossip: GossipConfig = Field(default_factory=GossipConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    attach: AttachConfig = Field(default_factory=AttachConfig)
 
     @field_validator("name")
     @classmethod
