@@ -11,10 +11,12 @@ to the same class, so callers catch the same exceptions locally and remotely::
     +-- StateError                  state_error (500)
     +-- InvalidRequest              invalid_request (422)
     |   +-- RequestTooLarge         too_large (413)
+    |   +-- NameTaken               name_taken (409): a peer or another attached host has it
     +-- NotFound                    not_found (404)
     |   +-- PeerNotFound            peer_not_found (404): no record has that name or id
     |   +-- JobNotFound             job_not_found (404): the node submitted no such job
     |   +-- ClusterNotFound         cluster_not_found (404): the node owns no such cluster
+    |   +-- AttachedNotFound        attached_not_found (404): no attached host has that name
     +-- NodeError                   node_error (500)
     |   +-- NodeNotRunning          node_not_running (503)
     |   +-- NodeAlreadyRunning      node_already_running (409)
@@ -27,6 +29,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- WrongAudience           wrong_audience (401)
     |   +-- NotTrusted              not_trusted (403)
     |   +-- OwnerOnly               owner_only (403)
+    |   +-- AttachRefused           attach_refused (403): key not allowed or port not attached
     +-- RateLimited                 rate_limited (429)
     +-- PeerError                   peer_error (502)
     |   +-- PeerUnreachable         peer_unreachable (502)
@@ -40,6 +43,7 @@ to the same class, so callers catch the same exceptions locally and remotely::
     |   +-- LimitExceeded           limit_exceeded (422)
     |   +-- QuotaExceeded           quota_exceeded (429)
     +-- PluginError                 plugin_error (422)
+    +-- AttachFailed                attach_failed (422): host unreachable, not SSH, key changed
     +-- JobError                    job_error (409): the job cannot do that in its state
     +-- TunnelError                 tunnel_error (502)
     |   +-- TunnelProtocolError     tunnel_protocol_error (502)
@@ -63,6 +67,9 @@ from typing import Any, Protocol
 __all__ = [
     "AddressInUse",
     "ApiError",
+    "AttachFailed",
+    "AttachRefused",
+    "AttachedNotFound",
     "AuthError",
     "ClusterError",
     "ClusterNotFound",
@@ -77,6 +84,7 @@ __all__ = [
     "JobError",
     "JobNotFound",
     "LimitExceeded",
+    "NameTaken",
     "NodeAlreadyRunning",
     "NodeError",
     "NodeNotRunning",
@@ -160,6 +168,13 @@ class RequestTooLarge(InvalidRequest):
     code = "too_large"
 
 
+class NameTaken(InvalidRequest):
+    """The name belongs to a peer, or to another attached host (another host key)."""
+
+    status = 409
+    code = "name_taken"
+
+
 class NotFound(P2PRCError):
     """The thing asked for does not exist."""
 
@@ -183,6 +198,12 @@ class ClusterNotFound(NotFound):
     """The node owns no Dask cluster with that id, id prefix or name."""
 
     code = "cluster_not_found"
+
+
+class AttachedNotFound(NotFound):
+    """No attached host has that name (on this gateway, or in the merged view)."""
+
+    code = "attached_not_found"
 
 
 class NodeError(P2PRCError):
@@ -264,6 +285,14 @@ class OwnerOnly(AuthError):
 
     status = 403
     code = "owner_only"
+
+
+class AttachRefused(AuthError):
+    """A gateway refuses the route: the key is not allowed for that host, or the port is not
+    attached (one answer for both, so a gateway is no scanner of its LAN)."""
+
+    status = 403
+    code = "attach_refused"
 
 
 class RateLimited(P2PRCError):
@@ -353,6 +382,14 @@ class PluginError(P2PRCError):
 
     status = 422
     code = "plugin_error"
+
+
+class AttachFailed(P2PRCError):
+    """A host cannot be attached or reached: unreachable, not an SSH server, its host key
+    changed, or no gateway routes to it."""
+
+    status = 422
+    code = "attach_failed"
 
 
 class JobError(P2PRCError):

@@ -163,6 +163,40 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (cluster_id, name)
     );
     """,
+    # 13: attached hosts (#16): this gateway's own rows (the LAN address stays here), the
+    # signed records pulled from other gateways, and the remote port maps of attached hosts.
+    """
+    CREATE TABLE attached_hosts (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        ssh_port INTEGER NOT NULL,
+        user TEXT NOT NULL DEFAULT '',
+        ports TEXT NOT NULL DEFAULT '[]',
+        host_key TEXT NOT NULL,
+        allow TEXT NOT NULL DEFAULT '[]',
+        arch TEXT NOT NULL DEFAULT '',
+        os TEXT NOT NULL DEFAULT '',
+        cores INTEGER NOT NULL DEFAULT 0,
+        memory INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        version INTEGER NOT NULL
+    );
+    CREATE TABLE attached_records (
+        gateway TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        PRIMARY KEY (gateway, name)
+    );
+    CREATE TABLE attached_maps (
+        name TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        listen_port INTEGER NOT NULL,
+        public_host TEXT NOT NULL DEFAULT '',
+        public_port INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, port)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
