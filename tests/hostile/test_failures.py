@@ -222,8 +222,7 @@ def test_a_node_process_with_a_crashed_component_exits_1_loudly(
     node = start_node(tmp_path / "home", "--host", "127.0.0.1", "--port", "0")
     try:
         assert node.process.wait(timeout=30) == 1
-        assert node.process.stderr is not None
-        log = node.process.stderr.read()
+        log = node.log()
     finally:
         close(node)
     assert "injected gossip crash" in log

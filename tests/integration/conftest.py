@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,17 @@ class NodeProcess:
     process: subprocess.Popen[str]
     api: str
     node_id: str
+    # The node's stderr, read by a thread from the start: a chatty node never blocks on a
+    # full pipe, and a test reads what it logged with log().
+    _lines: list[str] = field(default_factory=list, repr=False)
+    _drain: threading.Thread | None = field(default=None, repr=False)
+
+    def log(self, timeout: float = 15) -> str:
+        """What the node wrote to stderr: all of it once the process has exited, else what
+        came so far."""
+        if self._drain is not None and self.process.poll() is not None:
+            self._drain.join(timeout)
+        return "".join(self._lines)
 
     def stop(self, sig: int = signal.SIGTERM) -> float:
         """Send ``sig`` and return the seconds until the process exited."""
@@ -70,7 +82,20 @@ def start_node(home: Path, *args: str, command: tuple[str, ...] = ("start",)) ->
         assert process.stderr is not None
         raise AssertionError(f"node did not start: {process.stderr.read()}")
     ready = json.loads(line)
-    return NodeProcess(home, process, ready["api"], ready["node_id"])
+    node = NodeProcess(home, process, ready["api"], ready["node_id"])
+    stderr = process.stderr
+    assert stderr is not None
+    node._drain = threading.Thread(target=_collect, args=(stderr, node._lines), daemon=True)
+    node._drain.start()
+    return node
+
+
+def _collect(stream: object, lines: list[str]) -> None:
+    try:
+        for line in stream:  # type: ignore[attr-defined]
+            lines.append(line)
+    except (ValueError, OSError):  # a test closed the pipe: what came so far is kept
+        pass
 
 
 @pytest.fixture
@@ -92,6 +117,8 @@ def close(node: NodeProcess) -> None:
     if node.process.poll() is None:
         node.process.kill()
     node.process.wait(timeout=15)
+    if node._drain is not None:
+        node._drain.join(15)
     for stream in (node.process.stdout, node.process.stderr):
         if stream is not None:
             stream.close()

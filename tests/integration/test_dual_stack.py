@@ -54,8 +54,7 @@ def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
 
 
 def _stderr(node: NodeProcess) -> str:
-    assert node.process.stderr is not None
-    return node.process.stderr.read()
+    return node.log()
 
 
 @pytest.fixture
