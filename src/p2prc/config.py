@@ -34,6 +34,7 @@ from .errors import ConfigError, validation_message
 __all__ = [
     "DEFAULT_PORT",
     "AttachConfig",
+    "DirectConfig",
     "ContainerConfig",
     "GossipConfig",
     "Home",
@@ -340,6 +341,17 @@ class AttachConfig(_Section):
     port: int = Field(default=0, ge=0, le=65535)
 
 
+class DirectConfig(_Section):
+    """``[direct]``: direct paths between nodes (TLS pinned by node id, beside the relay)."""
+
+    enabled: bool = True
+    # 0: any free port (the port is in the node's signed record, so it may change).
+    port: int = Field(default=0, ge=0, le=65535)
+    retry: float = Field(default=60.0, ge=1, le=3600)  # seconds between attempts per peer
+    heartbeat: float = Field(default=3.0, gt=0, le=60)
+    stale: float = Field(default=6.5, gt=0, le=600)  # no reply this long: the path is dead
+
+
 class NodeConfig(_Section):
     """Everything in ``config.toml``; the original P2PRC field meanings are kept."""
 
@@ -358,6 +370,7 @@ class NodeConfig(_Section):
     relay: RelayConfig = Field(default_factory=RelayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     attach: AttachConfig = Field(default_factory=AttachConfig)
+    direct: DirectConfig = Field(default_factory=DirectConfig)
 
     @field_validator("name")
     @classmethod
