@@ -80,6 +80,7 @@ __all__ = [
     "GpuUnavailable",
     "IdentityError",
     "ImageNotFound",
+    "InstallFailed",
     "InvalidRequest",
     "JobError",
     "JobNotFound",
@@ -390,6 +391,14 @@ class AttachFailed(P2PRCError):
 
     status = 422
     code = "attach_failed"
+
+
+class InstallFailed(P2PRCError):
+    """``install-node`` cannot set up a node on that machine: no login, no Python 3.11+
+    with venv, too little disk, no wheel that fits it, or a step there failed."""
+
+    status = 422
+    code = "install_failed"
 
 
 class JobError(P2PRCError):
