@@ -11,8 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from .._aio import Report
-from ..cluster.client import ClusterEvent
-from ..cluster.models import ClusterCreate, ClusterScale, ClusterView, WorkerView
+from ..cluster.models import ClusterCreate, ClusterEvent, ClusterScale, ClusterView, WorkerView
 from ..errors import NodeError, P2PRCError
 from ._stream import task_stream
 from .auth import Owner

@@ -16,10 +16,10 @@ from __future__ import annotations
 import builtins
 import inspect
 import re
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .._client_async import (
     _SIGN_HEADER,
@@ -31,7 +31,7 @@ from .._client_async import (
 )
 from ..errors import InvalidRequest, PeerProtocolError, error_class, validation_message
 from ..jobs.client import _blocking, _Twin
-from .models import ClusterCreate, ClusterScale, ClusterView, WorkerView
+from .models import ClusterCreate, ClusterEvent, ClusterScale, ClusterView, WorkerView
 
 __all__ = ["BlockingClustersAPI", "ClusterEvent", "ClustersAPI", "client_line"]
 
@@ -41,17 +41,6 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 # so reads wait; connecting still gives up soon.
 _SLOW = httpx.Timeout(30.0, read=None)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class ClusterEvent(BaseModel):
-    """One line of the NDJSON answer of ``POST /clusters``: progress, then the cluster."""
-
-    model_config = ConfigDict(frozen=True)
-
-    event: Literal["progress", "created", "error"]
-    message: str | None = None
-    cluster: ClusterView | None = None
-    error: dict[str, str] | None = None
 
 
 def client_line(view: ClusterView) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +14,7 @@ __all__ = [
     "FINAL_STATES",
     "MAX_WORKERS",
     "ClusterCreate",
+    "ClusterEvent",
     "ClusterScale",
     "ClusterSecurity",
     "ClusterState",
@@ -129,3 +131,14 @@ class ClusterView(BaseModel):
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+
+class ClusterEvent(BaseModel):
+    """One line of the NDJSON answer of ``POST /clusters``: progress, then the cluster."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: Literal["progress", "created", "error"]
+    message: str | None = None
+    cluster: ClusterView | None = None
+    error: dict[str, str] | None = None
