@@ -11,7 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 from p2prc.identity import Identity
 from p2prc.peers.records import PeerRecord
@@ -81,6 +84,56 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class SshUnavailable(Exception):
+    """Why an OpenSSH baseline (``ssh -R``, ``ssh -J``) could not run."""
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP connection to ``host:port`` is accepted within 1 s."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def log_tail(log: Path, lines: int = 3) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    useful = [line for line in text.splitlines() if not line.startswith("debug")]
+    return " | ".join(useful[-lines:]) or "no output"
+
+
+def wait_for(
+    what: str,
+    ready: Callable[[], bool],
+    process: subprocess.Popen[bytes],
+    log: Path,
+    seconds: float = 15.0,
+) -> None:
+    """Poll ``ready`` every 10 ms for at most ``seconds``; fail early if ``process`` exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SshUnavailable(f"{what}: exited with {process.returncode}: {log_tail(log)}")
+        if ready():
+            return
+        time.sleep(0.01)
+    raise SshUnavailable(f"{what}: not ready within {seconds:.0f} s: {log_tail(log)}")
+
+
+def stop_tree(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process this benchmark started, then any children it forked (sshd sessions)."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    stop(process)
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        child.terminate()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def write_result(name: str, result: dict[str, object]) -> None:

@@ -25,12 +25,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import psutil
-from _common import RESULTS, free_port, stop, write_result
+from _common import (
+    RESULTS,
+    SshUnavailable,
+    accepts,
+    free_port,
+    stop,
+    stop_tree,
+    wait_for,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SSHD = Path(os.environ.get("P2PRC_BENCH_SSHD", "/usr/sbin/sshd"))
@@ -38,10 +47,6 @@ PRIVSEP_DIR = Path("/run/sshd")  # sshd started by root insists on this director
 # Seconds any child has to say it is ready (its port on the first line of stdout).
 READY_S = 20.0
 CHUNK = 1 << 20
-
-
-class SshUnavailable(Exception):
-    """Why the ``ssh -R`` baseline could not run."""
 
 
 # Children: each prints its port (or "ready") on one line, then serves until stdin closes.
@@ -224,7 +229,9 @@ def ssh_reverse(rtt: float) -> Iterator[tuple[int, str]]:
                     stderr=log,
                 )
             started.append(sshd)
-            _wait(lambda: "Server listening" in sshd_log.read_text(), sshd, sshd_log)
+            wait_for(
+                "sshd", lambda: "Server listening" in sshd_log.read_text(), sshd, sshd_log, READY_S
+            )
             leg = sshd_port
             if rtt:
                 delay = Child("delay", "--target", str(sshd_port), "--rtt", str(rtt))
@@ -247,7 +254,7 @@ def ssh_reverse(rtt: float) -> Iterator[tuple[int, str]]:
                     command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
                 )
             started.append(client)
-            _wait(lambda: _accepts(remote_port), client, ssh_log)
+            wait_for("ssh -R", lambda: accepts(remote_port), client, ssh_log, READY_S)
             ciphers = [
                 line.split("cipher:")[1].split()[0]
                 for line in ssh_log.read_text(errors="replace").splitlines()
@@ -256,7 +263,7 @@ def ssh_reverse(rtt: float) -> Iterator[tuple[int, str]]:
             yield remote_port, ciphers[0] if ciphers else "unknown"
         finally:
             for process in reversed(started):
-                _stop_tree(process)
+                stop_tree(process)
             if made_privsep:
                 with contextlib.suppress(OSError):
                     PRIVSEP_DIR.rmdir()
@@ -283,42 +290,6 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _accepts(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
-def _wait(ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
-    name = Path(str(process.args[0] if isinstance(process.args, list) else process.args)).name
-    deadline = time.monotonic() + READY_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace").splitlines()[-3:]
-            raise SshUnavailable(f"{name} exited {process.returncode}: {tail}")
-        if ready():
-            return
-        time.sleep(0.01)
-    raise SshUnavailable(f"{name} not ready within {READY_S} s")
-
-
-def _stop_tree(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process this benchmark started, then the children it forked (sshd sessions)."""
-    try:
-        forked = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        forked = []
-    stop(process)
-    _, alive = psutil.wait_procs(forked, timeout=5)
-    for child in alive:
-        child.terminate()
-    psutil.wait_procs(alive, timeout=5)
 
 
 def measure(

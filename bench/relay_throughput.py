@@ -16,16 +16,15 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from _common import free_port, stop, write_result
+from _common import SshUnavailable, accepts, free_port, stop_tree, wait_for, write_result
 
 from p2prc.identity import Identity
 from p2prc.tunnel.client import TunnelClient
@@ -36,10 +35,6 @@ SSHD = Path("/usr/sbin/sshd")
 PRIVSEP_DIR = Path("/run/sshd")
 # Bound on every wait for sshd or ssh, polled every 10 ms.
 SSH_READY_S = 15.0
-
-
-class SshUnavailable(Exception):
-    """Why the ``ssh -R`` baseline could not run."""
 
 
 async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -64,47 +59,6 @@ async def _send(port: int, mib: int) -> float:
     writer.close()
     assert received == mib << 20
     return received * 8 / elapsed / 1e9
-
-
-def _tail(log: Path, lines: int = 3) -> str:
-    text = log.read_text(errors="replace") if log.exists() else ""
-    useful = [line for line in text.splitlines() if not line.startswith("debug")]
-    return " | ".join(useful[-lines:]) or "no output"
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
-def _wait_for(
-    what: str, ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path
-) -> None:
-    """Poll ``ready`` every 10 ms for at most SSH_READY_S; fail early if ``process`` exits."""
-    deadline = time.monotonic() + SSH_READY_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SshUnavailable(f"{what}: exited with {process.returncode}: {_tail(log)}")
-        if ready():
-            return
-        time.sleep(0.01)
-    raise SshUnavailable(f"{what}: not ready within {SSH_READY_S:.0f} s: {_tail(log)}")
-
-
-def _stop_tree(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process this benchmark started, then any children it forked (sshd sessions)."""
-    try:
-        children = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    stop(process)
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        child.terminate()
-    psutil.wait_procs(alive, timeout=5)
 
 
 def _start(command: list[str | Path], log: Path) -> subprocess.Popen[bytes]:
@@ -152,7 +106,13 @@ def ssh_reverse(target_port: int) -> Iterator[tuple[int, str]]:
             sshd_log, ssh_log = home / "sshd.log", home / "ssh.log"
             sshd = _start([SSHD, "-D", "-e", "-f", home / "sshd_config"], sshd_log)
             started.append(sshd)
-            _wait_for("sshd", lambda: "Server listening" in sshd_log.read_text(), sshd, sshd_log)
+            wait_for(
+                "sshd",
+                lambda: "Server listening" in sshd_log.read_text(),
+                sshd,
+                sshd_log,
+                SSH_READY_S,
+            )
             options = [
                 "StrictHostKeyChecking=no",
                 f"UserKnownHostsFile={home / 'known_hosts'}",
@@ -165,7 +125,7 @@ def ssh_reverse(target_port: int) -> Iterator[tuple[int, str]]:
             command.append(f"{psutil.Process().username()}@127.0.0.1")
             client = _start(command, ssh_log)
             started.append(client)
-            _wait_for("ssh -R", lambda: _accepts(remote_port), client, ssh_log)
+            wait_for("ssh -R", lambda: accepts(remote_port), client, ssh_log, SSH_READY_S)
             ciphers = [
                 line.split("cipher:")[1].split()[0]
                 for line in ssh_log.read_text(errors="replace").splitlines()
@@ -174,7 +134,7 @@ def ssh_reverse(target_port: int) -> Iterator[tuple[int, str]]:
             yield remote_port, ciphers[0] if ciphers else "unknown"
         finally:
             for process in reversed(started):
-                _stop_tree(process)
+                stop_tree(process)
             if made_privsep:
                 with contextlib.suppress(OSError):
                     PRIVSEP_DIR.rmdir()
