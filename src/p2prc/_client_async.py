@@ -444,7 +444,7 @@ class AsyncClient(AsyncClosing):
         """Run a plugin on a tracked container or group; ``progress`` gets each host event."""
         body = PluginRunRequest(target=target, variables=variables or {}).model_dump()
         path = f"/plugins/{_path_part(name)}/run"
-        async with contextlib.aclosing(self._ndjson(path, body, unbounded=True)) as lines:
+        async with contextlib.aclosing(self.post_ndjson(path, body, unbounded=True)) as lines:
             async for line in lines:
                 event = PluginEvent.model_validate_json(line)
                 if event.run is not None:
@@ -515,16 +515,17 @@ class AsyncClient(AsyncClosing):
     async def _stream_create(
         self, path: str, body: Any, progress: ProgressCallback | None
     ) -> ContainerView:
-        async with contextlib.aclosing(self._ndjson(path, body)) as lines:
+        async with contextlib.aclosing(self.post_ndjson(path, body)) as lines:
             async for line in lines:
                 view = await _handle_event(line, progress, self.base_url)
                 if view is not None:
                     return view
         raise PeerProtocolError(f"{self.base_url}{path}: the stream ended without a result")
 
-    async def _ndjson(
+    async def post_ndjson(
         self, path: str, body: Any, *, unbounded: bool = False
-    ) -> AsyncGenerator[str, None]:  # the non-empty lines of a POST's NDJSON answer
+    ) -> AsyncGenerator[str, None]:
+        """The non-empty lines of a POST's NDJSON answer (feature clients' progress)."""
         timeout = None if unbounded else httpx.USE_CLIENT_DEFAULT
         with self._transport_errors():
             async with self._http.stream("POST", path, json=body, timeout=timeout) as response:

@@ -293,7 +293,7 @@ async def ensure_on_peer(
             target = link.resolve(peer)
             async with link.connect(target) as client:
                 # The narrowest helper there is: AsyncClient has no public NDJSON call.
-                lines = client._ndjson(PATH, body, unbounded=True)
+                lines = client.post_ndjson(PATH, body, unbounded=True)
                 async with contextlib.aclosing(lines):
                     async for line in lines:
                         event = _event(line, client.base_url)

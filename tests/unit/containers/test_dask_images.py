@@ -102,7 +102,7 @@ def _client(node: FakeNode, tmp_path: Path, identity: Identity | None = None) ->
 async def _ask(client: AsyncClient, body: dict[str, Any]) -> tuple[list[str], str]:
     """The progress messages and the tag of one request; the error it ends with raised."""
     said: list[str] = []
-    async for line in client._ndjson("/images/dask", body, unbounded=True):
+    async for line in client.post_ndjson("/images/dask", body, unbounded=True):
         event = remote_image.DaskImageEvent.model_validate_json(line)
         if event.event == "progress" and event.message:
             said.append(event.message)
