@@ -99,6 +99,7 @@ __all__ = [
     "PeerTimeout",
     "PeerUnreachable",
     "PluginError",
+    "PunchFailed",
     "QuotaExceeded",
     "RateLimited",
     "RelayUnavailable",
@@ -439,6 +440,14 @@ class WrongNode(TunnelError):
     """The far end is not the node expected: another TLS key, or another id in /status."""
 
     code = "wrong_node"
+
+
+class PunchFailed(TunnelError):
+    """Hole punching found no direct path: no observed address, a NAT that changes ports,
+    a peer that refused, or no connection before the deadline."""
+
+    status = 409
+    code = "punch_failed"
 
 
 class ApiError(P2PRCError):
