@@ -27,7 +27,7 @@ from .._aio import CrashHandler, TaskSet, log_crash
 from .._client_async import peer_url
 from .._closing import Component
 from ..config import NodeConfig
-from ..errors import P2PRCError, PeerProtocolError
+from ..errors import InvalidRequest, P2PRCError, PeerProtocolError
 from ..identity import Identity
 from ..state import State
 from ..trust import TrustPolicy
@@ -49,7 +49,10 @@ from .store import PeerStore
 from .swim import Outgoing, Swim, SwimSettings
 from .table import STORED, Member, MemberState, PeerTable
 
-__all__ = ["MAX_EXCHANGE_BYTES", "Gossip"]
+__all__ = ["MAX_EXCHANGE_BYTES", "RESERVED_PREFIX", "Gossip"]
+
+# Custom keys the node sets itself (``p2prc.attached``: its attached set's version).
+RESERVED_PREFIX = "p2prc."
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +195,39 @@ class Gossip(Component):
     # Public operations ----------------------------------------------------------------
 
     def set_metadata(self, text: str, custom: dict[str, str] | None = None) -> PeerRecord:
-        """Change this node's metadata (the original --amd); it spreads to every node."""
+        """Change this node's metadata (the original --amd); it spreads to every node.
+
+        Custom keys starting with ``p2prc.`` are the node's own (refused here, kept as set).
+        """
         current = self._metadata()
-        metadata = {"text": text, "custom": current["custom"] if custom is None else custom}
+        kept = dict(current.get("custom") or {})
+        if custom is not None:
+            if any(str(key).startswith(RESERVED_PREFIX) for key in custom):
+                raise InvalidRequest(f"custom keys starting with {RESERVED_PREFIX!r} are reserved")
+            reserved = {k: v for k, v in kept.items() if str(k).startswith(RESERVED_PREFIX)}
+            kept = {**custom, **reserved}
+        metadata = {"text": text, "custom": kept}
         record = self._sign_record(metadata)
         self._state.set_meta("metadata", msgpack.packb(metadata).hex())
         self._replace_me(record)
         return record
+
+    def set_reserved(self, key: str, value: str | None) -> None:
+        """Set (``None``: remove) one of the node's own ``p2prc.`` custom keys; re-signs."""
+        if not key.startswith(RESERVED_PREFIX):
+            raise ValueError(f"{key!r} is not a reserved key")
+        metadata = self._metadata()
+        custom = dict(metadata.get("custom") or {})
+        if custom.get(key) == value:
+            return
+        if value is None:
+            custom.pop(key, None)
+        else:
+            custom[key] = value
+        metadata["custom"] = custom
+        self._state.set_meta("metadata", msgpack.packb(metadata).hex())
+        if self.swim is not None:
+            self._replace_me(self._sign_record(metadata))
 
     def set_relay(self, relay: str, public_api: str) -> None:
         """Record the relay this node tunnels through and its API's address there."""
