@@ -379,6 +379,15 @@ class NodeConfig(_Section):
             raise ValueError("must be 1-63 letters, digits, '.', '_' or '-'")
         return value
 
+    @field_validator("custom")
+    @classmethod
+    def _custom_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # p2prc.* keys are the node's own in its signed record (p2prc.attached ...).
+        reserved = sorted(key for key in value if str(key).startswith("p2prc."))
+        if reserved:
+            raise ValueError(f"keys starting with 'p2prc.' are reserved: {', '.join(reserved)}")
+        return value
+
     @field_validator("bootstrap")
     @classmethod
     def _bootstrap_addresses(cls, value: list[str]) -> list[str]:
