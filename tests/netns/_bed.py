@@ -1,11 +1,177 @@
-"""A Docker daemon inside one of the test bed's namespaces, as its README shows."""
+"""The shared test bed for the netns tests: ``Bed`` (the namespaces, nodes and CLI calls in
+them) and a Docker daemon inside one of its namespaces, as the bed's README shows."""
 
 import contextlib
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2prc.config import Home
+from p2prc.identity import Identity
+
+REPO = Path(__file__).resolve().parents[2]
+TESTBED = REPO.parent / "shared" / "testbed" / "netns-nat.sh"
+
+
+class Bed:
+    """``netns-nat.sh`` under a prefix of its own (so several beds coexist), and the
+    operations every netns test repeats: the CLI of a node home in a host, a node started
+    there with its log in ``home/node.log``, bounded waits that show the logs on failure.
+
+    Hosts are named as the script names them without the prefix: ``pub1``, ``home1``,
+    ``home1-2`` ...
+    """
+
+    def __init__(
+        self, prefix: str, *, public: int = 3, sites: int = 1, hosts: int = 1, nat: str = "easy"
+    ) -> None:
+        self.prefix = prefix
+        self.env = {**os.environ, "TB_PREFIX": prefix, "TB_PUBLIC": str(public),
+                    "TB_SITES": str(sites), "TB_HOSTS": str(hosts), "TB_NAT": nat}  # fmt: skip
+
+    def ns(self, host: str) -> str:
+        """The namespace of ``host``."""
+        return f"{self.prefix}-{host}"
+
+    def script(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``netns-nat.sh ARGS`` for this bed."""
+        return subprocess.run(
+            ["bash", str(TESTBED), *args], env=self.env, capture_output=True, text=True,
+            timeout=120, check=False,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["Bed"]:
+        """The bed, up (skipping the test where it cannot be), and down afterwards."""
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            pytest.skip("needs root and iproute2")
+        if not TESTBED.is_file():
+            pytest.skip(f"no test bed at {TESTBED}")
+        up = self.script("up")
+        if up.returncode != 0:
+            pytest.skip(f"test bed did not come up: {up.stderr.strip()[-300:]}")
+        try:
+            yield self
+        finally:
+            self.script("down")
+
+    def command(self, host: str, *args: str, home: Path | None = None,
+                env: Mapping[str, str] | None = None) -> list[str]:  # fmt: skip
+        """``args`` run in ``host``, with ``P2PRC_HOME=home`` and ``env`` set."""
+        extra = {**({"P2PRC_HOME": str(home)} if home is not None else {}), **(env or {})}
+        settings = [f"{key}={value}" for key, value in extra.items()]
+        return ["ip", "netns", "exec", self.ns(host), *(["env", *settings] if settings else []),
+                *args]  # fmt: skip
+
+    def run(self, host: str, *args: str, timeout: float = 60,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """``args`` in ``host``, to completion."""
+        return subprocess.run(self.command(host, *args, env=env), capture_output=True,
+                              text=True, timeout=timeout, check=False)  # fmt: skip
+
+    def popen(self, host: str, *args: str, env: Mapping[str, str] | None = None,
+              **kwargs: Any) -> "subprocess.Popen[Any]":  # fmt: skip
+        """``args`` in ``host``, in the background (output discarded unless told)."""
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        return subprocess.Popen(self.command(host, *args, env=env), **kwargs)
+
+    def python(self, host: str, code: str, *args: object,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """A Python snippet in ``host`` (this checkout importable), to completion."""
+        return self.run(host, sys.executable, "-c", code, *map(str, args), timeout=timeout,
+                        env={"PYTHONPATH": str(REPO)})  # fmt: skip
+
+    def output(self, host: str, code: str, *args: object) -> str:
+        """What the snippet printed, or the end of its error."""
+        done = self.python(host, code, *args)
+        return done.stdout.strip() or done.stderr.strip()[-300:]
+
+    def serve(self, host: str, code: str, *args: object) -> "subprocess.Popen[bytes]":
+        """A Python snippet running in the background in ``host`` (a server)."""
+        return self.popen(host, sys.executable, "-c", code, *map(str, args),
+                          env={"PYTHONPATH": str(REPO)})  # fmt: skip
+
+    def cli(self, host: str, home: Path, *args: str, timeout: float = 60,
+            check: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """``p2prc ARGS`` for the node home ``home`` in ``host``; ``check`` fails the test
+        on a non-zero exit, naming the call and its error."""
+        command = self.command(host, sys.executable, "-m", "p2prc", *args, home=home)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                check=False)  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args}: {result.stdout}\n{result.stderr}")
+        return result
+
+    def json(
+        self, host: str, home: Path, *args: str, timeout: float = 60, check: bool = False
+    ) -> Any:
+        """``p2prc --json ARGS`` parsed, or None when it failed (``check``: fail the test)."""
+        result = self.cli(host, home, "--json", *args, timeout=timeout, check=check)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def configure(self, host: str, home: Path, settings: Mapping[str, str]) -> None:
+        """``p2prc config set`` each setting (the home is made by the first)."""
+        for key, value in settings.items():
+            self.cli(host, home, "config", "set", key, value, check=True)
+
+    def start(self, host: str, home: Path, address: str | None, port: int = 8088,
+              *args: str) -> "subprocess.Popen[bytes]":  # fmt: skip
+        """A node in ``host`` listening on ``address:port`` (None: the node's default host,
+        every address); its log goes to ``home/node.log`` (shown on failures)."""
+        home.mkdir(parents=True, exist_ok=True)
+        where = ["--host", address] if address is not None else []
+        command = self.command(host, sys.executable, "-m", "p2prc", "--debug", "start",
+                               *where, "--port", str(port), *args, home=home)  # fmt: skip
+        with (home / "node.log").open("ab") as log:
+            return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+
+    @staticmethod
+    def node_id(home: Path) -> str:
+        """The node id of the node home ``home``."""
+        return Identity.load(Home(home).identity_dir).node_id
+
+    @staticmethod
+    def logs(*homes: Path, lines: int = 40) -> str:
+        """The last lines of each home's node log."""
+        parts = []
+        for home in homes:
+            log = home / "node.log"
+            text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+            parts.append(f"--- {home.name} ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    @staticmethod
+    def wait(what: str, check: Callable[[], bool], seconds: float, *homes: Path) -> None:
+        """Poll ``check`` every 0.5 s for at most ``seconds``; on timeout fail with the logs."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}\n{Bed.logs(*homes)}")
+
+    @staticmethod
+    def stop(processes: Iterable["subprocess.Popen[Any] | None"], grace: float = 15) -> None:
+        """SIGTERM every process, then wait for each (SIGKILL after ``grace`` seconds)."""
+        started = [process for process in processes if process is not None]
+        for process in started:
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
 
 CGROUPS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids")
 # `ip netns exec` remounts /sys, hiding the cgroup mounts dockerd needs; they are mounted

@@ -10,23 +10,19 @@ the relay, the relay is killed, and everything comes back through the other one.
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from p2prc.config import Home
-from p2prc.identity import Identity
+from tests.netns._bed import Bed
 
 pytestmark = pytest.mark.netns
 
-TESTBED = Path(__file__).resolve().parents[3] / "shared" / "testbed" / "netns-nat.sh"
-ENV = {**os.environ, "TB_PREFIX": "p2t", "TB_PUBLIC": "3", "TB_SITES": "1"}
+BED = Bed("p2t", public=3)
 RELAY_IP, HOME_IP = "198.51.100.11", "192.168.1.10"
 RELAY2_IP, CLIENT_IP = "198.51.100.12", "198.51.100.13"
 FETCH = (
@@ -37,63 +33,10 @@ FETCH = (
 )
 
 
-def _bed(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(TESTBED), *args], env=ENV, capture_output=True, text=True, timeout=120,
-        check=False,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def testbed() -> Iterator[None]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2")
-    if not TESTBED.is_file():
-        pytest.skip(f"no test bed at {TESTBED}")
-    up = _bed("up")
-    if up.returncode != 0:
-        pytest.skip(f"test bed did not come up: {up.stderr.strip()[-300:]}")
-    try:
+    with BED.running():
         yield
-    finally:
-        _bed("down")
-
-
-def _cli(ns: str, home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    command = ["ip", "netns", "exec", f"p2t-{ns}", "env", f"P2PRC_HOME={home}",
-               sys.executable, "-m", "p2prc", *args]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args}: {result.stderr}")
-    return result
-
-
-def _start(ns: str, home: Path, host: str) -> subprocess.Popen[bytes]:
-    """A node in namespace ``ns``; its log goes to ``home/node.log`` (shown on failures)."""
-    command = ["ip", "netns", "exec", f"p2t-{ns}", "env", f"P2PRC_HOME={home}",
-               sys.executable, "-m", "p2prc", "--debug", "start", "--host", host,
-               "--port", "8088"]  # fmt: skip
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / "node.log").open("ab") as log:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-
-
-def _logs(*homes: Path, lines: int = 40) -> str:
-    parts = []
-    for home in homes:
-        log = home / "node.log"
-        text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
-        parts.append(f"--- {home.name} ---\n" + "\n".join(text))
-    return "\n".join(parts)
-
-
-def _configure(ns: str, home: Path, settings: dict[str, str]) -> None:
-    for key, value in settings.items():
-        _cli(ns, home, "config", "set", key, value)
-
-
-def _node_id(home: Path) -> str:
-    return Identity.load(Home(home).identity_dir).node_id
 
 
 def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
@@ -102,35 +45,35 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
     blob = os.urandom(2 * 1024 * 1024)
     (www / "blob.bin").write_bytes(blob)
     quiet = {"gossip.lan_discovery": "false"}
-    _configure("pub1", relay_home, {**quiet, "relay.enabled": "true", "trust.mode": "open",
-               "behind_nat": "false", "gossip.advertise": RELAY_IP})  # fmt: skip
+    BED.configure("pub1", relay_home, {**quiet, "relay.enabled": "true", "trust.mode": "open",
+                  "behind_nat": "false", "gossip.advertise": RELAY_IP})  # fmt: skip
     # behind_nat stays "auto": the node must find out by asking the relay to connect back
     # (a relay it names in relay.use: open trust mode does not make a node a relay).
-    _configure("home1", nat_home, {**quiet, "bootstrap": f"{RELAY_IP}:8088",
-               "gossip.advertise": HOME_IP, "relay.use": _node_id(relay_home)})  # fmt: skip
-    web = ["ip", "netns", "exec", "p2t-home1", sys.executable, "-m", "http.server", "8000",
-           "--bind", "127.0.0.1", "--directory", str(www)]  # fmt: skip
+    BED.configure("home1", nat_home, {**quiet, "bootstrap": f"{RELAY_IP}:8088",
+                  "gossip.advertise": HOME_IP, "relay.use": BED.node_id(relay_home)})  # fmt: skip
+    web = BED.command("home1", sys.executable, "-m", "http.server", "8000", "--bind",
+                      "127.0.0.1", "--directory", str(www))  # fmt: skip
     processes = [
-        _start("pub1", relay_home, RELAY_IP),
-        _start("home1", nat_home, HOME_IP),
+        BED.start("pub1", relay_home, RELAY_IP),
+        BED.start("home1", nat_home, HOME_IP),
         subprocess.Popen(web, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:
         address = ""
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline and not address:
-            result = _cli("home1", nat_home, "--json", "map-port", "8000", check=False)
+            result = BED.cli("home1", nat_home, "--json", "map-port", "8000")
             if result.returncode == 0:
                 address = json.loads(result.stdout)["EntireAddress"]
             else:
                 time.sleep(1)
         assert address.startswith(f"{RELAY_IP}:"), result.stderr
-        me = next(v for v in json.loads(_cli("home1", nat_home, "--json", "peers", "list").stdout)
+        me = next(v for v in BED.json("home1", nat_home, "peers", "list", check=True)
                   if v["me"])  # fmt: skip
         assert me["behind_nat"] is True
         digest = hashlib.sha256(blob).hexdigest()
         assert _fetch("pub2", f"http://{address}/blob.bin", "any") == digest
-        direct = _python("pub2", FETCH, f"http://{HOME_IP}:8000/blob.bin", "any")
+        direct = BED.python("pub2", FETCH, f"http://{HOME_IP}:8000/blob.bin", "any")
         assert direct.returncode != 0  # the home host itself is unreachable from outside
         # Half-close across the NAT: a server on home1 answers only after the client's EOF.
         after_eof = (
@@ -142,22 +85,22 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
             " while (x:=c.recv(65536)): d+=x\n"
             " c.sendall(b'got %d' % len(d));c.close()"
         )
-        processes.append(_serve("home1", after_eof))
-        half = json.loads(_cli("home1", nat_home, "--json", "map-port", "8100").stdout)
+        processes.append(BED.serve("home1", after_eof))
+        half = BED.json("home1", nat_home, "map-port", "8100", check=True)
         talk = (
             "import socket,sys;c=socket.create_connection((sys.argv[1],int(sys.argv[2])),10);"
             "c.sendall(b'x'*3000000);c.shutdown(socket.SHUT_WR);c.settimeout(20);"
             "print(c.recv(100).decode())"
         )
-        assert _output("pub2", talk, RELAY_IP, half["PortNo"]) == "got 3000000"
+        assert BED.output("pub2", talk, RELAY_IP, half["PortNo"]) == "got 3000000"
         # UDP: an echo server on home1, published with --udp, answered to pub2.
         echo = (
             "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
             "s.bind(('127.0.0.1',9000));"
             "[s.sendto(b'echo:'+d,a) for d,a in iter(lambda: s.recvfrom(65535), None)]"
         )
-        processes.append(_serve("home1", echo))
-        udp = json.loads(_cli("home1", nat_home, "--json", "map-port", "9000", "--udp").stdout)
+        processes.append(BED.serve("home1", echo))
+        udp = BED.json("home1", nat_home, "map-port", "9000", "--udp", check=True)
         assert udp["udp"] is True
         assert udp["IPAddress"] == RELAY_IP
         ask = (
@@ -165,37 +108,13 @@ def test_map_port_through_the_nat(testbed: None, tmp_path: Path) -> None:
             "s.settimeout(5);s.sendto(b'ping',(sys.argv[1],int(sys.argv[2])));"
             "print(s.recvfrom(100)[0].decode())"
         )
-        assert _output("pub2", ask, RELAY_IP, udp["PortNo"]) == "echo:ping"
+        assert BED.output("pub2", ask, RELAY_IP, udp["PortNo"]) == "echo:ping"
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def _python(ns: str, code: str, *args: object) -> subprocess.CompletedProcess[str]:
-    """Run a Python snippet on host ``ns`` of the test bed."""
-    command = ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", code, *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-
-
-def _output(ns: str, code: str, *args: object) -> str:
-    """What the snippet printed, or the end of its error."""
-    done = _python(ns, code, *args)
-    return done.stdout.strip() or done.stderr.strip()[-300:]
-
-
-def _serve(ns: str, code: str, *args: object) -> subprocess.Popen[bytes]:
-    """A Python snippet running in the background on host ``ns`` (a server)."""
-    command = ["ip", "netns", "exec", f"p2t-{ns}", sys.executable, "-c", code, *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        BED.stop(processes)
 
 
 def _fetch(ns: str, url: str, host: str) -> str:
-    return _output(ns, FETCH, url, host)
+    return BED.output(ns, FETCH, url, host)
 
 
 def _tls(ns: str, relay_ip: str, cert: Path) -> str:
@@ -207,21 +126,7 @@ def _tls(ns: str, relay_ip: str, cert: Path) -> str:
         "t=ctx.wrap_socket(c,server_hostname='secure.example.org');t.sendall(b'hello');"
         "print(t.recv(100).decode())"
     )
-    return _output(ns, hello, relay_ip, cert)
-
-
-def _json(ns: str, home: Path, *args: str) -> Any:
-    result = _cli(ns, home, "--json", *args, check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def _wait(what: str, check: Callable[[], bool], seconds: float, *homes: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{_logs(*homes)}")
+    return BED.output(ns, hello, relay_ip, cert)
 
 
 @pytest.mark.timeout(300)
@@ -236,21 +141,21 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
     boot = {"bootstrap": f"{RELAY_IP}:8088"}
     relay = {**quiet, "relay.enabled": "true", "relay.http_port": "8080",
              "relay.https_port": "8443", "trust.mode": "open", "behind_nat": "false"}  # fmt: skip
-    _configure("pub1", homes["r1"], {**relay, "name": "r1", "gossip.advertise": RELAY_IP})
-    _configure("pub2", homes["r2"], {**relay, **boot, "name": "r2",
-               "gossip.advertise": RELAY2_IP})  # fmt: skip
-    relays = f"{_node_id(homes['r1'])},{_node_id(homes['r2'])}"
-    _configure("home1", homes["home"], {**quiet, **boot, "name": "home", "trust.mode": "open",
-               "gossip.advertise": HOME_IP, "relay.use": relays})  # fmt: skip
-    _configure("pub3", homes["client"], {**quiet, **boot, "name": "client", "behind_nat": "false",
-               "gossip.advertise": CLIENT_IP})  # fmt: skip
-    web = ["ip", "netns", "exec", "p2t-home1", sys.executable, "-m", "http.server", "8000",
-           "--bind", "127.0.0.1", "--directory", str(www)]  # fmt: skip
+    BED.configure("pub1", homes["r1"], {**relay, "name": "r1", "gossip.advertise": RELAY_IP})
+    BED.configure("pub2", homes["r2"], {**relay, **boot, "name": "r2",
+                  "gossip.advertise": RELAY2_IP})  # fmt: skip
+    relays = f"{BED.node_id(homes['r1'])},{BED.node_id(homes['r2'])}"
+    BED.configure("home1", homes["home"], {**quiet, **boot, "name": "home", "trust.mode": "open",
+                  "gossip.advertise": HOME_IP, "relay.use": relays})  # fmt: skip
+    BED.configure("pub3", homes["client"], {**quiet, **boot, "name": "client",
+                  "behind_nat": "false", "gossip.advertise": CLIENT_IP})  # fmt: skip
+    web = BED.command("home1", sys.executable, "-m", "http.server", "8000", "--bind",
+                      "127.0.0.1", "--directory", str(www))  # fmt: skip
     nodes = {
-        "r1": _start("pub1", homes["r1"], RELAY_IP),
-        "r2": _start("pub2", homes["r2"], RELAY2_IP),
-        "home": _start("home1", homes["home"], HOME_IP),
-        "client": _start("pub3", homes["client"], CLIENT_IP),
+        "r1": BED.start("pub1", homes["r1"], RELAY_IP),
+        "r2": BED.start("pub2", homes["r2"], RELAY2_IP),
+        "home": BED.start("home1", homes["home"], HOME_IP),
+        "client": BED.start("pub3", homes["client"], CLIENT_IP),
     }
     server = subprocess.Popen(web, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     extra: list[subprocess.Popen[bytes]] = []
@@ -258,13 +163,13 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
         mapped: dict[str, str] = {}
 
         def published() -> bool:
-            result = _json("home1", homes["home"], "map-port", "8000", "--domain",
-                           "app.example.org")  # fmt: skip
+            result = BED.json("home1", homes["home"], "map-port", "8000", "--domain",
+                              "app.example.org")  # fmt: skip
             if isinstance(result, dict):
                 mapped.update(result)
             return bool(mapped)
 
-        _wait("map-port with a domain", published, 40, *homes.values())
+        BED.wait("map-port with a domain", published, 40, *homes.values())
         relay_ip = mapped["IPAddress"]
         assert relay_ip in (RELAY_IP, RELAY2_IP)
         assert mapped["domain"] == "app.example.org"
@@ -291,8 +196,10 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
             " except OSError:\n"
             "  c.close()\n"
         )
-        extra.append(_serve("home1", tls_server, cert, key))
-        secure = _json("home1", homes["home"], "map-port", "8443", "--domain", "secure.example.org")
+        extra.append(BED.serve("home1", tls_server, cert, key))
+        secure = BED.json(
+            "home1", homes["home"], "map-port", "8443", "--domain", "secure.example.org"
+        )
         assert isinstance(secure, dict)
         assert secure["domain"] == "secure.example.org"
         assert _tls("pub3", relay_ip, cert) == "tls:hello", "HTTPS by SNI through the relay"
@@ -302,28 +209,27 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
         views: list[dict[str, object]] = []
 
         def home_seen() -> bool:
-            found = _json("pub3", homes["client"], "peers", "list")
+            found = BED.json("pub3", homes["client"], "peers", "list")
             views[:] = [v for v in found or [] if v["name"] == "home"]
             return bool(views) and views[0]["state"] == "alive" and bool(views[0]["public_api"])
 
-        _wait("the NAT'd node's API in the client's table", home_seen, 40, *homes.values())
-        home_id = _node_id(homes["home"])
+        BED.wait("the NAT'd node's API in the client's table", home_seen, 40, *homes.values())
+        home_id = BED.node_id(homes["home"])
         assert str(views[0]["api"]).startswith(f"https://{home_id}@{relay_ip}:")
-        speed = _json("pub3", homes["client"], "peers", "speedtest", "home", "--size", "1")
+        speed = BED.json("pub3", homes["client"], "peers", "speedtest", "home", "--size", "1")
         assert isinstance(speed, dict), "the NAT'd node's API did not answer through the relay"
-        refused = _cli("pub3", homes["client"], "map-port", "8000", "--remote", "home",
-                       check=False)  # fmt: skip
+        refused = BED.cli("pub3", homes["client"], "map-port", "8000", "--remote", "home")
         assert refused.returncode != 0
         assert "not a TCP port of your containers" in refused.stderr + refused.stdout
 
         # The network has converged: the NAT'd node knows both relays (as it would long
         # before one fails in real use).
         def both_relays_known() -> bool:
-            found = _json("home1", homes["home"], "peers", "list") or []
+            found = BED.json("home1", homes["home"], "peers", "list") or []
             relays = {v["name"] for v in found if v["relay_port"] and v["state"] == "alive"}
             return relays == {"r1", "r2"}
 
-        _wait("the NAT'd node to know both relays", both_relays_known, 40, *homes.values())
+        BED.wait("the NAT'd node to know both relays", both_relays_known, 40, *homes.values())
         # Kill the relay in use: the mapping, the domain and the API move to the other one.
         used = "r1" if relay_ip == RELAY_IP else "r2"
         nodes[used].kill()
@@ -332,11 +238,11 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
         moved: list[dict[str, object]] = []
 
         def mapping_moved() -> bool:
-            found = _json("home1", homes["home"], "mappings")
+            found = BED.json("home1", homes["home"], "mappings")
             moved[:] = [m for m in found or [] if m["IPAddress"] == other_ip]
             return bool(moved)
 
-        _wait("the mapping to move to the other relay", mapping_moved, 40, *homes.values())
+        BED.wait("the mapping to move to the other relay", mapping_moved, 40, *homes.values())
         assert _fetch("pub3", f"http://{other_ip}:8080/blob.bin", "app.example.org") == digest
         assert _tls("pub3", other_ip, cert) == "tls:hello"
         assert _fetch("pub3", f"http://{moved[0]['EntireAddress']}/blob.bin", "x") == digest
@@ -347,14 +253,8 @@ def test_api_domain_and_failover_across_the_nat(testbed: None, tmp_path: Path) -
 
         # Gossip or the next push-pull (15 s +-25 %, digests then pages) carries the new
         # record; generous, since a loaded CI machine once needed more than 40 s.
-        _wait("the NAT'd node's API to move", api_moved, 90, *homes.values())
-        again = _json("pub3", homes["client"], "peers", "speedtest", "home", "--size", "1")
+        BED.wait("the NAT'd node's API to move", api_moved, 90, *homes.values())
+        again = BED.json("pub3", homes["client"], "peers", "speedtest", "home", "--size", "1")
         assert isinstance(again, dict)
     finally:
-        for process in [*nodes.values(), server, *extra]:
-            process.terminate()
-        for process in [*nodes.values(), server, *extra]:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        BED.stop([*nodes.values(), server, *extra])

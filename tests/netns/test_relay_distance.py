@@ -9,20 +9,18 @@ within its own window.
 """
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.netns._bed import REPO, Bed
+
 pytestmark = pytest.mark.netns
 
-REPO = Path(__file__).resolve().parents[2]
-TESTBED = REPO.parent / "shared" / "testbed" / "netns-nat.sh"
-ENV = {**os.environ, "TB_PREFIX": "p2d", "TB_PUBLIC": "2", "TB_SITES": "1"}
+# A prefix of its own (the Dask NAT test's bed is p2d).
+BED = Bed("p2w", public=2)
 RELAY_IP = "198.51.100.11"
 RTT = 0.05
 OLD_WINDOW = 512 * 1024
@@ -102,37 +100,20 @@ asyncio.run(main())
 """
 
 
-def _bed(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(TESTBED), *args], env=ENV, capture_output=True, text=True, timeout=120,
-        check=False,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def testbed() -> Iterator[None]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2")
-    if not TESTBED.is_file():
-        pytest.skip(f"no test bed at {TESTBED}")
-    up = _bed("up")
-    if up.returncode != 0:
-        pytest.skip(f"test bed did not come up: {up.stderr.strip()[-300:]}")
-    try:
+    with BED.running():
         yield
-    finally:
-        _bed("down")
 
 
 def _python(ns: str, script: str, *args: str) -> list[str]:
-    return ["ip", "netns", "exec", f"p2d-{ns}", "env", f"PYTHONPATH={REPO}",
-            sys.executable, "-c", script, *args]  # fmt: skip
+    return BED.command(ns, sys.executable, "-c", script, *args, env={"PYTHONPATH": str(REPO)})
 
 
 def _party(ns: str, script: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        _python(ns, script, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+    return BED.popen(
+        ns, sys.executable, "-c", script, *args, env={"PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
