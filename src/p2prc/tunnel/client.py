@@ -101,6 +101,9 @@ class TunnelClient(Component):
         self._asking = asyncio.Lock()
         self.closed = asyncio.Event()
         self._last_heard = 0.0
+        # Where the relay saw our control connection come from (a newer relay says).
+        self.observed: tuple[str, int] | None = None
+        self.local_port = 0  # the control connection's own source port
         # What the relay may send once we are welcome; other messages are ignored.
         self._handlers: dict[MessageType, _Handler] = {
             **dict.fromkeys(STREAM_TYPES, self._stream),
@@ -134,6 +137,9 @@ class TunnelClient(Component):
             await close_quietly(self._control.writer)
             text = answer.message if isinstance(answer, Error) else answer.TYPE
             raise TunnelError(f"relay refused: {text}")
+        self.observed = answer.observed
+        sockname = self._control.writer.get_extra_info("sockname")
+        self.local_port = int(sockname[1]) if isinstance(sockname, tuple) else 0
         self._last_heard = asyncio.get_running_loop().time()
         mux = self._mux = Mux(self._control)
         self._tasks.spawn(self._control_loop(self._control, mux), "tunnel-control")

@@ -237,6 +237,22 @@ class PortMapper(Component):
             log.info("dropping the mapping of port %d: its container is gone", port)
             await self.unmap(port)
 
+    @property
+    def observed(self) -> tuple[str, int] | None:
+        """This node's address as its relay sees it (its NAT's public side), while a tunnel
+        is up and the relay says (hole punching starts from it)."""
+        client = self._client
+        return client.observed if client is not None else None
+
+    @property
+    def keeps_ports(self) -> bool | None:
+        """Whether this node's NAT kept the source port of the tunnel's connection (what
+        hole punching assumes of the direct port); None while unknown."""
+        client = self._client
+        if client is None or client.observed is None or not client.local_port:
+            return None
+        return client.observed[1] == client.local_port
+
     def public_address(self, port: int) -> tuple[str, int] | None:
         """Where a port given to ``publish`` is reachable now (it moves with the relay)."""
         client = self._client

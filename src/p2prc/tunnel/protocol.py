@@ -18,11 +18,13 @@ tells ``Unexpose``/``Unroute``, and pings (``Ping``/``Pong``); the relay opens s
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+from ..config import join_address, split_address
 from ..errors import TunnelProtocolError
 from ..identity import b64decode, b64encode
 from .frames import MAX_FRAME, FrameDecoder
@@ -57,6 +59,7 @@ __all__ = [
     "challenge_message",
     "decode",
     "parse",
+    "parse_endpoint",
 ]
 
 # A stream's first window: bytes that may be in flight (sent, not yet written out by the
@@ -209,19 +212,39 @@ class Hello(_Message):
         return cls(_key(data, "key", _KEY_BYTES), _key(data, "signature", _SIGNATURE_BYTES))
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """An ``ip:port`` or ``[v6]:port`` with an IP literal (no name) and a port 1-65535."""
+    try:
+        host, port = split_address(text, 0)
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise MessageError(f"{text[:_MAX_HOST]!r} is no ip:port") from None
+    if port == 0:
+        raise MessageError(f"{text[:_MAX_HOST]!r} has no port")
+    return address.compressed, port
+
+
 @dataclass(frozen=True, slots=True)
 class Welcome(_Message):
-    """Relay: you are in, as ``node_id``."""
+    """Relay: you are in, as ``node_id``; ``observed``: the address your connection came
+    from, as the relay saw it (your NAT's public side; optional, a newer relay's hint)."""
 
     TYPE = MessageType.WELCOME
     node_id: str
+    observed: tuple[str, int] | None = None
 
     def to_map(self) -> dict[str, Any]:
-        return {"type": self.TYPE.value, "node_id": self.node_id}
+        out: dict[str, Any] = {"type": self.TYPE.value, "node_id": self.node_id}
+        if self.observed is not None:
+            out["observed"] = join_address(*self.observed)
+        return out
 
     @classmethod
     def from_map(cls, data: Mapping[str, object]) -> Self:
-        return cls(_str(data, "node_id", _MAX_ID))
+        observed = None
+        if "observed" in data:
+            observed = parse_endpoint(_str(data, "observed", _MAX_HOST + 8))
+        return cls(_str(data, "node_id", _MAX_ID), observed)
 
 
 @dataclass(frozen=True, slots=True)

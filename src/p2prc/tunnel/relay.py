@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -100,6 +101,8 @@ class _Tunnel:
     node_id: str
     control: FramedStream
     mux: Mux
+    # Where the client's control connection came from (its NAT's public side), if known.
+    observed: tuple[str, int] | None = None
     servers: dict[int, asyncio.Server] = field(default_factory=dict)
     udp: dict[int, tuple[asyncio.DatagramTransport, RecentPeers]] = field(default_factory=dict)
 
@@ -232,7 +235,8 @@ class RelayServer(Component):
             except MessageError as exc:
                 raise TunnelProtocolError(f"malformed hello: {exc}") from None
             node_id = self._authenticate(first, nonce)
-            await self._serve_tunnel(_Tunnel(node_id, stream, Mux(stream)))
+            tunnel = _Tunnel(node_id, stream, Mux(stream), observed=_observed(writer))
+            await self._serve_tunnel(tunnel)
         except (P2PRCError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.info("relay connection closed: %s", exc or type(exc).__name__)
             if not writer.is_closing():
@@ -256,7 +260,7 @@ class RelayServer(Component):
         if previous is not None:
             await self._drop(previous)
         self._tunnels[tunnel.node_id] = tunnel
-        await tunnel.control.send(Welcome(tunnel.node_id))
+        await tunnel.control.send(Welcome(tunnel.node_id, tunnel.observed))
         try:
             while True:
                 try:
@@ -545,3 +549,19 @@ async def _http_error(writer: asyncio.StreamWriter, status: int, reason: str, te
     with contextlib.suppress(OSError):
         writer.write(head.encode() + body)
     await close_quietly(writer)
+
+
+def _observed(writer: asyncio.StreamWriter) -> tuple[str, int] | None:
+    """The peer address of a connection as an (IP, port) pair; an IPv4-mapped IPv6
+    address as its IPv4 one; None when the transport does not say."""
+    peer = writer.get_extra_info("peername")
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return None
+    try:
+        address = ipaddress.ip_address(str(peer[0]).partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    port = peer[1]
+    return (address.compressed, port) if isinstance(port, int) and 0 < port < 65536 else None
