@@ -21,6 +21,7 @@ from ._aio import CrashHandler, TaskSet
 from ._closing import Component
 from .api import create_app
 from .api._server import ApiServer, api_server, bind_api
+from .attach import service as attach_service
 from .cluster import service as cluster_service
 from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
@@ -123,6 +124,7 @@ class Node(Component):
         self._plugin_runs: PluginRuns | None = None
         self._jobs: JobService | None = None
         self._clusters: cluster_service.ClusterService | None = None
+        self._attached: attach_service.AttachService | None = None
         self._gossip: Gossip | None = None
         self._mapper: PortMapper | None = None
         self.relay: RelayServer | None = None
@@ -205,6 +207,11 @@ class Node(Component):
     def clusters(self) -> cluster_service.ClusterService:
         """Dask clusters this node owns."""
         return _running(self._clusters, "The cluster service runs only while the node runs.")
+
+    @property
+    def attached(self) -> attach_service.AttachService:
+        """Attached hosts: this gateway's own and those other gateways announce."""
+        return _running(self._attached, "The attach service runs only while the node runs.")
 
     @property
     def container_store(self) -> ContainerStore:
@@ -437,6 +444,9 @@ class Node(Component):
                 self._components["lan"] = "ok"
 
         await self._start_mapper()
+        attached = attach_service.for_node(self, on_crash=self._crash_handler("attached"))
+        self._attached = await self._stack.enter_async_context(attached)
+        self._components["attached"] = "ok"
 
     async def _start_callers(self) -> None:
         """Start the services that call this node's own API, once it serves."""
