@@ -27,7 +27,7 @@ import contextlib
 import logging
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -84,7 +84,7 @@ class AttachGateway(Component):
         port: int = 0,
         addresses: list[str] | None = None,
         publisher: Publisher | None = None,
-        on_endpoint: Callable[[], Awaitable[None]] | None = None,
+        on_endpoint: Callable[[], None] | None = None,
         connect_timeout: float = 5.0,
         handshake_timeout: float = handshake.HANDSHAKE_TIMEOUT,
         on_crash: CrashHandler = log_crash,
@@ -175,7 +175,10 @@ class AttachGateway(Component):
         self._public = public
         log.info("attach listener reachable at %s", self.endpoint())
         if self._on_endpoint is not None:
-            await self._on_endpoint()
+            try:
+                self._on_endpoint()
+            except RuntimeError:  # the attach service is not running: it signs at start
+                log.debug("attach listener moved while the attach service is not running")
 
     async def _watch(self, publisher: Publisher) -> None:
         """Keep the listener published through the relay while this node has attached

@@ -151,7 +151,8 @@ async def test_a_key_not_allowed_and_a_port_not_attached_get_one_answer(bed: Bed
 
 async def test_a_bad_signature_is_refused_before_the_policy_is_asked(bed: Bed) -> None:
     _, writer, answer = await _connect(bed, signature=b"\0" * 64)
-    assert answer["type"] == "error" and answer["code"] == "bad_signature"
+    assert answer["type"] == "error"
+    assert answer["code"] == "bad_signature"
     # Signed for another port: the signature covers the port.
     _, w2, other = await _connect(bed, port=8080, signed_port=22)
     assert other["code"] == "bad_signature"
@@ -192,7 +193,8 @@ async def test_garbage_and_oversized_frames_are_refused(bed: Bed, frame: bytes, 
     writer.write(frame)
     await writer.drain()
     answer = await handshake.read_frame(reader)
-    assert answer["type"] == "error" and answer["code"] == code
+    assert answer["type"] == "error"
+    assert answer["code"] == code
     assert await reader.read() == b""
     await close_quietly(writer)
 
@@ -214,7 +216,8 @@ async def test_garbage_and_oversized_frames_are_refused(bed: Bed, frame: bytes, 
 )
 async def test_every_connect_field_is_checked(bed: Bed, changes: dict[str, Any]) -> None:
     _, writer, answer = await _connect(bed, **changes)
-    assert answer["type"] == "error" and answer["code"] == "tunnel_protocol_error"
+    assert answer["type"] == "error"
+    assert answer["code"] == "tunnel_protocol_error"
     assert bed.policy.asked == []
     await close_quietly(writer)
 
