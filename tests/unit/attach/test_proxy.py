@@ -7,7 +7,7 @@ import asyncio
 import shlex
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,10 @@ class Policy:
         return []
 
 
+def _constant(policy: Policy) -> Callable[[], Policy]:
+    return lambda: policy
+
+
 async def _hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(b"SSH-2.0-board\r\n")
     await writer.drain()
@@ -83,7 +87,7 @@ async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
         policy = Policy(port, {client.public_key})
         directory = tmp_path / f"g{index}"
         directory.mkdir()
-        gateway = AttachGateway(identity, directory, lambda p=policy: p, host="127.0.0.1")
+        gateway = AttachGateway(identity, directory, _constant(policy), host="127.0.0.1")
         await gateway.start()
         gateways.append((identity, gateway))
     yield Bed(client, gateways)
