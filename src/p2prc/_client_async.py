@@ -64,6 +64,7 @@ from .models import (
 )
 
 if TYPE_CHECKING:
+    from .attach.client import AttachedAPI
     from .cluster.client import ClustersAPI
     from .jobs.client import Job, JobsAPI
     from .jobs.task import Task
@@ -490,6 +491,13 @@ class AsyncClient(AsyncClosing):
         from .cluster.client import ClustersAPI  # here: cluster.client imports this module
 
         return ClustersAPI(self)
+
+    @property
+    def attached(self) -> AttachedAPI:
+        """Attached hosts: ``list``, ``get``, ``attach``, ``detach``, ``allow``."""
+        from .attach.client import AttachedAPI  # here: attach.client imports this module
+
+        return AttachedAPI(self)
 
     async def run(self, task: Task) -> Job:
         """Submit ``task`` (``POST /jobs``); the ``Job`` has ``logs``, ``wait``, ``results``."""

@@ -18,6 +18,7 @@ import httpx
 
 from ._client_async import AsyncClient
 from ._closing import Closing
+from .attach.client import BlockingAttachedAPI
 from .cluster.client import BlockingClustersAPI
 from .config import Home
 from .identity import Identity
@@ -140,6 +141,11 @@ class Client(Closing):
     def clusters(self) -> BlockingClustersAPI:
         """The node's Dask clusters: ``create``, ``list``, ``get``, ``scale``, ``remove``."""
         return BlockingClustersAPI(self, self._async.clusters)
+
+    @property
+    def attached(self) -> BlockingAttachedAPI:
+        """Attached hosts: ``list``, ``get``, ``attach``, ``detach``, ``allow``."""
+        return BlockingAttachedAPI(self, self._async.attached)
 
     # Explicit: the twin of AsyncClient.run answers a blocking handle, not a Job.
     def run(self, task: Task) -> BlockingJob:
