@@ -14,6 +14,7 @@ import typer
 from .. import __version__
 from ..client import Client
 from ..errors import InvalidRequest, P2PRCError
+from ._attach import attach_command, attached_command, detach_command
 from ._cluster import cluster_app
 from ._common import Options, emit, err, options_of, out
 from ._containers import bootstrap_images, build_image, container_app, images
@@ -48,6 +49,9 @@ app.command("run")(run_command)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
 app.command("forward")(forward_command)
+app.command("attach")(attach_command)
+app.command("detach")(detach_command)
+app.command("attached")(attached_command)
 app.add_typer(trust_app, name="trust")
 app.command("id")(id_command)
 app.command("invite")(invite_command)

@@ -4,14 +4,16 @@ import json
 from typing import Annotated
 
 import typer
+from rich.console import Group
 from rich.table import Table
 
 from .._match import unique_peer
 from ..client import Client, is_address, peer_url
 from ..config import DEFAULT_PORT, load, set_value
-from ..errors import NodeNotRunning
+from ..errors import NodeNotRunning, NotFound
 from ..models import PeerView
 from ..node import init_home
+from ._attach import attached_table
 from ._common import Options, command, emit, options_of
 
 __all__ = ["meta_app", "peers_app", "resolve"]
@@ -28,12 +30,25 @@ def resolve(options: Options, peer: str) -> str:
         return client.resolve(peer)
 
 
-@command(peers_app, "list", help="Every node this node knows, itself first (the original --ls).")
+@command(
+    peers_app,
+    "list",
+    help="Every node this node knows, itself first (the original --ls), then attached hosts.",
+)
 def list_peers(options: Options) -> None:
-    """Print the peer table (the original --ls)."""
+    """Print the peer table (the original --ls), then the attached hosts with their gateways."""
     with Client(home=options.home) as client:
         views = client.peers()
-    emit(options, [view.model_dump(mode="json") for view in views], _peer_table(views))
+        try:
+            hosts = client.attached.list()
+        except NotFound:  # a node without attached hosts' routes
+            hosts = []
+    rows: list[dict[str, object]] = [view.model_dump(mode="json") for view in views]
+    rows += [{"kind": "attached", **host.model_dump(mode="json")} for host in hosts]
+    human = _peer_table(views)
+    emit(
+        options, rows, Group(human, "", "attached hosts", attached_table(hosts)) if hosts else human
+    )
 
 
 @command(
