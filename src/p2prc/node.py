@@ -22,12 +22,16 @@ from ._closing import Component
 from .api import create_app
 from .api._server import ApiServer, api_server, bind_api
 from .attach import service as attach_service
+from .attach.forwarder import RemoteMaps
+from .attach.gateway import AttachGateway
+from .attach.store import AttachStore
 from .cluster import service as cluster_service
 from .config import Home, NodeConfig, atomic_write, join_address
 from .containers.runtime import ContainerRuntime
 from .containers.service import ContainerService
 from .containers.store import ContainerStore
 from .containers.tracked import TrackedContainers
+from .direct import paths as direct_paths
 from .errors import NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .jobs.service import JobService, for_node
@@ -125,8 +129,11 @@ class Node(Component):
         self._jobs: JobService | None = None
         self._clusters: cluster_service.ClusterService | None = None
         self._attached: attach_service.AttachService | None = None
+        self._attach_gateway: AttachGateway | None = None
+        self._attach_maps: RemoteMaps | None = None
         self._gossip: Gossip | None = None
         self._mapper: PortMapper | None = None
+        self._paths: direct_paths.Paths | None = None
         self.relay: RelayServer | None = None
         self._listen: socket.socket | None = None
         self._home = home
@@ -184,6 +191,11 @@ class Node(Component):
         return _running(self._mapper, "Port mapping runs only while the node runs.")
 
     @property
+    def paths(self) -> direct_paths.Paths:
+        """Direct paths to peers (``direct/paths.py``)."""
+        return _running(self._paths, "Direct paths run only while the node runs.")
+
+    @property
     def link(self) -> PeerLink:
         """The one way this node calls other nodes."""
         return _running(self._link, "The peer link runs only while the node runs.")
@@ -207,6 +219,16 @@ class Node(Component):
     def clusters(self) -> cluster_service.ClusterService:
         """Dask clusters this node owns."""
         return _running(self._clusters, "The cluster service runs only while the node runs.")
+
+    @property
+    def attach_gateway(self) -> AttachGateway:
+        """The attach listener: other nodes reach this gateway's attached hosts there."""
+        return _running(self._attach_gateway, "The attach listener runs only while the node runs.")
+
+    @property
+    def attach_maps(self) -> RemoteMaps:
+        """Ports of attached hosts forwarded and published here (map-port --remote)."""
+        return _running(self._attach_maps, "Forwarded ports run only while the node runs.")
 
     @property
     def attached(self) -> attach_service.AttachService:
@@ -444,9 +466,39 @@ class Node(Component):
                 self._components["lan"] = "ok"
 
         await self._start_mapper()
+        await self._start_paths()
+        await self._start_attach_gateway()
         attached = attach_service.for_node(self, on_crash=self._crash_handler("attached"))
         self._attached = await self._stack.enter_async_context(attached)
         self._components["attached"] = "ok"
+
+    async def _start_attach_gateway(self) -> None:
+        """The attach listener and the forwarded ports of attached hosts (``attach/``)."""
+        addresses = self.advertised_addresses()
+        gateway = AttachGateway(
+            self.identity,
+            self._home.identity_dir,
+            lambda: self.attached,
+            host=self._host,
+            port=self._config.attach.port,
+            addresses=addresses,
+            publisher=self.mapper,
+            on_endpoint=lambda: self.attached.republish(),
+            connect_timeout=self._config.timeouts.connect,
+            on_crash=self._crash_handler("attach-gateway"),
+        )
+        self._attach_gateway = await self._stack.enter_async_context(gateway)
+        self._components["attach-gateway"] = "ok"
+        maps = RemoteMaps(
+            AttachStore(self.state.connection),
+            lambda: self.attached,
+            host=self._host,
+            addresses=addresses,
+            publisher=self.mapper,
+            connect_timeout=self._config.timeouts.connect,
+            on_crash=self._crash_handler("attach-maps"),
+        )
+        self._attach_maps = await self._stack.enter_async_context(maps)
 
     async def _start_callers(self) -> None:
         """Start the services that call this node's own API, once it serves."""
@@ -461,6 +513,18 @@ class Node(Component):
         """Ask trusted peers to connect back to our API port (see ``NatState``)."""
         ask = dial_back(self.link, gossip.api_url, self._port)
         await gossip.nat.detect(gossip.table.alive, ask)
+
+    async def _start_paths(self) -> None:
+        paths = direct_paths.for_node(
+            self,
+            listen_host=self._host,
+            api_host=self._local_host,
+            tls_dir=self._home.identity_dir,
+            on_crash=self._crash_handler("direct"),
+        )
+        self._paths = await self._stack.enter_async_context(paths)
+        self.link.paths = paths
+        self._components["direct"] = "ok"
 
     async def _start_mapper(self) -> None:
         mapper = PortMapper(
@@ -541,4 +605,7 @@ class Node(Component):
             "port": self._port,
             "node_id": self.identity.node_id,
         }
+        if self._attach_gateway is not None:  # p2prc ssh --proxy: this node's own listener
+            gateway = self._attach_gateway
+            info["attach"] = join_address(gateway.local_host, gateway.port)
         atomic_write(self._home.runtime_file, json.dumps(info).encode(), mode=0o600)
