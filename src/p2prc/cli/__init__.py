@@ -25,6 +25,7 @@ from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
 from ._peers import meta_app, peers_app
 from ._plugins import group_app, plugin_app
+from ._ssh import SSH_SETTINGS, ssh_command
 from ._trust import id_command, invite_command, join_command, trust_app
 from ._ui import ui_command
 
@@ -52,6 +53,7 @@ app.command("forward")(forward_command)
 app.command("attach")(attach_command)
 app.command("detach")(detach_command)
 app.command("attached")(attached_command)
+app.command("ssh", context_settings=SSH_SETTINGS)(ssh_command)
 app.add_typer(trust_app, name="trust")
 app.command("id")(id_command)
 app.command("invite")(invite_command)
