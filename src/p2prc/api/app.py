@@ -25,6 +25,7 @@ from ..specs import collect_specs, own_addresses
 from ..state import State
 from . import cluster, containers, jobs, metrics, overview, peers, plugins, trust, tunnel, ui
 from .attach import router as attach_routes
+from .attach_map import router as attach_map_routes
 from .auth import Owner, Peer, RequestVerifier
 
 __all__ = ["NodeView", "RequestLimits", "body_limit", "create_app"]
@@ -267,6 +268,7 @@ def create_app(node: NodeView) -> FastAPI:
     app.include_router(jobs.router(node))
     app.include_router(cluster.router(node))
     app.include_router(attach_routes(node))
+    app.include_router(attach_map_routes(node))
     metrics.install(app, node, app.state.verifier)
     app.include_router(trust.router(node, app.state.verifier))
     app.include_router(ui.router(node))
