@@ -20,6 +20,7 @@ from ._common import Options, emit, err, options_of, out
 from ._containers import bootstrap_images, build_image, container_app, images
 from ._doctor import doctor_command
 from ._forward import forward_command
+from ._install import install_node_command
 from ._jobs import jobs_app, run_command
 from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
@@ -54,6 +55,7 @@ app.command("attach")(attach_command)
 app.command("detach")(detach_command)
 app.command("attached")(attached_command)
 app.command("ssh", context_settings=SSH_SETTINGS)(ssh_command)
+app.command("install-node")(install_node_command)
 app.add_typer(trust_app, name="trust")
 app.command("id")(id_command)
 app.command("invite")(invite_command)
