@@ -27,6 +27,8 @@ from . import cluster, containers, jobs, metrics, overview, peers, plugins, trus
 from .attach import router as attach_routes
 from .attach_map import router as attach_map_routes
 from .auth import Owner, Peer, RequestVerifier
+from .direct import DirectNode
+from .direct import router as direct_routes
 
 __all__ = ["NodeView", "RequestLimits", "body_limit", "create_app"]
 
@@ -38,7 +40,12 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 # Each router names what it needs in its own Protocol (ContainerNode, PeerNode, ...);
 # NodeView is their union plus what create_app itself uses (an overlap is one property).
 class NodeView(
-    containers.ContainerNode, peers.PeerNode, plugins.PluginNode, tunnel.TunnelNode, Protocol
+    containers.ContainerNode,
+    peers.PeerNode,
+    plugins.PluginNode,
+    tunnel.TunnelNode,
+    DirectNode,
+    Protocol,
 ):
     """What the API needs from a node."""
 
@@ -267,6 +274,7 @@ def create_app(node: NodeView) -> FastAPI:
     app.include_router(tunnel.router(node))
     app.include_router(jobs.router(node))
     app.include_router(cluster.router(node))
+    app.include_router(direct_routes(node))
     app.include_router(attach_routes(node))
     app.include_router(attach_map_routes(node))
     metrics.install(app, node, app.state.verifier)

@@ -6,6 +6,8 @@ is never looked up in DNS: a name no record holds is ``PeerNotFound``. Only an a
 no record publishes is called as typed, its audience learned from its ``/status``.
 Every call gets the config's ``[timeouts] connect`` and ``request``, and its outcome (ok,
 or the error's code) is kept per peer node id for ``p2prc status``, for members only.
+With ``paths`` set (``node.paths``), each call touches the peer's direct path and goes
+over it when one is up (``direct/paths.py``), else the usual way.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
@@ -24,7 +27,14 @@ from ..errors import P2PRCError, PeerTimeout
 from ..identity import Identity
 from .table import Member, PeerTable
 
-__all__ = ["CallOutcome", "PeerLink", "PeerTarget", "resolve_peer"]
+__all__ = ["CallOutcome", "DirectPaths", "PeerLink", "PeerTarget", "resolve_peer"]
+
+
+class DirectPaths(Protocol):
+    """What the link asks of ``node.paths``."""
+
+    def touch(self, node_id: str) -> None: ...
+    def transport(self, node_id: str) -> httpx.AsyncBaseTransport | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,7 @@ class PeerLink:
         self._transport = transport
         # Node id -> the last call's outcome; only members of the table are kept.
         self._calls: dict[str, CallOutcome] = {}
+        self.paths: DirectPaths | None = None
 
     def __repr__(self) -> str:
         return f"<PeerLink {self._identity.node_id} [{len(self._members())} peers]>"
@@ -101,16 +112,24 @@ class PeerLink:
         return None
 
     @contextlib.asynccontextmanager
-    async def connect(self, target: PeerTarget | str) -> AsyncIterator[AsyncClient]:
-        """A client signed for ``target`` (a resolved peer, or an address as stored)."""
+    async def connect(
+        self, target: PeerTarget | str, *, direct: bool = True
+    ) -> AsyncIterator[AsyncClient]:
+        """A client signed for ``target`` (a resolved peer, or an address as stored); over
+        the peer's direct path when one is up, unless ``direct`` is false."""
         if isinstance(target, str):
             target = PeerTarget(peer_url(target), self.audience_at(target))
         timeouts = self._timeouts
+        transport = self._transport
+        if transport is None and self.paths is not None and target.node_id is not None:
+            self.paths.touch(target.node_id)
+            if direct:
+                transport = self.paths.transport(target.node_id)
         client = AsyncClient(
             target.url,
             identity=self._identity,
             audience=target.node_id,
-            transport=self._transport,
+            transport=transport,
             timeout=httpx.Timeout(timeouts.request, connect=timeouts.connect),
         )
         try:

@@ -1,0 +1,31 @@
+"""What ``GET /paths`` answers: how this node reaches each peer it talks to."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = ["PathInfo", "PathKind"]
+
+# direct: a direct path is up; relay: through the peer's relay; public: the peer's plain API
+# (no relay involved); none: no way known.
+PathKind = Literal["direct", "relay", "public", "none"]
+
+
+class PathInfo(BaseModel):
+    """One peer's path: the one in use, and what is known of the others."""
+
+    node_id: str
+    name: str = ""
+    kind: PathKind
+    via: str = Field(default="", description="The relay's node id when kind is relay.")
+    rtt_ms: float | None = Field(default=None, description="Round trip of the path in use.")
+    direct_rtt_ms: float | None = None
+    relay_rtt_ms: float | None = Field(
+        default=None, description="Round trip through the relay (or to the plain API)."
+    )
+    since: float | None = Field(default=None, description="Wall clock the path came up.")
+    attempts: int = Field(default=0, description="Direct attempts made so far.")
+    last_error: str = Field(default="", description="Why the last attempt or path ended.")
+    streams: int = Field(default=0, description="Streams open on the direct path.")
