@@ -342,10 +342,13 @@ class ContainerGroup(_Model):
     id: str
     created_at: float
     containers: list[TrackedContainer]
+    attached: list[str] = Field(
+        default_factory=list, description="Attached hosts in the group, by name"
+    )
 
 
 class GroupMember(_Request):
-    """A tracked container id (or unique prefix) to add to a group."""
+    """A tracked container id (or unique prefix), or an attached host's name, for a group."""
 
     container: str = Field(min_length=1, max_length=64)
 
@@ -360,7 +363,7 @@ class PluginInfo(_Model):
 
 
 class PluginRunRequest(_Request):
-    """Run a plugin against a tracked container or a group."""
+    """Run a plugin against a tracked container, an attached host or a group."""
 
     target: str = Field(min_length=1, max_length=64)
     variables: dict[str, str] = Field(default_factory=dict, max_length=64)
