@@ -390,7 +390,10 @@ class Node(Component):
             return PeerTarget(self.api_url, self.identity.node_id)
 
         self._tracked = TrackedContainers(self._link, db, home.known_hosts, me=me)
-        self._plugin_runs = PluginRuns(db, home, self._config.plugin_path, spawn=self.spawn)
+        self._plugin_runs = PluginRuns(
+            db, home, self._config.plugin_path, spawn=self.spawn,
+            attached=lambda name: self.attached.get(name),
+        )  # fmt: skip
 
     async def _start_components(self) -> None:
         """Start each feature's component; each later feature adds its line here."""

@@ -1,4 +1,10 @@
-"""Groups of tracked containers (possibly on different peers), kept in SQLite."""
+"""Groups of tracked containers (possibly on different peers) and attached hosts, in SQLite.
+
+An attached host's membership is a ``group_members`` row whose ``peer`` is ``ATTACHED``
+(never a node id: those are 32 hex digits) and whose ``container_id`` is the host's name;
+the name is looked up when a plugin runs, so a host that was detached since is reported
+then.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ from ..errors import InvalidRequest, NotFound
 from ..models import ContainerGroup, TrackedContainer
 from .store import ContainerStore
 
-__all__ = ["GroupStore"]
+__all__ = ["ATTACHED", "GroupStore"]
+
+ATTACHED = "attached"
 
 
 class GroupStore:
@@ -44,7 +52,10 @@ class GroupStore:
             for item in self._containers.tracked()
             if (item.container.peer, item.container.id) in members
         ]
-        return ContainerGroup(id=row[0], created_at=row[1], containers=containers)
+        attached = sorted(name for peer, name in members if peer == ATTACHED)
+        return ContainerGroup(
+            id=row[0], created_at=row[1], containers=containers, attached=attached
+        )
 
     def all(self) -> list[ContainerGroup]:
         rows = self._db.execute("SELECT id FROM container_groups ORDER BY created_at")
@@ -65,6 +76,25 @@ class GroupStore:
         self._db.execute(
             "DELETE FROM group_members WHERE group_id = ? AND peer = ? AND container_id = ?",
             (group_id, item.container.peer, item.container.id),
+        )
+        return self.get(group_id)
+
+    def add_attached(self, group_id: str, name: str) -> ContainerGroup:
+        """Put the attached host ``name`` (already checked to exist) into a group."""
+        self.get(group_id)
+        self._db.execute(
+            "INSERT OR IGNORE INTO group_members (group_id, peer, container_id) VALUES (?, ?, ?)",
+            (group_id, ATTACHED, name),
+        )
+        return self.get(group_id)
+
+    def remove_attached(self, group_id: str, name: str) -> ContainerGroup:
+        group = self.get(group_id)
+        if name not in group.attached:
+            raise InvalidRequest(f"attached host {name} is not in group {group_id}")
+        self._db.execute(
+            "DELETE FROM group_members WHERE group_id = ? AND peer = ? AND container_id = ?",
+            (group_id, ATTACHED, name),
         )
         return self.get(group_id)
 

@@ -1,8 +1,11 @@
-"""Run a plugin's playbook with ansible-runner against tracked containers.
+"""Run a plugin's playbook with ansible-runner against tracked containers and attached hosts.
 
 The inventory is built from the containers' SSH addresses and the node's key path (the
 key itself is never copied); ansible-runner's working directory is a private temporary
-directory removed afterwards. Nothing is passed through a shell.
+directory removed afterwards. Nothing is passed through a shell. An attached host is the
+inventory host ``a-<name>``, reached the way ``p2prc ssh`` reaches it: ``ssh`` options from
+``attach.proxy.ssh_options`` (ProxyCommand through p2prc and a gateway, the signed record's
+host key pinned under its alias, StrictHostKeyChecking=yes, the node's key only).
 
 Every inventory value came from a peer or may contain what one chose, and Ansible
 templates inventory strings on this machine: the inventory is written as YAML with each
@@ -22,11 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..attach import proxy
+from ..attach.models import AttachedHost
 from ..containers import hostkeys
 from ..errors import PluginError
 from ..models import HostResult, PluginInfo, PluginRun, TrackedContainer
 
-__all__ = ["host_name", "inventory", "inventory_yaml", "run_playbook"]
+__all__ = ["attached_host_name", "host_name", "inventory", "inventory_yaml", "run_playbook"]
 
 EventCallback = Callable[[str, str, str], None]
 _TEMPLATE_MARKS = ("{", "%", "#")
@@ -42,8 +47,19 @@ def host_name(item: TrackedContainer) -> str:
     return f"c-{item.container.id}"
 
 
-def inventory(items: list[TrackedContainer], key: Path, known_hosts: Path) -> dict[str, Any]:
-    """An Ansible inventory for these containers, logging in with the node's key."""
+def attached_host_name(host: AttachedHost) -> str:
+    return f"a-{host.name}"
+
+
+def inventory(
+    items: list[TrackedContainer],
+    key: Path,
+    known_hosts: Path,
+    attached: list[AttachedHost] | None = None,
+    home: Path | None = None,
+) -> dict[str, Any]:
+    """An Ansible inventory for these containers and attached hosts (``home``: the node's
+    home directory, whose key, known_hosts and ``p2prc ssh --proxy`` reach them)."""
     hosts: dict[str, Any] = {}
     for item in items:
         view = item.container
@@ -64,6 +80,17 @@ def inventory(items: list[TrackedContainer], key: Path, known_hosts: Path) -> di
         }
         _refuse_templates(host_name(item), host)
         hosts[host_name(item)] = host
+    if attached and home is None:
+        raise PluginError("attached hosts need the node's home for their ssh options")
+    for target in attached or []:
+        assert home is not None
+        entry: dict[str, Any] = {"ansible_host": target.name, "ansible_port": target.ssh_port}
+        if target.user:
+            entry["ansible_user"] = target.user
+        entry["ansible_ssh_common_args"] = shlex.join(proxy.ssh_options(home, target))
+        entry["ansible_python_interpreter"] = "auto_silent"
+        _refuse_templates(attached_host_name(target), entry)
+        hosts[attached_host_name(target)] = entry
     return {"all": {"hosts": hosts}}
 
 
@@ -97,18 +124,24 @@ def run_playbook(
     run_id: str,
     target: str,
     on_event: EventCallback,
+    attached: list[AttachedHost] | None = None,
+    home: Path | None = None,
 ) -> PluginRun:
-    """Run ``site.yml`` of ``plugin`` on every container; blocks (call it in a thread)."""
+    """Run ``site.yml`` of ``plugin`` on every container and attached host; blocks (call it
+    in a thread)."""
     try:
         import ansible_runner
     except ImportError:
         raise PluginError("ansible-runner is not installed (pip install ansible-runner)") from None
-    hosts = inventory(items, key, known_hosts)
+    hosts = inventory(items, key, known_hosts, attached, home)
     for item in items:
         if item.container.ssh.host_key:
             hostkeys.pin(
                 known_hosts, hostkeys.alias(item.container.id), item.container.ssh.host_key
             )
+    for host in attached or []:
+        assert home is not None
+        proxy.pin_host_key(home, host)
     started = time.time()
     output: list[str] = []
 
@@ -139,7 +172,9 @@ def run_playbook(
             timeout=3600,
         )
         stats = runner.stats or {}
-    results = {host_name(item): _host_result(stats, host_name(item)) for item in items}
+    names = [host_name(item) for item in items]
+    names += [attached_host_name(host) for host in attached or []]
+    results = {name: _host_result(stats, name) for name in names}
     ok = runner.status == "successful" and all(
         r.failed == 0 and r.unreachable == 0 for r in results.values()
     )

@@ -1,4 +1,4 @@
-"""Plugin runs: groups of tracked containers, the installed plugins, runs and their records.
+"""Plugin runs: groups of tracked containers and attached hosts, the installed plugins, runs.
 
 The owner's Ansible automation. A run is a node task: it runs to its end, and its record
 is saved, even when whoever asked for it stops listening.
@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from .._aio import Report, Spawn, reported
+from ..attach.models import AttachedHost
 from ..config import Home
 from ..containers.groups import GroupStore
 from ..containers.store import ContainerStore
-from ..errors import InvalidRequest, P2PRCError
+from ..errors import AttachedNotFound, ContainerNotFound, InvalidRequest, P2PRCError
 from ..models import (
     ContainerGroup,
     PluginEvent,
@@ -36,6 +37,7 @@ __all__ = ["PluginRuns"]
 log = logging.getLogger(__name__)
 
 Runner = Callable[..., PluginRun]
+AttachedLookup = Callable[[str], AttachedHost]
 _MAX_SOURCE = 1000
 
 
@@ -44,7 +46,8 @@ class PluginRuns:
 
     Plugins live in ``plugin_path`` (the config's), else the home's ``plugins``; Ansible
     logs in with the home's node key and pinned host keys. ``spawn(coro, name=...)`` runs
-    a task owned by the node.
+    a task owned by the node. ``attached(name)`` finds an attached host (``AttachedNotFound``
+    else); without it, targets are containers only.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class PluginRuns:
         *,
         spawn: Spawn,
         runner: Runner = run_playbook,
+        attached: AttachedLookup | None = None,
     ) -> None:
         self._groups = GroupStore(db)
         self._containers = ContainerStore(db)
@@ -62,6 +66,8 @@ class PluginRuns:
         self._plugins = PluginStore(Path(plugin_path) if plugin_path else home.plugins_dir)
         self._key = home.identity_key
         self._known_hosts = home.known_hosts
+        self._home = home.path
+        self._attached = attached
         self._spawn = spawn
         self._runner = runner
 
@@ -82,14 +88,48 @@ class PluginRuns:
         """One group with its tracked containers (``NotFound``)."""
         return self._groups.get(group_id)
 
-    def add_member(self, group_id: str, container: str) -> ContainerGroup:
-        """Add a tracked container (name or id prefix) to a group."""
+    def add_member(self, group_id: str, member: str) -> ContainerGroup:
+        """Add a tracked container (name or id prefix) or an attached host to a group."""
         self._groups.get(group_id)
-        return self._groups.add(group_id, self._containers.one_tracked(container))
+        found = self._member(member)
+        if isinstance(found, TrackedContainer):
+            return self._groups.add(group_id, found)
+        return self._groups.add_attached(group_id, found.name)
 
-    def remove_member(self, group_id: str, container: str) -> ContainerGroup:
-        """Take a tracked container out of a group."""
-        return self._groups.remove(group_id, self._containers.one_tracked(container))
+    def remove_member(self, group_id: str, member: str) -> ContainerGroup:
+        """Take a tracked container or an attached host out of a group."""
+        group = self._groups.get(group_id)
+        if member in group.attached:  # a host detached since can still be taken out
+            return self._groups.remove_attached(group_id, member)
+        return self._groups.remove(group_id, self._containers.one_tracked(member))
+
+    def _member(self, member: str) -> TrackedContainer | AttachedHost:
+        """The container or the attached host ``member`` names (an exact name, never both)."""
+        try:
+            container: TrackedContainer | None = self._containers.one_tracked(member)
+        except ContainerNotFound:
+            container = None
+        host = self._attached_host(member)
+        if container is not None and host is not None:
+            raise InvalidRequest(
+                f"{member!r} names a container and an attached host: give the container's id"
+            )
+        if container is not None:
+            return container
+        if host is not None:
+            return host
+        raise ContainerNotFound(
+            f"no tracked container or attached host {member!r}; "
+            "see 'p2prc container list' and 'p2prc attached'"
+        )
+
+    def _attached_host(self, name: str) -> AttachedHost | None:
+        if self._attached is None:
+            return None
+        try:
+            return self._attached(name)
+        except AttachedNotFound:
+            return None
 
     def delete_group(self, group_id: str) -> None:
         """Delete a group; its containers stay."""
@@ -124,31 +164,45 @@ class PluginRuns:
         task, status) and one 'finished' with the saved run, also when the run failed.
         """
         plugin = self._plugins.get(name)
-        items = self._targets(request.target)
+        items, hosts = self._targets(request.target)
         run_id = f"run{secrets.token_hex(6)}"
 
         async def work(report: Report[PluginEvent]) -> None:
             def on_event(host: str, task: str, status: str) -> None:
                 report(PluginEvent(event="progress", host=host, task=task, status=status))
 
-            result = await self._play(plugin, items, request, run_id, on_event)
+            result = await self._play(plugin, items, hosts, request, run_id, on_event)
             self._runs.save(result)
             report(PluginEvent(event="finished", run=result))
 
         return reported(self._spawn, work, name="plugin-run")
 
-    def _targets(self, target: str) -> list[TrackedContainer]:
+    def _targets(self, target: str) -> tuple[list[TrackedContainer], list[AttachedHost]]:
+        """The containers and attached hosts a run's target names (a group: its members)."""
         if target.startswith("grp"):
             group = self._groups.get(target)
-            if not group.containers:
-                raise InvalidRequest(f"group {target} has no containers")
-            return group.containers
-        return [self._containers.one_tracked(target)]
+            if not group.containers and not group.attached:
+                raise InvalidRequest(f"group {target} has no containers or attached hosts")
+            hosts = []
+            for name in group.attached:
+                host = self._attached_host(name)
+                if host is None:
+                    raise InvalidRequest(
+                        f"group {target}: attached host {name!r} is not known any more "
+                        f"(detached?); take it out with 'p2prc group rm {target} {name}'"
+                    )
+                hosts.append(host)
+            return group.containers, hosts
+        found = self._member(target)
+        if isinstance(found, TrackedContainer):
+            return [found], []
+        return [], [found]
 
     async def _play(
         self,
         plugin: PluginInfo,
         items: list[TrackedContainer],
+        hosts: list[AttachedHost],
         request: PluginRunRequest,
         run_id: str,
         on_event: Callable[[str, str, str], None],
@@ -166,6 +220,8 @@ class PluginRuns:
                 run_id=run_id,
                 target=request.target,
                 on_event=on_event,
+                attached=hosts,
+                home=self._home,
             )
         except Exception as exc:  # a failed run, not a failed node: logged, then recorded
             if isinstance(exc, P2PRCError):
