@@ -1,4 +1,4 @@
-"""``p2prc group ...`` and ``p2prc plugin ...``: automate containers with Ansible."""
+"""``p2prc group ...`` and ``p2prc plugin ...``: automate containers and attached hosts."""
 
 from pathlib import Path
 from typing import Annotated
@@ -13,15 +13,17 @@ from ._common import Options, command, emit, err, options_of
 
 __all__ = ["group_app", "plugin_app"]
 
-group_app = typer.Typer(help="Groups of tracked containers, for plugins.")
-plugin_app = typer.Typer(help="Ansible plugins: playbooks run against containers or groups.")
+group_app = typer.Typer(help="Groups of tracked containers and attached hosts, for plugins.")
+plugin_app = typer.Typer(
+    help="Ansible plugins: playbooks run against containers, attached hosts or groups."
+)
 
 
 def _group_table(groups: list[ContainerGroup]) -> Table:
-    table = Table("group", "containers", box=None)
+    table = Table("group", "containers", "attached hosts", box=None)
     for group in groups:
         ids = ", ".join(item.container.id for item in group.containers) or "-"
-        table.add_row(group.id, ids)
+        table.add_row(group.id, ids, ", ".join(group.attached) or "-")
     return table
 
 
@@ -63,13 +65,13 @@ def delete_group(options: Options, group_id: str) -> None:
 
 @group_app.command("add")
 def group_add(ctx: typer.Context, group_id: str, container: str) -> None:
-    """Add a tracked container to a group (the original --group G --id C)."""
+    """Add a tracked container or an attached host to a group (the original --group G --id C)."""
     show_or_change_group(options_of(ctx), group_id, container)
 
 
 @group_app.command("rm")
 def group_rm(ctx: typer.Context, group_id: str, container: str) -> None:
-    """Take a container out of a group (the original --group G --rmcgroup --id C)."""
+    """Take a container or an attached host out of a group (original --rmcgroup)."""
     show_or_change_group(options_of(ctx), group_id, container, remove=True)
 
 
@@ -144,10 +146,12 @@ def _run_table(run: PluginRun) -> Table:
 def plugin_run(
     ctx: typer.Context,
     name: str,
-    target: Annotated[str, typer.Argument(help="A tracked container id or a group id.")],
+    target: Annotated[
+        str, typer.Argument(help="A tracked container id, an attached host's name or a group id.")
+    ],
     var: Annotated[list[str] | None, typer.Option("--var", help="key=value (repeatable).")] = None,
 ) -> None:
-    """Run a plugin on a container or a group (the original --plugin NAME --id ID)."""
+    """Run a plugin on a container, an attached host or a group (original --plugin NAME --id ID)."""
     run_plugin(options_of(ctx), name, target, var or [])
 
 
