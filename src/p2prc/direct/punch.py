@@ -1,0 +1,410 @@
+"""Hole punching: two nodes behind NAT open one TCP connection to each other at once.
+
+Each NAT'd node learns its public address from its relay (``Welcome.observed``) and
+assumes its NAT keeps the source port of its direct port (it checks that the NAT kept the
+port of the tunnel's own connection: ``PortMapper.keeps_ports``). The caller asks the
+callee, with a signed ``POST /direct/punch`` through the relay like any call, giving its
+observed address, its direct port and how long after receipt the callee should start
+(``delay_ms``, from the round trip the caller measured); the callee answers with its own
+and starts its half; the caller starts when it reckons the callee does (half the request's
+round trip after it was answered, plus the delay). Both bind their direct port
+(SO_REUSEADDR + SO_REUSEPORT, as the listener does) and ``connect()`` to the other's
+public ip:port until one attempt connects (TCP simultaneous open) or ``PUNCH_SECONDS``
+pass. The connected socket goes to ``node.paths.adopt``, which runs the TLS and the
+challenge on it: nothing about the peer is believed before that.
+
+Why attempts follow each other closely: a NAT that answers an unsolicited SYN with a
+reset (some do, and so do the test bed's) ends each attempt after one round trip, and an
+attempt connects only when both SYNs leave their NATs before the other's arrives. So a
+refused attempt is followed by the next after a jittered ``GAP`` (0.5-1.5 ms; measured in
+the test bed: connected after 15-613 attempts, 0.02-0.8 s, where one attempt every 250 ms
+or 1 s mostly fails); an attempt that is not refused stays pending (the kernel resends
+its SYN), so on a NAT that drops instead the attempts are few. ``MAX_TRIES`` bounds them.
+
+Sans-IO: ``Schedule`` (when to try, how long) and the request and answer models; I/O:
+``simultaneous_open``, ``punch`` (the caller) and ``answer_punch`` (the callee's half,
+for ``api/punch.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import random
+import socket
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .._client_async import _validate
+from ..config import NodeConfig, join_address
+from ..errors import InvalidRequest, NotFound, P2PRCError, PunchFailed, RateLimited
+from ..identity import Identity
+from ..peers.link import PeerLink, PeerTarget
+from ..peers.table import Member, MemberState
+from ..tunnel.protocol import MessageError, parse_endpoint
+
+__all__ = [
+    "GAP",
+    "MAX_DELAY_MS",
+    "MAX_TRIES",
+    "MIN_DELAY_MS",
+    "PUNCH_SECONDS",
+    "PunchAnswer",
+    "PunchNode",
+    "PunchRequest",
+    "PunchSlots",
+    "Schedule",
+    "answer_punch",
+    "ask_delay_ms",
+    "caller_start",
+    "checked_target",
+    "punch",
+    "simultaneous_open",
+]
+
+log = logging.getLogger(__name__)
+
+# How long both sides keep trying, from their start.
+PUNCH_SECONDS = 3.0
+# The pause after a refused attempt: uniform in this range (jitter breaks lockstep).
+GAP = (0.0005, 0.0015)
+# Attempts one side makes at most in one punch.
+MAX_TRIES = 3000
+# The callee starts this long after it got the request: asked by the caller, bounded.
+MIN_DELAY_MS, MAX_DELAY_MS = 50, 3000
+# Punches at once on one node (both roles), and per peer one.
+MAX_PUNCHES = 16
+# When a peer's round trip is unknown, assume this (ms).
+_UNKNOWN_RTT_MS = 500.0
+# Errors of one attempt after which another cannot do better (the local port is taken,
+# the 4-tuple is still in TIME_WAIT, the address family is wrong).
+_FATAL = {"EADDRINUSE", "EADDRNOTAVAIL", "EAFNOSUPPORT", "EINVAL", "EACCES", "EPERM"}
+
+
+def _checked_ip(text: str) -> str:
+    """``text`` as an IP address a punch may connect to, else ``ValueError``."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if (
+        address.is_loopback
+        or address.is_unspecified
+        or address.is_multicast
+        or address.is_link_local
+        or address.is_reserved
+    ):
+        raise ValueError(f"{address} is no address a peer's NAT can have")
+    return address.compressed
+
+
+def checked_target(observed: str, port: int) -> tuple[str, int]:
+    """The ip:port to connect to: the peer's observed IP, at its direct ``port``."""
+    try:
+        host, _ = parse_endpoint(observed)
+        return _checked_ip(host), port
+    except (MessageError, ValueError) as exc:
+        raise InvalidRequest(f"observed address: {exc}") from None
+
+
+class _Offer(BaseModel):
+    """One side's half: where it is and when it starts."""
+
+    observed: str = Field(max_length=72, description="ip:port its relay saw it come from")
+    port: int = Field(ge=1, le=65535, description="its direct port")
+    delay_ms: int = Field(
+        ge=MIN_DELAY_MS, le=MAX_DELAY_MS, description="the callee starts this long after receipt"
+    )
+
+    @field_validator("observed")
+    @classmethod
+    def _ip_port(cls, value: str) -> str:
+        try:
+            host, port = parse_endpoint(value)
+            return join_address(_checked_ip(host), port)
+        except (MessageError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+
+
+class PunchRequest(_Offer):
+    """``POST /direct/punch``: the caller's observed address, direct port and delay."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class PunchAnswer(_Offer):
+    """The callee's observed address and direct port; it starts ``delay_ms`` after receipt."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+def ask_delay_ms(rtt_ms: float | None) -> int:
+    """How long after receipt the callee should start: past the answer's way back."""
+    rtt = _UNKNOWN_RTT_MS if rtt_ms is None or rtt_ms < 0 else rtt_ms
+    return int(min(MAX_DELAY_MS, max(MIN_DELAY_MS * 2, 1.5 * rtt + 100)))
+
+
+def caller_start(sent: float, answered: float, delay_ms: int) -> float:
+    """When the callee starts, on the caller's clock: it got the request about half the
+    round trip after it was sent; never before the answer is here."""
+    return max(answered, sent + (answered - sent) / 2 + delay_ms / 1000)
+
+
+@dataclass(slots=True)
+class Schedule:
+    """When each attempt of one side goes, from ``start`` until ``deadline``."""
+
+    start: float
+    deadline: float
+    max_tries: int = MAX_TRIES
+    tries: int = 0
+    _next: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._next = self.start
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until the next attempt may go (0: now), or None: no more attempts."""
+        if self.tries >= self.max_tries or now >= self.deadline:
+            return None
+        return max(0.0, self._next - now)
+
+    def attempt(self) -> None:
+        """An attempt goes now."""
+        self.tries += 1
+
+    def refused(self, now: float, jitter: float) -> None:
+        """The attempt failed at ``now``; ``jitter`` in [0, 1) places the next in ``GAP``."""
+        low, high = GAP
+        self._next = now + low + (high - low) * jitter
+
+    def left(self, now: float) -> float:
+        return max(0.0, self.deadline - now)
+
+
+def _bound(family: socket.AddressFamily, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno, "") if exc.errno else ""
+
+
+async def simultaneous_open(
+    local_port: int,
+    remote: tuple[str, int],
+    start: float,
+    *,
+    within: float = PUNCH_SECONDS,
+    rng: random.Random | None = None,
+) -> socket.socket:
+    """A socket from ``local_port`` connected to ``remote``, trying from ``start`` (loop
+    time) for ``within`` seconds; ``PunchFailed`` (with how many tries) when none connects."""
+    loop = asyncio.get_running_loop()
+    rng = rng or random.Random()
+    family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
+    schedule = Schedule(start, start + within)
+    last = "no attempt"
+    while (wait := schedule.wait(loop.time())) is not None:
+        if wait:
+            await asyncio.sleep(wait)
+        schedule.attempt()
+        try:
+            sock = _bound(family, local_port)
+        except OSError as exc:
+            raise PunchFailed(f"cannot bind the direct port {local_port}: {exc}") from None
+        try:
+            async with asyncio.timeout(schedule.left(loop.time())):
+                await loop.sock_connect(sock, remote)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            last = type(exc).__name__
+            if isinstance(exc, OSError) and _errno_name(exc) in _FATAL:
+                raise PunchFailed(f"connecting to {join_address(*remote)}: {exc}") from None
+            schedule.refused(loop.time(), rng.random())
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise PunchFailed(
+        f"no connection to {join_address(*remote)} within {within:g} s "
+        f"({schedule.tries} attempts, the last: {last}); a NAT that changes ports or "
+        "drops the other side's packets"
+    )
+
+
+class PunchSlots:
+    """At most one punch per peer at a time, and ``most`` on the node (both roles)."""
+
+    def __init__(self, most: int = MAX_PUNCHES) -> None:
+        self.most = most
+        self._peers: set[str] = set()
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._peers
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    @contextlib.contextmanager
+    def hold(self, node_id: str) -> Iterator[None]:
+        """The slot of ``node_id`` for the ``with`` block; ``RateLimited`` when it is taken
+        or the node punches ``most`` already."""
+        self.take(node_id)
+        try:
+            yield
+        finally:
+            self.release(node_id)
+
+    def take(self, node_id: str) -> None:
+        if node_id in self._peers:
+            raise RateLimited(f"a hole punch with {node_id} is already running")
+        if len(self._peers) >= self.most:
+            raise RateLimited(f"this node runs {self.most} hole punches already; try later")
+        self._peers.add(node_id)
+
+    def release(self, node_id: str) -> None:
+        self._peers.discard(node_id)
+
+
+class PunchPaths(Protocol):
+    """What punching needs of ``node.paths``."""
+
+    @property
+    def port(self) -> int: ...
+    async def adopt(self, sock: socket.socket, node_id: str, initiator: bool) -> bool: ...
+
+
+class PunchMembers(Protocol):
+    def get(self, node_id: str) -> Member | None: ...
+
+
+class PunchGossip(Protocol):
+    @property
+    def table(self) -> PunchMembers: ...
+
+
+class PunchMapper(Protocol):
+    @property
+    def observed(self) -> tuple[str, int] | None: ...
+    @property
+    def keeps_ports(self) -> bool | None: ...
+
+
+class PunchNode(Protocol):
+    """What punching needs of the node."""
+
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def link(self) -> PeerLink: ...
+    @property
+    def gossip(self) -> PunchGossip: ...
+    @property
+    def mapper(self) -> PunchMapper: ...
+    @property
+    def paths(self) -> PunchPaths: ...
+    @property
+    def punches(self) -> PunchSlots: ...
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]: ...
+
+
+def _own_half(node: PunchNode) -> tuple[tuple[str, int], int]:
+    """This node's observed address and direct port, or why it cannot punch."""
+    if not node.config.direct.enabled:
+        raise PunchFailed("direct paths are off on this node (direct.enabled = false)")
+    observed = node.mapper.observed
+    if observed is None:
+        raise PunchFailed("no relay has told this node its public address yet")
+    if node.mapper.keeps_ports is False:
+        raise PunchFailed(
+            f"this node's NAT changes source ports (its relay saw port {observed[1]}): "
+            "hole punching cannot work"
+        )
+    port = node.paths.port
+    if not port:
+        raise PunchFailed("this node has no direct port open")
+    return observed, port
+
+
+async def punch(node: PunchNode, member: Member) -> socket.socket:
+    """A TCP connection to ``member`` made by hole punching (the caller's half): connected,
+    not yet checked (``node.paths.adopt`` does that); ``PunchFailed`` says why not."""
+    record = member.record
+    observed, port = _own_half(node)
+    delay = ask_delay_ms(member.rtt_ms)
+    request = PunchRequest(observed=join_address(*observed), port=port, delay_ms=delay)
+    loop = asyncio.get_running_loop()
+    with node.punches.hold(record.node_id):
+        sent = loop.time()
+        target = PeerTarget(record.api_url, record.node_id)
+        try:
+            async with node.link.connect(target) as client:
+                response = await client._request(
+                    "POST", "/direct/punch", request.model_dump(), signed=True
+                )
+                answer = _validate(PunchAnswer, response, f"{record.api_url}/direct/punch")
+        except PunchFailed:
+            raise
+        except P2PRCError as exc:
+            raise PunchFailed(f"{record.name or record.node_id} did not punch: {exc}") from None
+        answered = loop.time()
+        try:
+            remote = checked_target(answer.observed, answer.port)
+        except InvalidRequest as exc:
+            raise PunchFailed(f"{record.name or record.node_id} answered {exc}") from None
+        start = caller_start(sent, answered, answer.delay_ms)
+        log.info(
+            "punching to %s at %s (its start in %.0f ms)",
+            record.node_id[:8],
+            join_address(*remote),
+            (start - answered) * 1000,
+        )
+        return await simultaneous_open(port, remote, start)
+
+
+def answer_punch(node: PunchNode, caller_id: str, request: PunchRequest) -> PunchAnswer:
+    """The callee's half of a trusted caller's punch: checks, starts its attempts in the
+    background (the connected socket goes to ``node.paths.adopt``) and answers at once."""
+    if caller_id == node.identity.node_id:
+        raise InvalidRequest("a node does not punch to itself")
+    member = node.gossip.table.get(caller_id) if node.config.gossip.enabled else None
+    if member is None or member.state > MemberState.SUSPECT:
+        raise NotFound(f"node {caller_id} is not in this node's peer table; push-pull first")
+    if member.record.behind_nat is False:
+        raise InvalidRequest("your record says you are public: dial this node's direct port")
+    remote = checked_target(request.observed, request.port)
+    observed, port = _own_half(node)
+    node.punches.take(caller_id)
+    start = asyncio.get_running_loop().time() + request.delay_ms / 1000
+    initiator = node.identity.node_id < caller_id  # after a punch the lower id is TLS client
+
+    async def half() -> None:
+        try:
+            sock = await simultaneous_open(port, remote, start)
+            adopted = await node.paths.adopt(sock, caller_id, initiator)
+            log.info("hole punch with %s: %s", caller_id[:8], "direct" if adopted else "refused")
+        except (P2PRCError, OSError) as exc:  # adopt's own refusals: logged, never a crash
+            log.info("hole punch with %s: %s", caller_id[:8], exc)
+        finally:
+            node.punches.release(caller_id)
+
+    node.spawn(half(), name=f"punch-{caller_id[:8]}")
+    return PunchAnswer(observed=join_address(*observed), port=port, delay_ms=request.delay_ms)
