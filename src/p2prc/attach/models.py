@@ -39,7 +39,7 @@ class AttachRequest(_Request):
 
     name: str = Field(description="The host's name in the network (peer-name rules)")
     host: str = Field(min_length=1, max_length=253, description="IP literal or DNS name")
-    ssh_port: int = Field(default=22, ge=1, le=65535)
+    ssh_port: int = Field(default=22, description="1-65535")
     user: str = Field(default="", max_length=32, description="The SSH user ('': the client's)")
     ports: list[int] = Field(default_factory=list, max_length=MAX_PORTS)
     allow: list[str] = Field(default_factory=list, max_length=MAX_ALLOW)
@@ -62,6 +62,13 @@ class AttachRequest(_Request):
     def _valid_user(cls, value: str) -> str:
         if value and not USER.match(value):
             raise ValueError("must be a POSIX user name (letters, digits, '.', '_', '-')")
+        return value
+
+    @field_validator("ssh_port")
+    @classmethod
+    def _valid_ssh_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(f"port {value} is out of range 1-65535")
         return value
 
     @field_validator("ports")
