@@ -260,7 +260,8 @@ def test_the_command_refuses_what_it_cannot_do(app: tuple[typer.Typer, list[Any]
     typer_app, _ = app
     runner = CliRunner()
     result = runner.invoke(typer_app, ["forward", "nope", "80"])
-    assert type(result.exception).__name__ == "ContainerNotFound"
+    # no container by that name: a peer's port, asked of this home's node (none runs)
+    assert type(result.exception).__name__ == "NodeNotRunning"
     result = runner.invoke(typer_app, ["forward", "nope", "80", "81", "--local", "0"])
     assert isinstance(result.exception, InvalidRequest)
     assert "--local goes with one plain PORT" in str(result.exception)

@@ -1,19 +1,41 @@
-"""``GET /paths``: how this node reaches each peer (direct, relay via X, public), the owner's."""
+"""Direct paths, the owner's: ``GET /paths`` (how this node reaches each peer: direct,
+relay via X, public) and ``POST /paths/forward`` (a local port of this node that reaches a
+port of a peer by the best path, for as long as the caller reads the answer)."""
 
-from typing import Protocol
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator
+from typing import Literal, Protocol
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
-from ..direct.models import PathInfo
+from ..config import split_address
+from ..containers.tracked import TrackedContainers
+from ..direct.forward import PeerForward
+from ..direct.models import ForwardEvent, ForwardRequest, PathInfo
 from ..direct.paths import Paths
+from ..errors import InvalidRequest, PeerNotFound
+from ..peers.gossip import Gossip
+from ..peers.link import PeerLink
+from ._stream import ndjson
 from .auth import Owner
 
 __all__ = ["DirectNode", "router"]
+
+# Seconds between the forward answer's beats (a caller gone is noticed at the next one).
+_BEAT = 10.0
 
 
 class DirectNode(Protocol):
     @property
     def paths(self) -> Paths: ...
+    @property
+    def link(self) -> PeerLink: ...
+    @property
+    def tracked(self) -> TrackedContainers: ...
+    @property
+    def gossip(self) -> Gossip: ...
 
 
 def router(node: DirectNode) -> APIRouter:
@@ -25,5 +47,62 @@ def router(node: DirectNode) -> APIRouter:
         """Each alive peer's path: the kind in use, its round trip, direct attempts and the
         last error; the owner's only (it tells who this node talks to)."""
         return node.paths.paths()
+
+    @routes.post("/paths/forward")
+    async def forward(body: ForwardRequest, caller: Owner) -> StreamingResponse:
+        """Listen on ``bind:local`` here; each connection reaches ``port`` of ``peer`` over
+        the direct path when one is up, else the usual way. NDJSON: ``listening`` at once,
+        then a ``beat`` every 10 s; the port closes when the caller stops reading."""
+        try:
+            ipaddress.ip_address(body.bind)
+        except ValueError:
+            raise InvalidRequest(f"bind {body.bind!r} is not an IP address") from None
+        target = node.link.resolve(body.peer)
+        if target.node_id is None:
+            raise PeerNotFound(f"no peer publishes {body.peer}")
+        node_id, port = target.node_id, body.port
+        node.paths.touch(node_id)
+
+        def fallback() -> tuple[str, int] | None:
+            for item in node.tracked.list():
+                if item.container.peer != node_id:
+                    continue
+                for mapping in item.container.ports:
+                    if mapping.host_port == port and mapping.public:
+                        return split_address(mapping.public)
+            member = node.gossip.table.get(node_id)
+            record = member.record if member is not None else None
+            if record is not None and record.behind_nat is not True and record.host:
+                return (record.host, port)
+            return None
+
+        forwarding = PeerForward(
+            node.paths, node_id, port, fallback, bind=body.bind, local=body.local
+        )
+        await forwarding.start()
+
+        def event(kind: Literal["listening", "beat"]) -> ForwardEvent:
+            path = node.paths.path(node_id)
+            return ForwardEvent(
+                event=kind,
+                local=f"{body.bind}:{forwarding.local_port}",
+                peer=node_id,
+                port=port,
+                path=path.kind,
+                via=path.via,
+                connections=forwarding.connections,
+            )
+
+        async def events() -> AsyncIterator[ForwardEvent]:
+            try:
+                yield event("listening")
+                while True:
+                    await asyncio.sleep(_BEAT)
+                    node.paths.touch(node_id)  # a path that died is tried again
+                    yield event("beat")
+            finally:
+                await forwarding.aclose()
+
+        return ndjson(events())
 
     return routes

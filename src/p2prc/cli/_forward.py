@@ -1,16 +1,20 @@
-"""``p2prc forward``: local ports that reach ports of a container, until Ctrl-C or SIGTERM."""
+"""``p2prc forward``: local ports that reach ports of a container (over its SSH) or of a peer
+(through this node, by the best path: direct when one is up), until Ctrl-C or SIGTERM."""
 
 import asyncio
 import ipaddress
 import signal
-from typing import Annotated
+from collections.abc import Coroutine
+from typing import Annotated, Any
 
 import typer
 
+from .._client_async import AsyncClient
 from ..client import Client
 from ..containers.forward import LOOPBACK, Forwarding, forward_ports, parse_pair
 from ..containers.store import pick_tracked
-from ..errors import InvalidRequest
+from ..direct.models import ForwardEvent
+from ..errors import ContainerNotFound, InvalidRequest, PeerProtocolError
 from ..models import TrackedContainer
 from ._common import Options, emit, err, options_of
 
@@ -27,14 +31,21 @@ def forward_container(
             raise InvalidRequest("--local goes with one plain PORT; else write LOCAL:PORT")
         pairs = [parse_pair(f"{local}:{pairs[0][1]}")]
     with Client(home=options.home) as client:
-        item = pick_tracked(client.tracked(), target)
+        tracked = client.tracked()
+    try:
+        item = pick_tracked(tracked, target)
+    except ContainerNotFound:  # no container by that name: a peer's own ports
+        item = None
     if not _loopback(bind):
         err.print(
             f"warning: listening on {bind or '*'}: anyone who can reach this machine "
             "at that address can use the forwarded ports",
             markup=False,
         )
-    asyncio.run(_run(options, item, pairs, bind))
+    if item is None:
+        asyncio.run(_until_stopped(_forward_peer(options, target, pairs, bind)))
+    else:
+        asyncio.run(_until_stopped(_forward_container(options, item, pairs, bind)))
 
 
 def _loopback(bind: str) -> bool:
@@ -46,9 +57,44 @@ def _loopback(bind: str) -> bool:
         return False
 
 
-async def _run(
+async def _forward_container(
     options: Options, item: TrackedContainer, pairs: list[tuple[int, int]], bind: str
 ) -> None:
+    key = options.home.identity_key
+    async with forward_ports(item, pairs, bind, key_file=key) as forwarding:
+        _announce(options, item, forwarding)
+        await forwarding.wait()  # PeerUnreachable when the connection drops
+
+
+async def _forward_peer(
+    options: Options, peer: str, pairs: list[tuple[int, int]], bind: str
+) -> None:
+    """Each pair is a forward the node runs while this command reads its answer."""
+    async with AsyncClient(home=options.home) as client:
+
+        async def one(local: int, port: int) -> None:
+            body = {"peer": peer, "port": port, "local": local, "bind": bind}
+            async for line in client.post_ndjson("/paths/forward", body, unbounded=True):
+                try:
+                    event = ForwardEvent.model_validate_json(line)
+                except ValueError:
+                    raise PeerProtocolError(f"the node answered {line[:80]!r}") from None
+                if event.event == "listening":
+                    path = f"relay via {event.via[:8]}" if event.via else event.path
+                    data = {**event.model_dump(exclude={"event", "connections"}), "name": peer}
+                    text = f"forwarding {event.local} -> {peer}:{port} (path now: {path})"
+                    emit(options, data, text)
+            raise PeerProtocolError("the node ended the forward")
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for local, port in pairs:
+                    group.create_task(one(local, port))
+        except* Exception as failed:  # the first one's error, as it came
+            raise failed.exceptions[0] from None
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None]) -> None:
     main = asyncio.current_task()
     assert main is not None
     stopping = False
@@ -64,10 +110,7 @@ async def _run(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
     try:
-        key = options.home.identity_key
-        async with forward_ports(item, pairs, bind, key_file=key) as forwarding:
-            _announce(options, item, forwarding)
-            await forwarding.wait()  # PeerUnreachable when the connection drops
+        await work
     except asyncio.CancelledError:
         if not stopping:
             raise
@@ -93,7 +136,12 @@ def _announce(options: Options, item: TrackedContainer, forwarding: Forwarding) 
 
 def forward_command(
     ctx: typer.Context,
-    target: Annotated[str, typer.Argument(help="A tracked container's name or id prefix.")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A tracked container's name or id prefix; else a peer (name or id prefix)."
+        ),
+    ],
     ports: Annotated[
         list[str],
         typer.Argument(
@@ -109,5 +157,6 @@ def forward_command(
         str, typer.Option("--bind", help="Local address; 0.0.0.0 opens it to the network.")
     ] = LOOPBACK,
 ) -> None:
-    """Forward local ports to ports of a container you created, like ssh -L, until Ctrl-C."""
+    """Forward local ports to ports of a container you created (over its SSH) or of a peer
+    (its published ports and your containers' there, by the best path), like ssh -L."""
     forward_container(options_of(ctx), target, ports, local, bind)

@@ -475,10 +475,14 @@ def for_node(
     container_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(publish, publish)
 
     def targets(peer_id: str, target: str, port: int) -> tuple[str, int] | None:
+        """``api``: the plain API; ``port N``: a port of the peer's containers here, or one
+        this node publishes (map-port: public anyway); nothing else."""
         if target == "api":
             return (api_host, node.port)
-        if port in node.mapper.peer_ports(peer_id):  # the peer's containers here
+        if port in node.mapper.peer_ports(peer_id):
             return (container_host, port)
+        if any(m.local_port == port and not m.udp for m in node.mapper.mappings()):
+            return ("127.0.0.1", port)
         return None
 
     def announce(port: int | None) -> None:
