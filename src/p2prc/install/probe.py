@@ -97,7 +97,10 @@ def parse_probe(text: str) -> Probe:
     lines = [line for line in text.splitlines() if line.startswith("{")]
     if not lines:
         raise ValueError("the probe printed no answer")
-    data = json.loads(lines[-1])
+    try:
+        data = json.loads(lines[-1])
+    except ValueError:
+        raise ValueError("the probe's answer is not JSON") from None
     if not isinstance(data, dict):
         raise ValueError("the probe's answer is not a map")
 
