@@ -10,6 +10,8 @@ from rich.table import Table
 from .._match import unique_peer
 from ..client import Client, is_address, peer_url
 from ..config import DEFAULT_PORT, load, set_value
+from ..direct.client import path_label, read_paths_blocking
+from ..direct.models import PathInfo
 from ..errors import NodeNotRunning, NotFound
 from ..models import PeerView
 from ..node import init_home
@@ -39,13 +41,17 @@ def list_peers(options: Options) -> None:
     """Print the peer table (the original --ls), then the attached hosts with their gateways."""
     with Client(home=options.home) as client:
         views = client.peers()
+        paths = read_paths_blocking(client)
         try:
             hosts = client.attached.list()
         except NotFound:  # a node without attached hosts' routes
             hosts = []
-    rows: list[dict[str, object]] = [view.model_dump(mode="json") for view in views]
+    rows: list[dict[str, object]] = [
+        {**view.model_dump(mode="json"), "path": _path_json(paths.get(view.node_id))}
+        for view in views
+    ]
     rows += [{"kind": "attached", **host.model_dump(mode="json")} for host in hosts]
-    human = _peer_table(views)
+    human = _peer_table(views, paths)
     emit(
         options, rows, Group(human, "", "attached hosts", attached_table(hosts)) if hosts else human
     )
@@ -118,14 +124,27 @@ def speedtest_command(
     emit(options, {"peer": peer, "mbit_per_s": round(mbit, 1), "mib": size}, f"{mbit:.1f} Mbit/s")
 
 
-def _peer_table(views: list[PeerView]) -> Table:
-    table = Table("name", "id", "address", "state", "rtt ms", "nat", "gpus", "metadata", box=None)
+def _path_json(path: PathInfo | None) -> dict[str, object] | None:
+    return None if path is None else path.model_dump(include={"kind", "via", "rtt_ms"})
+
+
+def _peer_table(views: list[PeerView], paths: dict[str, PathInfo]) -> Table:
+    columns = ("name", "id", "address", "state", "rtt ms", "path", "nat", "gpus", "metadata")
+    table = Table(*columns, box=None)
     for view in views:
         rtt = "" if view.rtt_ms is None else f"{view.rtt_ms:.2f}"
         nat = {None: "?", True: "yes", False: "no"}[view.behind_nat]
         name = f"{view.name} (me)" if view.me else view.name
         address = f"{view.addresses[0] if view.addresses else '-'}:{view.api_port}"
         table.add_row(
-            name, view.node_id[:8], address, view.state, rtt, nat, str(view.gpus), view.metadata
+            name,
+            view.node_id[:8],
+            address,
+            view.state,
+            rtt,
+            "" if view.me else path_label(paths.get(view.node_id)),
+            nat,
+            str(view.gpus),
+            view.metadata,
         )
     return table
