@@ -18,7 +18,7 @@ from p2prc import AsyncClient, FakeRuntime, Home, Node, NodeConfig, TrustConfig,
 from p2prc.api.overview import Overview, overview
 from p2prc.cli import _node as _node_cli
 from p2prc.cli import main
-from p2prc.config import RelayConfig
+from p2prc.config import DirectConfig, RelayConfig
 from p2prc.errors import AuthError, OwnerOnly
 from p2prc.identity import Identity
 
@@ -60,17 +60,21 @@ async def _wait_for(client: AsyncClient, *names: str, relayed: str = "") -> None
 
 @pytest.fixture
 async def network(tmp_path: Path) -> AsyncIterator[dict[str, Node]]:
-    """A public relay, a NAT'd node tunnelling through it, and a public node: 'pub'."""
+    """A public relay, a NAT'd node tunnelling through it, and a public node: 'pub' (no
+    direct paths: each path stays the relay or the plain API)."""
     open_trust: dict[str, Any] = {"trust": TrustConfig(mode="open")}
+    off = DirectConfig(enabled=False)
     relay_config = RelayConfig(enabled=True, port=0, public_host="127.0.0.1")
     async with _node(
-        tmp_path, "relay", behind_nat=False, relay=relay_config, **open_trust
+        tmp_path, "relay", behind_nat=False, relay=relay_config, direct=off, **open_trust
     ) as relay:
         boot = [relay.api_url.removeprefix("http://")]
         use = RelayConfig(use=[relay.identity.node_id])
         async with (
-            _node(tmp_path, "home", behind_nat=True, bootstrap=boot, relay=use) as home,
-            _node(tmp_path, "pub", behind_nat=False, bootstrap=boot, **open_trust) as pub,
+            _node(tmp_path, "home", behind_nat=True, bootstrap=boot, relay=use, direct=off) as home,
+            _node(
+                tmp_path, "pub", behind_nat=False, bootstrap=boot, direct=off, **open_trust
+            ) as pub,
             AsyncClient(home=tmp_path / "pub") as client,
         ):
             await _wait_for(client, "relay", "home", relayed="home")
@@ -84,7 +88,7 @@ async def test_status_shows_each_peers_path(
     assert code == 0, err
     rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert "relay via relay" in rows["home"]
-    assert "direct" in rows["relay"]
+    assert "public" in rows["relay"]
     assert "alive" in rows["home"]
     assert rows["nat"].split()[1] == "public"
     for key in ("mappings", "health", "node_id"):
@@ -106,7 +110,7 @@ async def test_status_json_is_one_object(
     assert data["relay"]["public_api"].startswith("127.0.0.1:")
     assert isinstance(data["mappings"], list)
     paths = {peer["name"]: peer["path"] for peer in data["peers"]}
-    assert paths["relay"] == "direct"
+    assert paths["relay"] == "public"
 
 
 async def test_watch_stops_after_count(

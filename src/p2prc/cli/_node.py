@@ -17,7 +17,7 @@ from rich.table import Column, Table
 
 from ..client import AsyncClient, Client
 from ..config import Home, import_original, load, set_value
-from ..errors import NodeError, NodeNotRunning
+from ..errors import NodeError, NodeNotRunning, NotFound
 from ..models import Health, NodeStatus, Specs
 from ..node import Node, home_locked, init_home
 from ..specs import collect_specs, interfaces
@@ -114,26 +114,32 @@ def status(
 
 def _status_view(options: Options) -> tuple[dict[str, Any], Group]:
     """The JSON answer and the tables of ``p2prc status``, read from the node now."""
-    result, health, view = asyncio.run(_read_status(options.home))
+    result, health, view, paths = asyncio.run(_read_status(options.home))
     data = {
         **result.model_dump(mode="json"),
         "health": health.model_dump(mode="json"),
-        **_status_data(view),
+        **_status_data(view, paths),
     }
     peers = _peers_table(data["peers"], view.at)
     return data, Group(_status_table(result, health, data), "", peers)
 
 
-async def _read_status(home: Home) -> tuple[NodeStatus, Health, Any]:
+async def _read_status(home: Home) -> tuple[NodeStatus, Health, Any, dict[str, Any]]:
     from ..api.overview import Overview  # the server's model, loaded only by this command
+    from ..direct.models import PathInfo
 
     async with AsyncClient(home=home) as client:
         result, health = await client.status(), await client.health()
         response = await client._request("GET", "/overview", signed=True)
-    return result, health, Overview.model_validate_json(response.content)
+        try:
+            answer = await client._request("GET", "/paths", signed=True)
+            paths = {p.node_id: p for p in map(PathInfo.model_validate, answer.json())}
+        except NotFound:  # a node without direct paths
+            paths = {}
+    return result, health, Overview.model_validate_json(response.content), paths
 
 
-def _status_data(view: Any) -> dict[str, Any]:
+def _status_data(view: Any, paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """This node's NAT verdict, relay and mappings, and each peer with its path."""
     me = view.me
     names = {peer.node_id: peer.name for peer in [*view.peers, *([me] if me else [])]}
@@ -146,7 +152,8 @@ def _status_data(view: Any) -> dict[str, Any]:
             "name": peer.name,
             "node_id": peer.node_id,
             "state": peer.state,
-            "path": _path(peer, names),
+            "path": _path(peer, names, (paths or {}).get(peer.node_id)),
+            **_path_rtts((paths or {}).get(peer.node_id)),
             "rtt_ms": peer.rtt_ms,
             "gpus": peer.gpus,
             "api": peer.api,
@@ -165,13 +172,39 @@ def _status_data(view: Any) -> dict[str, Any]:
     }
 
 
-def _path(peer: Any, names: dict[str, str]) -> str:
-    """How this node reaches ``peer``: ``direct`` or ``relay via NAME``."""
-    if peer.relay:
-        return f"relay via {names.get(peer.relay) or peer.relay[:8]}"
-    if peer.behind_nat:
+def _path(peer: Any, names: dict[str, str], path: Any = None) -> str:
+    """How this node reaches ``peer``: ``direct`` (a direct path is up), ``relay via NAME``
+    or ``public`` (its plain API), with the round trips known (``GET /paths``)."""
+    if path is not None and path.kind == "direct":
+        text = "direct"
+    elif peer.relay:
+        text = f"relay via {names.get(peer.relay) or peer.relay[:8]}"
+    elif peer.behind_nat:
         return "none (behind NAT, no relay)"
-    return "direct"
+    else:
+        text = "public"
+    if path is None:
+        return text
+    rtts = [
+        f"{label} {value:.1f} ms"
+        for label, value in (
+            ("direct", path.direct_rtt_ms),
+            ("relay" if peer.relay else "api", path.relay_rtt_ms),
+        )
+        if value is not None
+    ]
+    return f"{text} ({', '.join(rtts)})" if rtts else text
+
+
+def _path_rtts(path: Any) -> dict[str, Any]:
+    """The JSON's path fields of one peer (``GET /paths``), none when unknown."""
+    if path is None:
+        return {"path_kind": None, "direct_rtt_ms": None, "relay_rtt_ms": None}
+    return {
+        "path_kind": path.kind,
+        "direct_rtt_ms": path.direct_rtt_ms,
+        "relay_rtt_ms": path.relay_rtt_ms,
+    }
 
 
 def _status_table(status: NodeStatus, health: Health, data: dict[str, Any]) -> Table:
