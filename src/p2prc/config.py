@@ -383,7 +383,7 @@ class NodeConfig(_Section):
     @classmethod
     def _custom_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
         # p2prc.* keys are the node's own in its signed record (p2prc.attached ...).
-        reserved = sorted(key for key in value if str(key).startswith("p2prc."))
+        reserved = sorted(k for k in value if k == "p2prc" or str(k).startswith("p2prc."))
         if reserved:
             raise ValueError(f"keys starting with 'p2prc.' are reserved: {', '.join(reserved)}")
         return value
