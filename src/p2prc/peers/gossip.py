@@ -293,6 +293,7 @@ class Gossip(Component):
             except PeerProtocolError:
                 self.table.rejected["malformed"] += 1
         after = self.table.snapshot()
+        self._send(swim.push(now))  # what changed spreads now, not at the next round
         return sum(1 for key, value in after.items() if before.get(key) != value)
 
     def member_at(self, address: str) -> str | None:
@@ -433,7 +434,7 @@ class Gossip(Component):
         if not plausible_version(doubted + 1, time.time(), self._config.trust.clock_skew):
             log.warning("not refuting a claim dated in the future (version %d)", doubted)
             return
-        self._replace_me(self._sign_record(self._metadata(), at_least=doubted + 1))
+        self._replace_me(self._sign_record(self._metadata(), at_least=doubted + 1), push=False)
 
     def _recover_version(self) -> None:
         """A saved version at the codec's bound or in the future is poisoned: start over."""
@@ -448,9 +449,13 @@ class Gossip(Component):
         if self.swim is not None and self.table.me.behind_nat is not self.nat.value:
             self._replace_me(self._sign_record(self._metadata()))
 
-    def _replace_me(self, record: PeerRecord) -> None:
+    def _replace_me(self, record: PeerRecord, *, push: bool = True) -> None:
         self.table.me = record
-        self._swim().broadcast_record(record)
+        swim = self._swim()
+        swim.broadcast_record(record)
+        if push:  # a refutation is sent by the receive or tick that asked for it
+            with contextlib.suppress(RuntimeError):  # no loop: the next tick sends it
+                self._send(swim.push(asyncio.get_running_loop().time()))
 
     def _metadata(self) -> dict[str, Any]:
         stored = self._state.get_meta("metadata")

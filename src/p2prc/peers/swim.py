@@ -6,7 +6,12 @@ Feed it datagrams with :meth:`Swim.receive` and call :meth:`Swim.tick` often (ev
 probe times out, and suspects the member if nobody got an answer. A suspicion becomes a
 death after a Lifeguard-style timeout that shrinks as other nodes confirm it. Updates
 (records and claims) ride on every message, each sent a bounded number of times, and
-``fanout`` members also get a gossip-only message every period.
+``fanout`` members also get a gossip-only message every ``gossip_interval`` (not stretched
+by local health, as in memberlist). Something new (a record, a claim) does not wait for
+that round: the next :meth:`Swim.push` (every ``receive`` and ``tick`` ends with one) sends
+it to ``fanout`` proven members at once, at most once per gossip interval, so a change
+crosses the cluster in a few round trips; a member just learned and not yet
+proven gets its bare ping at once too (at most ``fanout`` such pings a period).
 
 Every datagram is signed by its sender; datagrams from unknown or forged senders are
 counted and dropped.
@@ -34,18 +39,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import msgpack
-
 from ..errors import PeerProtocolError
-from ..identity import Identity, verify_signature
+from ..identity import Identity
+from .broadcasts import Broadcasts
 from .records import Claim, PeerRecord, claim_from_fields, record_from_fields, retransmit_limit
 from .table import Member, MemberState, PeerTable, Verdict
+from .wire import MAX_DATAGRAM, SIGNATURE, open_datagram, seal
 
 __all__ = ["MAX_DATAGRAM", "Outgoing", "Swim", "SwimSettings"]
 
-MAX_DATAGRAM = 1400
-_MAGIC = b"P2G1"
-_SIGNATURE = 64
 _HEADER_BUDGET = 200
 _MAX_AWARENESS = 8
 _INTRO_TRIES = 3
@@ -69,6 +71,12 @@ class SwimSettings:
     suspicion_max_factor: float = 3.0
     retransmit_mult: int = 4
     keepalive: float = 10.0
+    # memberlist's GossipInterval (200 ms on a LAN); 0: the probe period.
+    gossip_interval: float = 0.0
+
+    @property
+    def gossip_every(self) -> float:
+        return self.gossip_interval or self.period
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,16 +117,6 @@ class _Ping:
 
 
 @dataclass(slots=True)
-class _Broadcast:
-    key: str
-    item: list[Any]
-    size: int
-    # Lower goes first: our own record, then claims about proven members, then records.
-    priority: int = 2
-    sent: int = 0
-
-
-@dataclass(slots=True)
 class Stats:
     """Counters, for tests, benchmarks and the API."""
 
@@ -146,9 +144,14 @@ class Swim:
         self._rng = rng or random.Random()
         self._probe: _Probe | None = None
         self._order: list[str] = []
-        self._next_period = 0.0
+        self._next_period = self._next_gossip = self._next_push = 0.0
         self._relays: dict[int, _Relay] = {}
-        self._queue: dict[str, _Broadcast] = {}
+        self._queue = Broadcasts()
+        # Datagrams to send at the next push (bare pings to members just learned), and the
+        # token bucket of such pings (``fanout`` a period).
+        self._outbox: list[Outgoing] = []
+        self._intro_tokens = (float(self.settings.fanout), 0.0)
+        self._pushing = False
         # Lifeguard local health: 0 (healthy) .. _MAX_AWARENESS; missed acks and having to
         # refute raise it, answered probes lower it; it stretches our own timeouts, so a
         # starved node stops accusing healthy ones.
@@ -205,9 +208,26 @@ class Swim:
             self._finish_intros(now)
             out += self._start_probe(now)
             out += self._introduce(now)
-            out += self._gossip()
             out += self._keepalives(now)
+        if now >= self._next_gossip:
+            self._next_gossip = now + self.settings.gossip_every
+            out += self._gossip()
         self._relays = {s: r for s, r in self._relays.items() if r.expires > now}
+        return out + self.push(now)
+
+    def push(self, now: float) -> list[Outgoing]:
+        """What must go now: bare pings to members just learned and, when something new
+        is queued, a gossip round to ``fanout`` proven members (at most one such round
+        per gossip interval, so gossip traffic at most doubles; a later change waits)."""
+        out, self._outbox = self._outbox, []
+        if self._queue.fresh and now >= self._next_push:
+            self._next_push = now + self.settings.gossip_every
+            self._pushing = True
+            try:
+                out += self._gossip()
+            finally:
+                self._pushing = False
+            self._queue.mark_pushed()
         return out
 
     def proven(self, node_id: str) -> bool:
@@ -225,7 +245,7 @@ class Swim:
             self.stats.dropped["over the per-source rate"] += 1
             return []
         try:
-            sender, kind, seq, target, updates = self._open(data)
+            sender, kind, seq, target, updates = open_datagram(data, self.table.public_key)
         except PeerProtocolError as exc:
             self.stats.dropped[str(exc)] += 1
             return []
@@ -239,6 +259,11 @@ class Swim:
             if member is not None and source == self._destination(member):
                 self._prove(sender, source)
         self._apply_updates(updates, now, sender)
+        return self._answer(sender, kind, seq, target, source, now) + self.push(now)
+
+    def _answer(
+        self, sender: str, kind: str, seq: int, target: str, source: Any, now: float
+    ) -> list[Outgoing]:
         if kind == "ping":
             return self._send(sender, ["ack", seq, ""], source)
         if kind == "ack":
@@ -330,6 +355,17 @@ class Swim:
             return []
         target = min(candidates, key=lambda node_id: len(self._tries.get(node_id, ())))
         return self._ping(target, self._next_seq(), now)
+
+    def _introduce_now(self, node_id: str, now: float) -> None:
+        """A bare ping at once to a member just learned (its tries and a bucket of
+        ``fanout`` a period bound them), so it proves its address without waiting."""
+        rate = self.settings.fanout / self.settings.period
+        tokens, last = self._intro_tokens
+        tokens = min(float(self.settings.fanout), tokens + (now - last) * rate)
+        if tokens >= 1 and self._may_try(node_id, now):
+            tokens -= 1
+            self._outbox += self._ping(node_id, self._next_seq(), now)
+        self._intro_tokens = (tokens, now)
 
     def _may_try(self, node_id: str, now: float) -> bool:
         tries = [t for t in self._tries.get(node_id, ()) if now - t < _INTRO_WINDOW]
@@ -468,6 +504,8 @@ class Swim:
                 # Spread by gossip once it proves its address: a record naming a third
                 # party (or nobody) never rides our datagrams.
                 self._unspread.add(record.node_id)
+            if not self.proven(record.node_id):
+                self._introduce_now(record.node_id, now)
             self._changed(record.node_id)
         elif verdict is Verdict.REFUTE:
             self._refute(record.version)
@@ -497,23 +535,15 @@ class Swim:
             self.on_change(node_id)
 
     def _enqueue(self, key: str, item: list[Any], priority: int) -> None:
-        size = len(msgpack.packb(item, use_bin_type=True))
-        self._queue[key] = _Broadcast(key, item, size, priority)
+        self._queue.add(key, item, priority)
 
     def _piggyback(self, budget: int) -> list[list[Any]]:
+        """Updates for one datagram; during a push, only those not pushed yet."""
         limit = retransmit_limit(self._cluster, self.settings.retransmit_mult)
-        chosen: list[list[Any]] = []
-        for broadcast in sorted(self._queue.values(), key=lambda b: (b.priority, b.sent)):
-            if broadcast.size > budget:
-                continue
-            chosen.append(broadcast.item)
-            budget -= broadcast.size
-            broadcast.sent += 1
-            if broadcast.sent >= limit:
-                del self._queue[broadcast.key]
-        return chosen
+        return self._queue.take(budget, limit, fresh=self._pushing)
 
     def _gossip(self) -> list[Outgoing]:
+        """A gossip-only datagram to ``fanout`` proven members."""
         if not self._queue:
             return []
         members = [m.record.node_id for m in self.table.alive() if self.proven(m.record.node_id)]
@@ -535,10 +565,10 @@ class Swim:
         # Updates ride only to proven addresses: a bare ping or ack is no bigger than what
         # made us send it, so nobody can aim our traffic at a third party.
         proven = self._proven.get(target) == destination
-        updates = self._piggyback(MAX_DATAGRAM - _HEADER_BUDGET - _SIGNATURE) if proven else []
+        budget = MAX_DATAGRAM - _HEADER_BUDGET - SIGNATURE
+        updates = self._piggyback(budget) if proven else []
         body = [self._identity.node_id, *message, updates]
-        payload = _MAGIC + msgpack.packb(body, use_bin_type=True)
-        data = payload + self._identity.sign(payload)
+        data = seal(self._identity, body)
         self.stats.sent += 1
         self.stats.bytes_sent += len(data)
         return [Outgoing(destination, data)]
@@ -550,31 +580,3 @@ class Swim:
         if seen is not None:
             return seen
         return (record.host, record.gossip_port) if record.host and record.gossip_port else None
-
-    def _open(self, data: bytes) -> tuple[str, str, int, str, list[Any]]:
-        if (
-            len(data) > MAX_DATAGRAM
-            or len(data) < len(_MAGIC) + _SIGNATURE
-            or not data.startswith(_MAGIC)
-        ):
-            raise PeerProtocolError("not a p2prc gossip datagram")
-        payload, signature = data[:-_SIGNATURE], data[-_SIGNATURE:]
-        try:
-            body = msgpack.unpackb(payload[len(_MAGIC) :], raw=False, max_bin_len=MAX_DATAGRAM)
-        except Exception:
-            raise PeerProtocolError("undecodable datagram") from None
-        if not isinstance(body, list) or len(body) != 5:
-            raise PeerProtocolError("malformed datagram")
-        sender, kind, seq, target, updates = body
-        if not (isinstance(sender, str) and isinstance(kind, str) and isinstance(seq, int)):
-            raise PeerProtocolError("malformed datagram")
-        if not isinstance(target, str) or not isinstance(updates, list) or len(updates) > 64:
-            raise PeerProtocolError("malformed datagram")
-        key = self.table.public_key(sender)
-        if key is None:
-            raise PeerProtocolError("unknown sender")
-        try:
-            verify_signature(key, signature, payload)
-        except Exception:
-            raise PeerProtocolError("forged datagram") from None
-        return sender, kind, seq, target, updates
