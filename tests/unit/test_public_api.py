@@ -2,7 +2,7 @@ import p2prc
 
 _MODULES = {"api", "cli", "client", "cluster", "config", "errors", "identity", "models", "node"}
 _MODULES |= {"containers", "dask", "jobs", "peers", "plugins", "specs", "state", "trust", "tunnel"}
-_MODULES |= {"attach", "direct"}
+_MODULES |= {"attach", "direct", "install"}
 
 
 def test_all_is_sorted_and_exact() -> None:
