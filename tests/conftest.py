@@ -19,6 +19,7 @@ from p2prc.containers.runtime import FakeRuntime
 from p2prc.containers.service import ContainerService
 from p2prc.containers.store import ContainerStore
 from p2prc.containers.tracked import TrackedContainers
+from p2prc.direct.punch import PunchSlots
 from p2prc.identity import Identity
 from p2prc.node import init_home
 from p2prc.peers.gossip import Gossip
@@ -60,6 +61,7 @@ class FakeNode:
     started_at: float = field(default_factory=time.time)
     closed: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    punches: PunchSlots = field(default_factory=PunchSlots)
 
     @property
     def container_store(self) -> ContainerStore:

@@ -32,6 +32,7 @@ from .containers.service import ContainerService
 from .containers.store import ContainerStore
 from .containers.tracked import TrackedContainers
 from .direct import paths as direct_paths
+from .direct.punch import PunchSlots
 from .errors import NodeAlreadyRunning, NodeError
 from .identity import Identity
 from .jobs.service import JobService, for_node
@@ -134,6 +135,7 @@ class Node(Component):
         self._gossip: Gossip | None = None
         self._mapper: PortMapper | None = None
         self._paths: direct_paths.Paths | None = None
+        self.punches = PunchSlots()  # hole punches running, one per peer (direct/punch.py)
         self.relay: RelayServer | None = None
         self._listen: socket.socket | None = None
         self._home = home

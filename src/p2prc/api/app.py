@@ -29,6 +29,8 @@ from .attach_map import router as attach_map_routes
 from .auth import Owner, Peer, RequestVerifier
 from .direct import DirectNode
 from .direct import router as direct_routes
+from .punch import PunchNode
+from .punch import router as punch_routes
 
 __all__ = ["NodeView", "RequestLimits", "body_limit", "create_app"]
 
@@ -45,6 +47,7 @@ class NodeView(
     plugins.PluginNode,
     tunnel.TunnelNode,
     DirectNode,
+    PunchNode,
     Protocol,
 ):
     """What the API needs from a node."""
@@ -275,6 +278,7 @@ def create_app(node: NodeView) -> FastAPI:
     app.include_router(jobs.router(node))
     app.include_router(cluster.router(node))
     app.include_router(direct_routes(node))
+    app.include_router(punch_routes(node))
     app.include_router(attach_routes(node))
     app.include_router(attach_map_routes(node))
     metrics.install(app, node, app.state.verifier)

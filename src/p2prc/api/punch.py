@@ -5,7 +5,7 @@ from fastapi import APIRouter
 from ..direct.punch import PunchAnswer, PunchNode, PunchRequest, answer_punch
 from .auth import KeyRate, Peer
 
-__all__ = ["PUNCHES_PER_MINUTE", "router"]
+__all__ = ["PUNCHES_PER_MINUTE", "PunchNode", "router"]
 
 # Punches one key may ask for per minute (a path is retried every direct.retry = 60 s).
 PUNCHES_PER_MINUTE = 6
