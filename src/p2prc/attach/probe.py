@@ -21,7 +21,7 @@ from ..errors import AttachFailed, InvalidRequest, PeerProtocolError
 from ..identity import Identity
 from .records import check_host_key
 
-__all__ = ["check_ssh", "host_key", "read_specs", "resolve_host"]
+__all__ = ["check_ssh", "host_key", "reachable", "read_specs", "resolve_host"]
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,15 @@ def _local_user() -> str:
         return "root"
 
 
-async def resolve_host(host: str) -> str:
-    """An IP literal for ``host`` (itself, or a DNS name resolved now within 5 s)."""
+async def resolve_host(host: str) -> list[str]:
+    """IP literals for ``host``: itself, or a DNS name's addresses resolved now (within 5 s,
+    at most four, in the resolver's order)."""
     text = host.strip().removeprefix("[").removesuffix("]")
     try:
-        address = ipaddress.ip_address(text)
+        addresses = [ipaddress.ip_address(text)]
     except ValueError:
-        address = None
-    if address is None:
+        addresses = []
+    if not addresses:
         if not _HOSTNAME.match(text):
             raise InvalidRequest(f"{host!r} is neither an IP address nor a DNS name")
         loop = asyncio.get_running_loop()
@@ -86,12 +87,28 @@ async def resolve_host(host: str) -> str:
                 infos = await loop.getaddrinfo(text, None, type=socket.SOCK_STREAM)
         except (OSError, TimeoutError) as exc:
             raise AttachFailed(f"cannot resolve {text!r}: {exc or 'timed out'}") from None
-        if not infos:
+        found = dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos)
+        addresses = [ipaddress.ip_address(address) for address in list(found)[:4]]
+        if not addresses:
             raise AttachFailed(f"cannot resolve {text!r}")
-        address = ipaddress.ip_address(str(infos[0][4][0]).split("%")[0])
-    if address.is_unspecified or address.is_multicast or "%" in text:
+    usable = [a for a in addresses if not (a.is_unspecified or a.is_multicast)]
+    if not usable or "%" in text:
         raise InvalidRequest(f"{host!r} is not a unicast address")
-    return str(address)
+    return [str(address) for address in usable]
+
+
+async def reachable(addresses: list[str], port: int, connect_timeout: float) -> str:
+    """The first of ``addresses`` where an SSH server answers on ``port``; else the first
+    address's failure (``AttachFailed``)."""
+    first: AttachFailed | None = None
+    for address in addresses:
+        try:
+            await check_ssh(address, port, connect_timeout)
+        except AttachFailed as exc:
+            first = first or exc
+            continue
+        return address
+    raise first or AttachFailed("no address to try")
 
 
 async def check_ssh(address: str, port: int, connect_timeout: float) -> None:

@@ -181,8 +181,8 @@ class AttachService(Component):
                 raise InvalidRequest(f"a gateway attaches at most {MAX_RECORDS} hosts")
             ports = tuple(sorted(set(request.ports) - {request.ssh_port}))
             allow = self._resolve_allow(request.allow)
-            address, timeouts = await probe.resolve_host(request.host), self._config.timeouts
-            await probe.check_ssh(address, request.ssh_port, timeouts.connect)
+            addresses, timeouts = await probe.resolve_host(request.host), self._config.timeouts
+            address = await probe.reachable(addresses, request.ssh_port, timeouts.connect)
             host_key = await probe.host_key(
                 address, request.ssh_port, self._config.timeouts.connect
             )
@@ -403,6 +403,8 @@ class AttachService(Component):
             if announced is None:
                 if node_id in self._held:
                     self._drop(node_id, "it announces no attached hosts")
+                continue
+            if member.state is not MemberState.ALIVE:  # kept as they are; pulled once back
                 continue
             if announced <= self._held.get(node_id, -1) or node_id in self._pulling:
                 continue

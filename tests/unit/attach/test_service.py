@@ -281,6 +281,20 @@ async def test_pull_stores_a_members_verified_set(net: Net) -> None:
     assert net.store.foreign() == []
 
 
+async def test_a_gateway_not_alive_is_pulled_once_back(net: Net) -> None:
+    gateway = Identity.generate()
+    record = _record(gateway)
+    net.serve(9001, [record.encode()])
+    member = net.member(gateway, "laptop", 9001, **{ATTACHED_KEY: str(record.version)})
+    member.state = MemberState.SUSPECT
+    await _settle(net)
+    assert net.calls == 0
+    member.state = MemberState.ALIVE
+    await _settle(net)
+    assert net.calls == 1
+    assert [h.name for h in net.service.known()] == ["morello"]
+
+
 async def test_records_of_a_gateway_the_table_forgets_are_dropped(net: Net) -> None:
     gateway = Identity.generate()
     record = _record(gateway)
