@@ -153,6 +153,12 @@ async def handshake(
     if client and expected is None:
         raise ValueError("a direct path's TLS client pins the node it dials")
     sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # asyncio sets this only on sockets made with proto IPPROTO_TCP, and a socket
+        # accepted from one made with proto 0 has 0: without it, Nagle holds a small
+        # frame (a ping, a request) behind an unacknowledged one for a delayed ACK.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     wire: Wire | None = None
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):

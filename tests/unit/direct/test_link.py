@@ -121,6 +121,9 @@ async def test_handshake_proves_both_nodes(tmp_path: Path) -> None:
     assert peer_a == b.node_id
     assert peer_b == a.node_id
     assert wire_a.writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+    for wire in (wire_a, wire_b):  # no Nagle delay for small frames, either side
+        sock = wire.writer.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     wire_a.writer.close()
     wire_b.writer.close()
 
