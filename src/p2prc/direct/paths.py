@@ -382,7 +382,13 @@ class Paths(Component):
             return "it is behind NAT: it dials this node when it calls"
         if self._punch is None:
             return "both nodes are behind NAT and this node cannot punch holes"
-        punched = await self._punch(member)
+        try:
+            punched = await self._punch(member)
+        except P2PRCError:
+            raise
+        except Exception as exc:  # another module's bug: this attempt fails, not the node
+            log.exception("hole punch to %s failed", record.node_id)
+            return f"hole punching failed: {type(exc).__name__}: {exc}"
         if punched is None:
             return "hole punching found no way through"
         lower = self._identity.node_id < record.node_id
