@@ -166,7 +166,14 @@ def run_playbook(
             playbook="site.yml",
             inventory=str(hosts_file),
             extravars=dict(variables),
-            envvars={"PATH": path, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"},
+            envvars={
+                "PATH": path,
+                "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_RETRY_FILES_ENABLED": "0",
+                # ssh's shared connections of this run only: another run (another node
+                # of the same user, another key) never rides on one that logged in here.
+                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(Path(private) / "cp"),
+            },
             quiet=True,
             event_handler=handle,
             timeout=3600,
