@@ -26,7 +26,7 @@ from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
 from ._peers import meta_app, peers_app
 from ._plugins import group_app, plugin_app
-from ._ssh import SSH_SETTINGS, ssh_command
+from ._ssh import SSH_SETTINGS, is_attached, map_attached_port, ssh_command
 from ._trust import id_command, invite_command, join_command, trust_app
 from ._ui import ui_command
 
@@ -76,7 +76,10 @@ def map_port_command(
         ),
     ] = None,
     remote: Annotated[
-        str | None, typer.Option("--remote", help="Ask this peer to map its own port.")
+        str | None,
+        typer.Option(
+            "--remote", help="Ask this peer to map its own port, or an attached host's gateway."
+        ),
     ] = None,
     udp: Annotated[bool, typer.Option("--udp", help="A UDP port instead of TCP.")] = False,
 ) -> None:
@@ -118,6 +121,9 @@ def _map_port(
 ) -> None:
     from ._peers import resolve
 
+    if remote and is_attached(options, remote):  # a host reached through its gateway
+        map_attached_port(options, remote, port, domain, udp=udp)
+        return
     target = resolve(options, remote) if remote else None
     with Client(target, home=options.home) as client:
         mapped = client.map_port(port, domain, udp=udp)

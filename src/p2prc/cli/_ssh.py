@@ -21,6 +21,7 @@ import typer
 
 from .._client_async import AsyncClient
 from ..attach.client import AttachedAPI
+from ..attach.map_client import map_attached
 from ..attach.models import AttachedHost
 from ..attach.proxy import (
     host_alias,
@@ -30,12 +31,20 @@ from ..attach.proxy import (
     ssh_options,
     stdio_pipe,
 )
+from ..attach.records import NAME
 from ..config import Home
-from ..errors import InvalidRequest
+from ..errors import AttachedNotFound, InvalidRequest
 from ..identity import Identity
 from ._common import Options, emit, options_of
 
-__all__ = ["SSH_SETTINGS", "local_attach_endpoint", "ssh_argv", "ssh_command"]
+__all__ = [
+    "SSH_SETTINGS",
+    "is_attached",
+    "local_attach_endpoint",
+    "map_attached_port",
+    "ssh_argv",
+    "ssh_command",
+]
 
 # The command's click settings: words after "--" (or unknown) are the remote command.
 SSH_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -132,3 +141,28 @@ def ssh_command(
     if name is None:
         raise InvalidRequest("give an attached host's name: p2prc ssh NAME [-- CMD...]")
     _ssh(options, name, login or "", extra)
+
+
+def is_attached(options: Options, name: str) -> bool:
+    """Whether ``name`` is an attached host the local node knows (not a peer, an address)."""
+    if not NAME.match(name):
+        return False
+    try:
+        asyncio.run(_hosts(options.home, [name]))
+    except AttachedNotFound:
+        return False
+    return True
+
+
+def map_attached_port(
+    options: Options, name: str, port: int, domain: str | None, *, udp: bool
+) -> None:
+    """``map-port PORT --remote NAME`` for an attached host: its gateway forwards and
+    publishes the port (through the gateway's relay when it is behind NAT)."""
+    if domain is not None or udp:
+        raise InvalidRequest("a port of an attached host is mapped as plain TCP: no --domain/--udp")
+    mapped = asyncio.run(map_attached(options.home, name, port))
+    data = mapped.model_dump(by_alias=True, include={"ip_address", "port_no", "entire_address"})
+    data["attached"] = name
+    data["port"] = port
+    emit(options, data, mapped.entire_address)
