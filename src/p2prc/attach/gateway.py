@@ -41,7 +41,15 @@ from ..tunnel.streams import CHUNK, close_quietly
 from ..tunnel.tls import server_context
 from . import handshake
 
-__all__ = ["MAX_PER_KEY", "MAX_TOTAL", "AttachGateway", "AttachPolicy", "Publisher", "splice"]
+__all__ = [
+    "MAX_PER_KEY",
+    "MAX_TOTAL",
+    "REFUSED",
+    "AttachGateway",
+    "AttachPolicy",
+    "Publisher",
+    "splice",
+]
 
 log = logging.getLogger(__name__)
 
