@@ -9,7 +9,10 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import pytest
 
 from p2prc import AsyncClient, Home, NodeConfig, TrustConfig, init_home
 from p2prc.config import DirectConfig, GossipConfig, RelayConfig
-from tests.integration.conftest import NodeProcess, close, start_node
+from tests.integration.conftest import NodeProcess, close, free_port, p2prc, start_node
 
 
 def _home(path: Path, name: str, **config: Any) -> Path:
@@ -190,6 +193,73 @@ async def test_a_direct_path_carries_calls_and_falls_back_when_killed(
             back = await _wait_path(b_home, a.node_id, "direct", 3.0)
             assert back["since"] > up["since"]
             assert await _echoed(local, b"over the new path") == b"over the new path"
+
+        # A port a neither publishes nor hosts for b is refused over the path: closed at once.
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            async with _forward(b_home, a.node_id, unused.getsockname()[1]) as refused:
+                assert await _refused(refused)
+
+        # The command: p2prc forward PEER PORT --local LPORT, until SIGTERM.
+        await _cli_forward(b_home, "a", echo_port)
+        # status and peers list show the direct path and its round trip.
+        status = json.loads(p2prc(b_home, "--json", "status").stdout)
+        row = next(peer for peer in status["peers"] if peer["node_id"] == a.node_id)
+        assert row["path"].startswith("direct")
+        assert row["direct_rtt_ms"] is not None
+        listed = json.loads(p2prc(b_home, "--json", "peers", "list").stdout)
+        entry = next(item for item in listed if item.get("node_id") == a.node_id)
+        assert entry["path"]["kind"] == "direct"
+
+
+async def _refused(port: int) -> bool:
+    """Whether a connection to ``port`` ends without one byte of answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    with contextlib.suppress(OSError):
+        writer.write(b"anyone there?")
+        await writer.drain()
+    try:
+        got = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        got = b""
+    writer.close()
+    return got == b""
+
+
+async def _listens(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def _cli_forward(home: Path, peer: str, port: int) -> None:
+    local = free_port()
+    env = {**os.environ, "P2PRC_HOME": str(home)}
+    command = [sys.executable, "-m", "p2prc", "--json", "forward", peer, str(port)]
+    process = await asyncio.create_subprocess_exec(
+        *command, "--local", str(local), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        shown = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+        assert shown["local"] == f"127.0.0.1:{local}"
+        assert shown["port"] == port
+        payload = os.urandom(500_000)
+        assert await _echoed(local, payload) == payload
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    for _ in range(50):  # the node closes the local port with the command
+        if not await _listens(local):
+            break
+        await asyncio.sleep(0.1)
+    assert not await _listens(local)
 
 
 async def _direct_port(home: Path) -> int:
