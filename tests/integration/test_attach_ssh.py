@@ -9,13 +9,15 @@ of the host to another node."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import platform
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ from typing import Any
 import httpx
 import pytest
 
-from p2prc.config import GossipConfig, Home, NodeConfig
+from p2prc import FakeRuntime, Node
+from p2prc.attach.models import AttachRequest
+from p2prc.config import GossipConfig, Home, NodeConfig, RelayConfig, TrustConfig
 from p2prc.node import init_home
 from tests._sshd import SSHD, Sshd
 from tests.integration.conftest import NodeProcess, close, p2prc, start_node
@@ -257,3 +261,76 @@ def test_failover_to_the_second_gateway_and_a_changed_host_key(net: Net) -> None
     assert changed.returncode != 0
     assert "should-not-run" not in changed.stdout
     assert "Host key verification failed" in changed.stderr
+
+
+@contextlib.asynccontextmanager
+async def _node(path: Path, name: str, **config: Any) -> AsyncIterator[Node]:
+    home = Home(path / name)
+    settings, identity = init_home(home, NodeConfig(name=name, **config))
+    async with Node(
+        settings, home, identity=identity, host="127.0.0.1", port=0, runtime=FakeRuntime()
+    ) as node:
+        yield node
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    for _ in range(int(seconds * 10)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_through_the_relay_when_the_gateway_is_behind_nat(tmp_path: Path) -> None:
+    """The gateway's listener is published through its relay, its signed record says so,
+    and p2prc ssh from another node goes through the relay, TLS pinned to the gateway."""
+    no_lan = GossipConfig(lan_discovery=False)
+    relay_config = {
+        "trust": TrustConfig(mode="open"),
+        "relay": RelayConfig(enabled=True, port=0, public_host="127.0.0.1"),
+        "behind_nat": False,
+        "gossip": no_lan,
+    }
+    with Sshd(host=BOARD) as sshd:
+        async with _node(tmp_path, "relay", **relay_config) as relay:
+            root = [relay.api_url.removeprefix("http://")]
+            natted = {
+                "behind_nat": True,
+                "bootstrap": root,
+                "relay": RelayConfig(use=[relay.identity.node_id]),
+                "gossip": no_lan,
+            }
+            client_config = {"behind_nat": False, "bootstrap": root, "gossip": no_lan}
+            async with (
+                _node(tmp_path, "gw", **natted) as gateway,
+                _node(tmp_path, "client", **client_config) as client,
+            ):
+                sshd.authorize(gateway.identity.openssh_public_key())
+                sshd.authorize(client.identity.openssh_public_key())
+                request = AttachRequest(
+                    name="board",
+                    host=BOARD,
+                    ssh_port=sshd.port,
+                    allow=[client.identity.node_id],
+                )
+                await gateway.attached.attach(request)
+                listener = gateway.attach_gateway
+                await _until(lambda: listener.endpoint() != f"127.0.0.1:{listener.port}")
+                endpoint = listener.endpoint()  # the relay's public port for the listener
+
+                def seen() -> bool:
+                    hosts = [h for h in client.attached.known() if h.name == "board"]
+                    return bool(hosts) and [g.endpoint for g in hosts[0].gateways] == [endpoint]
+
+                await _until(seen)
+                command = [sys.executable, "-m", "p2prc", "--home", str(tmp_path / "client")]
+                process = await asyncio.create_subprocess_exec(
+                    *command, "ssh", "board", "--", "echo", "through-the-relay",
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(process.communicate(), 60)
+                assert process.returncode == 0, err.decode()
+                assert out == b"through-the-relay\n"
+                assert listener.streams_served == 1
