@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import pytest
 from p2prc.attach import gateway as gateway_module
 from p2prc.attach import handshake
 from p2prc.attach.gateway import REFUSED, AttachGateway
+from p2prc.errors import RelayUnavailable
 from p2prc.identity import Identity
 from p2prc.tunnel.streams import close_quietly
 from p2prc.tunnel.tls import pinned_context
@@ -303,3 +304,72 @@ def test_endpoint_is_the_first_advertised_address(tmp_path: Path) -> None:
     assert gateway.endpoint() == "203.0.113.5:4100"
     gateway._public = ("198.51.100.1", 31000)
     assert gateway.endpoint() == "198.51.100.1:31000"
+
+
+@dataclass
+class FakeMapper:
+    """The port mapper of a node behind NAT: its relay publishes the listener at ``address``."""
+
+    address: tuple[str, int] | None = ("198.51.100.1", 30000)
+    behind_nat: bool = True
+    failures: int = 0
+    published: list[tuple[str, int]] = field(default_factory=list)
+
+    async def publish(self, host: str, port: int) -> tuple[str, int] | None:
+        if self.failures:
+            self.failures -= 1
+            raise RelayUnavailable("no relay took this node")
+        self.published.append((host, port))
+        return self.address
+
+    def public_address(self, port: int) -> tuple[str, int] | None:
+        return self.address
+
+    async def withdraw(self, port: int) -> None:
+        return None
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def test_behind_nat_the_listener_is_published_and_follows_the_relay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_module, "_WATCH", 0.02)
+    monkeypatch.setattr(gateway_module, "_RETRY_FIRST", 0.02)
+    mapper = FakeMapper(failures=2)  # the relay is not there at first: retried
+    policy = Policy()
+    moved: list[str] = []
+    gateway = AttachGateway(
+        Identity.generate(),
+        tmp_path,
+        lambda: policy,
+        host="127.0.0.1",
+        addresses=["10.0.0.5"],
+        publisher=mapper,
+        on_endpoint=lambda: moved.append(gateway.endpoint()),
+    )
+    async with gateway:
+        await asyncio.sleep(0.1)
+        assert mapper.published == []  # no attached hosts: nothing to publish
+        assert gateway.endpoint() == f"10.0.0.5:{gateway.port}"
+        policy.hosts.append(object())
+        await _until(lambda: gateway.endpoint() == "198.51.100.1:30000")
+        assert mapper.published == [("127.0.0.1", gateway.port)]
+        mapper.address = ("198.51.100.2", 31000)  # the relay moved
+        await _until(lambda: gateway.endpoint() == "198.51.100.2:31000")
+    assert moved == ["198.51.100.1:30000", "198.51.100.2:31000"]
+
+
+async def test_ensure_published_publishes_before_a_record_is_signed(tmp_path: Path) -> None:
+    mapper = FakeMapper()
+    gateway = AttachGateway(
+        Identity.generate(), tmp_path, lambda: Policy(), host="127.0.0.1", publisher=mapper
+    )
+    async with gateway:
+        assert await gateway.ensure_published() == "198.51.100.1:30000"
