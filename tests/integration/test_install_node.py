@@ -7,6 +7,7 @@ would. No user systemd here, so ``--start`` runs the node under the supervisor.
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
 import json
 import os
 import signal
@@ -48,7 +49,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cli(
     home: Path, cache: Path, *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "P2PRC_HOME": str(home), "XDG_CACHE_HOME": str(cache)}
+    # HOME: this user's own ~/.ssh stays out of it (a test writes its known_hosts).
+    env = {
+        **os.environ, "P2PRC_HOME": str(home), "XDG_CACHE_HOME": str(cache),
+        "HOME": str(cache.parent / "user-home"),
+    }  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "p2prc", "--json", *args],
         env=env, capture_output=True, text=True, timeout=timeout, check=False,
@@ -129,6 +134,42 @@ def test_install_start_join_restart_and_stop(
     assert remote_cli(target, "status").returncode != 0
     assert json.loads(remote_cli(target, "id").stdout)["node_id"] == node["node_id"]
 
+    # Again without --start: the venv is replaced, the node's home (its identity) kept; it
+    # runs only to join, then stops.
+    again = cli(
+        local.home, cache, "install-node", *ssh_args(server, key), "--dir", str(target),
+        "--port", str(api_port), "--listen", "127.0.0.1", timeout=540,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    second = json.loads(again.stdout.splitlines()[-1])
+    assert (second["node_id"], second["name"]) == (node["node_id"], "far")
+    assert (second["service"], second["pid"]) == ("stopped", None)
+    assert "first contact" not in again.stderr, "the pinned key was found"
+    assert not (target / "home" / "supervisor.pid").exists()
+    assert remote_cli(target, "status").returncode != 0
+
+
+def test_a_failed_install_removes_what_it_made(
+    sshd: tuple[Sshd, Path], node_factory: object, tmp_path: Path, cache: Path
+) -> None:
+    server, key = sshd
+    assert callable(node_factory)
+    local: NodeProcess = node_factory("local")
+    broken = tmp_path / "wheels"
+    broken.mkdir()
+    version = metadata.version("msgpack")
+    tag = "cp311-cp311-manylinux_2_17_x86_64"  # fits Debian 12's Python: chosen, then fails
+    (broken / f"msgpack-{version}-{tag}.whl").write_bytes(b"not a zip")
+    target = tmp_path / "remote" / "node"
+    result = cli(
+        local.home, cache, "install-node", *ssh_args(server, key), "--dir", str(target),
+        "--wheels", str(broken), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "pip install failed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not target.exists(), "the directory it made is gone"
+
 
 def test_an_old_python_is_refused_with_attach_offered_and_nothing_left(
     sshd: tuple[Sshd, Path], node_factory: object, tmp_path: Path, cache: Path
@@ -158,6 +199,21 @@ def test_an_old_python_is_refused_with_attach_offered_and_nothing_left(
     assert missing.returncode == 1
     assert "cannot run a p2prc node: no Python" in missing.stderr
     assert not (tmp_path / "remote").exists()
+
+    # A host the user's own ~/.ssh/known_hosts knows is checked there, and not pinned again.
+    pinned = (local.home / "known_hosts").read_text()
+    (local.home / "known_hosts").unlink()
+    mine = cache.parent / "user-home" / ".ssh" / "known_hosts"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_text(pinned)
+    known = cli(
+        local.home, cache, "install-node", *ssh_args(server, key), "--dir", str(target),
+        "--python", str(fake),
+    )  # fmt: skip
+    assert "Python 3.9" in known.stderr
+    assert "first contact" not in known.stderr
+    assert not (local.home / "known_hosts").exists()
+    mine.unlink()
 
 
 def test_a_changed_host_key_or_a_refused_login_stops_before_anything(
