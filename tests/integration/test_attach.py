@@ -18,11 +18,15 @@ from typing import Any
 import httpx
 import pytest
 
+from p2prc import Client
+from p2prc.attach.models import AttachRequest
+from p2prc.errors import AttachFailed, InvalidRequest, NameTaken, PeerNotFound
 from tests._sshd import SSHD, Sshd
 from tests.integration.conftest import NodeProcess, close, free_port, p2prc, start_node
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(300),  # three node processes and many CLI runs on a loaded machine
     pytest.mark.skipif(not Path(SSHD).exists(), reason="needs OpenSSH's sshd"),
 ]
 
@@ -199,26 +203,28 @@ def test_bad_input_is_refused_with_nothing_published_or_lost(net: Net, tmp_path:
         web.wait(timeout=10)
     assert "out of range" in _fails(a.home, "attach", "x", "--host", "127.0.0.1", "--port", "70000")
     assert "out of range" in _fails(a.home, "attach", "x", "--host", "127.0.0.1", "--ssh-port", "0")
-    assert "is a peer's name" in _fails(
-        a.home, "attach", "node-b", "--host", "127.0.0.1", "--ssh-port", port
-    )
-    assert "already attached 'morello'" in _fails(
-        a.home, "attach", "morello", "--host", "127.0.0.1", "--ssh-port", port
-    )
-    assert "neither an IP address nor a DNS name" in _fails(
-        a.home, "attach", "x", "--host", "no;such host", "--ssh-port", port
-    )
-    assert "no peer named 'nobody'" in _fails(
-        a.home, "attach", "x", "--host", "127.0.0.1", "--ssh-port", port, "--allow", "nobody"
-    )
+    # The rest through the library (the same routes; one process start less each).
+    with Client(home=a.home) as client:
+        cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+            ({"name": "node-b"}, NameTaken, "is a peer's name"),
+            ({"name": "morello"}, NameTaken, "already attached 'morello'"),
+            ({"host": "no;such host"}, InvalidRequest, "neither an IP address nor a DNS name"),
+            ({"allow": ["nobody"]}, PeerNotFound, "no peer named 'nobody'"),
+        ]
+        for fields, error, message in cases:
+            request = AttachRequest.model_validate(
+                {"name": "x", "host": "127.0.0.1", "ssh_port": sshd.port, **fields}
+            )
+            with pytest.raises(error, match=message):
+                client.attached.attach(request)
     # Another host (another host key) under a name another gateway's record holds.
-    with Sshd() as other:
-        stderr = _fails(b.home, "attach", "morello", "--host", "127.0.0.1",
-                        "--ssh-port", str(other.port))  # fmt: skip
-        assert "attached through gw-a with another host key" in stderr
-        stderr = _fails(b.home, "attach", "morello", "--host", "127.0.0.1",
-                        "--ssh-port", str(other.port), "--same-as", "morello")  # fmt: skip
-        assert "host key mismatch" in stderr
+    with Sshd() as other, Client(home=b.home) as client:
+        with pytest.raises(NameTaken, match="attached through gw-a with another host key"):
+            client.attached.attach(name="morello", host="127.0.0.1", ssh_port=other.port)
+        with pytest.raises(AttachFailed, match="host key mismatch"):
+            client.attached.attach(
+                name="morello", host="127.0.0.1", ssh_port=other.port, same_as="morello"
+            )
     # Nothing was published or lost: the same announcement, the same record, one host.
     assert _announced(b, a) == version
     assert _records(a) == records
@@ -226,5 +232,5 @@ def test_bad_input_is_refused_with_nothing_published_or_lost(net: Net, tmp_path:
     assert _announced(a, b) is None
     assert list(_attached(a)) == ["morello"]
     assert list(_attached(b)) == ["morello"]
-    own = json.loads(p2prc(a.home, "--json", "attached").stdout)
-    assert [h["name"] for h in own] == ["morello"]
+    with Client(home=a.home) as client:
+        assert [h.name for h in client.attached.own()] == ["morello"]
