@@ -201,7 +201,13 @@ class AttachService(Component):
                 **specs,
             )
             self._store.add(row)
-            self._sign_all()
+            try:
+                self._sign_all()
+            except InvalidRequest:
+                self._store.remove(name)  # nothing stored when it cannot be announced
+                with contextlib.suppress(InvalidRequest):
+                    self._sign_all()
+                raise
             log.info("attached %s at %s:%d", name, address, request.ssh_port)
             return self._local_view(name)
 
@@ -371,6 +377,8 @@ class AttachService(Component):
                 self._publish(ATTACHED_KEY, str(version) if own else None)
             except RuntimeError:  # gossip is not running (off, or stopping)
                 log.debug("attached set %d not announced: gossip is not running", version)
+            except ValueError as exc:  # the node's own record has no room for the key
+                raise InvalidRequest(f"cannot announce attached hosts: {exc}") from None
 
     def _current_endpoint(self) -> str:
         try:

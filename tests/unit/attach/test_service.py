@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from p2prc.attach.models import AttachedGateway
+from p2prc.attach import probe
+from p2prc.attach.models import AttachedGateway, AttachRequest
 from p2prc.attach.records import AttachedRecord
 from p2prc.attach.service import ATTACHED_KEY, AttachService, merge
 from p2prc.attach.store import AttachedRow, AttachStore
@@ -357,3 +358,39 @@ def test_a_stored_record_that_no_longer_verifies_is_dropped(net: Net) -> None:
     assert net.store.foreign() == []
     count = net.state.connection.execute("SELECT COUNT(*) FROM attached_records").fetchone()
     assert count[0] == 0
+
+
+async def test_a_set_that_cannot_be_announced_is_not_stored(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def resolve(host: str) -> list[str]:
+        return ["192.168.0.10"]
+
+    async def reachable(addresses: list[str], port: int, bound: float) -> str:
+        return addresses[0]
+
+    async def host_key(address: str, port: int, bound: float) -> str:
+        return KEY_A
+
+    async def specs(*args: object) -> dict[str, object]:
+        return {"cores": 2}
+
+    for name, fake in [("resolve_host", resolve), ("reachable", reachable),
+                       ("host_key", host_key), ("read_specs", specs)]:  # fmt: skip
+        monkeypatch.setattr(probe, name, fake)
+
+    def full(key: str, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("record is larger than 1100 bytes; shorten metadata")
+
+    net.service._publish = full
+    with pytest.raises(InvalidRequest, match="cannot announce attached hosts"):
+        await net.service.attach(AttachRequest(name="morello", host="board.lan"))
+    assert net.store.rows() == []
+    assert net.service.records() == []
+    net.service._publish = lambda key, value: net.published.append(value)
+    host = await net.service.attach(AttachRequest(name="morello", host="board.lan"))
+    assert host.cores == 2
+    assert host.local is not None
+    assert host.local.address == "192.168.0.10"
+    assert net.published[-1] == str(host.gateways[0].version)
