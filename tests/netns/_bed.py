@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from p2prc.config import Home
+from p2prc.config import Home, set_value
 from p2prc.identity import Identity
+from p2prc.node import init_home
 
 REPO = Path(__file__).resolve().parents[2]
 TESTBED = REPO.parent / "shared" / "testbed" / "netns-nat.sh"
@@ -118,10 +119,16 @@ class Bed:
         result = self.cli(host, home, "--json", *args, timeout=timeout, check=check)
         return json.loads(result.stdout) if result.returncode == 0 else None
 
-    def configure(self, host: str, home: Path, settings: Mapping[str, str]) -> None:
-        """``p2prc config set`` each setting (the home is made by the first)."""
+    @staticmethod
+    def configure(host: str, home: Path, settings: Mapping[str, str]) -> None:
+        """What ``p2prc config set`` does for each setting (the home made first), in this
+        process: files only, the same in any namespace, and a CLI start less per key (the
+        ``host`` is kept for the reader)."""
+        del host
+        node_home = Home(home)
+        init_home(node_home)
         for key, value in settings.items():
-            self.cli(host, home, "config", "set", key, value, check=True)
+            set_value(node_home, key, value)
 
     def start(self, host: str, home: Path, address: str | None, port: int = 8088,
               *args: str) -> "subprocess.Popen[bytes]":  # fmt: skip
@@ -145,7 +152,9 @@ class Bed:
         parts = []
         for home in homes:
             log = home / "node.log"
-            text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+            text = log.read_text(errors="replace").splitlines() if log.exists() else []
+            # httpx's transport logs each request in a dozen DEBUG lines: not the story.
+            text = [line for line in text if " DEBUG httpcore." not in line][-lines:]
             parts.append(f"--- {home.name} ---\n" + "\n".join(text))
         return "\n".join(parts)
 
