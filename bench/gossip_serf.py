@@ -12,11 +12,12 @@ home) joined to its first node. For each of ``--runs`` rounds, interleaved syste
 - failure: a node of the cluster is SIGKILLed, until every other node shows it failed
   (Serf) or dead (p2prc).
 
-Views are polled every 20 ms (Serf: RPC ``members`` over one connection per agent; p2prc:
-``GET /peers``); a node counts at the first answer that shows the change, timed when the
-answer arrives. The cluster stays at 10 alive nodes: each round's joiner replaces the node
-that round kills. Reports medians and p2prc / Serf ratios in ``results/gossip_serf.json``
-and ``results/gossip_serf.md``. Loopback only; every process is stopped by pid.
+Views are polled every 20 ms from just before the change is made, while the call that makes
+it runs (Serf: RPC ``members`` over one connection per agent; p2prc: ``GET /peers``); a node
+counts at the first answer that shows the change, timed when the answer arrives. The
+cluster stays at 10 alive nodes: each round's joiner replaces the node that round kills.
+Reports medians and p2prc / Serf ratios in ``results/gossip_serf.json`` (a Markdown table
+on stdout). Loopback only; every process is stopped by pid.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ from _common import free_port, write_result
 from p2prc import AsyncClient
 
 POLL = 0.02
+VERBOSE = False
+# Seconds each poll round took (every view asked once, concurrently), by system; and how
+# long the call that made each change took to return.
+ROUNDS: dict[str, list[float]] = {"serf": [], "p2prc": []}
+CALLS: dict[str, dict[str, list[float]]] = {
+    "serf": {"metadata": [], "join": []},
+    "p2prc": {"metadata": [], "join": []},
+}
 BOUND = 30.0  # seconds a measurement may take before it counts as never
 
 
@@ -195,7 +204,7 @@ def field_is(member: str, key: str, value: object, tag: str | None = None) -> Ch
     return check
 
 
-async def until_all(views: list[View], began: float) -> float:
+async def until_all(views: list[View], began: float, system: str = "") -> float:
     """Seconds from ``began`` until every view has answered True once (polled at 20 ms)."""
     pending = list(views)
     seen: list[float] = []
@@ -203,6 +212,8 @@ async def until_all(views: list[View], began: float) -> float:
         round_start = time.monotonic()
         answers = await asyncio.gather(*(view() for view in pending), return_exceptions=True)
         now = time.monotonic()
+        if system:
+            ROUNDS[system].append(now - round_start)
         still = []
         for view, answer in zip(pending, answers, strict=True):
             if answer is True:
@@ -211,7 +222,26 @@ async def until_all(views: list[View], began: float) -> float:
                 still.append(view)
         pending = still
         await asyncio.sleep(max(0.0, POLL - (time.monotonic() - round_start)))
+    if VERBOSE and seen:
+        print(f"  {system}: seen at", [round(t - began, 3) for t in sorted(seen)], flush=True)
     return round(max(seen) - began, 3) if not pending and seen else float("inf")
+
+
+async def while_polling(
+    system: str, kind: str, call: Awaitable[Any], views: list[View]
+) -> tuple[float, Any]:
+    """Make the change and poll the views at the same time: seconds until all show it
+    (from just before the call), and the call's result."""
+    began = time.monotonic()
+
+    async def timed() -> Any:
+        result = await call
+        CALLS[system][kind].append(time.monotonic() - began)
+        return result
+
+    task = asyncio.ensure_future(timed())
+    took = await until_all(views, began, system)
+    return took, await task
 
 
 def serf_view(agent: SerfAgent, check: Callable[[dict[str, dict[str, Any]]], bool]) -> View:
@@ -256,9 +286,8 @@ class SerfCluster:
         check = field_is(agent.name, "Tags", value, tag="meta")
         views = [serf_view(a, check) for a in self.agents if a is not agent]
         assert agent.rpc is not None
-        began = time.monotonic()
-        await agent.rpc.call("tags", {"Tags": {"meta": value}, "DeleteTags": []}, body=False)
-        return await until_all(views, began)
+        call = agent.rpc.call("tags", {"Tags": {"meta": value}, "DeleteTags": []}, body=False)
+        return (await while_polling("serf", "metadata", call, views))[0]
 
     async def join(self) -> float:
         joiner = await start_serf(f"n{self._count}", None)
@@ -266,9 +295,8 @@ class SerfCluster:
         await asyncio.sleep(1.0)  # already running
         views = [self._alive_view(a, {joiner.name}) for a in self.agents]
         assert joiner.rpc is not None
-        began = time.monotonic()
-        await joiner.rpc.call("join", {"Existing": [self.agents[0].address], "Replay": False})
-        took = await until_all(views, began)
+        call = joiner.rpc.call("join", {"Existing": [self.agents[0].address], "Replay": False})
+        took, _ = await while_polling("serf", "join", call, views)
         self.agents.append(joiner)
         return took
 
@@ -279,7 +307,7 @@ class SerfCluster:
         agent.process.send_signal(signal.SIGKILL)
         agent.process.wait(timeout=10)
         self.dead.append(agent)
-        return await until_all(views, began)
+        return await until_all(views, began, "serf")
 
     def stop(self) -> None:
         for agent in self.agents + self.dead:
@@ -321,9 +349,8 @@ class P2prcCluster:
         views = [node_view(n, check) for n in self.nodes if n is not node]
         async with AsyncClient(node.api, home=node.home, audience=node.node_id) as client:
             await client.status()  # connection open before the clock starts
-            began = time.monotonic()
-            await client.set_metadata(value)
-        return await until_all(views, began)
+            took, _ = await while_polling("p2prc", "metadata", client.set_metadata(value), views)
+        return took
 
     async def join(self) -> float:
         joiner = start_p2prc(self.base / f"n{self._count}", None)
@@ -333,11 +360,9 @@ class P2prcCluster:
         root = self.nodes[0].api.removeprefix("http://")
         async with AsyncClient(joiner.api, home=joiner.home, audience=joiner.node_id) as client:
             await client.status()
-            began = time.monotonic()
-            result = await client.add_peer(root)
+            took, result = await while_polling("p2prc", "join", client.add_peer(root), views)
         if result.failed:
             raise RuntimeError(f"join failed: {result.failed}")
-        took = await until_all(views, began)
         self.nodes.append(joiner)
         return took
 
@@ -348,7 +373,7 @@ class P2prcCluster:
         node.process.send_signal(signal.SIGKILL)
         node.process.wait(timeout=10)
         self.dead.append(node)
-        return await until_all(views, began)
+        return await until_all(views, began, "p2prc")
 
     async def stop(self) -> None:
         for node in self.nodes + self.dead:
@@ -406,10 +431,18 @@ def summarise(size: int, runs: int, times: dict[str, dict[str, list[float]]]) ->
         for kind in medians["serf"]
         if medians["serf"][kind] > 0
     }
+
+    def median_ms(values: list[float]) -> float:
+        return round(statistics.median(values) * 1000, 1) if values else float("nan")
+
     return {
         "nodes": size,
         "runs": runs,
         "poll_s": POLL,
+        "poll_round_median_ms": {system: median_ms(v) for system, v in ROUNDS.items()},
+        "call_median_ms": {
+            system: {kind: median_ms(v) for kind, v in row.items()} for system, row in CALLS.items()
+        },
         "times_s": times,
         "median_s": medians,
         "ratio_p2prc_over_serf": ratios,
@@ -439,6 +472,15 @@ def markdown(result: dict[str, Any], title: str) -> str:
             f"| {label} | {medians['p2prc'][kind]:.2f} s ({ours}) "
             f"| {medians['serf'][kind]:.2f} s ({theirs}) | {ratios[kind]:.2f} |"
         )
+    rounds, calls = result["poll_round_median_ms"], result["call_median_ms"]
+    rows += [
+        "",
+        f"A poll round (every pending view asked once, at once) took {rounds['p2prc']} ms "
+        f"(p2prc) and {rounds['serf']} ms (Serf), medians. The call that makes the change "
+        f"returned in {calls['p2prc']['metadata']} ms (`POST /meta`) and "
+        f"{calls['p2prc']['join']} ms (`POST /peers`) against {calls['serf']['metadata']} ms "
+        f"and {calls['serf']['join']} ms (Serf RPC `tags`, `join`); views are polled meanwhile.",
+    ]
     return "\n".join(rows) + "\n"
 
 
@@ -449,7 +491,9 @@ if __name__ == "__main__":
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between steps")
     parser.add_argument("--out", default="gossip_serf", help="results/<out>.json")
     parser.add_argument("--title", default="Measured")
+    parser.add_argument("--verbose", action="store_true", help="print when each node saw it")
     options = parser.parse_args()
+    VERBOSE = options.verbose
     result = asyncio.run(measure(options.nodes, options.runs, options.settle))
     write_result(options.out, result)
     print(markdown(result, options.title))

@@ -264,7 +264,10 @@ class Gossip(Component):
         audience = audience or self.member_at(address)
         rooted = trusted or address in self._config.bootstrap
         introducer = None if rooted else (audience or f"address:{address}")
-        request = exchange.Request(exchange.digest(self.table))
+        # Joining (a root node, an address the owner gave): our record rides the first
+        # post, so the other side spreads it while the rest of the exchange goes on.
+        mine = [self.me.encode()] if rooted else []
+        request = exchange.Request(exchange.digest(self.table), records=mine)
         changed = 0
         async with self._link.connect(PeerTarget(peer_url(address), audience)) as client:
             for round_ in range(_ROUNDS):

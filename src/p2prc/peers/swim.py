@@ -215,16 +215,17 @@ class Swim:
         self._relays = {s: r for s, r in self._relays.items() if r.expires > now}
         return out + self.push(now)
 
-    def push(self, now: float) -> list[Outgoing]:
+    def push(self, now: float, heard_from: str = "") -> list[Outgoing]:
         """What must go now: bare pings to members just learned and, when something new
         is queued, a gossip round to ``fanout`` proven members (at most one such round
-        per gossip interval, so gossip traffic at most doubles; a later change waits)."""
+        per gossip interval, so gossip traffic at most doubles; a later change waits),
+        not to ``heard_from``, the member that just told us."""
         out, self._outbox = self._outbox, []
         if self._queue.fresh and now >= self._next_push:
             self._next_push = now + self.settings.gossip_every
             self._pushing = True
             try:
-                out += self._gossip()
+                out += self._gossip(heard_from)
             finally:
                 self._pushing = False
             self._queue.mark_pushed()
@@ -259,7 +260,7 @@ class Swim:
             if member is not None and source == self._destination(member):
                 self._prove(sender, source)
         self._apply_updates(updates, now, sender)
-        return self._answer(sender, kind, seq, target, source, now) + self.push(now)
+        return self._answer(sender, kind, seq, target, source, now) + self.push(now, sender)
 
     def _answer(
         self, sender: str, kind: str, seq: int, target: str, source: Any, now: float
@@ -542,11 +543,15 @@ class Swim:
         limit = retransmit_limit(self._cluster, self.settings.retransmit_mult)
         return self._queue.take(budget, limit, fresh=self._pushing)
 
-    def _gossip(self) -> list[Outgoing]:
-        """A gossip-only datagram to ``fanout`` proven members."""
+    def _gossip(self, skip: str = "") -> list[Outgoing]:
+        """A gossip-only datagram to ``fanout`` proven members (not ``skip``)."""
         if not self._queue:
             return []
-        members = [m.record.node_id for m in self.table.alive() if self.proven(m.record.node_id)]
+        members = [
+            m.record.node_id
+            for m in self.table.alive()
+            if m.record.node_id != skip and self.proven(m.record.node_id)
+        ]
         out: list[Outgoing] = []
         for target in self._rng.sample(members, min(self.settings.fanout, len(members))):
             out += self._send(target, ["gossip", 0, ""])

@@ -135,7 +135,11 @@ def test_keepalives_hold_the_nat_open_in_a_large_network() -> None:
         network = _NatNetwork(40, behind_nat=frozenset({4}), settings=settings)
         version = network.nodes[4].table.me.version
         network.run(240, step=0.25)
-        assert set(_states(network, 4)) == {MemberState.ALIVE}
+        states = set(_states(network, 4))
+        # Without keepalives it is suspected again and again and refutes each time (it
+        # may be in one of those suspicions at the end); with them it is never doubted.
+        assert MemberState.DEAD not in states
+        assert states == {MemberState.ALIVE} or keepalive > 10
         refutations[keepalive] = network.nodes[4].table.me.version - version
     assert refutations[10.0] == 0
     assert refutations[1e9] > 0
