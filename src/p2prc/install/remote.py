@@ -53,6 +53,12 @@ _VENV = 180.0
 _PIP = 600.0
 _UP = 60.0
 _MIN_FREE = 400 * 1024 * 1024
+_INVITE_TTL = 300.0
+_JOIN = (
+    "import sys; from p2prc.cli import main; "
+    "main(['--home', sys.argv[1], '--json', 'join', sys.stdin.readline().strip()])"
+)
+_UNIT_SAFE = re.compile(r"^/[A-Za-z0-9._/+-]{1,300}$")
 
 
 @dataclass
@@ -214,8 +220,10 @@ class _Remote:
         except (OSError, asyncssh.Error) as exc:
             raise InstallFailed(f"{self.host}: the connection failed: {_reason(exc)}") from None
 
-    async def check(self, command: str, what: str, *, limit: float = _QUICK) -> str:
-        result = await self.run(command, limit=limit)
+    async def check(
+        self, command: str, what: str, *, limit: float = _QUICK, input: str | None = None
+    ) -> str:
+        result = await self.run(command, limit=limit, input=input)
         if result.exit_status != 0:
             tail = _text(result.stderr or result.stdout)[-2000:].strip()
             raise InstallFailed(f"{self.host}: {what} failed (exit {result.exit_status}): {tail}")
@@ -370,10 +378,11 @@ async def _install(
     service = await _start(remote, probe, base, python, say)
     try:
         status = await _wait_up(remote, cli)
-        invitation = await TrustAPI(local).invite(600.0, 1)
-        joined = json.loads(
-            (await remote.check(f"{cli} join {q(invitation.token)}", "p2prc join")).splitlines()[-1]
-        )
+        invitation = await TrustAPI(local).invite(_INVITE_TTL, 1)
+        # The token goes on stdin, never on a command line another user there could read.
+        join = f"{python} -I -c {q(_JOIN)} {q(node_home)}"
+        answer = await remote.check(join, "p2prc join", input=invitation.token + "\n")
+        joined = json.loads(answer.splitlines()[-1])
     finally:
         if not request.start:
             await _stop(remote, probe, base)
@@ -399,6 +408,11 @@ async def _start(remote: _Remote, probe: Probe, base: str, python: str, say: Say
     q = shlex.quote
     node_home = f"{base}/home"
     if probe.systemd:
+        if not _UNIT_SAFE.match(base):
+            raise InstallFailed(
+                f"{remote.host}: {base!r} has characters a systemd unit line cannot hold; "
+                "give another --dir"
+            )
         unit = _unit_name(base)
         text = (
             f"[Unit]\nDescription=p2prc node ({base})\nAfter=network-online.target\n\n"
