@@ -135,12 +135,9 @@ def net(tmp_path: Path) -> Iterator[Net]:
 
 def test_ssh_from_another_node_runs_end_to_end(net: Net, tmp_path: Path) -> None:
     b = net.b
-    started = time.monotonic()
     result = _run(b.home, "ssh", "board", "--", "uname", "-a")
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(platform.system())
-    assert elapsed < 15
     # The key it checked is the one the gateway pinned, under the host's alias.
     known = (b.home / "known_hosts").read_text()
     assert f"p2prc-attached-board {net.sshd.host_key}" in known.splitlines()
