@@ -217,6 +217,14 @@ def test_map_port_remote_serves_a_web_server_of_the_host(net: Net, tmp_path: Pat
         # A stranger's key may not map it either.
         stranger = _run(net.c.home, "map-port", "8080", "--remote", "board")
         assert "not allowed" in stranger.stderr
+        # unmap --remote stops it; mapping again serves it again.
+        unmapped = _run(b.home, "unmap", "8080", "--remote", "board")
+        assert unmapped.returncode == 0, unmapped.stderr
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://{address}/", timeout=5)
+        again = json.loads(_run(b.home, "--json", "map-port", "8080", "--remote", "board").stdout)
+        address = again["EntireAddress"]
+        assert httpx.get(f"http://{address}/", timeout=10).text == "served by the board\n"
         # Detaching the host ends the forwarding at once.
         p2prc(a.home, "detach", "board")
         with pytest.raises(httpx.HTTPError):

@@ -26,7 +26,13 @@ from ._legacy import LEGACY, normalise, translate
 from ._node import config_app, init, interfaces_command, specs, start, status, stop
 from ._peers import meta_app, peers_app
 from ._plugins import group_app, plugin_app
-from ._ssh import SSH_SETTINGS, is_attached, map_attached_port, ssh_command
+from ._ssh import (
+    SSH_SETTINGS,
+    is_attached,
+    map_attached_port,
+    ssh_command,
+    unmap_attached_port,
+)
 from ._trust import id_command, invite_command, join_command, trust_app
 from ._ui import ui_command
 
@@ -108,9 +114,15 @@ def unmap_command(
     ctx: typer.Context,
     port: int,
     udp: Annotated[bool, typer.Option("--udp", help="The UDP mapping of the port.")] = False,
+    remote: Annotated[
+        str | None, typer.Option("--remote", help="A port of this attached host (its gateway).")
+    ] = None,
 ) -> None:
     """Stop publishing a port."""
     options = options_of(ctx)
+    if remote is not None:
+        unmap_attached_port(options, remote, port)
+        return
     with Client(home=options.home) as client:
         client.unmap_port(port, udp=udp)
     emit(options, {"unmapped": port}, f"unmapped {port}")

@@ -21,7 +21,7 @@ import typer
 
 from .._client_async import AsyncClient
 from ..attach.client import AttachedAPI
-from ..attach.map_client import map_attached
+from ..attach.map_client import map_attached, unmap_attached
 from ..attach.models import AttachedHost
 from ..attach.proxy import (
     host_alias,
@@ -44,6 +44,7 @@ __all__ = [
     "map_attached_port",
     "ssh_argv",
     "ssh_command",
+    "unmap_attached_port",
 ]
 
 # The command's click settings: words after "--" (or unknown) are the remote command.
@@ -166,3 +167,9 @@ def map_attached_port(
     data["attached"] = name
     data["port"] = port
     emit(options, data, mapped.entire_address)
+
+
+def unmap_attached_port(options: Options, name: str, port: int) -> None:
+    """``unmap PORT --remote NAME``: the gateway stops forwarding that port of the host."""
+    asyncio.run(unmap_attached(options.home, name, port))
+    emit(options, {"unmapped": port, "attached": name}, f"unmapped {name}:{port}")
