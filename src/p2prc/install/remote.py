@@ -54,6 +54,7 @@ _PIP = 600.0
 _UP = 60.0
 _MIN_FREE = 400 * 1024 * 1024
 _INVITE_TTL = 300.0
+_TOTAL = 1800.0  # the whole install, whatever each step's own bound
 _JOIN = (
     "import sys; from p2prc.cli import main; "
     "main(['--home', sys.argv[1], '--json', 'join', sys.stdin.readline().strip()])"
@@ -309,12 +310,15 @@ async def install_node(request: InstallRequest, home: Home, say: Say) -> Install
                 f"{probe.free // 2**20} MiB free")  # fmt: skip
             plan = await asyncio.to_thread(_plan, probe, request, host, user)
             try:
-                result = await _install(remote, local, request, probe, plan, say)
+                async with asyncio.timeout(_TOTAL):
+                    result = await _install(remote, local, request, probe, plan, say)
             except BaseException as exc:
                 if not probe.exists:
                     await _remove(conn, probe.directory)
                 if isinstance(exc, asyncssh.ChannelOpenError):
                     raise InstallFailed(f"{host}: no SFTP there ({exc.reason})") from None
+                if isinstance(exc, TimeoutError):
+                    raise InstallFailed(f"{host}: not done within {_TOTAL:.0f} s") from None
                 if isinstance(exc, (OSError, asyncssh.Error)):
                     raise InstallFailed(f"{host}: {_reason(exc)}") from None
                 raise

@@ -99,3 +99,21 @@ def test_a_bad_probe_answer_is_refused() -> None:
     ):
         with pytest.raises(ValueError, match="probe"):
             parse_probe(bad)
+
+
+def test_the_supervisor_signals_only_its_own_pid(tmp_path: Path) -> None:
+    """A pid file naming another process (a stale or planted one) is never signalled."""
+    from p2prc.install import supervise
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / supervise.PID_FILE).write_text(f"{sleeper.pid}\n")
+        assert supervise.main(["stop", str(tmp_path)]) == 0
+        assert supervise.main(["status", str(tmp_path)]) == 1
+        assert sleeper.poll() is None, "not signalled"
+        (tmp_path / supervise.PID_FILE).write_text("not a pid\n")
+        assert supervise.main(["stop", str(tmp_path)]) == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)
+    assert supervise.main(["restart", str(tmp_path)]) == 2
