@@ -135,6 +135,12 @@ def test_attach_seen_everywhere_second_gateway_and_detach(net: Net) -> None:
     assert host["local"]["address"] == "127.0.0.1"
     assert host["local"]["allow"] == [b.node_id]  # the peer name resolved to its node id
     assert len(_records(a)) == 1
+    denied = json.loads(p2prc(a.home, "--json", "attach", "morello", "--deny", "node-b").stdout)
+    assert denied["local"]["allow"] == []
+    (mine,) = json.loads(p2prc(a.home, "--json", "attached", "--own").stdout)
+    assert mine["local"] == {**denied["local"], "allow": []}
+    again = json.loads(p2prc(a.home, "--json", "attach", "morello", "--allow", b.node_id).stdout)
+    assert again["local"]["allow"] == [b.node_id]
 
     # Every node sees it, with its gateway (alive), and peers list shows it.
     for node in (b, c):

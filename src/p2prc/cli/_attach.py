@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from ..attach.models import AttachedHost, AttachRequest
+from ..attach.records import NAME
 from ..client import Client
 from ..errors import InvalidRequest, validation_message
 from ._common import emit, options_of
@@ -44,6 +45,7 @@ def attach_command(
 ) -> None:
     """Attach a host this node reaches (a gateway), or change who may reach it."""
     options = options_of(ctx)
+    _check_name(name)
     if host is None:
         if not (allow or deny) or port or same_as or user or ssh_port != 22:
             raise InvalidRequest(
@@ -81,22 +83,30 @@ def detach_command(
 ) -> None:
     """Stop reaching an attached host through this node."""
     options = options_of(ctx)
+    _check_name(name)
     with Client(home=options.home) as client:
         client.attached.detach(name)
     emit(options, {"detached": name}, f"detached {name}")
 
 
-def attached_command(ctx: typer.Context) -> None:
+def attached_command(
+    ctx: typer.Context,
+    own: Annotated[
+        bool, typer.Option("--own", help="Only this gateway's, with LAN address and allow list.")
+    ] = False,
+) -> None:
     """Every attached host this node knows, with the gateways that reach it."""
     options = options_of(ctx)
     with Client(home=options.home) as client:
-        hosts = client.attached.list()
+        hosts = client.attached.own() if own else client.attached.list()
     emit(options, [host.model_dump(mode="json") for host in hosts], attached_table(hosts))
 
 
 def attached_table(hosts: list[AttachedHost]) -> Table:
     """One row per attached host: its ports, specs, host key and gateways (state)."""
-    table = Table("name", "ssh", "ports", "specs", "host key", "gateways", box=None)
+    local = any(host.local is not None for host in hosts)
+    columns = ["name", "ssh", "ports", "specs", "host key", "gateways"]
+    table = Table(*columns, *(["address", "allowed"] if local else []), box=None)
     for host in hosts:
         gateways = ", ".join(f"{g.name} ({g.state})" for g in host.gateways)
         if host.conflicts:
@@ -113,10 +123,17 @@ def attached_table(hosts: list[AttachedHost]) -> Table:
         )
         ports = ",".join(str(p) for p in host.ports) or "-"
         ssh = f"{host.user}@{host.ssh_port}" if host.user else str(host.ssh_port)
-        table.add_row(
-            host.name, ssh, ports, specs or "?", _fingerprint(host.host_key), gateways or "-"
-        )
+        row = [host.name, ssh, ports, specs or "?", _fingerprint(host.host_key), gateways or "-"]
+        if host.local is not None:
+            allowed = ", ".join(entry[:8] for entry in host.local.allow) or "owner only"
+            row += [host.local.address, allowed]
+        table.add_row(*row)
     return table
+
+
+def _check_name(name: str) -> None:
+    if not NAME.match(name):
+        raise InvalidRequest(f"{name!r} is not an attached host name (peer-name rules)")
 
 
 def _fingerprint(host_key: str) -> str:
