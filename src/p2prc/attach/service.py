@@ -64,6 +64,7 @@ _RESOLVE_TIMEOUT = 5.0
 _SPECS_TIMEOUT = 10.0
 _POLL = 0.5
 _PULLS_AT_ONCE = 4
+_MIN_PULL_GAP = 1.0
 _BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?$")
 _NODE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -402,12 +403,15 @@ class AttachService(Component):
         if table is None:
             return
         me, now = self._identity.node_id, time.monotonic()
+        skew = self._config.trust.clock_skew
         for gateway in [g for g in self._held if g not in table.members or g == me]:
             self._drop(gateway, "it left the peer table")
         for node_id, member in table.members.items():
             if node_id == me:
                 continue
             announced = _announced(member)
+            if announced is not None and not plausible_version(announced, time.time(), skew):
+                announced = None  # dated in the future: no set we would ever pull
             if announced is None:
                 if node_id in self._held:
                     self._drop(node_id, "it announces no attached hosts")
@@ -443,7 +447,8 @@ class AttachService(Component):
             kept = {k: r for k, r in self._foreign.items() if r.gateway != gateway}
             self._foreign = kept | {(gateway, r.name): r for r in records}
             self._held[gateway] = announced
-            self._retry.pop(gateway, None)
+            # A gateway re-announcing at once waits a little: at most a pull a second each.
+            self._retry[gateway] = (time.monotonic() + _MIN_PULL_GAP, _BACKOFF_FIRST / 2)
             self.pulls += 1
         except (P2PRCError, TimeoutError, OSError) as exc:
             delay = min(_BACKOFF_MAX, self._retry.get(gateway, (0.0, _BACKOFF_FIRST / 2))[1] * 2)

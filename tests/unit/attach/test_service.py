@@ -296,6 +296,26 @@ async def test_a_gateway_not_alive_is_pulled_once_back(net: Net) -> None:
     assert [h.name for h in net.service.known()] == ["morello"]
 
 
+async def test_pulls_are_spaced_and_future_announcements_ignored(net: Net) -> None:
+    gateway = Identity.generate()
+    record = _record(gateway)
+    net.serve(9001, [record.encode()])
+    net.member(gateway, "laptop", 9001, **{ATTACHED_KEY: str(record.version)})
+    await _settle(net)
+    net.member(gateway, "laptop", 9001, **{ATTACHED_KEY: str(record.version + 1)})
+    await _settle(net)
+    assert net.calls == 1  # a re-announcement at once waits for the gap
+    net.service._retry[gateway.node_id] = (0.0, 0.5)
+    await _settle(net)
+    assert net.calls == 2
+    future = str(int(time.time() * 1000) + 3_600_000)
+    net.member(gateway, "laptop", 9001, **{ATTACHED_KEY: future})
+    net.service._retry.clear()
+    await _settle(net)
+    assert net.calls == 2
+    assert net.service.known() == []  # as if it announced nothing
+
+
 async def test_records_of_a_gateway_the_table_forgets_are_dropped(net: Net) -> None:
     gateway = Identity.generate()
     record = _record(gateway)
