@@ -144,6 +144,12 @@ def test_ssh_from_another_node_runs_end_to_end(net: Net, tmp_path: Path) -> None
     # The host saw b's own key: the session is end to end, the gateway only forwards.
     logins = [line for line in net.sshd.log().splitlines() if "Accepted publickey" in line]
     assert any(_fingerprint(b) in line for line in logins)
+    # The gateway itself reaches its host through its own listener (from node.json).
+    local = json.loads((net.a.home / "node.json").read_text())["attach"]
+    assert local.startswith("127.0.0.1:")
+    own = _run(net.a.home, "ssh", "board", "--", "echo", "from-the-gateway")
+    assert own.returncode == 0, own.stderr
+    assert own.stdout == "from-the-gateway\n"
     # A command with arguments and its exit status come back as they are.
     status = _run(b.home, "ssh", "board", "--", "sh", "-c", "'echo out; echo err >&2; exit 3'")
     assert status.returncode == 3
