@@ -259,11 +259,6 @@ async def _probe(remote: _Remote, request: InstallRequest, user: str) -> Probe:
         raise _refusal(
             host, user, port, [f"{request.python} did not run the probe ({exc})"]
         ) from None
-    if not probe.venv:
-        missing = [
-            f"Python's venv/ensurepip ({probe.venv_why}; on Debian: apt install python3-venv)"
-        ]
-        raise _refusal(host, user, port, missing)
     return probe
 
 
@@ -274,7 +269,11 @@ def _plan(probe: Probe, request: InstallRequest, host: str, user: str) -> WheelP
         raise InstallFailed(f"{host}: {exc}") from None
     cache = Path(platformdirs.user_cache_dir("p2prc")) / "wheels"
     plan = plan_wheels(target, cache, request.wheel_dirs)
-    missing = list(plan.missing)
+    missing = []
+    if not probe.venv:  # reported with everything else that is missing, all at once
+        why = probe.venv_why
+        missing.append(f"Python's venv/ensurepip ({why}; on Debian: apt install python3-venv)")
+    missing += plan.missing
     need = max(_MIN_FREE, 6 * plan.size)
     if probe.free < need:
         missing.append(

@@ -117,3 +117,31 @@ def test_the_supervisor_signals_only_its_own_pid(tmp_path: Path) -> None:
         sleeper.kill()
         sleeper.wait(timeout=10)
     assert supervise.main(["restart", str(tmp_path)]) == 2
+
+
+def test_everything_missing_is_said_at_once_with_attach_offered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from p2prc.errors import InstallFailed
+    from p2prc.install import remote
+    from p2prc.install.probe import Probe
+    from p2prc.install.wheels import WheelPlan
+
+    raw = {
+        "version": "3.12.1", "implementation": "cpython", "abiflags": "", "machine": "aarch64",
+        "libc": "glibc", "libc_version": "2.31", "markers": {"python_version": "3.12"},
+    }  # fmt: skip
+    probe = Probe(raw, "/home/cheri/.p2prc-node", False, False, 50 * 2**20, False,
+                  "ModuleNotFoundError('ensurepip')", False, "/home/cheri")  # fmt: skip
+    plan = WheelPlan(missing=["pydantic-core 2.50.5 (here: cp311-...): no wheel that fits"])
+    monkeypatch.setattr(remote, "plan_wheels", lambda *args, **kwargs: plan)
+    request = InstallRequest(destination="cheri@192.168.0.10")
+    with pytest.raises(InstallFailed) as refused:
+        remote._plan(probe, request, "192.168.0.10", "cheri")
+    text = str(refused.value)
+    assert text.startswith("192.168.0.10 cannot run a p2prc node: Python's venv/ensurepip")
+    assert "apt install python3-venv" in text
+    assert "pydantic-core 2.50.5" in text
+    assert "disk: 50 MiB free for /home/cheri/.p2prc-node, needs 400 MiB" in text
+    assert "--python-version 3.12 --platform manylinux_2_31_aarch64" in text
+    assert text.endswith("p2prc attach 192-168-0-10 --host 192.168.0.10 --user cheri")
