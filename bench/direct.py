@@ -30,11 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from _common import RESULTS, write_result
 
 from p2prc.direct.link import DirectLink, handshake
 from p2prc.identity import Identity
-from p2prc.tunnel.streams import close_quietly
+from p2prc.tunnel.streams import close_quietly, pipe
 from p2prc.tunnel.tls import pinned_context, server_context
 
 _CHUNK = 1 << 20
@@ -46,7 +47,7 @@ async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     total = 0
     while await reader.readexactly(1) == b"\1":
         total += len(await reader.readexactly(_CHUNK))
-    writer.write(str(total).encode())
+    writer.write(f"{total}\n".encode())  # a line: a TLS tunnel cannot pass a half-close
     await writer.drain()
     writer.close()
 
@@ -58,6 +59,12 @@ async def _role_server(listen: str) -> None:
     sink = await asyncio.start_server(_sink, "127.0.0.1", 0, limit=1 << 20)
     sink_port = sink.sockets[0].getsockname()[1]
     plain = await asyncio.start_server(_sink, listen, 0, ssl=context, limit=1 << 20)
+
+    async def tunnel_in(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        far = await asyncio.open_connection("127.0.0.1", sink_port, limit=1 << 20)
+        await pipe(reader, writer, *far)
+
+    tunnel = await asyncio.start_server(tunnel_in, listen, 0, ssl=context, limit=1 << 20)
     listening = socket.create_server((listen, 0))
     listening.setblocking(False)
     links: list[DirectLink] = []
@@ -84,6 +91,7 @@ async def _role_server(listen: str) -> None:
     ports = {
         "node_id": identity.node_id,
         "plain": plain.sockets[0].getsockname()[1],
+        "tunnel": tunnel.sockets[0].getsockname()[1],
         "direct": listening.getsockname()[1],
         "sink": sink_port,
     }
@@ -102,30 +110,54 @@ async def _write_for(
         await writer.drain()
         sent += _CHUNK
     writer.write(b"\0")
-    counted = int(await reader.read())
+    counted = int(await reader.readline())
     await close_quietly(writer)
     assert counted == sent, (counted, sent)
     return counted
 
 
-async def _plain(host: str, ports: dict[str, Any], streams: int, seconds: float) -> float:
+Opened = list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+
+
+async def _rate(opened: Opened, seconds: float) -> tuple[int, float]:
+    """Bytes all of ``opened`` moved in about ``seconds``, and the seconds it took."""
+    start = time.perf_counter()
+    total = sum(await asyncio.gather(*(_write_for(r, w, seconds) for r, w in opened)))
+    return total, time.perf_counter() - start
+
+
+async def _plain(host: str, ports: dict[str, Any], streams: int) -> Opened:
+    """TLS straight to the sink's process: no hop on either side."""
     context = pinned_context(ports["node_id"])
-    opened = [
+    return [
         await asyncio.open_connection(
             host, ports["plain"], ssl=context, server_hostname="", limit=1 << 20
         )
         for _ in range(streams)
     ]
-    start = time.perf_counter()
-    total = sum(await asyncio.gather(*(_write_for(r, w, seconds) for r, w in opened)))
-    return total * 8 / (time.perf_counter() - start) / 1e9
 
 
-async def _direct(link: DirectLink, ports: dict[str, Any], streams: int, seconds: float) -> float:
-    opened = [await link.open_stream("port", ports["sink"]) for _ in range(streams)]
-    start = time.perf_counter()
-    total = sum(await asyncio.gather(*(_write_for(r, w, seconds) for r, w in opened)))
-    return total * 8 / (time.perf_counter() - start) / 1e9
+async def _tunnel(host: str, ports: dict[str, Any], streams: int, carriers: set[Any]) -> Opened:
+    """A TLS tunnel (like stunnel, or ssh -L without the SSH): a socket pair here, one TLS
+    connection per stream, a TCP hop to the sink there: the hops a direct stream has."""
+    context = pinned_context(ports["node_id"])
+    opened: Opened = []
+    for _ in range(streams):
+        mine, theirs = socket.socketpair()
+        far = await asyncio.open_connection(sock=theirs, limit=1 << 20)
+        tls = await asyncio.open_connection(
+            host, ports["tunnel"], ssl=context, server_hostname="", limit=1 << 20
+        )
+        task = asyncio.ensure_future(pipe(*far, *tls))
+        carriers.add(task)
+        task.add_done_callback(carriers.discard)
+        opened.append(await asyncio.open_connection(sock=mine, limit=1 << 20))
+    return opened
+
+
+async def _direct(link: DirectLink, ports: dict[str, Any], streams: int) -> Opened:
+    """Streams of one direct path (the socket pair of ``open_stream``, a TCP hop there)."""
+    return [await link.open_stream("port", ports["sink"]) for _ in range(streams)]
 
 
 async def _dial(host: str, ports: dict[str, Any]) -> DirectLink:
@@ -150,25 +182,66 @@ async def _dial(host: str, ports: dict[str, Any]) -> DirectLink:
     return link
 
 
+def _cpu(processes: list[psutil.Process]) -> float:
+    """User and system CPU seconds the processes used so far."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+async def _timed(
+    opened: Opened, processes: list[psutil.Process], seconds: float
+) -> tuple[float, float]:
+    """Gbit/s of one round, and CPU seconds (both processes) per GiB it moved."""
+    before = _cpu(processes)
+    total, elapsed = await _rate(opened, seconds)
+    spent = _cpu(processes) - before
+    return total * 8 / elapsed / 1e9, spent / (total / (1 << 30))
+
+
 async def _measure(
-    host: str, ports: dict[str, Any], counts: list[int], seconds: float, runs: int
+    host: str,
+    ports: dict[str, Any],
+    counts: list[int],
+    seconds: float,
+    runs: int,
+    processes: list[psutil.Process],
 ) -> dict[str, Any]:
     link = await _dial(host, ports)
+    carriers: set[Any] = set()
     rows: dict[str, Any] = {}
     for streams in counts:
-        plain, direct = [], []
+        rates: dict[str, list[float]] = {"plain": [], "tunnel": [], "direct": []}
+        cpus: dict[str, list[float]] = {"plain": [], "tunnel": [], "direct": []}
         for _ in range(runs):
-            plain.append(await _plain(host, ports, streams, seconds))
-            direct.append(await _direct(link, ports, streams, seconds))
-        p, d = statistics.median(plain), statistics.median(direct)
+            for mode in rates:
+                if mode == "plain":
+                    opened = await _plain(host, ports, streams)
+                elif mode == "tunnel":
+                    opened = await _tunnel(host, ports, streams, carriers)
+                else:
+                    opened = await _direct(link, ports, streams)
+                rate, cpu = await _timed(opened, processes, seconds)
+                rates[mode].append(rate)
+                cpus[mode].append(cpu)
+        m = {mode: statistics.median(values) for mode, values in rates.items()}
+        c = {mode: statistics.median(values) for mode, values in cpus.items()}
         rows[str(streams)] = {
-            "plain_tls_gbit": round(p, 3),
-            "direct_gbit": round(d, 3),
-            "ratio": round(d / p, 3),
-            "plain_runs": [round(x, 3) for x in plain],
-            "direct_runs": [round(x, 3) for x in direct],
+            "plain_tls_gbit": round(m["plain"], 3),
+            "tls_tunnel_gbit": round(m["tunnel"], 3),
+            "direct_gbit": round(m["direct"], 3),
+            "ratio": round(m["direct"] / m["plain"], 3),
+            "ratio_tunnel": round(m["direct"] / m["tunnel"], 3),
+            "plain_cpu_s_per_gib": round(c["plain"], 3),
+            "tunnel_cpu_s_per_gib": round(c["tunnel"], 3),
+            "direct_cpu_s_per_gib": round(c["direct"], 3),
+            "cpu_ratio": round(c["plain"] / c["direct"], 3),
+            "cpu_ratio_tunnel": round(c["tunnel"] / c["direct"], 3),
+            "runs": {mode: [round(x, 3) for x in values] for mode, values in rates.items()},
         }
-        print(f"{streams} stream(s): plain TLS {p:.2f} Gbit/s, direct {d:.2f} Gbit/s", flush=True)
+        print(
+            f"{streams} stream(s): "
+            + ", ".join(f"{mode} {m[mode]:.2f} Gbit/s ({c[mode]:.2f} CPU s/GiB)" for mode in m),
+            flush=True,
+        )
     await link.aclose()
     return rows
 
@@ -179,15 +252,28 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         f"`python bench/direct.py{result['args']}`: {result['seconds']} s a round, "
         f"{result['runs']} rounds interleaved, medians; sender and receiver in separate "
-        "processes on uvloop.",
+        f"processes on uvloop; {result['cpus']} CPUs, load average {result['load_before']} "
+        f"before, {result['load_after']} after (other work on the machine slows both modes, "
+        "not always alike).",
         "",
-        "| streams | plain TLS (Gbit/s) | direct path (Gbit/s) | direct / TLS |",
-        "|---|---|---|---|",
+        "Plain TLS: straight to the receiving process. TLS tunnel: the same hops as a",
+        "direct stream (a socket pair on the sending side, a TCP hop to the sink on the",
+        "other), one TLS connection per stream, no framing. CPU s/GiB: user + system",
+        "seconds of both processes per GiB moved (what bounds the rate on an idle machine;",
+        "the rate itself is noisy on a busy one); the CPU ratios are the share of the other",
+        "mode's rate the direct path reaches when CPU is the limit.",
+        "",
+        "| streams | plain TLS | TLS tunnel | direct path | direct / plain "
+        "| direct / tunnel | CPU s/GiB plain, tunnel, direct | by CPU: / plain, / tunnel |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for streams, row in result["rows"].items():
         lines.append(
-            f"| {streams} | {row['plain_tls_gbit']:.2f} | {row['direct_gbit']:.2f} "
-            f"| {row['ratio']:.2f} |"
+            f"| {streams} | {row['plain_tls_gbit']:.2f} Gbit/s | {row['tls_tunnel_gbit']:.2f}"
+            f" Gbit/s | {row['direct_gbit']:.2f} Gbit/s | {row['ratio']:.2f} "
+            f"| {row['ratio_tunnel']:.2f} | {row['plain_cpu_s_per_gib']:.2f}, "
+            f"{row['tunnel_cpu_s_per_gib']:.2f}, {row['direct_cpu_s_per_gib']:.2f} "
+            f"| {row['cpu_ratio']:.2f}, {row['cpu_ratio_tunnel']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -209,6 +295,7 @@ def main() -> None:
     if args.role == "server":
         uvloop.run(_role_server(args.listen))
         return
+    load_before = os.getloadavg()[0]
     server = None
     if args.host:
         host, ports = args.host, json.loads(args.ports)
@@ -220,7 +307,8 @@ def main() -> None:
         host, ports = "127.0.0.1", json.loads(server.stdout.readline())
     try:
         counts = [int(n) for n in args.streams.split(",")]
-        rows = uvloop.run(_measure(host, ports, counts, args.seconds, args.runs))
+        processes = [psutil.Process()] + ([psutil.Process(server.pid)] if server else [])
+        rows = uvloop.run(_measure(host, ports, counts, args.seconds, args.runs, processes))
     finally:
         if server is not None:
             server.terminate()
@@ -232,6 +320,8 @@ def main() -> None:
         "seconds": args.seconds,
         "runs": args.runs,
         "cpus": os.cpu_count(),
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
         "rows": rows,
     }
     write_result(args.out, result)
