@@ -269,6 +269,7 @@ class DirectLink:
         self.reason = ""
         loop = asyncio.get_running_loop()
         self.since = loop.time()
+        self.used = loop.time()  # when a stream last opened, either way
         self._last_heard = loop.time()
 
     def __repr__(self) -> str:
@@ -315,6 +316,7 @@ class DirectLink:
             raise TunnelProtocolError(f"no room for a stream on the direct path to {self.peer_id}")
         sid, self._next = self._next, self._next + 2
         stream = self.mux.open(sid)
+        self.used = asyncio.get_running_loop().time()
         try:
             await self._wire.out.send(DirectOpen(sid, target, port).to_map())
         except (OSError, P2PRCError):
@@ -404,6 +406,7 @@ class DirectLink:
             self._wire.out.try_send(Abort(sid))
             return
         stream = self.mux.open(sid)
+        self.used = asyncio.get_running_loop().time()
         self._tasks.spawn(self._serve(stream, *where), f"direct-{self.peer_id[:8]}-serve")
 
     async def _serve(self, stream: MuxStream, host: str, port: int) -> None:

@@ -55,6 +55,11 @@ DIAL_TIMEOUT = 3.0
 _MAX_ADDRESSES = 4
 # Peers remembered without a path (attempts, errors); the oldest are forgotten first.
 _MAX_PEERS = 1024
+# Direct paths at most (a node that talks to more peers reaches the rest the usual way).
+MAX_PATHS = 256
+# Seconds a path without streams is kept after its last stream opened; then it closes
+# (gossip's exchanges touch peers at random: idle paths to all of them would add up).
+IDLE_CLOSE = 300.0
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +141,7 @@ class Paths(Component):
         listener = DirectListener(self._host, self._config.port, self._accepted)
         await listener.start()
         self._listener, self._port = listener, listener.port
+        self._tasks.spawn(self._sweep(), "direct-sweep")
         if self._announce is not None:
             self._announce(listener.port)
 
@@ -167,6 +173,8 @@ class Paths(Component):
             return
         peer = self._peer(node_id)
         if peer.link is not None or peer.attempt is not None:
+            return
+        if sum(1 for p in self._peers.values() if p.link is not None) >= MAX_PATHS:
             return
         if asyncio.get_running_loop().time() - peer.tried < self._config.retry:
             return
@@ -246,7 +254,7 @@ class Paths(Component):
             peer.last_error = str(exc)
             log.info("direct path to %s refused: %s", node_id, exc)
             return False
-        self._install(
+        return self._install(
             DirectLink(
                 wire,
                 found,
@@ -307,15 +315,21 @@ class Paths(Component):
             )
         )
 
-    def _install(self, link: DirectLink) -> None:
+    def _install(self, link: DirectLink) -> bool:
+        """Make ``link`` its peer's path; False when it is not kept."""
         peer = self._peer(link.peer_id)
         old = peer.link
+        paths = sum(1 for p in self._peers.values() if p.link is not None)
+        if old is None and paths >= MAX_PATHS:
+            peer.last_error = f"this node keeps at most {MAX_PATHS} direct paths"
+            self._tasks.spawn(link.aclose("too many direct paths"), "direct-close")
+            return False
         if old is not None and old.alive and old.client != link.client:
             # Both dialled: keep the connection whose TLS client is the lower node id.
             lower_is_me = self._identity.node_id < link.peer_id
             if old.client == lower_is_me:
                 self._tasks.spawn(link.aclose("a crossed connection"), "direct-close")
-                return
+                return True  # the peer has its path: the one kept
         if old is not None:
             self._tasks.spawn(old.aclose("replaced by a newer connection"), "direct-close")
         peer.link = link
@@ -324,6 +338,22 @@ class Paths(Component):
         link.start()
         self._tasks.spawn(self._watch(peer, link), "direct-watch")
         log.info("direct path to %s is up", link.peer_id)
+        return True
+
+    async def _sweep(self) -> None:
+        """Close paths idle for ``IDLE_CLOSE`` (no stream open, none opened since)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(30.0, IDLE_CLOSE / 2))
+            for peer in list(self._peers.values()):
+                link = peer.link
+                if link is None or link.mux.streams or loop.time() - link.used < IDLE_CLOSE:
+                    continue
+                peer.link = None
+                peer.last_error = "closed while idle"
+                peer.since = time.time()
+                peer.tried = -math.inf  # the next call tries again at once
+                await link.aclose("idle")
 
     async def _watch(self, peer: _Peer, link: DirectLink) -> None:
         await link.closed.wait()

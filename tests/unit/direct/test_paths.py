@@ -287,3 +287,39 @@ async def test_the_listener_is_dual_stack_on_a_wildcard_host() -> None:
     # A port another program holds (without SO_REUSEPORT) is a clear error.
     with socket.create_server(("0.0.0.0", 0)) as taken, pytest.raises(AddressInUse):
         bind_direct("0.0.0.0", taken.getsockname()[1]).close()
+
+
+async def test_an_idle_path_closes_and_the_next_call_opens_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(paths_module, "IDLE_CLOSE", 0.4)
+    async with _pair(tmp_path) as (a, b, _):
+        assert a.paths is not None
+        b_id = b.identity.node_id
+        a.paths.touch(b_id)
+        await _wait(lambda: a.paths.link(b_id) is not None)
+        opened = await a.paths.open_stream(b_id, "api")
+        assert opened is not None
+        await asyncio.sleep(0.7)  # a stream is open: not idle
+        assert a.paths.link(b_id) is not None
+        opened[1].close()
+        await _wait(lambda: a.paths.link(b_id) is None, within=3)
+        assert a.paths.path(b_id).last_error == "closed while idle"
+        a.paths.touch(b_id)
+        await _wait(lambda: a.paths.link(b_id) is not None)
+
+
+async def test_no_more_than_max_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paths_module, "MAX_PATHS", 0)
+    async with _pair(tmp_path) as (a, b, _):
+        assert a.paths is not None
+        assert b.paths is not None
+        a.paths.touch(b.identity.node_id)  # nothing starts
+        assert a.paths.path(b.identity.node_id).attempts == 0
+        sock = socket.create_connection(("127.0.0.1", b.paths.port))
+        kept = await a.paths.adopt(sock, b.identity.node_id, initiator=True)
+        assert not kept  # checked, but over the bound on both sides
+        assert "at most 0 direct paths" in a.paths.path(b.identity.node_id).last_error
+        await asyncio.sleep(0.3)
+        assert a.paths.link(b.identity.node_id) is None
+        assert b.paths.link(a.identity.node_id) is None
