@@ -243,6 +243,18 @@ def test_a_changed_host_key_or_a_refused_login_stops_before_anything(
     assert "changed" in changed.stderr
     assert not (tmp_path / "remote").exists()
 
+    # A key of an algorithm the host does not offer (it has ed25519 only) is no match either.
+    ecdsa = tmp_path / "ecdsa"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(ecdsa)], check=True, timeout=30
+    )
+    line = " ".join(ecdsa.with_suffix(".pub").read_text().split()[:2])
+    (local.home / "known_hosts").write_text(f"[127.0.0.1]:{server.port} {line}\n")
+    other_alg = cli(local.home, cache, "install-node", *ssh_args(server, key), "--dir", str(target))
+    assert other_alg.returncode == 1
+    assert f"host key of 127.0.0.1 port {server.port} changed" in other_alg.stderr
+    assert not (tmp_path / "remote").exists()
+
     closed = cli(
         local.home, cache, "install-node", "root@127.0.0.1", "--ssh-port", str(free_port()),
         "--dir", str(target),

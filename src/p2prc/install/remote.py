@@ -142,8 +142,19 @@ def _known_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-async def _host_key(home: Home, host: str, port: int, say: Say) -> asyncssh.SSHKey:
-    """The machine's host key, checked against what this user or home knows, else pinned."""
+async def _host_keys(
+    home: Home, host: str, port: int, say: Say
+) -> tuple[list[asyncssh.SSHKey], str]:
+    """The keys the host must show: those this user's or this home's known_hosts holds for
+    it (any algorithm), else the one it shows now, pinned in the home's (first contact)."""
+    mine = Path.home() / ".ssh" / "known_hosts"
+    for where, path in (
+        ("your ~/.ssh/known_hosts", mine),
+        ("this node's known_hosts", home.known_hosts),
+    ):
+        keys = _known(path, host, port)
+        if keys:
+            return keys, where
     try:
         key = await asyncio.wait_for(asyncssh.get_server_host_key(host, port), _CONNECT)
     except (OSError, asyncssh.Error, TimeoutError) as exc:
@@ -151,24 +162,18 @@ async def _host_key(home: Home, host: str, port: int, say: Say) -> asyncssh.SSHK
     if key is None:
         raise InstallFailed(f"{host} port {port} sent no SSH host key")
     line = key.export_public_key("openssh").decode().split()
-    text = f"{line[0]} {line[1]}"
-    mine = Path.home() / ".ssh" / "known_hosts"
-    for where, path in (
-        ("your ~/.ssh/known_hosts", mine),
-        ("this node's known_hosts", home.known_hosts),
-    ):
-        keys = _known(path, host, port)
-        if not keys:
-            continue
-        if any(known.public_data == key.public_data for known in keys):
-            return key
-        raise InstallFailed(
-            f"the SSH host key of {host} port {port} changed ({where} holds another; "
-            f"it now shows {key.get_fingerprint()}); refused"
-        )
-    hostkeys.pin(home.known_hosts, _known_name(host, port), text)
+    hostkeys.pin(home.known_hosts, _known_name(host, port), f"{line[0]} {line[1]}")
     say(f"first contact with {host}: host key {key.get_fingerprint()} pinned")
-    return key
+    return [key], "this node's known_hosts"
+
+
+def _changed(
+    host: str, port: int, where: str, shown: asyncssh.SSHKey | None = None
+) -> InstallFailed:
+    now = f"; it shows {shown.get_fingerprint()}" if shown is not None else ""
+    return InstallFailed(
+        f"the SSH host key of {host} port {port} changed ({where} holds another{now}); refused"
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -178,7 +183,7 @@ def _reason(exc: BaseException) -> str:
 
 
 async def _connect(
-    request: InstallRequest, user: str, host: str, key: asyncssh.SSHKey
+    request: InstallRequest, user: str, host: str, keys: list[asyncssh.SSHKey], where: str
 ) -> asyncssh.SSHClientConnection:
     options: dict[str, Any] = {}
     if request.identity_file is not None:
@@ -186,7 +191,7 @@ async def _connect(
     try:
         return await asyncio.wait_for(
             asyncssh.connect(
-                host, request.ssh_port, username=user, known_hosts=([key], [], []),
+                host, request.ssh_port, username=user, known_hosts=(keys, [], []),
                 connect_timeout=_CONNECT, login_timeout=_CONNECT, **options,
             ),
             2 * _CONNECT,
@@ -195,8 +200,20 @@ async def _connect(
         hint = "check -i KEY" if request.identity_file else "give -i KEY or load it into ssh-agent"
         raise InstallFailed(f"{user}@{host} refused the login: {hint}") from None
     except asyncssh.HostKeyNotVerifiable:
-        raise InstallFailed(f"the SSH host key of {host} changed while connecting") from None
-    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise _changed(host, request.ssh_port, where) from None
+    except (OSError, asyncssh.Error) as exc:
+        # The known keys' algorithms only were offered: a host that has none of them
+        # closes or resets the connection. Its key of any algorithm tells whether it changed.
+        if isinstance(exc, TimeoutError):
+            raise InstallFailed(f"cannot log in to {user}@{host}: {_reason(exc)}") from None
+        try:
+            shown = await asyncio.wait_for(
+                asyncssh.get_server_host_key(host, request.ssh_port), _CONNECT
+            )
+        except (OSError, asyncssh.Error, TimeoutError):
+            shown = None
+        if shown is not None and all(k.public_data != shown.public_data for k in keys):
+            raise _changed(host, request.ssh_port, where, shown) from None
         raise InstallFailed(f"cannot log in to {user}@{host}: {_reason(exc)}") from None
     except ValueError as exc:  # a key file that does not parse
         raise InstallFailed(f"-i {request.identity_file}: {exc}") from None
@@ -300,9 +317,10 @@ async def install_node(request: InstallRequest, home: Home, say: Say) -> Install
     user, host = _checked(request)
     async with AsyncClient(home=home) as local:
         await local.status()  # NodeNotRunning before anything is touched there
-        key = await _host_key(home, host, request.ssh_port, say)
-        conn = await _connect(request, user, host, key)
+        keys, where = await _host_keys(home, host, request.ssh_port, say)
+        conn = await _connect(request, user, host, keys, where)
         async with conn:
+            shown = conn.get_server_host_key()
             remote = _Remote(conn, host)
             probe = await _probe(remote, request, user)
             say(f"{host}: Python {probe.raw.get('version')} on {probe.raw.get('machine')}, "
@@ -321,7 +339,7 @@ async def install_node(request: InstallRequest, home: Home, say: Say) -> Install
                 if isinstance(exc, (OSError, asyncssh.Error)):
                     raise InstallFailed(f"{host}: {_reason(exc)}") from None
                 raise
-    result.host_key = key.get_fingerprint()
+    result.host_key = "" if shown is None else shown.get_fingerprint()
     return result
 
 
@@ -477,8 +495,8 @@ async def _wait_up(remote: _Remote, cli: str) -> dict[str, Any]:
 async def stop_node(request: InstallRequest, home: Home, say: Say) -> dict[str, Any]:
     """Stop the node ``install-node`` started there (systemd unit and/or supervisor)."""
     user, host = _checked(request)
-    key = await _host_key(home, host, request.ssh_port, say)
-    conn = await _connect(request, user, host, key)
+    keys, where = await _host_keys(home, host, request.ssh_port, say)
+    conn = await _connect(request, user, host, keys, where)
     async with conn:
         remote = _Remote(conn, host)
         probe = await _probe(remote, request, user)
