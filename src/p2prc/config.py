@@ -34,8 +34,8 @@ from .errors import ConfigError, validation_message
 __all__ = [
     "DEFAULT_PORT",
     "AttachConfig",
-    "DirectConfig",
     "ContainerConfig",
+    "DirectConfig",
     "GossipConfig",
     "Home",
     "MetricsConfig",
