@@ -154,12 +154,17 @@ def failover(bed: AttachBed, rounds: int) -> dict[str, Any]:
 
 
 def _wait_alive(bed: AttachBed, name: str, seconds: float = 120) -> None:
-    """Until the client's view of the board has gateway ``name`` alive again."""
+    """Until the client's view of the board has gateway ``name`` alive again, at the
+    endpoint that gateway itself now publishes (its relay port is new after a restart)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        own = {g["name"]: g["endpoint"] for h in bed.json(name, "attached") or []
+               if h.get("name") == BOARD for g in h.get("gateways", [])}  # fmt: skip
         for host in bed.json("client", "attached") or []:
-            states = {g["name"]: g["state"] for g in host.get("gateways", [])}
-            if host.get("name") == BOARD and states.get(name) == "alive":
+            seen = {g["name"]: g for g in host.get("gateways", [])}
+            if host.get("name") != BOARD or name not in seen or not own.get(name):
+                continue
+            if seen[name]["state"] == "alive" and seen[name]["endpoint"] == own[name]:
                 return
         time.sleep(1)
     raise RuntimeError(f"{name} did not come back in the client's view\n{bed.logs()}")
