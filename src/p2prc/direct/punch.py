@@ -33,7 +33,6 @@ for ``api/punch.py``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import ipaddress
 import logging
@@ -41,7 +40,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -291,37 +290,54 @@ def _close_result(future: asyncio.Future[socket.socket | str]) -> None:
 
 
 class PunchSlots:
-    """At most one punch per peer at a time, and ``most`` on the node (both roles)."""
+    """At most one punch per peer at a time, and ``most`` on the node (both roles).
+
+    Each slot is held by one punch, as ``calling`` (this node asked) or ``answering`` (the
+    peer asked), with a token: only its holder frees it. When two nodes ask each other at
+    once, the lower node id's punch goes on: the higher one answers it (``take_over``: its
+    own punch sees it no longer holds the slot and stops) and the lower refuses the other.
+    """
 
     def __init__(self, most: int = MAX_PUNCHES) -> None:
         self.most = most
-        self._peers: set[str] = set()
+        self._held: dict[str, tuple[str, object]] = {}
 
     def __contains__(self, node_id: object) -> bool:
-        return node_id in self._peers
+        return node_id in self._held
 
     def __len__(self) -> int:
-        return len(self._peers)
+        return len(self._held)
 
-    @contextlib.contextmanager
-    def hold(self, node_id: str) -> Iterator[None]:
-        """The slot of ``node_id`` for the ``with`` block; ``RateLimited`` when it is taken
-        or the node punches ``most`` already."""
-        self.take(node_id)
-        try:
-            yield
-        finally:
-            self.release(node_id)
+    def role(self, node_id: str) -> str | None:
+        """``calling``, ``answering``, or None when no punch with ``node_id`` runs."""
+        held = self._held.get(node_id)
+        return held[0] if held is not None else None
 
-    def take(self, node_id: str) -> None:
-        if node_id in self._peers:
+    def take(self, node_id: str, role: str = "calling") -> object:
+        """The slot of ``node_id`` (its token); ``RateLimited`` when it is taken or the node
+        punches ``most`` already."""
+        if node_id in self._held:
             raise RateLimited(f"a hole punch with {node_id} is already running")
-        if len(self._peers) >= self.most:
+        if len(self._held) >= self.most:
             raise RateLimited(f"this node runs {self.most} hole punches already; try later")
-        self._peers.add(node_id)
+        token = object()
+        self._held[node_id] = (role, token)
+        return token
 
-    def release(self, node_id: str) -> None:
-        self._peers.discard(node_id)
+    def take_over(self, node_id: str) -> object:
+        """Answer ``node_id``'s punch in the slot of this node's own to it (crossed)."""
+        token = object()
+        self._held[node_id] = ("answering", token)
+        return token
+
+    def holds(self, node_id: str, token: object) -> bool:
+        held = self._held.get(node_id)
+        return held is not None and held[1] is token
+
+    def release(self, node_id: str, token: object) -> None:
+        """Free the slot, if ``token`` still holds it."""
+        if self.holds(node_id, token):
+            del self._held[node_id]
 
 
 class PunchPaths(Protocol):
@@ -394,7 +410,8 @@ async def punch(node: PunchNode, member: Member) -> socket.socket:
     delay = ask_delay_ms(member.rtt_ms)
     request = PunchRequest(observed=join_address(*observed), port=port, delay_ms=delay)
     loop = asyncio.get_running_loop()
-    with node.punches.hold(record.node_id):
+    token = node.punches.take(record.node_id)
+    try:
         sent = loop.time()
         target = PeerTarget(record.api_url, record.node_id)
         try:
@@ -408,6 +425,8 @@ async def punch(node: PunchNode, member: Member) -> socket.socket:
         except P2PRCError as exc:
             raise PunchFailed(f"{record.name or record.node_id} did not punch: {exc}") from None
         answered = loop.time()
+        if not node.punches.holds(record.node_id, token):
+            raise PunchFailed("crossed hole punches: the lower node id's goes on")
         try:
             remote = checked_target(answer.observed, answer.port)
         except InvalidRequest as exc:
@@ -420,6 +439,8 @@ async def punch(node: PunchNode, member: Member) -> socket.socket:
             (start - answered) * 1000,
         )
         return await simultaneous_open(port, remote, start)
+    finally:
+        node.punches.release(record.node_id, token)
 
 
 def answer_punch(node: PunchNode, caller_id: str, request: PunchRequest) -> PunchAnswer:
@@ -434,9 +455,15 @@ def answer_punch(node: PunchNode, caller_id: str, request: PunchRequest) -> Punc
         raise InvalidRequest("your record says you are public: dial this node's direct port")
     remote = checked_target(request.observed, request.port)
     observed, port = _own_half(node)
-    node.punches.take(caller_id)
+    me = node.identity.node_id
+    if node.punches.role(caller_id) == "calling" and caller_id < me:
+        token = node.punches.take_over(caller_id)  # crossed: the lower id's punch goes on
+    elif node.punches.role(caller_id) == "calling":
+        raise RateLimited("crossed hole punches: this node's (the lower node id) goes on")
+    else:
+        token = node.punches.take(caller_id, "answering")
     start = asyncio.get_running_loop().time() + request.delay_ms / 1000
-    initiator = node.identity.node_id < caller_id  # after a punch the lower id is TLS client
+    initiator = me < caller_id  # after a punch the lower node id is the TLS client
 
     async def half() -> None:
         try:
@@ -445,8 +472,8 @@ def answer_punch(node: PunchNode, caller_id: str, request: PunchRequest) -> Punc
             log.info("hole punch with %s: %s", caller_id[:8], "direct" if adopted else "refused")
         except (P2PRCError, OSError) as exc:  # adopt's own refusals: logged, never a crash
             log.info("hole punch with %s: %s", caller_id[:8], exc)
-        finally:
-            node.punches.release(caller_id)
 
-    node.spawn(half(), name=f"punch-{caller_id[:8]}")
+    task = node.spawn(half(), name=f"punch-{caller_id[:8]}")
+    # However the half ends (even cancelled before it ran), its slot is free again.
+    task.add_done_callback(lambda _: node.punches.release(caller_id, token))
     return PunchAnswer(observed=join_address(*observed), port=port, delay_ms=request.delay_ms)

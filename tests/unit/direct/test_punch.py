@@ -93,16 +93,31 @@ def test_the_caller_starts_when_the_callee_does_never_before_the_answer() -> Non
 
 def test_slots_hold_one_punch_per_peer_and_a_few_in_all() -> None:
     slots = PunchSlots(most=2)
-    with slots.hold("a"):
-        assert "a" in slots
-        with pytest.raises(RateLimited, match="already running"):
-            slots.take("a")
-        slots.take("b")
-        with pytest.raises(RateLimited, match="2 hole punches already"):
-            slots.take("c")
-        slots.release("b")
+    token = slots.take("a")
+    assert "a" in slots
+    assert slots.role("a") == "calling"
+    with pytest.raises(RateLimited, match="already running"):
+        slots.take("a", "answering")
+    b = slots.take("b", "answering")
+    assert slots.role("b") == "answering"
+    with pytest.raises(RateLimited, match="2 hole punches already"):
+        slots.take("c")
+    slots.release("b", token)  # another punch's token frees nothing
+    assert "b" in slots
+    slots.release("b", b)
+    slots.release("a", token)
     assert len(slots) == 0
-    assert "a" not in slots
+    assert slots.role("a") is None
+
+
+def test_a_crossed_punch_moves_the_slot_to_the_answering_half() -> None:
+    slots = PunchSlots()
+    mine = slots.take("peer")
+    theirs = slots.take_over("peer")
+    assert slots.role("peer") == "answering"
+    assert not slots.holds("peer", mine)
+    slots.release("peer", mine)  # the calling half, ending, leaves the answering one be
+    assert slots.holds("peer", theirs)
 
 
 # --- what a peer sends is checked ----------------------------------------------------
@@ -433,7 +448,9 @@ async def test_the_route_refuses_an_untrusted_or_unsigned_caller(pair: _Pair) ->
 async def test_the_route_allows_a_few_punches_a_minute_per_key(pair: _Pair) -> None:
     codes = []
     for _ in range(punch_api.PUNCHES_PER_MINUTE + 1):
-        pair.callee.punches.release(CALLER.node_id)  # as if each half had ended
+        for half in pair.callee.tasks:  # each half ends (and frees its slot) before the next
+            half.cancel()
+        await asyncio.gather(*pair.callee.tasks, return_exceptions=True)
         codes.append((await _answer(pair, CALLER, _good(pair))).status_code)
     assert codes == [200] * punch_api.PUNCHES_PER_MINUTE + [429]
 
@@ -488,3 +505,33 @@ async def test_a_refusal_or_a_bad_answer_is_a_punch_failure(pair: _Pair) -> None
     )
     with pytest.raises(PunchFailed, match="did not punch"):
         await punch(caller, _member(CALLEE))
+
+
+def _ordered(than: str) -> tuple[Identity, Identity]:
+    """A fresh identity with a lower node id than ``than``, and one with a higher."""
+    lower = higher = None
+    while lower is None or higher is None:
+        identity = Identity.generate()
+        if identity.node_id < than:
+            lower = lower or identity
+        else:
+            higher = higher or identity
+    return lower, higher
+
+
+async def test_crossed_punches_the_lower_node_ids_goes_on(pair: _Pair) -> None:
+    callee, request = pair.callee, PunchRequest.model_validate(_good(pair))
+    lower, higher = _ordered(CALLEE.node_id)
+    for peer in (lower, higher):
+        callee.gossip.table.members[peer.node_id] = _member(peer)
+    # The callee is asking both meanwhile; both ask it.
+    mine = {peer.node_id: callee.punches.take(peer.node_id) for peer in (lower, higher)}
+    # The lower id's punch goes on: the callee answers it, and its own to it stops ...
+    answer_punch(callee, lower.node_id, request)
+    assert callee.punches.role(lower.node_id) == "answering"
+    assert not callee.punches.holds(lower.node_id, mine[lower.node_id])
+    # ... while the callee's own punch to the higher id goes on, and that one's is refused.
+    with pytest.raises(RateLimited, match="crossed"):
+        answer_punch(callee, higher.node_id, request)
+    assert callee.punches.holds(higher.node_id, mine[higher.node_id])
+    assert len(callee.tasks) == 1
