@@ -244,6 +244,14 @@ async def while_polling(
     return took, await task
 
 
+async def killed(process: subprocess.Popen[Any], views: list[View], system: str) -> float:
+    """SIGKILL the process; seconds until every view shows it failed or dead."""
+    began = time.monotonic()
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    return await until_all(views, began, system)
+
+
 def serf_view(agent: SerfAgent, check: Callable[[dict[str, dict[str, Any]]], bool]) -> View:
     async def view() -> bool:
         assert agent.rpc is not None
@@ -303,11 +311,8 @@ class SerfCluster:
     async def kill(self, victim: int) -> float:
         agent = self.agents.pop(victim)
         views = [serf_view(a, field_is(agent.name, "Status", "failed")) for a in self.agents]
-        began = time.monotonic()
-        agent.process.send_signal(signal.SIGKILL)
-        agent.process.wait(timeout=10)
         self.dead.append(agent)
-        return await until_all(views, began, "serf")
+        return await killed(agent.process, views, "serf")
 
     def stop(self) -> None:
         for agent in self.agents + self.dead:
@@ -369,11 +374,8 @@ class P2prcCluster:
     async def kill(self, victim: int) -> float:
         node = self.nodes.pop(victim)
         views = [node_view(n, field_is(node.node_id, "state", "dead")) for n in self.nodes]
-        began = time.monotonic()
-        node.process.send_signal(signal.SIGKILL)
-        node.process.wait(timeout=10)
         self.dead.append(node)
-        return await until_all(views, began, "p2prc")
+        return await killed(node.process, views, "p2prc")
 
     async def stop(self) -> None:
         for node in self.nodes + self.dead:
