@@ -11,6 +11,7 @@ random source port per flow) the NAT'd nodes stay on the relay and calls still w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -185,26 +186,26 @@ class _Network:
         self.bed.wait("the nodes to see each other", ready, 120, *self.homes.values())
 
 
-@pytest.fixture
-def easy(tmp_path: Path) -> Iterator[_Network]:
-    bed = Bed("tp", public=2, sites=2)
-    with bed.running():
+@contextlib.contextmanager
+def _network(tmp_path: Path, nat: str) -> Iterator[_Network]:
+    with Bed("tp", public=2, sites=2, nat=nat).running() as bed:
         network = _Network(bed, tmp_path)
         try:
             yield network
         finally:
             Bed.stop(network.processes)
+
+
+@pytest.fixture
+def easy(tmp_path: Path) -> Iterator[_Network]:
+    with _network(tmp_path, "easy") as network:
+        yield network
 
 
 @pytest.fixture
 def hard(tmp_path: Path) -> Iterator[_Network]:
-    bed = Bed("tp", public=2, sites=2, nat="hard")
-    with bed.running():
-        network = _Network(bed, tmp_path)
-        try:
-            yield network
-        finally:
-            Bed.stop(network.processes)
+    with _network(tmp_path, "hard") as network:
+        yield network
 
 
 def _relay_and_homes(network: _Network) -> None:

@@ -85,8 +85,9 @@ MAX_TRIES = 6000
 MIN_DELAY_MS, MAX_DELAY_MS = 50, 3000
 # Punches at once on one node (both roles), and per peer one.
 MAX_PUNCHES = 16
-# When a peer's round trip is unknown, assume this (ms).
-_UNKNOWN_RTT_MS = 500.0
+# When a peer's round trip is unknown (a NAT'd peer's, often), assume this (ms): a side
+# that starts late is no loss, the other's attempts go on for PUNCH_SECONDS.
+_UNKNOWN_RTT_MS = 100.0
 # Errors of one attempt after which another cannot do better (the local port is taken,
 # the 4-tuple is still in TIME_WAIT, the address family is wrong).
 _FATAL = {"EADDRINUSE", "EADDRNOTAVAIL", "EAFNOSUPPORT", "EINVAL", "EACCES", "EPERM"}

@@ -78,11 +78,11 @@ def test_the_schedule_stops_after_its_most_attempts() -> None:
 
 
 def test_the_delay_asked_covers_the_answers_way_back_within_bounds() -> None:
-    assert ask_delay_ms(None) == 850  # unknown: 500 ms assumed
+    assert ask_delay_ms(None) == 250  # unknown: 100 ms assumed
     assert ask_delay_ms(0.2) == 2 * MIN_DELAY_MS
     assert ask_delay_ms(100.0) == 250
     assert ask_delay_ms(1e9) == MAX_DELAY_MS
-    assert ask_delay_ms(-5.0) == 850
+    assert ask_delay_ms(-5.0) == 250
 
 
 def test_the_caller_starts_when_the_callee_does_never_before_the_answer() -> None:
