@@ -25,8 +25,8 @@ from ..api._server import bind_api
 from ..config import join_address
 from ..errors import AttachRefused, LimitExceeded, NotFound, P2PRCError
 from ..models import MappedPort
-from ..tunnel.streams import CHUNK, close_quietly
-from .gateway import REFUSED, AttachPolicy, Publisher, splice
+from ..tunnel.streams import CHUNK, close_quietly, pipe
+from .gateway import REFUSED, AttachPolicy, Publisher
 from .store import AttachedMap
 
 __all__ = ["MAX_CONNECTIONS", "MAX_MAPS", "MapStore", "RemoteMaps"]
@@ -189,7 +189,7 @@ class RemoteMaps(Component):
                 log.info("%s port %d does not answer: %r", name, port, exc)
                 return
             self._conns.add(far)
-            await splice(reader, writer, far_reader, far)
+            await pipe(reader, writer, far_reader, far)
         finally:
             self._conns.discard(writer)
             if far is not None:

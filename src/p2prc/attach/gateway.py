@@ -37,7 +37,7 @@ from ..api._server import bind_api
 from ..config import join_address
 from ..errors import P2PRCError, SignatureInvalid, TunnelProtocolError
 from ..identity import Identity
-from ..tunnel.streams import CHUNK, close_quietly
+from ..tunnel.streams import CHUNK, close_quietly, pipe
 from ..tunnel.tls import server_context
 from . import handshake
 
@@ -48,7 +48,6 @@ __all__ = [
     "AttachGateway",
     "AttachPolicy",
     "Publisher",
-    "splice",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,7 +228,7 @@ class AttachGateway(Component):
             key, (far_reader, far) = opened
             self._conns.add(far)
             self.streams_served += 1
-            await splice(reader, writer, far_reader, far)
+            await pipe(reader, writer, far_reader, far)
         finally:
             self._conns.discard(writer)
             if far is not None:
@@ -310,44 +309,3 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _copy(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> bool:
-    """Copy until EOF, waiting on the slower side; ``True`` when the target was half-closed
-    (the other direction goes on), ``False`` when the whole connection should end."""
-    try:
-        while data := await source.read(CHUNK):
-            target.write(data)
-            await target.drain()
-        if target.can_write_eof() and not target.is_closing():
-            target.write_eof()
-            return True
-    except OSError:
-        pass
-    return False
-
-
-async def splice(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    far_reader: asyncio.StreamReader,
-    far_writer: asyncio.StreamWriter,
-) -> None:
-    """Bytes both ways between two connections until both directions end.
-
-    An EOF is passed on as a half-close where the target can take one (TCP, pipes); a TLS
-    connection cannot, so an EOF towards it, or any error, ends both. Closes both.
-    """
-    tasks = {
-        asyncio.create_task(_copy(reader, far_writer)),
-        asyncio.create_task(_copy(far_reader, writer)),
-    }
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if pending and all(task.result() for task in done):
-            await asyncio.wait(pending)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await close_quietly(writer, far_writer)

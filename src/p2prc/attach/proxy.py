@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import sys
@@ -28,10 +29,9 @@ from ..config import Home, split_address
 from ..containers import hostkeys
 from ..errors import AttachFailed, AttachRefused, P2PRCError, TunnelProtocolError
 from ..identity import Identity
-from ..tunnel.streams import CHUNK, close_quietly
+from ..tunnel.streams import CHUNK, close_quietly, pipe
 from ..tunnel.tls import pinned_context
 from . import handshake
-from .gateway import splice
 
 __all__ = [
     "ROUTE_TIMEOUT",
@@ -193,7 +193,8 @@ def pin_host_key(home: Path, host: HostView[GatewayView]) -> None:
 
 def proxy_command(home: Path, name: str, port: int | None = None) -> str:
     """The ``ProxyCommand`` text (shell-quoted) that pipes ssh through ``open_route``."""
-    command = [sys.executable, "-m", "p2prc", "--home", str(home), "ssh", "--proxy", name]
+    # The light entry point (attach/__main__.py): ssh starts it for every connection.
+    command = [sys.executable, "-m", "p2prc.attach", "--home", str(home), name]
     if port is not None:
         command += ["--port", str(port)]
     # ssh expands %-tokens in ProxyCommand before the shell sees it: keep ours literal.
@@ -253,8 +254,33 @@ async def stdio_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
     )
     stdout = asyncio.StreamWriter(out_transport, protocol, None, loop)
     try:
-        await splice(stdin, stdout, reader, writer)
+        await pipe(stdin, stdout, reader, writer)
     finally:
         in_transport.close()
         with contextlib.suppress(OSError):
             out_transport.close()
+
+
+async def run_proxy(home: Home, name: str, port: int | None = None) -> None:
+    """The ProxyCommand: pin the signed record's host key, open a route to ``name`` through
+    one of its gateways and pipe this process's stdin and stdout over it."""
+    from .._client_async import AsyncClient  # here: the client is the heaviest import
+    from .client import AttachedAPI
+
+    identity = Identity.load(home.identity_dir)
+    async with AsyncClient(home=home) as client:
+        host = await AttachedAPI(client).get(name)
+    # Plain `ssh -F` runs this too: the key it checks is the signed record's, now.
+    pin_host_key(home.path, host)
+    reader, writer, _ = await open_route(identity, host, port, local=local_attach_endpoint(home))
+    await stdio_pipe(reader, writer)
+
+
+def local_attach_endpoint(home: Home) -> str | None:
+    """This home's running node's own attach listener (``host:port``), when it has one."""
+    try:
+        info = json.loads(home.runtime_file.read_text())
+    except (OSError, ValueError):
+        return None
+    endpoint = info.get("attach") if isinstance(info, dict) else None
+    return endpoint if isinstance(endpoint, str) and endpoint else None

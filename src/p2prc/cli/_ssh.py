@@ -1,7 +1,8 @@
 """``p2prc ssh``: end-to-end SSH to an attached host through one of its gateways.
 
 ``p2prc ssh NAME [-l USER] [-- CMD...]`` runs the system ``ssh`` (an argument list, never a
-shell string) with ``ProxyCommand`` = ``p2prc ssh --proxy NAME``, which pipes ssh's bytes
+shell string) with ``ProxyCommand`` = ``python -m p2prc.attach NAME`` (the same as the hidden
+``p2prc ssh --proxy NAME``, without the CLI's start-up), which pipes ssh's bytes
 over ``attach.proxy.open_route``; the host key from the gateway's signed record is pinned
 first, and ``StrictHostKeyChecking=yes`` makes ssh refuse a host whose key changed.
 ``p2prc ssh --config [NAME...]`` prints ``ssh_config`` blocks, so plain ``ssh NAME``,
@@ -11,7 +12,6 @@ first, and ``StrictHostKeyChecking=yes`` makes ssh refuse a host whose key chang
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -25,22 +25,19 @@ from ..attach.map_client import map_attached, unmap_attached
 from ..attach.models import AttachedHost
 from ..attach.proxy import (
     host_alias,
-    open_route,
     pin_host_key,
+    run_proxy,
     ssh_config_block,
     ssh_options,
-    stdio_pipe,
 )
 from ..attach.records import NAME
 from ..config import Home
 from ..errors import AttachedNotFound, InvalidRequest
-from ..identity import Identity
 from ._common import Options, emit, options_of
 
 __all__ = [
     "SSH_SETTINGS",
     "is_attached",
-    "local_attach_endpoint",
     "map_attached_port",
     "ssh_argv",
     "ssh_command",
@@ -61,31 +58,12 @@ def ssh_argv(home: Home, host: AttachedHost, user: str, command: list[str]) -> l
     return ["ssh", *ssh_options(home.path, host), *login, "--", host.name, *command]
 
 
-def local_attach_endpoint(home: Home) -> str | None:
-    """This home's running node's own attach listener (``host:port``), when it has one."""
-    try:
-        info = json.loads(home.runtime_file.read_text())
-    except (OSError, ValueError):
-        return None
-    endpoint = info.get("attach") if isinstance(info, dict) else None
-    return endpoint if isinstance(endpoint, str) and endpoint else None
-
-
 async def _hosts(home: Home, names: list[str]) -> list[AttachedHost]:
     async with AsyncClient(home=home) as client:
         api = AttachedAPI(client)
         if not names:
             return await api.list()
         return [await api.get(name) for name in names]
-
-
-async def _proxy(home: Home, name: str, port: int | None) -> None:
-    identity = Identity.load(home.identity_dir)
-    (host,) = await _hosts(home, [name])
-    # Plain `ssh -F` runs this too: the key it checks is the signed record's, now.
-    pin_host_key(home.path, host)
-    reader, writer, _ = await open_route(identity, host, port, local=local_attach_endpoint(home))
-    await stdio_pipe(reader, writer)
 
 
 def _config(options: Options, names: list[str]) -> None:
@@ -134,7 +112,7 @@ def ssh_command(
     if proxy is not None:
         if name is not None or extra or config:
             raise InvalidRequest("--proxy NAME takes no other arguments")
-        asyncio.run(_proxy(options.home, proxy, port))
+        asyncio.run(run_proxy(options.home, proxy, port))
         return
     if config:
         _config(options, [*([name] if name else []), *extra])

@@ -63,12 +63,19 @@ class FramedStream:
         return parse(self._queue.popleft())
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(CHUNK):
-        writer.write(data)
-        await writer.drain()
-    if writer.can_write_eof():
-        writer.write_eof()
+async def _copy(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> bool:
+    """Copy until EOF, waiting on the slower side; ``True`` when the target was half-closed
+    (the other direction goes on), ``False`` when the whole connection should end."""
+    try:
+        while data := await source.read(CHUNK):
+            target.write(data)
+            await target.drain()
+        if target.can_write_eof() and not target.is_closing():
+            target.write_eof()
+            return True
+    except OSError:
+        pass
+    return False
 
 
 async def pipe(
@@ -77,14 +84,23 @@ async def pipe(
     far_reader: asyncio.StreamReader,
     far_writer: asyncio.StreamWriter,
 ) -> None:
-    """Plain socket <-> plain socket, both directions with half-close, then close both."""
+    """Bytes both ways between two connections until both directions end.
+
+    An EOF is passed on as a half-close where the target can take one (TCP, pipes); a TLS
+    connection cannot, so an EOF towards it, or any error, ends both. Closes both.
+    """
+    tasks = {
+        asyncio.create_task(_copy(reader, far_writer)),
+        asyncio.create_task(_copy(far_reader, writer)),
+    }
     try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(_copy(reader, far_writer))
-            group.create_task(_copy(far_reader, writer))
-    except* OSError:
-        pass
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if pending and all(task.result() for task in done):
+            await asyncio.wait(pending)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await close_quietly(writer, far_writer)
 
 

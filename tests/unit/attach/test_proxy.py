@@ -215,13 +215,13 @@ def test_ssh_options_pin_the_alias_and_use_the_proxy(tmp_path: Path) -> None:
     assert pairs["IdentityFile"] == f'"{home}/identity/id_ed25519"'.replace("%", "%%")
     # ssh expands % tokens, then a shell runs the text: it must come back as our argv.
     command = shlex.split(pairs["ProxyCommand"].replace("%%", "%"))
-    expected = [sys.executable, "-m", "p2prc", "--home", str(home), "ssh", "--proxy", "board"]
+    expected = [sys.executable, "-m", "p2prc.attach", "--home", str(home), "board"]
     assert command == expected
 
 
 def test_proxy_command_takes_a_port() -> None:
     text = proxy_command(Path("/h"), "board", 8080)
-    assert shlex.split(text)[-4:] == ["--proxy", "board", "--port", "8080"]
+    assert shlex.split(text)[-3:] == ["board", "--port", "8080"]
 
 
 def test_the_config_block_has_one_host_and_its_user(tmp_path: Path) -> None:

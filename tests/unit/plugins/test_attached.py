@@ -54,7 +54,8 @@ def test_inventory_reaches_an_attached_host_through_the_proxy(tmp_path: Path) ->
     assert pairs["IdentityFile"] == str(home.identity_key)
     assert pairs["IdentitiesOnly"] == "yes"
     proxy = shlex.split(pairs["ProxyCommand"])
-    assert proxy[-3:] == ["ssh", "--proxy", "morello"]
+    assert proxy[1:3] == ["-m", "p2prc.attach"]
+    assert proxy[-1] == "morello"
     assert ["--home", str(home.path)] == proxy[proxy.index("--home") : proxy.index("--home") + 2]
     assert attached_host_name(_host()) == "a-morello"
     text = inventory_yaml(hosts)
