@@ -33,6 +33,7 @@ for ``api/punch.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -217,10 +218,12 @@ def _attempts(
     clock: Callable[[], float],
     rng: random.Random,
     stop: threading.Event,
+    current: list[socket.socket],
 ) -> socket.socket | str:
     """The attempts, blocking (in a thread: its sleeps and connects are not rounded to the
     event loop's millisecond ticks, which would keep both sides' attempts in step): the
-    connected socket, or the last error's name."""
+    connected socket, or the last error's name. ``current`` holds the attempt's socket
+    (``_interrupt`` ends a pending connect from another thread)."""
     family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
     last = "no attempt"
     while not stop.is_set() and (wait := schedule.wait(clock())) is not None:
@@ -231,7 +234,10 @@ def _attempts(
             sock = _bound(family, local_port)
         except OSError as exc:
             raise PunchFailed(f"cannot bind the direct port {local_port}: {exc}") from None
+        current[:] = [sock]
         try:
+            if stop.is_set():
+                raise ConnectionAbortedError("the punch was cancelled")
             sock.settimeout(max(0.001, schedule.left(clock())))
             sock.connect(remote)
         except OSError as exc:  # socket.timeout is an OSError too
@@ -261,16 +267,18 @@ async def simultaneous_open(
     time) for ``within`` seconds; ``PunchFailed`` (with how many tries) when none connects."""
     loop = asyncio.get_running_loop()
     schedule = Schedule(start, start + within)
-    stop = threading.Event()
+    stop, current = threading.Event(), list[socket.socket]()
     attempts = asyncio.ensure_future(
         asyncio.to_thread(
-            _attempts, local_port, remote, schedule, loop.time, rng or random.Random(), stop
+            _attempts, local_port, remote, schedule, loop.time, rng or random.Random(), stop,
+            current,
         )
-    )
+    )  # fmt: skip
     try:
         result = await asyncio.shield(attempts)
     except asyncio.CancelledError:
-        stop.set()  # the thread ends within one attempt (bounded by the deadline)
+        stop.set()  # the thread ends at once: no new attempt, the pending one interrupted
+        _interrupt(current)
         attempts.add_done_callback(_close_result)
         raise
     if isinstance(result, socket.socket):
@@ -280,6 +288,13 @@ async def simultaneous_open(
         f"({schedule.tries} attempts, the last: {result}); a NAT that changes ports or "
         "drops the other side's packets"
     )
+
+
+def _interrupt(current: list[socket.socket]) -> None:
+    """End the pending connect of the attempts' thread (a shutdown wakes it)."""
+    for sock in list(current):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _close_result(future: asyncio.Future[socket.socket | str]) -> None:
