@@ -176,7 +176,9 @@ def render(result: dict[str, Any]) -> str:
         "# Attached hosts (`bench/attach.py`)",
         "",
         "Namespace test bed: the board (only OpenSSH) and two gateway nodes behind one NAT "
-        "router, a relay on pub1, the client on pub2; 2 CPUs shared by every process.",
+        f"router, a relay on pub1, the client on pub2; {result['cpus']} CPUs shared by every "
+        f"process (1-minute load {result['load_1min'][0]} at the start, "
+        f"{result['load_1min'][1]} at the end).",
         "Both paths cross the same hops: pub2 -> relay -> a gateway's tunnel -> home1 -> "
         "the board. `ssh -J`: a jump sshd on home1's loopback published through the same "
         "relay by `p2prc map-port`. Every command is a fresh process in pub2's namespace.",
@@ -236,11 +238,13 @@ def main() -> None:
         bed = AttachBed(Path(tmp), prefix="tab")
         with bed.running():
             bed.start_jump()
+            load_before = os.getloadavg()[0]
             result: dict[str, Any] = {
                 "latency": latency(bed, args.runs),
                 "scp": scp(bed, args.mib, args.scp_runs),
                 "failover": failover(bed, args.failovers),
                 "cpus": os.cpu_count(),
+                "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "baseline": "ssh -J through a jump sshd on home1, published through the "
                 "same relay by p2prc map-port (same hops)",
             }
