@@ -57,7 +57,9 @@ def api_server(app: FastAPI, *, shutdown: float) -> ApiServer:
 def bind_api(host: str, port: int) -> socket.socket:
     """A listening, non-blocking socket on ``host:port`` (dual stack for an IPv6 host)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # without it every keep-alive request after the first waited ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:

@@ -136,7 +136,9 @@ def dial_back(link: PeerLink, api_url: Callable[[Member], str], port: int) -> As
 
     async def ask(member: Member) -> bool:
         target = PeerTarget(api_url(member), member.record.node_id)
-        async with link.connect(target) as peer:
+        # Never over a direct path: the asked node must see where our connections come from
+        # (over a path they come from its loopback, and it refuses).
+        async with link.connect(target, direct=False) as peer:
             return (await peer.reachability(port)).reachable
 
     return ask
