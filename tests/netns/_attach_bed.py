@@ -12,6 +12,7 @@ on the first gateway, so both paths are pub2 -> relay -> tunnel -> home1 -> boar
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -38,8 +39,8 @@ class NetnsSshd:
 
     Root's account is locked (``*`` in ``/etc/shadow``) on this machine, which sshd without
     PAM refuses even for keys; the server runs in a mount namespace of its own where a
-    copy of ``/etc/shadow`` with root unlocked (``x``: no password matches it) is bound
-    over the real one. Nothing outside that namespace changes.
+    shadow file holding only root's entry, unlocked (``x``: no password matches it), is
+    bound over the real one. Nothing outside that namespace changes.
     """
 
     def __init__(
@@ -110,13 +111,11 @@ class NetnsSshd:
             "AllowTcpForwarding yes\nMaxStartups 64:30:128\nLogLevel VERBOSE\n"
             "Subsystem sftp internal-sftp\n"
         )
+        # Only root's entry, unlocked: no password hash of this machine is copied.
         shadow = self.directory / "shadow"
-        lines = Path("/etc/shadow").read_text().splitlines()
-        shadow.write_text(
-            "\n".join("root:x:" + line.split(":", 2)[2] if line.startswith("root:") else line
-                      for line in lines) + "\n"
-        )  # fmt: skip
-        shadow.chmod(0o600)
+        shadow.unlink(missing_ok=True)
+        with os.fdopen(os.open(shadow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write("root:x:20000:0:99999:7:::\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
         script = 'mount --bind "$0" /etc/shadow && exec "$@"'
         offset = self.log.stat().st_size if self.log.exists() else 0
