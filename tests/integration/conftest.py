@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], seconds: float = 30.0) -> Any:
+    """Poll ``condition`` every 0.1 s until it returns something true (returned), for at most
+    ``seconds``; HTTP errors, missing keys and failed asserts along the way count as not yet."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (httpx.HTTPError, KeyError, AssertionError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"condition not reached in {seconds:.0f} s (last error: {last})")
 
 
 def p2prc(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ from p2prc import Client
 from p2prc.attach.models import AttachRequest
 from p2prc.errors import AttachFailed, InvalidRequest, NameTaken, PeerNotFound
 from tests._sshd import SSHD, Sshd
-from tests.integration.conftest import NodeProcess, close, free_port, p2prc, start_node
+from tests.integration.conftest import NodeProcess, close, free_port, p2prc, start_node, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,17 +40,7 @@ class Net:
 
 
 def _wait(condition: Callable[[], Any], seconds: float = 20.0) -> Any:
-    deadline = time.monotonic() + seconds
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except (httpx.HTTPError, KeyError, AssertionError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"condition not reached in time (last error: {last})")
+    return wait_until(condition, seconds)
 
 
 def _attached(node: NodeProcess) -> dict[str, dict[str, Any]]:

@@ -30,7 +30,7 @@ from p2prc.attach.models import AttachRequest
 from p2prc.config import GossipConfig, Home, NodeConfig, RelayConfig, TrustConfig
 from p2prc.node import init_home
 from tests._sshd import SSHD, Sshd
-from tests.integration.conftest import NodeProcess, close, p2prc, start_node
+from tests.integration.conftest import NodeProcess, close, p2prc, start_node, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -49,17 +49,7 @@ class Net:
 
 
 def _wait(condition: Callable[[], Any], seconds: float = 30.0) -> Any:
-    deadline = time.monotonic() + seconds
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except (httpx.HTTPError, KeyError, AssertionError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"condition not reached in time (last error: {last})")
+    return wait_until(condition, seconds)
 
 
 def _gateways(node: NodeProcess, name: str) -> list[str]:
