@@ -535,3 +535,26 @@ async def test_crossed_punches_the_lower_node_ids_goes_on(pair: _Pair) -> None:
         answer_punch(callee, higher.node_id, request)
     assert callee.punches.holds(higher.node_id, mine[higher.node_id])
     assert len(callee.tasks) == 1
+
+
+async def test_a_cancelled_punch_ends_its_pending_attempt_at_once() -> None:
+    # A listener whose queue is full drops SYNs: the attempt's connect stays pending.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = [socket.create_connection(full.getsockname(), timeout=2)]  # the queue: one
+    loop = asyncio.get_running_loop()
+    try:
+        punching = asyncio.ensure_future(
+            simultaneous_open(_free_port(), full.getsockname(), loop.time(), within=30)
+        )
+        await asyncio.sleep(0.3)
+        assert not punching.done()  # pending, as behind a NAT that drops
+        punching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await punching
+        # Its thread is done at once, not 30 s later (the executor waits for its threads).
+        await asyncio.wait_for(loop.shutdown_default_executor(), 1.5)
+    finally:
+        for sock in (full, *fillers):
+            sock.close()
