@@ -82,6 +82,8 @@ class Sshd:
                     "UsePAM no",
                     "StrictModes no",
                     "LogLevel VERBOSE",
+                    # Real hosts serve SFTP (scp and Ansible use it); sshd refuses a second line.
+                    "" if "Subsystem" in self._extra else "Subsystem sftp internal-sftp",
                     self._extra,
                     "",
                 ]
