@@ -19,6 +19,7 @@ from p2prc.containers.runtime import FakeRuntime
 from p2prc.containers.service import ContainerService
 from p2prc.containers.store import ContainerStore
 from p2prc.containers.tracked import TrackedContainers
+from p2prc.direct.paths import Paths
 from p2prc.direct.punch import PunchSlots
 from p2prc.identity import Identity
 from p2prc.node import init_home
@@ -87,6 +88,10 @@ class FakeNode:
     @property
     def mapper(self) -> PortMapper:
         raise RuntimeError("the fake node maps no ports; use a real Node")
+
+    @property
+    def paths(self) -> Paths:
+        raise RuntimeError("the fake node has no direct paths; use a real Node")
 
     def close(self) -> None:
         self.closed = True

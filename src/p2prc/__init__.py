@@ -51,6 +51,7 @@ from .errors import (
 
 if _TYPE_CHECKING:  # the names below load on first use (module __getattr__): a CLI command or
     # a ProxyCommand that needs none of them starts without FastAPI, Docker or the node
+    from ._home import init_home
     from .client import AsyncClient, Client
     from .config import ContainerConfig, Home, NodeConfig, Timeouts, TrustConfig
     from .containers.runtime import ContainerRuntime, FakeRuntime
@@ -74,7 +75,7 @@ if _TYPE_CHECKING:  # the names below load on first use (module __getattr__): a 
         SyncResult,
         TrackedContainer,
     )
-    from .node import Node, init_home
+    from .node import Node
 
 _LAZY = {
     "AsyncClient": "client",
@@ -107,7 +108,7 @@ _LAZY = {
     "Timeouts": "config",
     "TrackedContainer": "models",
     "TrustConfig": "config",
-    "init_home": "node",
+    "init_home": "_home",
     "load_task": "jobs.task",
 }
 

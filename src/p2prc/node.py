@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ._aio import CrashHandler, TaskSet
 from ._closing import Component
+from ._home import home_locked, init_home
 from .api import create_app
 from .api._server import ApiServer, api_server, bind_api
 from .attach import service as attach_service
@@ -50,36 +51,6 @@ __all__ = ["Node", "home_locked", "init_home"]
 log = logging.getLogger(__name__)
 
 _PartT = TypeVar("_PartT")
-
-
-def init_home(home: Home, config: NodeConfig | None = None) -> tuple[NodeConfig, Identity]:
-    """Create the home's files that are missing; never replaces anything that exists."""
-    from .config import load, save
-
-    home.make_private()
-    if home.config_file.exists():
-        config = load(home)
-    else:
-        config = config or NodeConfig()
-        save(home, config)
-    identity = Identity.load_or_create(home.identity_dir, comment=f"p2prc@{config.name}")
-    State(home.state_file).close()
-    return config, identity
-
-
-def home_locked(home: Home) -> bool:
-    """Whether a node holds this home's lock right now."""
-    try:
-        fd = os.open(home.lock_file, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _release_memory() -> None:

@@ -264,9 +264,9 @@ def _steps(options: Options, title: str) -> Iterator[None]:
 
 def build_image(options: Options, context: Path, tag: str) -> None:
     """Build an image from a Dockerfile and add it to the images this node offers."""
+    from .._home import init_home
     from ..config import load, set_value
     from ..containers.images import build_offered_image
-    from ..node import init_home
 
     init_home(options.home)
     with _steps(options, f"building {tag} from {context}"):

@@ -8,20 +8,23 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Column, Table
 
+from .._home import home_locked, init_home
 from ..client import AsyncClient, Client
 from ..config import Home, import_original, load, set_value
 from ..errors import NodeError, NodeNotRunning, NotFound
 from ..models import Health, NodeStatus, Specs
-from ..node import Node, home_locked, init_home
 from ..specs import collect_specs, interfaces
 from ._common import Options, emit, options_of, out
+
+if TYPE_CHECKING:
+    from ..node import Node
 
 __all__ = ["config_app", "init", "interfaces_command", "specs", "start", "status", "stop"]
 
@@ -52,6 +55,8 @@ def start(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from ..node import Node  # here: only this command runs a node (the API server, Docker...)
+
     node = Node(config, options.home, identity=identity, host=host, port=port)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(node, options))
@@ -65,7 +70,7 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
-async def _serve(node: Node, options: Options) -> None:
+async def _serve(node: "Node", options: Options) -> None:
     """Serve until a signal (exit 0) or a crashed component (exit 1) stops the node."""
     loop = asyncio.get_running_loop()
     # Before start: a signal while starting stops the node cleanly once it is up.

@@ -7,6 +7,7 @@ import typer
 from rich.console import Group
 from rich.table import Table
 
+from .._home import init_home
 from .._match import unique_peer
 from ..client import Client, is_address, peer_url
 from ..config import DEFAULT_PORT, load, set_value
@@ -14,7 +15,6 @@ from ..direct.client import path_label, read_paths_blocking
 from ..direct.models import PathInfo
 from ..errors import NodeNotRunning, NotFound
 from ..models import PeerView
-from ..node import init_home
 from ._attach import attached_table
 from ._common import Options, command, emit, options_of
 
