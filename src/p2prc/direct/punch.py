@@ -22,8 +22,8 @@ both sides in step). Measured in the test bed (easy NAT, two busy cores), two pr
 one attempt every 250 ms connected in 0 of 3 tries of 3 s, one every second in 1 of 4;
 these attempts (about 800 a second a side) connected in 19 of 22 windows of 3 s and in
 20 of 22 of 6 s (0.004-5.2 s, mostly under 2.5 s). Between real nodes
-(tests/netns/test_direct_nat.py) the path was direct 0.94-1.91 s after the first call in
-9 of 9 runs. On hard NAT no attempt connects (2450 refused a side in 3 s). An attempt
+(tests/netns/test_direct_nat.py) the path was direct 0.43-1.91 s after the first call in
+10 of 10 runs. On hard NAT no attempt connects (2450 refused a side in 3 s). An attempt
 that is not refused stays pending (the kernel resends its SYN), so behind a NAT that drops
 instead the attempts are few. ``MAX_TRIES`` bounds them; a NAT seen to change ports
 (``keeps_ports``) is not punched at all.
