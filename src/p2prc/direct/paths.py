@@ -40,7 +40,7 @@ from ..peers.table import Member, MemberState, PeerTable
 from ..trust import TrustPolicy
 from ..tunnel.mapper import PortMapper
 from ..tunnel.tls import server_context
-from .link import DirectLink, Targets, handshake
+from .link import DirectLink, Targets, Wire, handshake
 from .listener import DirectListener
 from .models import PathInfo
 from .transport import DirectTransport
@@ -254,18 +254,7 @@ class Paths(Component):
             peer.last_error = str(exc)
             log.info("direct path to %s refused: %s", node_id, exc)
             return False
-        return self._install(
-            DirectLink(
-                wire,
-                found,
-                client=initiator,
-                targets=self._targets,
-                heartbeat=self._config.heartbeat,
-                stale=self._config.stale,
-                on_crash=self._on_crash,
-            )
-        )
-        return True
+        return self._install(wire, found, client=initiator)
 
     # Inside -------------------------------------------------------------------------
 
@@ -303,20 +292,20 @@ class Paths(Component):
         except P2PRCError as exc:
             log.info("direct connection from %s refused: %s", address[0], exc)
             return
-        self._install(
-            DirectLink(
-                wire,
-                found,
-                client=False,
-                targets=self._targets,
-                heartbeat=self._config.heartbeat,
-                stale=self._config.stale,
-                on_crash=self._on_crash,
-            )
-        )
+        self._install(wire, found, client=False)
 
-    def _install(self, link: DirectLink) -> bool:
-        """Make ``link`` its peer's path; False when it is not kept."""
+    def _install(self, wire: Wire, found: str, *, client: bool) -> bool:
+        """Make the checked connection ``wire`` to ``found`` its peer's path; False when it
+        is not kept."""
+        link = DirectLink(
+            wire,
+            found,
+            client=client,
+            targets=self._targets,
+            heartbeat=self._config.heartbeat,
+            stale=self._config.stale,
+            on_crash=self._on_crash,
+        )
         peer = self._peer(link.peer_id)
         old = peer.link
         paths = sum(1 for p in self._peers.values() if p.link is not None)
