@@ -43,6 +43,17 @@ def wait_until(condition: Callable[[], Any], seconds: float = 30.0) -> Any:
     raise AssertionError(f"condition not reached in {seconds:.0f} s (last error: {last})")
 
 
+async def round_trip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send ``payload`` to ``host:port``, half-close, and read the whole answer (30 s)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    return answer
+
+
 def p2prc(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a new process."""
     env = {**os.environ, "P2PRC_HOME": str(home)}

@@ -22,7 +22,7 @@ import pytest
 
 from p2prc import AsyncClient, Home, NodeConfig, TrustConfig, init_home
 from p2prc.config import DirectConfig, GossipConfig, RelayConfig
-from tests.integration.conftest import NodeProcess, close, free_port, p2prc, start_node
+from tests.integration.conftest import NodeProcess, close, free_port, p2prc, round_trip, start_node
 
 
 def _home(path: Path, name: str, **config: Any) -> Path:
@@ -118,13 +118,7 @@ async def _forward(home: Path, peer: str, port: int) -> AsyncIterator[int]:
 
 
 async def _echoed(port: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(payload)
-    await writer.drain()
-    writer.write_eof()
-    answer = await asyncio.wait_for(reader.read(), 30)
-    writer.close()
-    return answer
+    return await round_trip(port, payload)
 
 
 def _kill_connections(port: int) -> None:

@@ -13,6 +13,7 @@ from p2prc.errors import TunnelError, WrongNode
 from p2prc.identity import Identity
 from p2prc.tunnel.client import TunnelClient
 from p2prc.tunnel.relay import RelayLimits, RelayServer
+from tests.integration.conftest import round_trip
 
 RELAY, CLIENT = Identity.generate(), Identity.generate()
 
@@ -44,13 +45,7 @@ async def relay(tmp_path: Path) -> AsyncIterator[RelayServer]:
 
 
 async def _round_trip(port: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(payload)
-    await writer.drain()
-    writer.write_eof()
-    answer = await asyncio.wait_for(reader.read(), 30)
-    writer.close()
-    return answer
+    return await round_trip(port, payload)
 
 
 async def test_byte_exact_half_close_and_isolation(relay: RelayServer, echo_port: int) -> None:
