@@ -310,7 +310,12 @@ class PeerView(_Model):
     memory: int
     gpus: int
     metadata: str
-    custom: dict[str, str]
+    custom: dict[str, str] = Field(description="The owner's custom metadata (set with /meta)")
+    reserved: dict[str, str] = Field(
+        default_factory=dict,
+        description="The node's own 'p2prc.' keys, set by p2prc itself: 'p2prc.direct' (its "
+        "direct-path port), 'p2prc.attached' (the version of its attached-host records)",
+    )
     version: int
 
 

@@ -126,6 +126,7 @@ def test_a_port_in_use_and_an_unknown_container(serving: tuple[NodeProcess, str,
     unknown = p2prc(node.home, "forward", "no-such-container", "80", check=False)
     assert unknown.returncode == 1
     assert unknown.stderr.strip().startswith("ContainerNotFound:"), unknown.stderr
+    assert "no container or peer named" in unknown.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

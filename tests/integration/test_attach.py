@@ -56,8 +56,8 @@ def _records(node: NodeProcess) -> list[str]:
 def _announced(seen_by: NodeProcess, node: NodeProcess) -> str | None:
     views = httpx.get(f"{seen_by.api}/peers", timeout=5).json()
     view = next(v for v in views if v["node_id"] == node.node_id)
-    custom: dict[str, str] = view["custom"]
-    return custom.get("p2prc.attached")
+    reserved: dict[str, str] = view["reserved"]
+    return reserved.get("p2prc.attached")
 
 
 def _gateways(node: NodeProcess, name: str) -> list[str]:

@@ -48,7 +48,9 @@ def _port(url: str) -> int | None:
 
 
 def _create_hops(seen: Seen) -> Seen:
-    return [hop for hop in seen if hop[2] != "/peers/exchange"]
+    """The hops of the call, without the nodes' own background traffic (gossip push-pull,
+    the path manager timing the relayed path with /health)."""
+    return [hop for hop in seen if hop[2] not in ("/peers/exchange", "/health")]
 
 
 async def test_create_on_a_peer_by_name_takes_two_requests(

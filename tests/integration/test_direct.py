@@ -260,7 +260,7 @@ async def _direct_port(home: Path) -> int:
     """The direct port in the node's own signed record."""
     async with AsyncClient(home=home) as client:
         me = next(view for view in await client.peers() if view.me)
-    return int(me.custom["p2prc.direct"])
+    return int(me.reserved["p2prc.direct"])
 
 
 async def test_a_natted_node_dials_the_public_one(tmp_path: Path, nodes: list[NodeProcess]) -> None:

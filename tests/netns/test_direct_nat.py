@@ -155,7 +155,7 @@ class _Network:
 
     def direct_port(self, host: str) -> int:
         me = next(p for p in self.peers(host) if p["me"])
-        return int(me["custom"]["p2prc.direct"])
+        return int(me["reserved"]["p2prc.direct"])
 
     def watch(self, host: str, other: str, kind: str, within: float, *, call: bool) -> Any:
         """Seconds until ``host``'s path to ``other`` is ``kind`` (after one call), and it."""
@@ -176,7 +176,7 @@ class _Network:
                     if (
                         view is None
                         or view["state"] != "alive"
-                        or "p2prc.direct" not in (view.get("custom") or {})
+                        or "p2prc.direct" not in (view.get("reserved") or {})
                     ):
                         return False
                     if other.startswith("home") and not (view.get("path") or {}).get("via"):

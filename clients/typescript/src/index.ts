@@ -48,6 +48,8 @@ export interface PeerView {
   gpus: number;
   metadata: string;
   custom: Record<string, string>;
+  /** The node's own "p2prc." keys (direct port, attached-host version), set by p2prc. */
+  reserved: Record<string, string>;
   version: number;
 }
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from ..errors import InvalidRequest, NotFound, P2PRCError, PeerProtocolError
 from ..models import MetadataUpdate, PeerAddress, PeerView, SyncResult
-from ..peers.gossip import MAX_EXCHANGE_BYTES, Gossip, member_state
+from ..peers.gossip import MAX_EXCHANGE_BYTES, RESERVED_PREFIX, Gossip, member_state
 from ..peers.records import PeerRecord
 from ..peers.table import Member
 from .auth import Owner, Peer, Signed
@@ -40,7 +40,8 @@ def view_of(gossip: Gossip, record: PeerRecord, member: Member | None) -> PeerVi
         rtt_ms=None if member is None or member.rtt_ms is None else round(member.rtt_ms, 3),
         addresses=list(record.addresses),
         api=record.api_url,
-        custom=dict(record.custom),
+        custom={k: v for k, v in record.custom.items() if not k.startswith(RESERVED_PREFIX)},
+        reserved={k: v for k, v in record.custom.items() if k.startswith(RESERVED_PREFIX)},
     )
 
 

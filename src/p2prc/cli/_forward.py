@@ -14,7 +14,7 @@ from ..client import Client
 from ..containers.forward import LOOPBACK, Forwarding, forward_ports, parse_pair
 from ..containers.store import pick_tracked
 from ..direct.models import ForwardEvent
-from ..errors import ContainerNotFound, InvalidRequest, PeerProtocolError
+from ..errors import ContainerNotFound, InvalidRequest, PeerNotFound, PeerProtocolError
 from ..models import TrackedContainer
 from ._common import Options, emit, err, options_of
 
@@ -43,7 +43,13 @@ def forward_container(
             markup=False,
         )
     if item is None:
-        asyncio.run(_until_stopped(_forward_peer(options, target, pairs, bind)))
+        try:
+            asyncio.run(_until_stopped(_forward_peer(options, target, pairs, bind)))
+        except PeerNotFound as error:  # neither: the command's first meaning answers
+            raise ContainerNotFound(
+                f"no container or peer named {target!r}; see 'p2prc ls' (your containers) "
+                "and 'p2prc peers list'"
+            ) from error
     else:
         asyncio.run(_until_stopped(_forward_container(options, item, pairs, bind)))
 

@@ -350,15 +350,15 @@ class DirectLink:
 
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.alive:
+        while self.alive:  # the first ping at once: the path's round trip is known early
+            if not self.mux.round_trip.waiting:
+                self.mux.round_trip.ping()
+            self._wire.out.try_send(Ping())
             await asyncio.sleep(self._heartbeat)
             if loop.time() - self._last_heard > self._stale:
                 log.info("direct path to %s: no answer for %.1f s", self.peer_id, self._stale)
                 self._lost(f"no answer for {self._stale:g} s")
                 return
-            if not self.mux.round_trip.waiting:
-                self.mux.round_trip.ping()
-            self._wire.out.try_send(Ping())
 
     async def _receive_loop(self) -> None:
         loop = asyncio.get_running_loop()

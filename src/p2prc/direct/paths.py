@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import math
 import socket
@@ -30,16 +29,17 @@ from typing import Any, Protocol
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
-from ..config import DirectConfig, NodeConfig
+from ..config import DirectConfig
 from ..errors import P2PRCError, TunnelProtocolError
 from ..identity import Identity
 from ..peers.gossip import Gossip
-from ..peers.link import PeerLink, PeerTarget
+from ..peers.link import PeerTarget
 from ..peers.records import PeerRecord
 from ..peers.table import Member, MemberState, PeerTable
 from ..trust import TrustPolicy
 from ..tunnel.mapper import PortMapper
 from ..tunnel.tls import server_context
+from . import punch as punch_module
 from .link import DirectLink, Targets, Wire, handshake
 from .listener import DirectListener
 from .models import PathInfo
@@ -457,12 +457,8 @@ async def _connect(address: str, port: int) -> socket.socket:
     return sock
 
 
-# The node as for_node reads it (node.py's Node).
-class _Node(Protocol):
-    @property
-    def identity(self) -> Identity: ...
-    @property
-    def config(self) -> NodeConfig: ...
+# The node as for_node reads it (node.py's Node): what punching needs, and more.
+class _Node(punch_module.PunchNode, Protocol):
     @property
     def port(self) -> int: ...
     @property
@@ -471,8 +467,6 @@ class _Node(Protocol):
     def mapper(self) -> PortMapper: ...
     @property
     def trust(self) -> TrustPolicy: ...
-    @property
-    def link(self) -> PeerLink: ...
 
 
 def for_node(
@@ -514,18 +508,8 @@ def for_node(
         if config.gossip.enabled:
             node.gossip.set_reserved(DIRECT_KEY, None if port is None else str(port))
 
-    punch: Punch | None = None
-    try:
-        module = importlib.import_module(".punch", __package__)
-    except ImportError:
-        module = None
-    if module is not None and hasattr(module, "punch"):
-
-        async def punched(member: Member) -> socket.socket | None:
-            result: socket.socket | None = await module.punch(node, member)
-            return result
-
-        punch = punched
+    async def punched(member: Member) -> socket.socket | None:
+        return await punch_module.punch(node, member)
 
     async def measure(member: Member) -> float | None:
         target = PeerTarget(member.record.api_url, member.record.node_id)
@@ -543,7 +527,7 @@ def for_node(
         table=table,
         allowed=node.trust.allows_node,
         targets=targets,
-        punch=punch,
+        punch=punched,
         measure=measure,
         announce=announce,
         on_crash=on_crash,
