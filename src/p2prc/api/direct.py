@@ -67,6 +67,9 @@ def router(node: DirectNode) -> APIRouter:
             for item in node.tracked.list():
                 if item.container.peer != node_id:
                     continue
+                ssh = item.container.ssh
+                if ssh.port == port:  # a container's SSH, as its view says (``direct.ssh``)
+                    return (ssh.host, ssh.port)
                 for mapping in item.container.ports:
                     if mapping.host_port == port and mapping.public:
                         return split_address(mapping.public)

@@ -18,6 +18,7 @@ from ..client import Client
 from ..config import Home
 from ..containers import hostkeys
 from ..containers.store import pick_tracked
+from ..direct.ssh import proxy_command
 from ..errors import ConfigError, InvalidRequest, validation_message
 from ..models import ContainerView, CreateContainer
 from ._common import Options, command, emit, err, options_of
@@ -167,6 +168,9 @@ def ssh_argv(home: Home, view: ContainerView, command: list[str]) -> list[str]:
         # Each container has its own host key; ports are reused by later containers.
         "-o",
         f"HostKeyAlias={hostkeys.alias(view.id)}",
+        # By the best path: the node's direct path to the peer when up, else the address.
+        "-o",
+        f"ProxyCommand={proxy_command(home.path, view)}",
         # "--" ends the options: nothing a peer said can become one.
         "--",
         f"{view.ssh.user}@{view.ssh.host}",

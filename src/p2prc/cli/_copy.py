@@ -17,6 +17,7 @@ from rich.progress import (
 from ..client import Client
 from ..containers.copy import CopyProgress, CopyResult, Remote, download, parse_sides, upload
 from ..containers.store import pick_tracked
+from ..direct.ssh import proxy_argv
 from ._common import Options, emit, err
 
 __all__ = ["copy_files"]
@@ -62,13 +63,17 @@ def copy_files(options: Options, src: str, dst: str) -> None:
     with Client(home=options.home) as client:
         item = pick_tracked(client.tracked(), remote.container)
     view, key = item.container, options.home.identity_key
+    # By the best path: the node's direct path to the peer when up, else the address.
+    proxy = proxy_argv(options.home.path, view)
 
     def run(progress: CopyProgress) -> CopyResult:
         if isinstance(source, Remote):
             assert not isinstance(target, Remote)
-            return asyncio.run(download(view, key, source.path, target, progress))
+            return asyncio.run(
+                download(view, key, source.path, target, progress, proxy_command=proxy)
+            )
         assert isinstance(target, Remote)
-        return asyncio.run(upload(view, key, source, target.path, progress))
+        return asyncio.run(upload(view, key, source, target.path, progress, proxy_command=proxy))
 
     if options.json or not sys.stdout.isatty():
         result = run(_Lines())

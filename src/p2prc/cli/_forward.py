@@ -14,6 +14,7 @@ from ..client import Client
 from ..containers.forward import LOOPBACK, Forwarding, forward_ports, parse_pair
 from ..containers.store import pick_tracked
 from ..direct.models import ForwardEvent
+from ..direct.ssh import proxy_argv
 from ..errors import ContainerNotFound, InvalidRequest, PeerNotFound, PeerProtocolError
 from ..models import TrackedContainer
 from ._common import Options, emit, err, options_of
@@ -67,7 +68,9 @@ async def _forward_container(
     options: Options, item: TrackedContainer, pairs: list[tuple[int, int]], bind: str
 ) -> None:
     key = options.home.identity_key
-    async with forward_ports(item, pairs, bind, key_file=key) as forwarding:
+    # By the best path: the node's direct path to the peer when up, else the address.
+    proxy = proxy_argv(options.home.path, item.container)
+    async with forward_ports(item, pairs, bind, key_file=key, proxy_command=proxy) as forwarding:
         _announce(options, item, forwarding)
         await forwarding.wait()  # PeerUnreachable when the connection drops
 

@@ -22,7 +22,7 @@ import asyncssh
 
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import AsyncClosing
-from ..containers.sftp import login, ssh_errors
+from ..containers.sftp import Route, login, ssh_errors
 from ..errors import ClusterError
 from ..models import ContainerView
 
@@ -87,8 +87,10 @@ class Hub(AsyncClosing):
         key_file: Path,
         on_lost: OnLost = lambda name, why: None,
         on_crash: CrashHandler = log_crash,
+        route: Route | None = None,
     ) -> None:
         self._key_file = key_file
+        self._route = route  # the peer's direct path when up (``sftp.login``)
         self._on_lost = on_lost
         self._members: dict[str, Member] = {}
         self._tasks = TaskSet(on_crash)
@@ -115,7 +117,7 @@ class Hub(AsyncClosing):
             raise ClusterError("the cluster is closed")
         if name in self._members:
             raise ValueError(f"member {name!r} is already in the hub")
-        conn = await login(view, self._key_file)
+        conn = await login(view, self._key_file, route=self._route)
         member = Member(name, view, conn, shared=set(shared))
         try:
             with ssh_errors(view, "forward the ports of"):

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
 from ..config import Home
+from ..containers.sftp import Route
+from ..direct.ssh import node_route
 from ..errors import (
     ClusterError,
     ContainerNotFound,
@@ -115,8 +117,10 @@ class ClusterService(Component):
         ssh_hosts: SshHosts = lambda node_id: None,
         peer_image: PeerImage | None = None,
         on_crash: CrashHandler = log_crash,
+        route: Route | None = None,
     ) -> None:
         self.store = store
+        self._route = route
         self._host = host
         self._key_file = key_file
         self._find = find_places
@@ -194,7 +198,7 @@ class ClusterService(Component):
             security = self.store.write_security(
                 cluster_id, ca.cert_pem, *_pair(ca.issue("client"))
             )
-            hub = Hub(self._key_file, self._lost_hook(view), self._on_crash)
+            hub = Hub(self._key_file, self._lost_hook(view), self._on_crash, self._route)
             live = self._live[cluster_id] = _Live(ca, hub, image, versions)
             self.store.update(cluster_id, security=security, versions=versions)
             await self._start_scheduler(cluster_id, spec, live, say)
@@ -559,4 +563,5 @@ def for_node(
         ssh_hosts=peer_hosts(node),
         peer_image=partial(ensure_on_peer, node.link),
         on_crash=on_crash,
+        route=node_route(lambda: node.paths),
     )

@@ -12,7 +12,7 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -102,12 +102,15 @@ async def upload(
     local: Path,
     remote: str,
     progress: CopyProgress | None = None,
+    *,
+    proxy_command: Sequence[str] | None = None,
 ) -> CopyResult:
-    """Copy the local file or directory ``local`` to ``remote`` in the container."""
+    """Copy the local file or directory ``local`` to ``remote`` in the container
+    (``proxy_command``: see ``sftp.login``)."""
     progress = progress or _Quiet()
     entries = _walk_local(local)
     started = time.monotonic()
-    conn = await login(view, key_file)
+    conn = await login(view, key_file, proxy_command=proxy_command)
     try:
         with _ssh_errors(view):
             sftp = await conn.start_sftp_client()
@@ -147,11 +150,14 @@ async def download(
     remote: str,
     local: Path,
     progress: CopyProgress | None = None,
+    *,
+    proxy_command: Sequence[str] | None = None,
 ) -> CopyResult:
-    """Copy ``remote`` (a file or directory in the container) to ``local``."""
+    """Copy ``remote`` (a file or directory in the container) to ``local``
+    (``proxy_command``: see ``sftp.login``)."""
     progress = progress or _Quiet()
     started = time.monotonic()
-    conn = await login(view, key_file)
+    conn = await login(view, key_file, proxy_command=proxy_command)
     try:
         with _ssh_errors(view):
             sftp = await conn.start_sftp_client()

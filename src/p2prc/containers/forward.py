@@ -129,20 +129,23 @@ async def forward_ports(
     bind: str = LOOPBACK,
     *,
     key_file: Path | None = None,
+    proxy_command: Sequence[str] | None = None,
 ) -> AsyncIterator[Forwarding]:
     """Forward each ``(local_port, port)`` of ``pairs``: ``bind:local_port`` here reaches
     ``port`` inside the container (local port 0: any free one, see ``Forwarding.forwards``).
 
-    ``key_file`` defaults to this home's node key; ``PeerUnreachable`` when the container
-    cannot be logged in to (a host key other than the pinned one included), ``AddressInUse``
-    when a local port is taken.
+    ``key_file`` defaults to this home's node key; ``proxy_command`` carries the SSH
+    connection (``direct.ssh.proxy_argv``: by the best path); ``PeerUnreachable`` when the
+    container cannot be logged in to (a host key other than the pinned one included),
+    ``AddressInUse`` when a local port is taken.
     """
     view = _view(target)
     if not pairs:
         raise InvalidRequest("nothing to forward: give at least one port")
     for local, port in pairs:
         _check_ports(local, port)
-    conn = await login(view, key_file or resolve_home(None).identity_key)
+    key = key_file or resolve_home(None).identity_key
+    conn = await login(view, key, proxy_command=proxy_command)
     forwards: list[Forwarded] = []
     listeners: list[asyncssh.SSHListener] = []
     forwarding = Forwarding(view, conn, forwards, listeners)
@@ -164,13 +167,16 @@ async def forward(
     bind: str = LOOPBACK,
     *,
     key_file: Path | None = None,
+    proxy_command: Sequence[str] | None = None,
 ) -> AsyncIterator[Forwarding]:
     """``bind:local_port`` here reaching ``port`` inside the container, while in the block::
 
     async with forward(view, 8000) as fwd:
         httpx.get(f"http://127.0.0.1:{fwd.local_port}/")
     """
-    async with forward_ports(target, [(local_port, port)], bind, key_file=key_file) as forwarding:
+    pairs = [(local_port, port)]
+    opened = forward_ports(target, pairs, bind, key_file=key_file, proxy_command=proxy_command)
+    async with opened as forwarding:
         yield forwarding
 
 

@@ -22,7 +22,7 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +45,7 @@ from .listener import DirectListener
 from .models import PathInfo
 from .transport import DirectTransport
 
-__all__ = ["DIRECT_KEY", "Paths", "direct_port", "for_node"]
+__all__ = ["DIRECT_KEY", "Paths", "container_port", "direct_port", "for_node"]
 
 # The reserved custom key of a node's signed record that holds its direct port.
 DIRECT_KEY = "p2prc.direct"
@@ -197,6 +197,28 @@ class Paths(Component):
             return await link.open_stream(target, port)
         except TunnelProtocolError:
             return None
+
+    async def open_socket(self, node_id: str, target: str, port: int = 0) -> socket.socket | None:
+        """``open_stream``, the caller's end a plain socket (what asyncssh's ``sock=``
+        takes); ``None`` when there is no direct path now. A stream the peer refuses ends
+        the socket (end of file) at once."""
+        link = self.link(node_id)
+        if link is None:
+            return None
+        mine, theirs = socket.socketpair()
+        try:
+            reader, writer = await asyncio.open_connection(sock=theirs, limit=2**20)
+        except OSError:
+            mine.close()
+            theirs.close()
+            return None
+
+        async def carry() -> None:
+            with contextlib.suppress(P2PRCError):  # a broken path closes the socket
+                await link.pump(target, port, reader, writer)
+
+        self._tasks.spawn(carry(), f"direct-{node_id[:8]}-socket")
+        return mine
 
     def path(self, node_id: str) -> PathInfo:
         """How this node reaches ``node_id`` now."""
@@ -441,6 +463,22 @@ class Paths(Component):
         return winner
 
 
+def container_port(
+    ports: Collection[int], public: Callable[[int], tuple[str, int] | None], port: int
+) -> int | None:
+    """The host port of a peer's container that ``port`` names: one of ``ports`` itself,
+    else the one whose address on this node's relay (``public``) has that port: a NAT'd
+    node's container views give its creator the relay's ports, and the creator asks for
+    what its view says. ``None``: no container port of that peer."""
+    if port in ports:
+        return port
+    for local in ports:
+        address = public(local)
+        if address is not None and address[1] == port:
+            return local
+    return None
+
+
 def member_rtt(member: Member | None) -> float | None:
     return None if member is None else member.rtt_ms
 
@@ -498,8 +536,10 @@ def for_node(
         this node publishes (map-port: public anyway); nothing else."""
         if target == "api":
             return (api_host, node.port)
-        if port in node.mapper.peer_ports(peer_id):
-            return (container_host, port)
+        mapper = node.mapper
+        local = container_port(mapper.peer_ports(peer_id), mapper.public_address, port)
+        if local is not None:
+            return (container_host, local)
         if any(m.local_port == port and not m.udp for m in node.mapper.mappings()):
             return ("127.0.0.1", port)
         return None

@@ -23,7 +23,7 @@ import asyncssh
 from .._closing import AsyncClosing
 from ..containers.sftp import BLOCK as _BLOCK
 from ..containers.sftp import REQUESTS as _REQUESTS
-from ..containers.sftp import login
+from ..containers.sftp import Route, login
 from ..containers.sftp import ssh_errors as _ssh_errors
 from ..errors import InvalidRequest, JobError, PeerUnreachable
 from ..models import ContainerView
@@ -111,7 +111,14 @@ class ResultBudget:
 class RankSession(AsyncClosing):
     """An SSH connection to one rank's container, as the container's user."""
 
-    def __init__(self, view: ContainerView, key_file: Path, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        view: ContainerView,
+        key_file: Path,
+        *,
+        timeout: float = 30.0,
+        route: Route | None = None,
+    ) -> None:
         if not view.ssh.host_key:
             raise PeerUnreachable(
                 f"container {view.id} came without an SSH host key; refusing to log in blind"
@@ -119,6 +126,7 @@ class RankSession(AsyncClosing):
         self.view = view
         self._key_file = key_file
         self._timeout = timeout
+        self._route = route  # the peer's direct path when up (``sftp.login``)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
 
@@ -130,7 +138,7 @@ class RankSession(AsyncClosing):
         return self
 
     async def connect(self) -> None:
-        self._conn = await login(self.view, self._key_file)
+        self._conn = await login(self.view, self._key_file, route=self._route)
         try:
             self._sftp = await self._conn.start_sftp_client()
         except (asyncssh.Error, OSError, TimeoutError) as exc:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from ..client import is_address
 from ..containers.service import FIRST_EXTRA_PORT, Progress
+from ..containers.sftp import Route
 from ..errors import (
     ContainerError,
     JobError,
@@ -114,8 +115,10 @@ class JobRunner:
         ssh_hosts: SshHosts = lambda node_id: None,
         max_results: int = MAX_RESULTS,
         on_change: Callable[[], None] = lambda: None,
+        route: Route | None = None,
     ) -> None:
         self._store = store
+        self._route = route
         self._changed = on_change
         self._ssh_hosts = ssh_hosts
         self._budget = ResultBudget(max_results)
@@ -202,7 +205,8 @@ class JobRunner:
                 if placement.attempt >= job.task.retries:
                     raise _Failed(JobState.FAILED, f"rank {rank} lost its peer: {exc}") from None
                 self.note(f"lost {placement.peer} ({exc}); retrying elsewhere", rank)
-                self._sessions[rank] = RankSession(view, self._key_file)  # closed: replaced
+                session = RankSession(view, self._key_file, route=self._route)
+                self._sessions[rank] = session  # closed: replaced
                 await self._retry(job.task, rank, placement)
         await self._follow_all(job.task)
 
@@ -266,7 +270,7 @@ class JobRunner:
             raise
 
     async def _connect(self, view: ContainerView) -> RankSession:
-        session = RankSession(view, self._key_file)
+        session = RankSession(view, self._key_file, route=self._route)
         await session.connect()
         return session
 

@@ -12,6 +12,9 @@ from typing import Protocol
 from .._aio import CrashHandler, TaskSet, log_crash
 from .._closing import Component
 from ..config import Home, NodeConfig
+from ..containers.sftp import Route
+from ..direct.paths import Paths
+from ..direct.ssh import node_route
 from ..errors import InvalidRequest, JobError, NodeNotRunning, P2PRCError
 from ..identity import Identity
 from ..peers.gossip import Gossip
@@ -42,8 +45,10 @@ class JobService(Component):
         peer_gone: Callable[[str], bool] = lambda node_id: False,
         ssh_hosts: SshHosts = lambda node_id: None,
         max_results: int = MAX_RESULTS,
+        route: Route | None = None,
     ) -> None:
         self.store = store
+        self._route = route
         self._gone = peer_gone
         self._ssh_hosts = ssh_hosts
         self._max_results = max_results
@@ -111,6 +116,7 @@ class JobService(Component):
             ssh_hosts=self._ssh_hosts,
             max_results=self._max_results,
             on_change=lambda: self._changed(job_id),
+            route=self._route,
         )
 
         async def run() -> None:
@@ -204,6 +210,8 @@ class JobNode(Protocol):
     def gossip(self) -> Gossip: ...
     @property
     def tracked(self) -> ContainerHost: ...
+    @property
+    def paths(self) -> Paths: ...
 
 
 def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
@@ -227,7 +235,14 @@ def for_node(node: JobNode, on_crash: CrashHandler = log_crash) -> JobService:
     key = Home(node.home_path).identity_key
     hosts = peer_hosts(node)
     return JobService(
-        store, node.tracked, key, find, on_crash=on_crash, peer_gone=gone, ssh_hosts=hosts
+        store,
+        node.tracked,
+        key,
+        find,
+        on_crash=on_crash,
+        peer_gone=gone,
+        ssh_hosts=hosts,
+        route=node_route(lambda: node.paths),
     )
 
 
