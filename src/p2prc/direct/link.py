@@ -25,6 +25,7 @@ import logging
 import secrets
 import socket
 import ssl
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ __all__ = [
     "Wire",
     "challenge_message",
     "handshake",
+    "on_shared_port",
 ]
 
 # Seconds from a connected socket to a checked peer, both ways.
@@ -72,8 +74,19 @@ TARGETS = ("api", "port")
 _DOPEN = "dopen"
 _MAX_STREAM_ID = 2**63 - 1
 _READ = 256 * 1024
+# SO_LINGER on, 0 seconds: close() resets the connection, leaving no TIME_WAIT.
+_RESET = struct.pack("ii", 1, 0)
 
 log = logging.getLogger(__name__)
+
+
+def on_shared_port(sock: socket.socket) -> bool:
+    """Whether ``sock`` is on a port other sockets share (``SO_REUSEPORT``): a hole punch's
+    (``punch._bound``), or one accepted on the direct port; not a dialled one's own port."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+    except (OSError, AttributeError):  # no such option here, or not a socket
+        return False
 
 
 def challenge_message(nonce: str, server_id: str) -> bytes:
@@ -260,6 +273,8 @@ class DirectLink:
     ) -> None:
         self.peer_id, self.client = peer_id, client
         self._wire = wire
+        # On the direct port it closes with a reset (``_close``).
+        self._shared = on_shared_port(wire.writer.get_extra_info("socket"))
         self.mux = Mux(self._wire.out)
         self._targets = targets
         self._heartbeat, self._stale = heartbeat, stale
@@ -296,7 +311,8 @@ class DirectLink:
             self.reason = reason
         self.mux.abort_all()
         self.closed.set()
-        await close_quietly(self._wire.writer)
+        if not self._close():
+            await close_quietly(self._wire.writer)
         await self._tasks.cancel_all()
 
     def _lost(self, reason: str) -> None:
@@ -305,7 +321,21 @@ class DirectLink:
             self.reason = reason
         self.mux.abort_all()
         self.closed.set()
-        self._wire.writer.close()
+        if not self._close():
+            self._wire.writer.close()
+
+    def _close(self) -> bool:
+        """A path on the direct port (a hole punch's) closes at once, with a reset: a TLS
+        close waits up to 30 s for a gone peer's answer and a TCP close leaves TIME_WAIT,
+        and either holds the port and peer address the next punch must use for as long.
+        Its streams are aborted already. False for any other path (closed gracefully)."""
+        if not self._shared:
+            return False
+        with contextlib.suppress(OSError, AttributeError):
+            sock = self._wire.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self._wire.writer.transport.abort()
+        return True
 
     async def pump(
         self, target: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
