@@ -43,6 +43,10 @@ __all__ = ["ASK_TIMEOUT", "main", "node_route", "proxy_argv", "proxy_command", "
 ASK_TIMEOUT = 5.0
 # Seconds for a TCP connection to the container's address.
 CONNECT_TIMEOUT = 20.0
+# Seconds the container's sshd has for its banner over the direct path.
+BANNER_TIMEOUT = 10.0
+# Bytes read at once.
+CHUNK = 64 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +97,15 @@ def proxy_command(home: Path, view: ContainerView) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _over_node(home: Home, peer: str, port: int) -> AsyncIterator[Stream | None]:
+async def _over_node(
+    home: Home, peer: str, port: int
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None]:
     """A stream to ``port`` of ``peer`` through this home's node while it says the path
-    is direct (the node's forward lasts as long as the block); ``None`` otherwise."""
+    is direct (the node's forward lasts as long as the block), and the first bytes the far
+    end sent; ``None`` otherwise. An SSH server speaks first (its banner): a stream that
+    ends before a byte came (the peer refused the port: an older node, a port it does not
+    know) or says nothing in ``BANNER_TIMEOUT`` is no stream, and the caller goes by
+    address while nothing has been sent yet."""
     from .._client_async import AsyncClient  # here: the client is the heaviest import
     from .models import ForwardEvent
 
@@ -113,6 +123,7 @@ async def _over_node(home: Home, peer: str, port: int) -> AsyncIterator[Stream |
     task = asyncio.ensure_future(ask())
     task.add_done_callback(lambda done: _settle(done, listening))
     stream: Stream | None = None
+    first = b""
     try:
         try:
             event = await asyncio.wait_for(asyncio.shield(listening), ASK_TIMEOUT)
@@ -121,9 +132,13 @@ async def _over_node(home: Home, peer: str, port: int) -> AsyncIterator[Stream |
             event = None
         if event is not None and event.path == "direct":
             host, _, at = event.local.rpartition(":")
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, TimeoutError):
                 stream = await asyncio.open_connection(host, int(at))
-        yield stream
+                first = await asyncio.wait_for(stream[0].read(CHUNK), BANNER_TIMEOUT)
+        if stream is not None and first:
+            yield (*stream, first)
+        else:
+            yield None
     finally:
         if stream is not None:
             stream[1].close()
@@ -155,7 +170,10 @@ async def run_proxy(home: Home, peer: str, port: int, host: str) -> str:
 
     async with _over_node(home, peer, port) as stream:
         if stream is not None:
-            await stdio_pipe(*stream)
+            reader, writer, first = stream
+            sys.stdout.buffer.write(first)  # the banner, read to know the stream took
+            sys.stdout.buffer.flush()
+            await stdio_pipe(reader, writer)
             return "direct"
     try:
         reader, writer = await asyncio.wait_for(
