@@ -4,7 +4,7 @@ port of a peer by the best path, for as long as the caller reads the answer)."""
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Literal, Protocol
 
 from fastapi import APIRouter
@@ -16,12 +16,14 @@ from ..direct.forward import PeerForward
 from ..direct.models import ForwardEvent, ForwardRequest, PathInfo
 from ..direct.paths import Paths
 from ..errors import InvalidRequest, PeerNotFound
+from ..models import TrackedContainer
 from ..peers.gossip import Gossip
 from ..peers.link import PeerLink
+from ..peers.records import PeerRecord
 from ._stream import ndjson
 from .auth import Owner
 
-__all__ = ["DirectNode", "router"]
+__all__ = ["DirectNode", "fallback_address", "router"]
 
 # Seconds between the forward answer's beats (a caller gone is noticed at the next one).
 _BEAT = 10.0
@@ -36,6 +38,26 @@ class DirectNode(Protocol):
     def tracked(self) -> TrackedContainers: ...
     @property
     def gossip(self) -> Gossip: ...
+
+
+def fallback_address(
+    tracked: Iterable[TrackedContainer], record: PeerRecord | None, node_id: str, port: int
+) -> tuple[str, int] | None:
+    """Where ``port`` of ``node_id`` is without a direct path: a tracked container's SSH
+    (its view's address: the relay's for a NAT'd peer) or extra port on the relay, else the
+    peer's own address when it is public (``record``); ``None``: no way known."""
+    for item in tracked:
+        if item.container.peer != node_id:
+            continue
+        ssh = item.container.ssh
+        if ssh.port == port:  # a container's SSH, as its view says (``direct.ssh``)
+            return (ssh.host, ssh.port)
+        for mapping in item.container.ports:
+            if mapping.host_port == port and mapping.public:
+                return split_address(mapping.public)
+    if record is not None and record.behind_nat is not True and record.host:
+        return (record.host, port)
+    return None
 
 
 def router(node: DirectNode) -> APIRouter:
@@ -64,20 +86,9 @@ def router(node: DirectNode) -> APIRouter:
         node.paths.touch(node_id)
 
         def fallback() -> tuple[str, int] | None:
-            for item in node.tracked.list():
-                if item.container.peer != node_id:
-                    continue
-                ssh = item.container.ssh
-                if ssh.port == port:  # a container's SSH, as its view says (``direct.ssh``)
-                    return (ssh.host, ssh.port)
-                for mapping in item.container.ports:
-                    if mapping.host_port == port and mapping.public:
-                        return split_address(mapping.public)
             member = node.gossip.table.get(node_id)
             record = member.record if member is not None else None
-            if record is not None and record.behind_nat is not True and record.host:
-                return (record.host, port)
-            return None
+            return fallback_address(node.tracked.list(), record, node_id, port)
 
         forwarding = PeerForward(
             node.paths, node_id, port, fallback, bind=body.bind, local=body.local

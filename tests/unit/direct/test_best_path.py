@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shlex
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from p2prc.api.direct import fallback_address
 from p2prc.cli._containers import ssh_argv
 from p2prc.config import DirectConfig, Home
 from p2prc.containers.sftp import login
@@ -24,7 +26,8 @@ from p2prc.direct.paths import Paths, container_port
 from p2prc.direct.ssh import node_route, proxy_argv
 from p2prc.errors import PeerUnreachable
 from p2prc.identity import Identity
-from p2prc.models import ContainerView
+from p2prc.models import ContainerView, TrackedContainer
+from p2prc.peers.records import PeerRecord
 from p2prc.peers.table import Member
 from p2prc.tunnel.streams import pipe
 from tests.unit.cluster.test_hub import _Container, _container, identity, key
@@ -267,3 +270,33 @@ def test_the_proxy_refuses_bad_arguments_and_says_why_it_cannot_connect(tmp_path
     closed = _proxy(tmp_path, "e" * 32, str(_free_port()), "127.0.0.1")
     assert closed.returncode == 1
     assert b"PeerUnreachable: cannot connect to 127.0.0.1 port" in closed.stderr
+
+
+# -- the node's forward without a direct path -------------------------------------------------
+
+
+def test_the_forward_without_a_path_goes_to_the_views_ssh_address() -> None:
+    peer = Identity.generate()
+    view = ContainerView.model_validate(
+        {
+            "id": "0123456789ab", "name": "c", "peer": peer.node_id, "image": "i",
+            "ssh": {"host": "203.0.113.9", "port": 40022, "user": "p2prc"},
+            "ports": [{"container_port": 8000, "host_port": 32800, "public": "203.0.113.9:40080"}],
+            "gpu": False, "cpus": 1, "memory": 1, "owner": "d" * 32, "created_at": 0,
+        }
+    )  # fmt: skip
+    tracked = [TrackedContainer(container=view, peer_address="10.0.0.7:8088")]
+    natted = PeerRecord(
+        node_id=peer.node_id, public_key=peer.public_key, name="p", version=1,
+        addresses=("10.0.0.7",), api_port=8088, behind_nat=True,
+    )  # fmt: skip
+    public = dataclasses.replace(natted, behind_nat=False)
+    # A NAT'd peer's container: its SSH on the relay, as the view says; an extra port too.
+    assert fallback_address(tracked, natted, peer.node_id, 40022) == ("203.0.113.9", 40022)
+    assert fallback_address(tracked, natted, peer.node_id, 32800) == ("203.0.113.9", 40080)
+    # Nothing known of another port of a NAT'd peer; another peer's containers do not count.
+    assert fallback_address(tracked, natted, peer.node_id, 9999) is None
+    assert fallback_address(tracked, None, "f" * 32, 40022) is None
+    # A public peer: its own address for a port no tracked container names.
+    assert fallback_address(tracked, public, peer.node_id, 9999) == ("10.0.0.7", 9999)
+    assert fallback_address([], public, peer.node_id, 40022) == ("10.0.0.7", 40022)
