@@ -13,6 +13,14 @@ the time until the last count came back. Rounds interleave the two; medians are 
 and the ratio direct/plain TLS (goal: at least 0.8). ``--host`` names the server's host
 (another machine or namespace: run ``--role server --listen ADDRESS`` there and pass
 ``--ports`` from its first line).
+
+``--bed RATES`` (root): the same between two hosts of the namespace test bed
+(``/work/shared/testbed/netns-nat.sh``, ``TB_PREFIX`` ``--prefix``: two public hosts on
+its internet segment), the receiver in the second, the sender in the first, both hosts'
+links shaped by ``tc ... tbf`` to each rate in Mbit/s (0: unshaped), so the link, not the
+CPU, is the bound, as between two machines. The bed and both processes are removed at the
+end, always. Loopback results go to ``direct.json``, test bed ones to ``direct_link.json``;
+``direct.md`` shows both.
 """
 
 from __future__ import annotations
@@ -246,9 +254,27 @@ async def _measure(
     return rows
 
 
-def _markdown(result: dict[str, Any]) -> str:
+_HEADER = (
+    "| streams | plain TLS | TLS tunnel | direct path | direct / plain "
+    "| direct / tunnel | CPU s/GiB plain, tunnel, direct | by CPU: / plain, / tunnel |"
+)
+
+
+def _row(first: str, streams: str, row: dict[str, Any]) -> str:
+    return (
+        f"| {first}{streams} | {row['plain_tls_gbit']:.2f} Gbit/s | {row['tls_tunnel_gbit']:.2f}"
+        f" Gbit/s | {row['direct_gbit']:.2f} Gbit/s | {row['ratio']:.2f} "
+        f"| {row['ratio_tunnel']:.2f} | {row['plain_cpu_s_per_gib']:.2f}, "
+        f"{row['tunnel_cpu_s_per_gib']:.2f}, {row['direct_cpu_s_per_gib']:.2f} "
+        f"| {row['cpu_ratio']:.2f}, {row['cpu_ratio_tunnel']:.2f} |"
+    )
+
+
+def _section(result: dict[str, Any]) -> list[str]:
+    link = "links" in result
     lines = [
-        f"# Direct path against plain TLS ({result['where']})",
+        f"## {'Between two hosts, link-bound' if link else 'CPU-bound, one machine'}"
+        f" ({result['where']})",
         "",
         f"`python bench/direct.py{result['args']}`: {result['seconds']} s a round, "
         f"{result['runs']} rounds interleaved, medians; sender and receiver in separate "
@@ -256,77 +282,191 @@ def _markdown(result: dict[str, Any]) -> str:
         f"before, {result['load_after']} after (other work on the machine slows both modes, "
         "not always alike).",
         "",
+    ]
+    if not link:
+        lines += [_HEADER, "|---|---|---|---|---|---|---|---|"]
+        lines += [_row("", streams, row) for streams, row in result["rows"].items()]
+        return lines
+    lines += [
+        "Sender in one network namespace, receiver in another, a veth pair and a bridge",
+        "between them; both ends' egress shaped by `tc qdisc ... tbf` to the link rate",
+        "(unshaped: the veth, bound by the CPU again, as on loopback). Below the CPU's",
+        "bound the CPU s/GiB are higher than on loopback: the processes wake for smaller",
+        "reads more often while the link is the limit; the ratios by CPU say what the",
+        "direct path would reach if the CPU were the limit instead.",
+        "",
+        "| link, " + _HEADER[2:],
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in result["links"].items():
+        label = "unshaped" if name == "0" else f"{name} Mbit/s"
+        lines += [_row(f"{label}, ", streams, row) for streams, row in rows.items()]
+    return lines
+
+
+def _markdown() -> str:
+    """``direct.md`` from the loopback and the test bed results there are."""
+    lines = [
+        "# Direct path against plain TLS",
+        "",
         "Plain TLS: straight to the receiving process. TLS tunnel: the same hops as a",
         "direct stream (a socket pair on the sending side, a TCP hop to the sink on the",
         "other), one TLS connection per stream, no framing. CPU s/GiB: user + system",
         "seconds of both processes per GiB moved (what bounds the rate on an idle machine;",
         "the rate itself is noisy on a busy one); the CPU ratios are the share of the other",
         "mode's rate the direct path reaches when CPU is the limit.",
-        "",
-        "| streams | plain TLS | TLS tunnel | direct path | direct / plain "
-        "| direct / tunnel | CPU s/GiB plain, tunnel, direct | by CPU: / plain, / tunnel |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for streams, row in result["rows"].items():
-        lines.append(
-            f"| {streams} | {row['plain_tls_gbit']:.2f} Gbit/s | {row['tls_tunnel_gbit']:.2f}"
-            f" Gbit/s | {row['direct_gbit']:.2f} Gbit/s | {row['ratio']:.2f} "
-            f"| {row['ratio_tunnel']:.2f} | {row['plain_cpu_s_per_gib']:.2f}, "
-            f"{row['tunnel_cpu_s_per_gib']:.2f}, {row['direct_cpu_s_per_gib']:.2f} "
-            f"| {row['cpu_ratio']:.2f}, {row['cpu_ratio_tunnel']:.2f} |"
-        )
+    for name in ("direct", "direct_link"):
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            lines += ["", *_section(json.loads(path.read_text()))]
     return "\n".join(lines) + "\n"
+
+
+_BED = Path(os.environ.get("TB_SCRIPT", "/work/shared/testbed/netns-nat.sh"))
+_SENDER, _RECEIVER = "198.51.100.11", "198.51.100.12"
+
+
+def _in(prefix: str, host: str, *command: str) -> list[str]:
+    return ["ip", "netns", "exec", f"{prefix}-{host}", *command]
+
+
+def _shape(prefix: str, mbit: int) -> None:
+    """Both hosts' egress at ``mbit`` Mbit/s (a token bucket), or unshaped for 0."""
+    for host in ("pub1", "pub2"):
+        subprocess.run(
+            _in(prefix, host, "tc", "qdisc", "del", "dev", "eth0", "root"),
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        if mbit:
+            # A burst of 4 ms at the rate (at least 128 KiB: a GSO packet is up to 64 KiB),
+            # a queue of 20 ms.
+            burst = max(128 * 1024, mbit * 1_000_000 // 8 // 250)
+            shape = ["tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "20ms"]
+            command = ["tc", "qdisc", "add", "dev", "eth0", "root", *shape]
+            subprocess.run(_in(prefix, host, *command), check=True)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _bed(args: argparse.Namespace) -> dict[str, Any]:
+    """Each link rate between two test bed hosts: the rows of one sender run each."""
+    env = {**os.environ, "TB_PREFIX": args.prefix, "TB_PUBLIC": "2", "TB_SITES": "0"}
+    links: dict[str, Any] = {}
+    budget = len(args.streams.split(",")) * 3 * args.runs * (args.seconds + 5) + 60
+    try:
+        subprocess.run([str(_BED), "up"], env=env, check=True, stdout=subprocess.DEVNULL)
+        for mbit in (int(rate) for rate in args.bed.split(",")):
+            _shape(args.prefix, mbit)
+            receive = [sys.executable, __file__, "--role", "server", "--listen", _RECEIVER]
+            server = subprocess.Popen(
+                _in(args.prefix, "pub2", *receive),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert server.stdout is not None
+                ports = server.stdout.readline()
+                if not ports:
+                    raise RuntimeError("the receiver did not start")
+                send = [sys.executable, __file__, "--role", "sender", "--host", _RECEIVER]
+                send += ["--ports", ports.strip(), "--server-pid", str(server.pid)]
+                send += ["--streams", args.streams, "--seconds", str(args.seconds)]
+                sender = subprocess.run(
+                    _in(args.prefix, "pub1", *send, "--runs", str(args.runs)),
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    timeout=budget,
+                    check=True,
+                )
+            finally:
+                _stop(server)
+            *progress, last = sender.stdout.strip().splitlines()
+            print(f"link {mbit or 'unshaped'} Mbit/s:", *progress, sep="\n  ", flush=True)
+            links[str(mbit)] = json.loads(last)
+    finally:
+        subprocess.run([str(_BED), "down"], env=env, check=False, stdout=subprocess.DEVNULL)
+    return links
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=["server"])
+    parser.add_argument("--role", choices=["server", "sender"])
     parser.add_argument("--listen", default="127.0.0.1")
     parser.add_argument("--host", default="", help="the server's address; empty: start one")
     parser.add_argument("--ports", default="", help="with --host: the server's first line")
+    parser.add_argument("--server-pid", type=int, default=0, help="sender: count its CPU too")
     parser.add_argument("--streams", default="1,4")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--where", default="loopback")
-    parser.add_argument("--out", default="direct", help="result name in bench/results")
+    parser.add_argument("--bed", default="", help="link rates in Mbit/s (0: unshaped), root")
+    parser.add_argument("--prefix", default="tq", help="the test bed's TB_PREFIX")
+    parser.add_argument("--where", default="")
+    parser.add_argument("--out", default="", help="result name in bench/results")
     args = parser.parse_args()
     import uvloop
 
+    counts = [int(n) for n in args.streams.split(",")]
     if args.role == "server":
         uvloop.run(_role_server(args.listen))
         return
-    load_before = os.getloadavg()[0]
-    server = None
-    if args.host:
-        host, ports = args.host, json.loads(args.ports)
-    else:
-        server = subprocess.Popen(
-            [sys.executable, __file__, "--role", "server"], stdout=subprocess.PIPE, text=True
+    if args.role == "sender":  # a test bed host's sender: its rows as the last line
+        processes = [psutil.Process()] + (
+            [psutil.Process(args.server_pid)] if args.server_pid else []
         )
-        assert server.stdout is not None
-        host, ports = "127.0.0.1", json.loads(server.stdout.readline())
-    try:
-        counts = [int(n) for n in args.streams.split(",")]
-        processes = [psutil.Process()] + ([psutil.Process(server.pid)] if server else [])
-        rows = uvloop.run(_measure(host, ports, counts, args.seconds, args.runs, processes))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
-    extra = "" if args.where == "loopback" else f" --where {args.where!r}"
+        ports = json.loads(args.ports)
+        rows = uvloop.run(_measure(args.host, ports, counts, args.seconds, args.runs, processes))
+        print(json.dumps(rows), flush=True)
+        return
+    load_before = os.getloadavg()[0]
+    result: dict[str, Any] = {}
+    if args.bed:
+        where = args.where or "two network namespaces, tc tbf"
+        result["links"] = _bed(args)
+    else:
+        where = args.where or "loopback"
+        server = None
+        if args.host:
+            host, ports = args.host, json.loads(args.ports)
+        else:
+            command = [sys.executable, __file__, "--role", "server"]
+            server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+            assert server.stdout is not None
+            host, ports = "127.0.0.1", json.loads(server.stdout.readline())
+        try:
+            processes = [psutil.Process()] + ([psutil.Process(server.pid)] if server else [])
+            result["rows"] = uvloop.run(
+                _measure(host, ports, counts, args.seconds, args.runs, processes)
+            )
+        finally:
+            if server is not None:
+                _stop(server)
+    bed = f" --bed {args.bed}" if args.bed else ""
+    extra = f" --where {args.where!r}" if args.where else ""
     result = {
-        "where": args.where,
-        "args": f" --streams {args.streams} --seconds {args.seconds:g} --runs {args.runs}{extra}",
+        "where": where,
+        "args": f"{bed} --streams {args.streams} --seconds {args.seconds:g} --runs {args.runs}"
+        + extra,
         "seconds": args.seconds,
         "runs": args.runs,
         "cpus": os.cpu_count(),
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
-        "rows": rows,
+        **result,
     }
-    write_result(args.out, result)
-    (RESULTS / f"{args.out}.md").write_text(_markdown(result))
-    print(_markdown(result))
+    write_result(args.out or ("direct_link" if args.bed else "direct"), result)
+    markdown = _markdown()
+    (RESULTS / "direct.md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":
