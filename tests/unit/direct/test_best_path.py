@@ -300,3 +300,34 @@ def test_the_forward_without_a_path_goes_to_the_views_ssh_address() -> None:
     # A public peer: its own address for a port no tracked container names.
     assert fallback_address(tracked, public, peer.node_id, 9999) == ("10.0.0.7", 9999)
     assert fallback_address([], public, peer.node_id, 40022) == ("10.0.0.7", 40022)
+
+
+async def test_the_proxy_ends_when_the_far_end_closes_while_ssh_still_writes(
+    tmp_path: Path,
+) -> None:
+    # The far end (a path that died, an sshd that quit) closes; ssh's side of the pipe is
+    # still open: the proxy closes stdout and exits, so ssh sees its connection end.
+    async def hello_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-gone\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(hello_and_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    command = [sys.executable, "-m", "p2prc.direct.ssh", "--home", str(tmp_path)]
+    process = await asyncio.create_subprocess_exec(
+        *command, "e" * 32, str(port), "127.0.0.1",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        got = await asyncio.wait_for(process.stdout.read(), 20)  # to the end: stdout closed
+        assert got == b"SSH-2.0-gone\r\n"
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        server.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        assert process.stdin is not None
+        process.stdin.close()
