@@ -323,11 +323,11 @@ async def test_the_proxy_ends_when_the_far_end_closes_while_ssh_still_writes(
         assert process.stdout is not None
         got = await asyncio.wait_for(process.stdout.read(), 20)  # to the end: stdout closed
         assert got == b"SSH-2.0-gone\r\n"
+        assert process.stdin is not None
+        process.stdin.close()  # as ssh does when its connection ended: then the proxy exits
         assert await asyncio.wait_for(process.wait(), 20) == 0
     finally:
         server.close()
         if process.returncode is None:
             process.kill()
             await process.wait()
-        assert process.stdin is not None
-        process.stdin.close()
