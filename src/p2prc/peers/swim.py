@@ -465,9 +465,16 @@ class Swim:
         for member in list(self.table.members.values()):
             if member.state is not MemberState.SUSPECT:
                 continue
-            if now - member.state_since >= self._suspicion_timeout(member.confirmations):
+            if now - member.state_since >= self._suspicion_timeout(self._confirmations(member)):
                 claim = Claim("dead", member.record.node_id, member.state_version, "")
                 self.apply_claim(claim.signed(self._identity), now)
+
+    def _confirmations(self, member: Member) -> int:
+        """Independent suspicions beyond the first (Lifeguard), counting only ours and those
+        of members that proved their address: any key can sign a suspicion, so keys a
+        stranger made up shorten nothing."""
+        me = self.table.me.node_id
+        return max(0, sum(1 for by in member.suspecters if by == me or self.proven(by)) - 1)
 
     def _suspicion_timeout(self, confirmations: int) -> float:
         """Lifeguard: start at max, shrink toward min as independent suspicions arrive."""

@@ -199,3 +199,25 @@ def test_a_newer_record_counts_as_heard_and_a_stored_one_does_not() -> None:
     assert table.members[bob.node_id].heard == 7.5
     table.apply_record(make_record(carol, 2), now=3.0, introducer=bob.node_id)
     assert table.members[carol.node_id].heard == 3.0
+
+
+def test_suspicions_signed_by_made_up_keys_do_not_shorten_the_timeout() -> None:
+    """Lifeguard's confirmations count only us and members that proved their address."""
+    network = SimNetwork(6)
+    network.run(2)
+    node, victim = network.nodes[0], network.identities[2].node_id
+    member = node.table.members[victim]
+    version = member.record.version
+    ours = Claim("suspect", victim, version, "").signed(network.identities[0])
+    node.apply_claim(ours, network.now)
+    assert member.state is MemberState.SUSPECT
+    alone = node._confirmations(member)
+    for _ in range(5):  # a stranger's keys: each a valid signature, none a member
+        node.apply_claim(Claim("suspect", victim, version, "").signed(Identity.generate()), 0)
+    assert len(member.suspecters) == 6
+    assert node._confirmations(member) == alone == 0
+    for index in (1, 3):  # two members that proved their address agree
+        claim = Claim("suspect", victim, version, "").signed(network.identities[index])
+        node.apply_claim(claim, network.now)
+    assert node._confirmations(member) == 2
+    assert node._suspicion_timeout(2) < node._suspicion_timeout(0)
