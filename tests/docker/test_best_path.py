@@ -97,6 +97,14 @@ def _owner_while(
     return owners, subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
+async def _banner(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
 async def _sync(home: Path) -> None:
     async with AsyncClient(home=home) as client:
         await client.sync_peers()
@@ -136,6 +144,24 @@ def test_container_ssh_and_cp_take_the_direct_path_and_fall_back_when_it_dies(
     assert owners == {a.process.pid}, (owners, a.process.pid)
     inside = p2prc(b.home, "container", "ssh", cid, "--", "sha256sum", "big.bin").stdout
     assert inside.split()[0] == hashlib.sha256(big.read_bytes()).hexdigest()
+
+    # forward CONTAINER (asyncssh's -L through the ProxyCommand): the same way.
+    forwarding = subprocess.Popen(
+        [sys.executable, "-m", "p2prc", "--json", "forward", cid, "0:22"],
+        env={**os.environ, "P2PRC_HOME": str(b.home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert forwarding.stdout is not None
+        shown = json.loads(forwarding.stdout.readline())
+        banner = asyncio.run(_banner(int(shown["local_port"])))
+        assert banner.startswith(b"SSH-2.0-")  # the container's own sshd, inside it
+        assert _ssh_owners(port) == {a.process.pid}
+    finally:
+        forwarding.terminate()
+        forwarding.communicate(timeout=20)
 
     # While a session is open, a counts its stream on b's path.
     env = {**os.environ, "P2PRC_HOME": str(b.home)}
