@@ -1,6 +1,7 @@
 """Tunnel control frames: a 4-byte big-endian length, then a msgpack map. Sans-IO.
 
-``encode(message)`` gives the bytes of one frame; ``FrameDecoder.feed(data)`` takes bytes
+``encode(message)`` gives the bytes of one frame (``encode_data``: a ``d`` frame, with one
+copy of its bytes); ``FrameDecoder.feed(data)`` takes bytes
 in any chunking and returns the complete messages. Every message is a map with a string
 ``type``; frames above ``MAX_FRAME`` bytes or that do not decode raise
 ``TunnelProtocolError`` and the decoder refuses further input (the connection is done).
@@ -15,10 +16,13 @@ import msgpack
 
 from ..errors import TunnelProtocolError
 
-__all__ = ["MAX_FRAME", "FrameDecoder", "encode"]
+__all__ = ["MAX_FRAME", "FrameDecoder", "encode", "encode_data"]
 
 MAX_FRAME = 64 * 1024
 _HEADER = struct.Struct(">I")
+# msgpack of {"type": "d", "s": ...} up to the stream id, and the "b" key after it.
+_DATA, _B = b"\x83\xa4type\xa1d\xa1s", b"\xa1b"
+_BIN8, _BIN16 = struct.Struct(">BB"), struct.Struct(">BH")
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -29,6 +33,19 @@ def encode(message: dict[str, Any]) -> bytes:
     if len(body) > MAX_FRAME:
         raise ValueError(f"frame of {len(body)} bytes is over {MAX_FRAME}")
     return _HEADER.pack(len(body)) + body
+
+
+def encode_data(sid: int, data: bytes | memoryview) -> bytes:
+    """The frame of ``{"type": "d", "s": sid, "b": data}``, byte for byte what ``encode``
+    gives, but ``data`` copied once (not into msgpack's buffer, its bytes, then the frame)."""
+    size = len(data)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is over {MAX_FRAME}")
+    head = _BIN8.pack(0xC4, size) if size < 256 else _BIN16.pack(0xC5, size)
+    head = _DATA + msgpack.packb(sid) + _B + head
+    if len(head) + size > MAX_FRAME:
+        raise ValueError(f"frame of {len(head) + size} bytes is over {MAX_FRAME}")
+    return b"".join((_HEADER.pack(len(head) + size), head, data))
 
 
 class FrameDecoder:

@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from .frames import FrameDecoder, encode
+from .frames import FrameDecoder, encode, encode_data
 from .protocol import Message, parse
 
 __all__ = [
@@ -41,6 +41,15 @@ class FramedStream:
         frame = encode(message) if isinstance(message, dict) else message.encode()
         async with self._lock:
             self.writer.write(frame)
+            await self.writer.drain()
+
+    async def send_data(self, sid: int, data: bytes) -> None:
+        """Stream ``sid``'s ``data`` as ``d`` frames of at most ``CHUNK`` bytes, written
+        together with one wait for the peer: one drain a read, not one a frame."""
+        async with self._lock:
+            with memoryview(data) as view:
+                for start in range(0, len(data), CHUNK):
+                    self.writer.write(encode_data(sid, view[start : start + CHUNK]))
             await self.writer.drain()
 
     def try_send(self, message: Message | dict[str, Any], limit: int = 1 << 20) -> bool:
