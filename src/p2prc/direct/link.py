@@ -311,7 +311,10 @@ class DirectLink:
             self.reason = reason
         self.mux.abort_all()
         self.closed.set()
-        if not self._close():
+        if self._close():  # the reset is sent when the loop runs the transport's close
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._wire.writer.wait_closed(), 1.0)
+        else:
             await close_quietly(self._wire.writer)
         await self._tasks.cancel_all()
 
