@@ -16,9 +16,7 @@ is pinned in the home's ``known_hosts`` under ``p2prc-attached-<name>`` with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -29,7 +27,7 @@ from ..config import Home, split_address
 from ..containers import hostkeys
 from ..errors import AttachFailed, AttachRefused, P2PRCError, TunnelProtocolError
 from ..identity import Identity
-from ..tunnel.streams import CHUNK, close_quietly, pipe
+from ..tunnel.streams import CHUNK, close_quietly, stdio_pipe
 from ..tunnel.tls import pinned_context
 from . import handshake
 
@@ -43,7 +41,6 @@ __all__ = [
     "proxy_command",
     "ssh_config_block",
     "ssh_options",
-    "stdio_pipe",
 ]
 
 # Seconds one gateway has for connect, TLS and handshake before the next one is tried.
@@ -237,28 +234,6 @@ def ssh_config_block(home: Path, host: HostView[GatewayView]) -> str:
 
 
 # -- the ProxyCommand's pipe ------------------------------------------------------------------
-
-
-async def stdio_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Splice this process's stdin and stdout with a route until both ends are done."""
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader(limit=CHUNK)
-    stdin_fd = os.dup(sys.stdin.fileno())
-    stdout_fd = os.dup(sys.stdout.fileno())
-    in_transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(stdin), os.fdopen(stdin_fd, "rb", buffering=0)
-    )
-    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
-    out_transport, _ = await loop.connect_write_pipe(
-        lambda: protocol, os.fdopen(stdout_fd, "wb", buffering=0)
-    )
-    stdout = asyncio.StreamWriter(out_transport, protocol, None, loop)
-    try:
-        await pipe(stdin, stdout, reader, writer)
-    finally:
-        in_transport.close()
-        with contextlib.suppress(OSError):
-            out_transport.close()
 
 
 async def run_proxy(home: Home, name: str, port: int | None = None) -> None:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import shlex
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -167,10 +166,12 @@ async def run_proxy(home: Home, peer: str, port: int, host: str) -> str:
     """Pipe this process's stdin and stdout to ``port`` of ``peer``'s container: over the
     node's direct path when it has one, else to ``host:port``. Which way went: the answer
     (``direct`` or ``address``)."""
+    from ..tunnel.streams import stdio_pipe
+
     async with _over_node(home, peer, port) as stream:
         if stream is not None:
             reader, writer, first = stream  # the banner, read to know the stream took
-            await _stdio_pipe(reader, writer, first)
+            await stdio_pipe(reader, writer, first)
             return "direct"
     try:
         reader, writer = await asyncio.wait_for(
@@ -179,42 +180,8 @@ async def run_proxy(home: Home, peer: str, port: int, host: str) -> str:
     except (OSError, TimeoutError) as exc:
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise PeerUnreachable(f"cannot connect to {host} port {port}: {why}") from None
-    await _stdio_pipe(reader, writer)
+    await stdio_pipe(reader, writer)
     return "address"
-
-
-async def _stdio_pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes = b""
-) -> None:
-    """Splice stdin and stdout with a stream (``first`` written out before the rest) until
-    both directions end. This process keeps no other copy of the two descriptors (0 and 1
-    become /dev/null): when the far end closes, closing the stdout pipe is the end of
-    ssh's connection, and ssh quits instead of waiting on a stream that is gone."""
-    from ..tunnel.streams import pipe
-
-    loop = asyncio.get_running_loop()
-    stdin_fd, stdout_fd = os.dup(0), os.dup(1)
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.close(null)
-    stdin = asyncio.StreamReader(limit=CHUNK)
-    in_transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(stdin), os.fdopen(stdin_fd, "rb", buffering=0)
-    )
-    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
-    out_transport, _ = await loop.connect_write_pipe(
-        lambda: protocol, os.fdopen(stdout_fd, "wb", buffering=0)
-    )
-    stdout = asyncio.StreamWriter(out_transport, protocol, None, loop)
-    try:
-        if first:
-            stdout.write(first)
-        await pipe(stdin, stdout, reader, writer)
-    finally:
-        in_transport.close()
-        with contextlib.suppress(OSError):
-            out_transport.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections import deque
 from typing import Any
 
@@ -16,6 +18,7 @@ __all__ = [
     "close_quietly",
     "connects",
     "pipe",
+    "stdio_pipe",
 ]
 
 # Bytes per data frame: well under MAX_FRAME with the msgpack overhead.
@@ -111,6 +114,40 @@ async def pipe(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await close_quietly(writer, far_writer)
+
+
+async def stdio_pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes = b""
+) -> None:
+    """A ProxyCommand's splice: this process's stdin and stdout with a stream (``first``
+    written to stdout before the rest) until both directions end.
+
+    The process keeps no other copy of the two descriptors (0 and 1 become /dev/null):
+    when the far end closes, closing the stdout pipe ends ssh's connection, and ssh quits
+    instead of waiting on a stream that is gone."""
+    loop = asyncio.get_running_loop()
+    stdin_fd, stdout_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    stdin = asyncio.StreamReader(limit=CHUNK)
+    in_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(stdin), os.fdopen(stdin_fd, "rb", buffering=0)
+    )
+    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
+    out_transport, _ = await loop.connect_write_pipe(
+        lambda: protocol, os.fdopen(stdout_fd, "wb", buffering=0)
+    )
+    stdout = asyncio.StreamWriter(out_transport, protocol, None, loop)
+    try:
+        if first:
+            stdout.write(first)
+        await pipe(stdin, stdout, reader, writer)
+    finally:
+        in_transport.close()
+        with contextlib.suppress(OSError):
+            out_transport.close()
 
 
 async def close_quietly(*writers: asyncio.StreamWriter) -> None:
