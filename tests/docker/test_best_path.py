@@ -20,23 +20,17 @@ from typing import Any
 
 import pytest
 
-from p2prc import AsyncClient, Home, NodeConfig, TrustConfig, init_home
-from p2prc.config import DirectConfig, GossipConfig
+from p2prc import AsyncClient
 from tests.integration.conftest import NodeProcess, close, p2prc, start_node
-from tests.integration.test_direct import _direct_port, _kill_connections, _wait_member, _wait_path
+from tests.integration.test_direct import (
+    _direct_port,
+    _home,
+    _kill_connections,
+    _wait_member,
+    _wait_path,
+)
 
 pytestmark = pytest.mark.docker
-
-
-def _home(path: Path, name: str, **config: Any) -> Path:
-    defaults: dict[str, Any] = {
-        "trust": TrustConfig(mode="open"),
-        "behind_nat": False,
-        "gossip": GossipConfig(advertise=["127.0.0.1"], lan_discovery=False),
-        "direct": DirectConfig(retry=2.0),
-    }
-    init_home(Home(path / name), NodeConfig(name=name, **{**defaults, **config}))
-    return path / name
 
 
 @pytest.fixture

@@ -7,12 +7,11 @@ server, no Docker); ``p2prc ssh --proxy NAME`` does the same through the CLI.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
 from ..config import resolve_home
-from ..errors import P2PRCError
+from ..tunnel.streams import proxy_main
 from .proxy import run_proxy
 
 
@@ -24,15 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.port is not None and not 1 <= args.port <= 65535:
         parser.error("--port must be 1-65535")
-    home = resolve_home(args.home)
-    try:
-        asyncio.run(run_proxy(home, args.name, args.port))
-    except P2PRCError as exc:
-        sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return proxy_main(run_proxy(resolve_home(args.home), args.name, args.port))
 
 
 if __name__ == "__main__":

@@ -196,14 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error("port must be 1-65535")
-    try:
-        asyncio.run(run_proxy(resolve_home(args.home), args.peer, args.port, args.host))
-    except P2PRCError as exc:
-        sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    from ..tunnel.streams import proxy_main
+
+    return proxy_main(run_proxy(resolve_home(args.home), args.peer, args.port, args.host))
 
 
 if __name__ == "__main__":

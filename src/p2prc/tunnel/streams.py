@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
+from ..errors import P2PRCError
 from .frames import FrameDecoder, encode, encode_data
 from .protocol import Message, parse
 
@@ -18,6 +21,7 @@ __all__ = [
     "close_quietly",
     "connects",
     "pipe",
+    "proxy_main",
     "stdio_pipe",
 ]
 
@@ -148,6 +152,19 @@ async def stdio_pipe(
         in_transport.close()
         with contextlib.suppress(OSError):
             out_transport.close()
+
+
+def proxy_main(work: Coroutine[Any, Any, object]) -> int:
+    """Run a ProxyCommand's ``work``: its exit status, and a ``P2PRCError`` as one line on
+    stderr (ssh shows it), never a traceback."""
+    try:
+        asyncio.run(work)
+    except P2PRCError as exc:
+        sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 async def close_quietly(*writers: asyncio.StreamWriter) -> None:
