@@ -131,6 +131,8 @@ class Wire:
         self.out = FramedStream(reader, writer, FrameDecoder())
         self._decoder = FrameDecoder()
         self._queue: list[dict[str, object]] = []  # newest first: popped from the end
+        # Seconds of the handshake's one round trip (the path's RTT until pings measure it).
+        self.rtt: float | None = None
 
     async def receive_map(self) -> dict[str, object]:
         """The next decoded frame; ``IncompleteReadError`` at the end, ``TunnelProtocolError``
@@ -233,8 +235,11 @@ async def _prove(wire: Wire, identity: Identity, server_id: str) -> None:
     if not isinstance(challenge, Challenge) or challenge.relay != server_id:
         raise TunnelProtocolError("the far end sent no challenge of its own")
     signature = identity.sign(challenge_message(challenge.nonce, server_id))
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
     await wire.out.send(Hello(identity.public_key, signature))
     answer = await wire.receive()
+    wire.rtt = loop.time() - sent
     if isinstance(answer, Error):
         raise TunnelProtocolError(f"node {server_id} refused the direct path: {answer.message}")
     if not isinstance(answer, Welcome) or answer.node_id != identity.node_id:
@@ -244,8 +249,11 @@ async def _prove(wire: Wire, identity: Identity, server_id: str) -> None:
 async def _check(wire: Wire, identity: Identity, expected: str | None) -> str:
     """Server: challenge the client; its node id once its signature checks out."""
     nonce = secrets.token_hex(16)
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
     await wire.out.send(Challenge(nonce, identity.node_id))
     hello = await wire.receive()
+    wire.rtt = loop.time() - sent
     if not isinstance(hello, Hello):
         raise TunnelProtocolError("expected hello")
     verify_signature(hello.key, hello.signature, challenge_message(nonce, identity.node_id))
@@ -294,6 +302,8 @@ class DirectLink:
     @property
     def rtt_ms(self) -> float | None:
         rtt = self.mux.round_trip.rtt
+        if rtt is None:  # no ping answered yet: the handshake's round trip
+            rtt = self._wire.rtt
         return None if rtt is None else rtt * 1000
 
     @property

@@ -114,6 +114,16 @@ async def _links(
         await right.aclose()
 
 
+async def test_a_new_path_knows_its_round_trip_from_the_handshake(tmp_path: Path) -> None:
+    async with _links(tmp_path, _to(1), _to(1), start_right=False) as (left, right, _, _):
+        # No ping answered (the server side reads nothing): each knows the handshake's.
+        assert left.mux.round_trip.rtt is None
+        assert right.mux.round_trip.rtt is None
+        for link in (left, right):
+            assert link.rtt_ms is not None
+            assert 0 < link.rtt_ms < 10_000
+
+
 async def test_handshake_proves_both_nodes(tmp_path: Path) -> None:
     a, b = Identity.generate(), Identity.generate()
     tmp_path.joinpath("server").mkdir()
