@@ -20,7 +20,7 @@ import pytest
 
 from p2prc.api.direct import fallback_address
 from p2prc.cli._containers import ssh_argv
-from p2prc.config import DirectConfig, Home
+from p2prc.config import Home
 from p2prc.containers.sftp import login
 from p2prc.direct.paths import Paths, container_port
 from p2prc.direct.ssh import node_route, proxy_argv
@@ -28,10 +28,10 @@ from p2prc.errors import PeerUnreachable
 from p2prc.identity import Identity
 from p2prc.models import ContainerView, TrackedContainer
 from p2prc.peers.records import PeerRecord
-from p2prc.peers.table import Member
 from p2prc.tunnel.streams import pipe
 from tests.unit.cluster.test_hub import _Container, _container, identity, key
-from tests.unit.direct.test_paths import _Side, _wait
+from tests.unit.direct.test_link import _echo_server
+from tests.unit.direct.test_paths import _Side, _started, _wait
 
 __all__ = ["identity", "key"]  # the hub tests' fixtures, used here
 
@@ -159,23 +159,8 @@ async def test_node_route_logs_in_over_a_direct_path_and_falls_back_when_it_dies
             local = container_port(mine, {host_port: ("127.0.0.1", relay)}.get, port)
             return None if target != "port" or local is None else ("127.0.0.1", local)
 
-        config = DirectConfig(retry=1.0, heartbeat=0.2, stale=0.8)
         async with contextlib.AsyncExitStack() as stack:
-            for side, targets in ((a, lambda *_: None), (b, b_targets)):
-                side.paths = await stack.enter_async_context(
-                    Paths(
-                        side.identity,
-                        config,
-                        side.dir,
-                        host="127.0.0.1",
-                        table=lambda side=side: side.table,  # type: ignore[misc]
-                        allowed=lambda node_id, side=side: node_id in side.allowed,  # type: ignore[misc]
-                        targets=targets,
-                    )
-                )
-            for one, other in ((a, b), (b, a)):
-                one.table.members[other.identity.node_id] = Member(other.record())
-                one.allowed.add(other.identity.node_id)
+            await _started(stack, [(a, lambda *_: None), (b, b_targets)])
             a_paths, b_paths = a.paths, b.paths
             assert a_paths is not None
             assert b_paths is not None
@@ -245,14 +230,7 @@ def _proxy(home: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedPr
 
 
 async def test_the_proxy_goes_by_address_without_a_node(tmp_path: Path) -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await _echo_server()
     try:
         done = await asyncio.to_thread(
             _proxy, tmp_path, "e" * 32, str(port), "127.0.0.1", stdin=b"over stdio\n" * 1000

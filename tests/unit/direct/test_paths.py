@@ -21,6 +21,7 @@ from p2prc.errors import AddressInUse
 from p2prc.identity import Identity
 from p2prc.peers.records import PeerRecord
 from p2prc.peers.table import Member, MemberState
+from tests.unit.direct.test_link import _echo_server
 
 
 class _Table:
@@ -73,6 +74,29 @@ def _echo_targets(port: int) -> Targets:
     return targets
 
 
+async def _started(stack: contextlib.AsyncExitStack, sides: list[tuple[_Side, Targets]]) -> None:
+    """Each side's ``Paths`` running (closed with ``stack``), every side a member of the
+    others' tables and allowed by them."""
+    config = DirectConfig(retry=1.0, heartbeat=0.2, stale=0.8)
+    for side, targets in sides:
+        side.paths = await stack.enter_async_context(
+            Paths(
+                side.identity,
+                config,
+                side.dir,
+                host="127.0.0.1",
+                table=lambda side=side: side.table,  # type: ignore[misc]
+                allowed=lambda node_id, side=side: node_id in side.allowed,  # type: ignore[misc]
+                targets=targets,
+            )
+        )
+    for one, _ in sides:
+        for other, _ in sides:
+            if other is not one:
+                one.table.members[other.identity.node_id] = Member(other.record())
+                one.allowed.add(other.identity.node_id)
+
+
 @contextlib.asynccontextmanager
 async def _pair(
     tmp_path: Path,
@@ -80,32 +104,10 @@ async def _pair(
     a_fields: dict[str, Any] | None = None,
     b_fields: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[_Side, _Side, int]]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    echo_port = server.sockets[0].getsockname()[1]
+    server, echo_port = await _echo_server()
     a, b = _Side(tmp_path, "a", **(a_fields or {})), _Side(tmp_path, "b", **(b_fields or {}))
-    config = DirectConfig(retry=1.0, heartbeat=0.2, stale=0.8)
     async with contextlib.AsyncExitStack() as stack:
-        for side in (a, b):
-            side.paths = await stack.enter_async_context(
-                Paths(
-                    side.identity,
-                    config,
-                    side.dir,
-                    host="127.0.0.1",
-                    table=lambda side=side: side.table,  # type: ignore[misc]
-                    allowed=lambda node_id, side=side: node_id in side.allowed,  # type: ignore[misc]
-                    targets=_echo_targets(echo_port),
-                )
-            )
-        for one, other in ((a, b), (b, a)):
-            one.table.members[other.identity.node_id] = Member(other.record())
-            one.allowed.add(other.identity.node_id)
+        await _started(stack, [(a, _echo_targets(echo_port)), (b, _echo_targets(echo_port))])
         yield a, b, echo_port
     server.close()
 
