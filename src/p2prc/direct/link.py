@@ -368,11 +368,10 @@ class DirectLink:
             raise TunnelProtocolError(f"the direct path to {self.peer_id} broke") from None
         await self.mux.pump(stream, reader, writer)
 
-    async def open_stream(
-        self, target: str, port: int = 0
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A local connection whose far end is ``target`` on the peer (a socket pair, one
-        end pumped over the path by a task of this link)."""
+    async def open_socket(self, target: str, port: int = 0) -> socket.socket:
+        """A local socket whose far end is ``target`` on the peer (a socket pair, the other
+        end pumped over the path by a task of this link); what asyncssh's ``sock=`` takes.
+        A stream the peer refuses ends the socket (end of file) at once."""
         if not self.alive or len(self.mux.streams) >= MAX_STREAMS:
             raise TunnelProtocolError(f"no room for a stream on the direct path to {self.peer_id}")
         mine, theirs = socket.socketpair()
@@ -382,14 +381,19 @@ class DirectLink:
             mine.close()
             theirs.close()
             raise
-        reader, writer = await asyncio.open_connection(sock=mine, limit=2**20)
 
         async def carry() -> None:
             with contextlib.suppress(P2PRCError):
                 await self.pump(target, port, far_reader, far_writer)
 
         self._tasks.spawn(carry(), f"direct-{self.peer_id[:8]}-stream")
-        return reader, writer
+        return mine
+
+    async def open_stream(
+        self, target: str, port: int = 0
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """``open_socket`` as asyncio streams."""
+        return await asyncio.open_connection(sock=await self.open_socket(target, port), limit=2**20)
 
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()

@@ -200,25 +200,14 @@ class Paths(Component):
 
     async def open_socket(self, node_id: str, target: str, port: int = 0) -> socket.socket | None:
         """``open_stream``, the caller's end a plain socket (what asyncssh's ``sock=``
-        takes); ``None`` when there is no direct path now. A stream the peer refuses ends
-        the socket (end of file) at once."""
+        takes); ``None`` when there is no direct path now."""
         link = self.link(node_id)
         if link is None:
             return None
-        mine, theirs = socket.socketpair()
         try:
-            reader, writer = await asyncio.open_connection(sock=theirs, limit=2**20)
-        except OSError:
-            mine.close()
-            theirs.close()
+            return await link.open_socket(target, port)
+        except (TunnelProtocolError, OSError):
             return None
-
-        async def carry() -> None:
-            with contextlib.suppress(P2PRCError):  # a broken path closes the socket
-                await link.pump(target, port, reader, writer)
-
-        self._tasks.spawn(carry(), f"direct-{node_id[:8]}-socket")
-        return mine
 
     def path(self, node_id: str) -> PathInfo:
         """How this node reaches ``node_id`` now."""
