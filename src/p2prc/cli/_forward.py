@@ -48,7 +48,7 @@ def forward_container(
             asyncio.run(_until_stopped(_forward_peer(options, target, pairs, bind)))
         except PeerNotFound as error:  # neither: the command's first meaning answers
             raise ContainerNotFound(
-                f"no container or peer named {target!r}; see 'p2prc ls' (your containers) "
+                f"no container or peer named {target!r}; see 'p2prc container list' "
                 "and 'p2prc peers list'"
             ) from error
     else:
