@@ -36,13 +36,27 @@ class TaskSet:
         return len(self._tasks)
 
     def spawn(
-        self, coroutine: Coroutine[Any, Any, Any], name: str | None = None
+        self,
+        coroutine: Coroutine[Any, Any, Any],
+        name: str | None = None,
+        *,
+        contained: bool = False,
     ) -> asyncio.Task[Any]:
-        """Run ``coroutine`` as a task that is forgotten when it finishes."""
+        """Run ``coroutine`` as a task that is forgotten when it finishes.
+
+        ``contained``: a task that serves one connection of a peer (a relayed or direct
+        stream): a crash of it is logged with its traceback and ends only it, as a server's
+        connection handler's does, instead of going to ``on_crash`` (which stops a node).
+        """
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._reap)
+        task.add_done_callback(self._reap_contained if contained else self._reap)
         return task
+
+    def _reap_contained(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("task %s failed; its connection is closed", task.get_name(), exc_info=exc)
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

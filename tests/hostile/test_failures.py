@@ -152,6 +152,24 @@ async def test_task_set_reaps_crashes_and_reports_them() -> None:
     assert len(crashes) == 1
 
 
+async def test_a_contained_task_s_crash_ends_only_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A task that serves one connection (``contained``): its crash is logged with the
+    traceback and never reaches the crash handler that stops a node."""
+    crashes: list[BaseException] = []
+    tasks = TaskSet(lambda task, exc: crashes.append(exc))
+
+    async def fail() -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    with caplog.at_level(logging.ERROR, logger="p2prc._aio"):
+        tasks.spawn(fail(), "tunnel-stream", contained=True)
+        await asyncio.sleep(0.01)
+    assert crashes == []
+    assert len(tasks) == 0
+    assert "tunnel-stream failed" in caplog.text
+    assert "RuntimeError" in caplog.text  # the traceback, with its type
+
+
 async def test_task_set_default_handler_logs_the_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -332,3 +332,47 @@ async def test_a_silent_relay_is_noticed_by_heartbeats(
     for writer in writers:
         writer.close()
     server.close()
+
+
+async def test_a_local_server_that_resets_mid_transfer_ends_only_its_stream(
+    relay: RelayServer, echo_port: int
+) -> None:
+    """The local server behind the tunnel resets its connections while the relay still
+    delivers bytes to them (as iperf3 does at the end of a test): each such stream ends,
+    the tunnel and its other streams go on, and no task of the client crashes (uvloop
+    raises RuntimeError on a write to a transport already lost, which once crashed the
+    stream's task and so the node)."""
+    import socket
+    import struct
+
+    async def resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    crashes: list[BaseException] = []
+    server = await asyncio.start_server(resetting, "127.0.0.1", 0)
+    client = TunnelClient(
+        CLIENT, "127.0.0.1", relay.port, RELAY.node_id,
+        on_crash=lambda _task, exc: crashes.append(exc),
+    )  # fmt: skip
+    async with client:
+        resets_public = await client.expose(server.sockets[0].getsockname()[1])
+        echo_public = await client.expose(echo_port)
+
+        async def flood() -> None:
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", resets_public)
+                chunk = os.urandom(1 << 20)
+                for _ in range(32):
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.close()
+
+        await asyncio.wait_for(asyncio.gather(*(flood() for _ in range(8))), 60)
+        await asyncio.sleep(0.5)
+        assert not crashes, crashes
+        assert not client.closed.is_set()
+        assert await _round_trip(echo_public, b"still here") == b"still here"
+    server.close()

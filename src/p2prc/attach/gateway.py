@@ -37,7 +37,7 @@ from ..api._server import bind_api
 from ..config import join_address
 from ..errors import P2PRCError, SignatureInvalid, TunnelProtocolError
 from ..identity import Identity
-from ..tunnel.streams import CHUNK, close_quietly, pipe
+from ..tunnel.streams import CHUNK, close_quietly, pipe, write
 from ..tunnel.tls import server_context
 from . import handshake
 
@@ -247,7 +247,7 @@ class AttachGateway(Component):
         nonce = handshake.new_nonce()
         try:
             async with asyncio.timeout(self._handshake_timeout):
-                writer.write(handshake.challenge(nonce))
+                write(writer, handshake.challenge(nonce))
                 await writer.drain()
                 request = handshake.parse_connect(await handshake.read_frame(reader))
         except TunnelProtocolError as exc:
@@ -285,7 +285,7 @@ class AttachGateway(Component):
             await self._refuse(writer, "attach_failed", message)
             return None
         try:
-            writer.write(handshake.ok())
+            write(writer, handshake.ok())
             await writer.drain()
         except OSError:
             self._per_key[request.key] -= 1
@@ -297,7 +297,7 @@ class AttachGateway(Component):
     async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
         """Answer an error frame (best effort) and close."""
         with contextlib.suppress(OSError):
-            writer.write(handshake.error(code, message))
+            write(writer, handshake.error(code, message))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await writer.drain()

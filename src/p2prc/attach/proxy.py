@@ -27,7 +27,7 @@ from ..config import Home, split_address
 from ..containers import hostkeys
 from ..errors import AttachFailed, AttachRefused, P2PRCError, TunnelProtocolError
 from ..identity import Identity
-from ..tunnel.streams import CHUNK, close_quietly, stdio_pipe
+from ..tunnel.streams import CHUNK, close_quietly, stdio_pipe, write
 from ..tunnel.tls import pinned_context
 from . import handshake
 
@@ -165,7 +165,7 @@ async def _route(identity: Identity, node_id: str, endpoint: str, name: str, por
     try:
         nonce = handshake.parse_challenge(await handshake.read_frame(reader))
         signature = identity.sign(handshake.connect_message(nonce, node_id, name, port))
-        writer.write(handshake.connect_frame(identity.public_key, signature, name, port))
+        write(writer, handshake.connect_frame(identity.public_key, signature, name, port))
         await writer.drain()
         answer = handshake.answer_of(await handshake.read_frame(reader))
     except BaseException:

@@ -386,7 +386,7 @@ class DirectLink:
             with contextlib.suppress(P2PRCError):
                 await self.pump(target, port, far_reader, far_writer)
 
-        self._tasks.spawn(carry(), f"direct-{self.peer_id[:8]}-stream")
+        self._tasks.spawn(carry(), f"direct-{self.peer_id[:8]}-stream", contained=True)
         return mine
 
     async def open_stream(
@@ -454,7 +454,8 @@ class DirectLink:
             return
         stream = self.mux.open(sid)
         self.used = asyncio.get_running_loop().time()
-        self._tasks.spawn(self._serve(stream, *where), f"direct-{self.peer_id[:8]}-serve")
+        serve = self._serve(stream, *where)
+        self._tasks.spawn(serve, f"direct-{self.peer_id[:8]}-serve", contained=True)
 
     async def _serve(self, stream: MuxStream, host: str, port: int) -> None:
         try:

@@ -105,7 +105,8 @@ class DirectListener(Component):
                 sock.close()
                 continue
             self._pending += 1
-            self._tasks.spawn(self._handle(sock, (str(address[0]), int(address[1]))), "direct-in")
+            handle = self._handle(sock, (str(address[0]), int(address[1])))
+            self._tasks.spawn(handle, "direct-in", contained=True)
 
     async def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
         try:

@@ -21,6 +21,7 @@ import httpcore
 import httpx
 
 from ..errors import TunnelProtocolError
+from ..tunnel.streams import write
 from .link import DirectLink
 
 __all__ = ["DirectTransport"]
@@ -42,7 +43,7 @@ class _Stream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         try:
             async with asyncio.timeout(timeout):
-                self._writer.write(buffer)
+                write(self._writer, buffer)
                 await self._writer.drain()
         except TimeoutError:
             raise httpcore.WriteTimeout("the direct path took no more bytes in time") from None

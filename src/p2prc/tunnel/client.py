@@ -301,7 +301,8 @@ class TunnelClient(Component):
         except TunnelProtocolError:
             return  # a duplicate id: the first stream keeps it
         host, port = self._local_hosts[message.local_port], message.local_port
-        self._tasks.spawn(self._serve(control, mux, stream, host, port), "tunnel-stream")
+        serve = self._serve(control, mux, stream, host, port)
+        self._tasks.spawn(serve, "tunnel-stream", contained=True)
 
     async def _datagram_in(self, control: FramedStream, mux: Mux, message: Datagram) -> None:
         """A datagram from the relay: into the session of its remote address."""

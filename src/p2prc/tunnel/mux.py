@@ -26,7 +26,7 @@ from collections import deque
 
 from ..errors import P2PRCError, TunnelProtocolError
 from .protocol import WINDOW, Abort, Credit, Data, End, StreamMessage
-from .streams import CHUNK, FramedStream, close_quietly
+from .streams import CHUNK, FramedStream, close_quietly, write, write_eof
 
 __all__ = [
     "GROWTH_BUDGET",
@@ -248,7 +248,7 @@ class Mux:
             size = 0
             while stream.inbound and (data := stream.inbound[0]) is not None:
                 stream.inbound.popleft()
-                writer.write(data)
+                write(writer, data)
                 size += len(data)
             data = None
             if size:
@@ -264,6 +264,5 @@ class Mux:
                     unacked -= WINDOW
                 unacked = 0
             if stream.inbound and stream.inbound[0] is None:  # the other side's end
-                if writer.can_write_eof():
-                    writer.write_eof()
+                write_eof(writer)
                 return

@@ -66,7 +66,7 @@ from .protocol import (
     challenge_message,
 )
 from .sni import MAX_HELLO, NeedMore, server_name
-from .streams import FramedStream, close_quietly, pipe
+from .streams import FramedStream, close_quietly, pipe, write
 from .tls import server_context
 from .udp import Datagrams, RecentPeers
 
@@ -237,7 +237,10 @@ class RelayServer(Component):
             node_id = self._authenticate(first, nonce)
             tunnel = _Tunnel(node_id, stream, Mux(stream), observed=_observed(writer))
             await self._serve_tunnel(tunnel)
-        except (P2PRCError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        except asyncio.IncompleteReadError as exc:  # the peer hung up (mid-frame if partial)
+            log.info("relay connection closed by the peer (%d bytes of a frame)", len(exc.partial))
+            await close_quietly(writer)
+        except (P2PRCError, OSError, TimeoutError) as exc:
             log.info("relay connection closed: %s", exc or type(exc).__name__)
             if not writer.is_closing():
                 with contextlib.suppress(Exception):  # the peer may be gone mid-write
@@ -407,8 +410,9 @@ class RelayServer(Component):
                     await _http_error(writer, 502, "Bad Gateway", f"{domain} is not answering")
                 await close_quietly(writer)
                 return
-            far[1].write(initial)
             self._open.update((writer, far[1]))
+            with contextlib.suppress(OSError):  # pipe ends both when the far end is gone
+                write(far[1], initial)
             try:
                 await pipe(reader, writer, *far)
             finally:
@@ -547,7 +551,7 @@ async def _http_error(writer: asyncio.StreamWriter, status: int, reason: str, te
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     with contextlib.suppress(OSError):
-        writer.write(head.encode() + body)
+        write(writer, head.encode() + body)
     await close_quietly(writer)
 
 

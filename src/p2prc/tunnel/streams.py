@@ -23,6 +23,7 @@ __all__ = [
     "pipe",
     "proxy_main",
     "stdio_pipe",
+    "write",
 ]
 
 # Bytes per data frame: well under MAX_FRAME with the msgpack overhead.
@@ -30,6 +31,22 @@ CHUNK = 60 * 1024
 # Seconds close_quietly waits for connections to close: a TLS peer that is gone or silent
 # can hold a close for its whole shutdown timeout (30 s), and a closed relay must not wait.
 CLOSE_WAIT = 2.0
+
+
+def write(writer: asyncio.StreamWriter, data: bytes | memoryview) -> None:
+    """``writer.write(data)``, or ``ConnectionResetError`` when the connection is already
+    lost or closing. asyncio's own loop drops such a write (and logs it); uvloop raises
+    ``RuntimeError``, which no handler of connection errors expects: it once crashed a
+    relayed stream's task, and with it the node, when a local server reset its end."""
+    if writer.is_closing():
+        raise ConnectionResetError("the connection is closed")
+    writer.write(data)
+
+
+def write_eof(writer: asyncio.StreamWriter) -> None:
+    """A half-close where the connection takes one and is still open (see ``write``)."""
+    if writer.can_write_eof() and not writer.is_closing():
+        writer.write_eof()
 
 
 class FramedStream:
@@ -47,7 +64,7 @@ class FramedStream:
         sent as it is (tests play peers that break the protocol)."""
         frame = encode(message) if isinstance(message, dict) else message.encode()
         async with self._lock:
-            self.writer.write(frame)
+            write(self.writer, frame)
             await self.writer.drain()
 
     async def send_data(self, sid: int, data: bytes) -> None:
@@ -56,7 +73,7 @@ class FramedStream:
         async with self._lock:
             with memoryview(data) as view:
                 for start in range(0, len(data), CHUNK):
-                    self.writer.write(encode_data(sid, view[start : start + CHUNK]))
+                    write(self.writer, encode_data(sid, view[start : start + CHUNK]))
             await self.writer.drain()
 
     def try_send(self, message: Message | dict[str, Any], limit: int = 1 << 20) -> bool:
@@ -84,7 +101,7 @@ async def _copy(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> b
     (the other direction goes on), ``False`` when the whole connection should end."""
     try:
         while data := await source.read(CHUNK):
-            target.write(data)
+            write(target, data)
             await target.drain()
         if target.can_write_eof() and not target.is_closing():
             target.write_eof()
