@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from p2prc import AsyncClient, Home, NodeConfig, TrustConfig, init_home
-from p2prc.config import DirectConfig, GossipConfig, RelayConfig
+from p2prc.config import DirectConfig, GossipConfig, RelayConfig, join_address, split_address
 from tests.integration.conftest import NodeProcess, close, free_port, p2prc, round_trip, start_node
 
 
@@ -96,17 +96,20 @@ async def _echo() -> AsyncIterator[int]:
 
 
 @contextlib.asynccontextmanager
-async def _forward(home: Path, peer: str, port: int) -> AsyncIterator[int]:
-    """``POST /paths/forward`` on ``home``'s node while the block runs: the local port."""
+async def _forward(home: Path, peer: str, port: int, bind: str = "127.0.0.1") -> AsyncIterator[int]:
+    """``POST /paths/forward`` on ``home``'s node while the block runs: the local port
+    (its ``local`` is ``bind:port``, an IPv6 ``bind`` in brackets)."""
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def run() -> None:
         async with AsyncClient(home=home) as client:
-            body = {"peer": peer, "port": port}
+            body = {"peer": peer, "port": port, "bind": bind}
             async for line in client.post_ndjson("/paths/forward", body, unbounded=True):
                 event = json.loads(line)
                 if event["event"] == "listening" and not listening.done():
-                    listening.set_result(int(event["local"].rsplit(":", 1)[1]))
+                    _, local = split_address(event["local"])
+                    assert event["local"] == join_address(bind, local)
+                    listening.set_result(local)
 
     task = asyncio.ensure_future(run())
     try:
@@ -193,6 +196,13 @@ async def test_a_direct_path_carries_calls_and_falls_back_when_killed(
             unused.bind(("127.0.0.1", 0))
             async with _forward(b_home, a.node_id, unused.getsockname()[1]) as refused:
                 assert await _refused(refused)
+
+        # On IPv6 loopback: the local address in brackets, the bytes through.
+        async with _forward(b_home, a.node_id, echo_port, bind="::1") as local6:
+            reader, writer = await asyncio.open_connection("::1", local6)
+            writer.write(b"over ipv6")
+            assert await reader.readexactly(9) == b"over ipv6"
+            writer.close()
 
         # The command: p2prc forward PEER PORT --local LPORT, until SIGTERM.
         await _cli_forward(b_home, "a", echo_port)

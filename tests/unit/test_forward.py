@@ -17,7 +17,7 @@ import typer
 from typer.testing import CliRunner
 
 from p2prc.cli import _forward
-from p2prc.containers.forward import forward, forward_ports, parse_pair
+from p2prc.containers.forward import Forwarded, forward, forward_ports, parse_pair
 from p2prc.errors import AddressInUse, InvalidRequest, PeerUnreachable
 from p2prc.identity import Identity
 from p2prc.models import ContainerView, TrackedContainer
@@ -63,6 +63,11 @@ def test_pairs() -> None:
     for bad in ("0", "x", "1:2:3", "70000", "80:0", "-1:80", "65536:80", ""):
         with pytest.raises(InvalidRequest):
             parse_pair(bad)
+
+
+def test_a_local_address_names_an_ipv6_bind_in_brackets() -> None:
+    assert Forwarded("::1", 7000, "c25", 80).local == "[::1]:7000"
+    assert Forwarded("0.0.0.0", 7000, "c25", 80).local == "0.0.0.0:7000"
 
 
 async def test_ports_reach_the_container_and_close_with_the_block(

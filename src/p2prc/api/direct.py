@@ -10,7 +10,7 @@ from typing import Literal, Protocol
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from ..config import split_address
+from ..config import join_address, split_address
 from ..containers.tracked import TrackedContainers
 from ..direct.forward import PeerForward
 from ..direct.models import ForwardEvent, ForwardRequest, PathInfo
@@ -99,7 +99,7 @@ def router(node: DirectNode) -> APIRouter:
             path = node.paths.path(node_id)
             return ForwardEvent(
                 event=kind,
-                local=f"{body.bind}:{forwarding.local_port}",
+                local=join_address(body.bind, forwarding.local_port),
                 peer=node_id,
                 port=port,
                 path=path.kind,

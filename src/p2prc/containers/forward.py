@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncssh
 
-from ..config import resolve_home
+from ..config import join_address, resolve_home
 from ..errors import AddressInUse, InvalidRequest, PeerUnreachable
 from ..models import ContainerView, TrackedContainer
 from .sftp import login, ssh_errors
@@ -39,7 +39,7 @@ class Forwarded:
 
     @property
     def local(self) -> str:
-        return f"{self.bind}:{self.local_port}"
+        return join_address(self.bind, self.local_port)
 
     @property
     def remote(self) -> str:
@@ -183,7 +183,7 @@ async def forward(
 async def _listen(
     view: ContainerView, conn: asyncssh.SSHClientConnection, bind: str, local: int, port: int
 ) -> asyncssh.SSHListener:
-    where = f"{bind}:{local}"
+    where = join_address(bind, local)
     with ssh_errors(view, "forward a port to"):
         try:
             return await conn.forward_local_port(bind, local, LOOPBACK, port)

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 from .._closing import Component
+from ..config import join_address
 from ..errors import AddressInUse, NodeError, P2PRCError
 from ..tunnel.streams import close_quietly, pipe
 from .paths import Paths
@@ -57,7 +58,7 @@ class PeerForward(Component):
         try:
             self._server = await asyncio.start_server(self._serve, self._bind, self._local)
         except OSError as exc:
-            where = f"{self._bind}:{self._local}"
+            where = join_address(self._bind, self._local)
             if exc.errno == 98:
                 raise AddressInUse(f"{where} is already in use; choose another --local") from None
             raise NodeError(f"cannot listen on {where}: {exc.strerror}") from None
