@@ -7,6 +7,7 @@ import http.client
 import json
 import math
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -134,6 +135,29 @@ def stop_tree(process: subprocess.Popen[bytes]) -> None:
     for child in alive:
         child.terminate()
     psutil.wait_procs(alive, timeout=5)
+
+
+def sshd_prefix(home: Path) -> list[str | Path]:
+    """What to run a private sshd under, as root: its own mount namespace where /etc/passwd
+    has the privilege separation user ``sshd`` (missing when sshd was unpacked from its .deb,
+    not installed) and root's account is not locked (``*`` is, to sshd without PAM; only
+    keys log in here anyway). Not root: nothing."""
+    if os.geteuid() != 0:
+        return []
+    passwd = Path("/etc/passwd").read_text()
+    shadow = [
+        "root:x:" + line.split(":", 2)[2] if line.startswith("root:") else line
+        for line in Path("/etc/shadow").read_text().splitlines()
+    ]
+    try:
+        pwd.getpwnam("sshd")
+    except KeyError:
+        passwd += "sshd:x:65533:65534::/run/sshd:/bin/false\n"
+        shadow.append("sshd:!:1::::::")
+    (home / "passwd").write_text(passwd)
+    (home / "shadow").write_text("\n".join(shadow) + "\n")
+    script = 'mount --bind "$0" /etc/passwd && mount --bind "$1" /etc/shadow && shift && exec "$@"'
+    return ["unshare", "--mount", "--", "sh", "-c", script, home / "passwd", home / "shadow"]
 
 
 def write_result(name: str, result: dict[str, object]) -> None:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from _common import (
     SshUnavailable,
     accepts,
     free_port,
+    sshd_prefix,
     stop,
     stop_tree,
     wait_for,
@@ -214,9 +214,7 @@ def ssh_reverse(rtt: float) -> Iterator[tuple[int, str]]:
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
                 "StrictModes no\nAllowTcpForwarding yes\n"
             )
-            run_as: list[str | Path] = []
-            if os.geteuid() == 0 and not _has_user("sshd"):
-                run_as = _as_if_installed(home)
+            run_as = sshd_prefix(home)
             if os.geteuid() == 0 and not PRIVSEP_DIR.exists():
                 PRIVSEP_DIR.mkdir(mode=0o755)
                 made_privsep = True
@@ -267,29 +265,6 @@ def ssh_reverse(rtt: float) -> Iterator[tuple[int, str]]:
             if made_privsep:
                 with contextlib.suppress(OSError):
                     PRIVSEP_DIR.rmdir()
-
-
-def _as_if_installed(home: Path) -> list[str | Path]:
-    """A prefix that runs sshd (unpacked from its .deb, not installed) in its own mount
-    namespace, where /etc/passwd has its privilege separation user and root's account
-    is not locked (``*`` is, to sshd without PAM; only keys log in here anyway)."""
-    passwd = Path("/etc/passwd").read_text() + "sshd:x:65533:65534::/run/sshd:/bin/false\n"
-    shadow = [
-        "root:x:" + line.split(":", 2)[2] if line.startswith("root:") else line
-        for line in Path("/etc/shadow").read_text().splitlines()
-    ]
-    (home / "passwd").write_text(passwd)
-    (home / "shadow").write_text("\n".join([*shadow, "sshd:!:1::::::"]) + "\n")
-    script = 'mount --bind "$0" /etc/passwd && mount --bind "$1" /etc/shadow && shift && exec "$@"'
-    return ["unshare", "--mount", "--", "sh", "-c", script, home / "passwd", home / "shadow"]
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def measure(
