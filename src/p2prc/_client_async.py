@@ -507,16 +507,37 @@ class AsyncClient(AsyncClosing):
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, model: type[ModelT], body: Any = None) -> ModelT:
-        response = await self._request(method, path, body)
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        model: type[ModelT],
+        body: Any = None,
+        *,
+        signed: bool = False,
+        http_timeout: httpx.Timeout | None = None,
+    ) -> ModelT:
+        """One request whose answer is ``model`` (the feature clients' calls too)."""
+        response = await self._request(method, path, body, signed=signed, http_timeout=http_timeout)
         return _validate(model, response, f"{self.base_url}{path}")
 
     async def _request(
-        self, method: str, path: str, json_body: Any = None, *, signed: bool = False
+        self,
+        method: str,
+        path: str,
+        json_body: Any = None,
+        *,
+        signed: bool = False,
+        http_timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
+        """One request, its error answer raised; ``signed`` by the owner's key,
+        ``http_timeout`` for a slow route (else the client's)."""
         headers = {_SIGN_HEADER: "1"} if signed else None
+        wait = httpx.USE_CLIENT_DEFAULT if http_timeout is None else http_timeout
         with self._transport_errors():
-            response = await self._http.request(method, path, json=json_body, headers=headers)
+            response = await self._http.request(
+                method, path, json=json_body, headers=headers, timeout=wait
+            )
         _raise_for_error(response)
         return response
 
@@ -590,6 +611,17 @@ def _validate_list(model: type[ModelT], response: httpx.Response, base_url: str)
         return [model.model_validate(item) for item in items]
     except (ValueError, TypeError) as exc:  # a ValidationError is a ValueError
         raise PeerProtocolError(f"{base_url}: unexpected answer: {_problem(exc)}") from None
+
+
+def _model_of(model: type[ModelT], given: ModelT | None, fields: dict[str, Any]) -> ModelT:
+    """A feature call's request: the model given, or one made of its fields as keywords
+    (``InvalidRequest`` for both at once or for fields that do not validate)."""
+    if given is not None and fields:
+        raise InvalidRequest(f"give one {model.__name__} or its fields, not both")
+    try:
+        return given or model.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc)) from None
 
 
 def _validate(model: type[ModelT], response: httpx.Response, where: str) -> ModelT:

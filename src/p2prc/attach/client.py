@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from .._client_async import _SIGN_HEADER, AsyncClient, _raise_for_error, _validate, _validate_list
+from .._client_async import AsyncClient, _model_of, _raise_for_error, _validate, _validate_list
 from ..errors import InvalidRequest, PeerProtocolError, validation_message
 from ..jobs.client import _blocking, _Twin
 from .models import AllowChange, AttachedHost, AttachRequest
@@ -52,12 +52,7 @@ class AttachedAPI:
 
     async def attach(self, /, request: AttachRequest | None = None, **fields: Any) -> AttachedHost:
         """``POST /attached``: attach a host on this gateway (``name=``, ``host=``, ...)."""
-        if request is not None and fields:
-            raise InvalidRequest("give an AttachRequest or its fields, not both")
-        try:
-            request = request or AttachRequest.model_validate(fields)
-        except ValidationError as exc:
-            raise InvalidRequest(validation_message(exc)) from None
+        request = _model_of(AttachRequest, request, fields)
         return await self._send("POST", "/attached", request.model_dump(mode="json"))
 
     async def list(self) -> builtins.list[AttachedHost]:
@@ -78,12 +73,7 @@ class AttachedAPI:
 
     async def detach(self, name: str) -> None:
         """``DELETE /attached/NAME``: this gateway stops reaching the host."""
-        client = self._client
-        with client._transport_errors():
-            response = await client._http.request(
-                "DELETE", _path(name), headers={_SIGN_HEADER: "1"}
-            )
-        _raise_for_error(response)
+        await self._client._request("DELETE", _path(name), signed=True)
 
     async def allow(
         self,
@@ -118,13 +108,9 @@ class AttachedAPI:
         return _records_of(bytes(body), where)
 
     async def _send(self, method: str, path: str, body: Any) -> AttachedHost:
-        client = self._client
-        with client._transport_errors():
-            response = await client._http.request(
-                method, path, json=body, headers={_SIGN_HEADER: "1"}, timeout=_SLOW
-            )
-        _raise_for_error(response)
-        return _validate(AttachedHost, response, f"{client.base_url}{path}")
+        return await self._client._call(
+            method, path, AttachedHost, body, signed=True, http_timeout=_SLOW
+        )
 
 
 def _records_of(body: bytes, where: str) -> builtins.list[bytes]:

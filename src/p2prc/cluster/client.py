@@ -22,9 +22,9 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from .._client_async import (
-    _SIGN_HEADER,
     AsyncClient,
     ProgressCallback,
+    _model_of,
     _raise_for_error,
     _validate,
     _validate_list,
@@ -82,12 +82,7 @@ class ClustersAPI:
         ``spec`` or its fields as keywords (``workers=3, threads=2``); ``progress`` gets each
         step as a line of text (a plain or a coroutine function).
         """
-        if spec is not None and fields:
-            raise InvalidRequest("give a ClusterCreate or its fields, not both")
-        try:
-            spec = spec or ClusterCreate.model_validate(fields)
-        except ValidationError as exc:
-            raise InvalidRequest(validation_message(exc)) from None
+        spec = _model_of(ClusterCreate, spec, fields)
         body = spec.model_dump(mode="json", exclude_none=True)
         client = self._client
         with client._transport_errors():
@@ -135,13 +130,7 @@ class ClustersAPI:
     async def _send(
         self, method: str, path: str, model: type[_ModelT], body: Any = None
     ) -> _ModelT:
-        client = self._client
-        with client._transport_errors():
-            response = await client._http.request(
-                method, path, json=body, headers={_SIGN_HEADER: "1"}, timeout=_SLOW
-            )
-        _raise_for_error(response)
-        return _validate(model, response, f"{client.base_url}{path}")
+        return await self._client._call(method, path, model, body, signed=True, http_timeout=_SLOW)
 
 
 class BlockingClustersAPI(_Twin["ClustersAPI"]):
