@@ -34,6 +34,12 @@ def _name(value: str) -> str:
     return value
 
 
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"port {value} is out of range 1-65535")
+    return value
+
+
 class AttachRequest(_Request):
     """``POST /attached``: attach the host at ``host`` under ``name`` on this gateway."""
 
@@ -67,17 +73,12 @@ class AttachRequest(_Request):
     @field_validator("ssh_port")
     @classmethod
     def _valid_ssh_port(cls, value: int) -> int:
-        if not 1 <= value <= 65535:
-            raise ValueError(f"port {value} is out of range 1-65535")
-        return value
+        return _port(value)
 
     @field_validator("ports")
     @classmethod
     def _valid_ports(cls, value: list[int]) -> list[int]:
-        for port in value:
-            if not 1 <= port <= 65535:
-                raise ValueError(f"port {port} is out of range 1-65535")
-        return value
+        return [_port(port) for port in value]
 
     @field_validator("allow")
     @classmethod
