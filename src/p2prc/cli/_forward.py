@@ -5,19 +5,21 @@ import asyncio
 import ipaddress
 import signal
 from collections.abc import Coroutine
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .._client_async import AsyncClient
 from ..client import Client
-from ..containers.forward import LOOPBACK, Forwarding, forward_ports, parse_pair
 from ..containers.store import pick_tracked
 from ..direct.models import ForwardEvent
 from ..direct.ssh import proxy_argv
 from ..errors import ContainerNotFound, InvalidRequest, PeerNotFound, PeerProtocolError
 from ..models import TrackedContainer
 from ._common import Options, emit, err, options_of
+
+if TYPE_CHECKING:  # containers.forward (asyncssh) is imported when a forward starts
+    from ..containers.forward import Forwarding
 
 __all__ = ["forward_command", "forward_container"]
 
@@ -26,6 +28,8 @@ def forward_container(
     options: Options, target: str, ports: list[str], local: int | None, bind: str
 ) -> None:
     """Forward local ports to ports of a tracked container until interrupted."""
+    from ..containers.forward import parse_pair
+
     pairs = [parse_pair(text) for text in ports]
     if local is not None:
         if len(pairs) != 1 or ":" in ports[0]:
@@ -67,6 +71,8 @@ def _loopback(bind: str) -> bool:
 async def _forward_container(
     options: Options, item: TrackedContainer, pairs: list[tuple[int, int]], bind: str
 ) -> None:
+    from ..containers.forward import forward_ports
+
     key = options.home.identity_key
     # By the best path: the node's direct path to the peer when up, else the address.
     proxy = proxy_argv(options.home.path, item.container)
@@ -129,7 +135,7 @@ async def _until_stopped(work: Coroutine[Any, Any, None]) -> None:
     err.print("stopped forwarding", markup=False)
 
 
-def _announce(options: Options, item: TrackedContainer, forwarding: Forwarding) -> None:
+def _announce(options: Options, item: TrackedContainer, forwarding: "Forwarding") -> None:
     name = item.container.name or item.container.id
     for one in forwarding.forwards:
         data = {
@@ -164,7 +170,7 @@ def forward_command(
     ] = None,
     bind: Annotated[
         str, typer.Option("--bind", help="Local address; 0.0.0.0 opens it to the network.")
-    ] = LOOPBACK,
+    ] = "127.0.0.1",
 ) -> None:
     """Forward local ports to ports of a container you created (over its SSH) or of a peer
     (its published ports and your containers' there, by the best path), like ssh -L."""

@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..install.remote import InstallRequest, install_node, stop_node
 from ._common import emit, err, options_of
 
 __all__ = ["install_node_command"]
@@ -48,6 +47,8 @@ def install_node_command(
     The machine needs Python 3.11+ with venv; otherwise reach it with 'p2prc attach'.
     """
     options = options_of(ctx)
+    from ..install.remote import InstallRequest, install_node, stop_node  # asyncssh: on use
+
     request = InstallRequest(
         destination=destination, ssh_port=ssh_port, identity_file=identity,
         directory=directory, port=port, name=name, listen=listen, start=start,
