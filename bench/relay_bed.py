@@ -48,8 +48,8 @@ class Bed:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.env = {**os.environ, "TB_PREFIX": prefix, "TB_PUBLIC": "3", "TB_SITES": "1"}
-        self.env["TB_HOSTS"], self.env["TB_NAT"] = "1", "easy"
+        self.env = {**os.environ, "TB_PREFIX": prefix, "TB_PUBLIC": "3", "TB_SITES": "1",
+                    "TB_HOSTS": "1", "TB_NAT": "easy"}  # fmt: skip
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def command(self, host: str, *args: str | Path, **env: str) -> list[str]:

@@ -237,8 +237,8 @@ class RelayServer(Component):
             node_id = self._authenticate(first, nonce)
             tunnel = _Tunnel(node_id, stream, Mux(stream), observed=_observed(writer))
             await self._serve_tunnel(tunnel)
-        except asyncio.IncompleteReadError as exc:  # the peer hung up (mid-frame if partial)
-            log.info("relay connection closed by the peer (%d bytes of a frame)", len(exc.partial))
+        except asyncio.IncompleteReadError:  # what FramedStream.receive raises at EOF
+            log.info("relay connection closed by the peer")
             await close_quietly(writer)
         except (P2PRCError, OSError, TimeoutError) as exc:
             log.info("relay connection closed: %s", exc or type(exc).__name__)

@@ -24,6 +24,7 @@ __all__ = [
     "proxy_main",
     "stdio_pipe",
     "write",
+    "write_eof",
 ]
 
 # Bytes per data frame: well under MAX_FRAME with the msgpack overhead.
@@ -43,10 +44,13 @@ def write(writer: asyncio.StreamWriter, data: bytes | memoryview) -> None:
     writer.write(data)
 
 
-def write_eof(writer: asyncio.StreamWriter) -> None:
-    """A half-close where the connection takes one and is still open (see ``write``)."""
+def write_eof(writer: asyncio.StreamWriter) -> bool:
+    """A half-close where the connection takes one and is still open (see ``write``):
+    whether one was written."""
     if writer.can_write_eof() and not writer.is_closing():
         writer.write_eof()
+        return True
+    return False
 
 
 class FramedStream:
@@ -103,8 +107,7 @@ async def _copy(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> b
         while data := await source.read(CHUNK):
             write(target, data)
             await target.drain()
-        if target.can_write_eof() and not target.is_closing():
-            target.write_eof()
+        if write_eof(target):
             return True
     except OSError:
         pass
