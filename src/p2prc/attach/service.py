@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from .._aio import CrashHandler, TaskSet, log_crash
@@ -62,6 +62,8 @@ MAX_FOREIGN = 1024
 _BANNER_TIMEOUT = 5.0
 _RESOLVE_TIMEOUT = 5.0
 _SPECS_TIMEOUT = 10.0
+# Seconds an attach waits for its listener to be published through the relay.
+_PUBLISH_WAIT = 15.0
 _POLL = 0.5
 _PULLS_AT_ONCE = 4
 _MIN_PULL_GAP = 1.0
@@ -133,6 +135,7 @@ class AttachService(Component):
         table: Callable[[], PeerTable | None] = lambda: None,
         publish: _Publish | None = None,
         endpoint: Callable[[], str] = lambda: "",
+        publish_endpoint: Callable[[], Awaitable[object]] | None = None,
         version: Callable[[], int] = lambda: 0,
         save_version: Callable[[int], None] = lambda version: None,
         on_crash: CrashHandler = log_crash,
@@ -143,7 +146,7 @@ class AttachService(Component):
         self._link = link
         self._table = table
         self._publish = publish
-        self._endpoint = endpoint
+        self._endpoint, self._publish_endpoint = endpoint, publish_endpoint
         self._last_version = version
         self._save_version = save_version
         self._tasks = TaskSet(on_crash)
@@ -201,6 +204,7 @@ class AttachService(Component):
                 allow=allow,
                 **specs,
             )
+            await self._endpoint_ready()
             self._store.add(row)
             try:
                 self._sign_all()
@@ -381,6 +385,18 @@ class AttachService(Component):
             except ValueError as exc:  # the node's own record has no room for the key
                 raise InvalidRequest(f"cannot announce attached hosts: {exc}") from None
 
+    async def _endpoint_ready(self) -> None:
+        """Publish the attach listener through the relay (behind NAT) before a record first
+        names it, so that no client is handed the listener's LAN address; if the relay does
+        not answer in time, the records are signed with what there is and re-signed by the
+        watcher once the listener is published."""
+        if self._publish_endpoint is None:
+            return
+        try:
+            await asyncio.wait_for(self._publish_endpoint(), _PUBLISH_WAIT)
+        except (P2PRCError, OSError, RuntimeError, TimeoutError) as exc:
+            log.info("attach listener not published yet (%s); the records follow it", exc)
+
     def _current_endpoint(self) -> str:
         try:
             return self._endpoint()
@@ -538,6 +554,10 @@ def for_node(node: Any, *, on_crash: CrashHandler = log_crash) -> AttachService:
         gateway = getattr(node, "attach_gateway", None)
         return "" if gateway is None else str(gateway.endpoint())
 
+    async def publish_endpoint() -> object:
+        gateway = getattr(node, "attach_gateway", None)
+        return "" if gateway is None else await gateway.ensure_published()
+
     state = node.state
 
     def version() -> int:
@@ -552,6 +572,7 @@ def for_node(node: Any, *, on_crash: CrashHandler = log_crash) -> AttachService:
         table=table,
         publish=publish,
         endpoint=endpoint,
+        publish_endpoint=publish_endpoint,
         version=version,
         save_version=lambda v: state.set_meta("attached_version", str(v)),
         on_crash=on_crash,

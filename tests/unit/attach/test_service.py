@@ -414,3 +414,46 @@ async def test_a_set_that_cannot_be_announced_is_not_stored(
     assert host.local is not None
     assert host.local.address == "192.168.0.10"
     assert net.published[-1] == str(host.gateways[0].version)
+
+
+async def test_an_attach_publishes_the_listener_before_signing(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind NAT the first record names the relay's address, not the listener's LAN one
+    (a client handed the LAN address could not reach the gateway); a relay that does not
+    answer delays nothing for good: the record is signed with what there is."""
+
+    async def resolve(host: str) -> list[str]:
+        return ["192.168.0.10"]
+
+    async def reachable(addresses: list[str], port: int, bound: float) -> str:
+        return addresses[0]
+
+    async def host_key(address: str, port: int, bound: float) -> str:
+        return KEY_A
+
+    async def specs(*args: object) -> dict[str, object]:
+        return {"cores": 2}
+
+    for name, fake in [("resolve_host", resolve), ("reachable", reachable),
+                       ("host_key", host_key), ("read_specs", specs)]:  # fmt: skip
+        monkeypatch.setattr(probe, name, fake)
+    net.endpoint = "192.168.0.2:5000"
+
+    async def publish() -> str:
+        await asyncio.sleep(0.05)  # the relay's round trip
+        net.endpoint = "198.51.100.11:40001"
+        return net.endpoint
+
+    net.service._publish_endpoint = publish
+    host = await net.service.attach(AttachRequest(name="morello", host="board.lan"))
+    assert [g.endpoint for g in host.gateways] == ["198.51.100.11:40001"]
+
+    async def silent() -> str:
+        raise OSError("relay unreachable")
+
+    net.service._publish_endpoint = silent
+    net.endpoint = "192.168.0.2:5000"
+    second = await net.service.attach(AttachRequest(name="board2", host="board.lan"))
+    assert [g.endpoint for g in second.gateways] == ["192.168.0.2:5000"]
+    assert len(net.store.rows()) == 2
