@@ -380,9 +380,9 @@ def test_a_stored_record_that_no_longer_verifies_is_dropped(net: Net) -> None:
     assert count[0] == 0
 
 
-async def test_a_set_that_cannot_be_announced_is_not_stored(
-    net: Net, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fake_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The board as the probe finds it (no SSH): at 192.168.0.10, KEY_A, two cores."""
+
     async def resolve(host: str) -> list[str]:
         return ["192.168.0.10"]
 
@@ -398,6 +398,12 @@ async def test_a_set_that_cannot_be_announced_is_not_stored(
     for name, fake in [("resolve_host", resolve), ("reachable", reachable),
                        ("host_key", host_key), ("read_specs", specs)]:  # fmt: skip
         monkeypatch.setattr(probe, name, fake)
+
+
+async def test_a_set_that_cannot_be_announced_is_not_stored(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_probe(monkeypatch)
 
     def full(key: str, value: str | None) -> None:
         if value is not None:
@@ -423,21 +429,7 @@ async def test_an_attach_publishes_the_listener_before_signing(
     (a client handed the LAN address could not reach the gateway); a relay that does not
     answer delays nothing for good: the record is signed with what there is."""
 
-    async def resolve(host: str) -> list[str]:
-        return ["192.168.0.10"]
-
-    async def reachable(addresses: list[str], port: int, bound: float) -> str:
-        return addresses[0]
-
-    async def host_key(address: str, port: int, bound: float) -> str:
-        return KEY_A
-
-    async def specs(*args: object) -> dict[str, object]:
-        return {"cores": 2}
-
-    for name, fake in [("resolve_host", resolve), ("reachable", reachable),
-                       ("host_key", host_key), ("read_specs", specs)]:  # fmt: skip
-        monkeypatch.setattr(probe, name, fake)
+    _fake_probe(monkeypatch)
     net.endpoint = "192.168.0.2:5000"
 
     async def publish() -> str:
