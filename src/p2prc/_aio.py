@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -50,25 +51,21 @@ class TaskSet:
         """
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._reap_contained if contained else self._reap)
+        task.add_done_callback(functools.partial(self._reap, contained=contained))
         return task
 
-    def _reap_contained(self, task: asyncio.Task[Any]) -> None:
+    def _reap(self, task: asyncio.Task[Any], *, contained: bool = False) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("task %s failed; its connection is closed", task.get_name(), exc_info=exc)
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
+        if task.cancelled() or (exc := task.exception()) is None:
             return
-        exc = task.exception()
-        if exc is not None:
-            try:
-                self._on_crash(task, exc)
-            except Exception:  # a broken handler must not hide the crash it was told of
-                log.exception("crash handler failed for %s", task.get_name())
-                log_crash(task, exc)
+        if contained:
+            log.error("task %s failed; its connection is closed", task.get_name(), exc_info=exc)
+            return
+        try:
+            self._on_crash(task, exc)
+        except Exception:  # a broken handler must not hide the crash it was told of
+            log.exception("crash handler failed for %s", task.get_name())
+            log_crash(task, exc)
 
     async def cancel_all(self) -> None:
         """Cancel every task (and any a cancelled task spawned) and wait for them to end."""
