@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import math
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -22,6 +25,10 @@ from p2prc.peers.records import PeerRecord
 
 BENCH = Path(__file__).parent
 RESULTS = BENCH / "results"
+SSHD = Path(os.environ.get("P2PRC_BENCH_SSHD", "/usr/sbin/sshd"))
+PRIVSEP_DIR = Path("/run/sshd")  # sshd started by root insists on this (empty) directory
+# Bound on every wait for sshd or ssh, polled every 10 ms.
+SSH_READY_S = 20.0
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -158,6 +165,86 @@ def sshd_prefix(home: Path) -> list[str | Path]:
     (home / "shadow").write_text("\n".join(shadow) + "\n")
     script = 'mount --bind "$0" /etc/passwd && mount --bind "$1" /etc/shadow && shift && exec "$@"'
     return ["unshare", "--mount", "--", "sh", "-c", script, home / "passwd", home / "shadow"]
+
+
+@contextlib.contextmanager
+def ssh_reverse(
+    target_port: int, leg: Callable[[int], int] = lambda port: port
+) -> Iterator[tuple[int, str]]:
+    """``ssh -N -R`` to 127.0.0.1:``target_port`` through a private sshd on loopback (its own
+    host key, port and authorized key): (the sshd's remote port, the negotiated cipher).
+    ``leg(sshd_port)`` is the port the ssh client dials (a delay line in front of sshd).
+
+    Blocking (keys, processes, polls): run it off an event loop that serves the target.
+    """
+    ssh, keygen = shutil.which("ssh"), shutil.which("ssh-keygen")
+    if not SSHD.exists() or ssh is None or keygen is None:
+        raise SshUnavailable(f"no {SSHD} (apt-get install openssh-server, or P2PRC_BENCH_SSHD)")
+    started: list[subprocess.Popen[bytes]] = []
+    made_privsep = False
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        try:
+            for name in ("host_key", "client_key"):
+                subprocess.run(
+                    [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", home / name],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+            (home / "authorized_keys").write_bytes((home / "client_key.pub").read_bytes())
+            sshd_port, remote_port = free_port(), free_port()
+            (home / "sshd_config").write_text(
+                f"ListenAddress 127.0.0.1\nPort {sshd_port}\nHostKey {home / 'host_key'}\n"
+                f"AuthorizedKeysFile {home / 'authorized_keys'}\nPidFile none\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                # the temp files sit under /tmp (mode 1777), which StrictModes refuses
+                "StrictModes no\nAllowTcpForwarding yes\n"
+            )
+            run_as = sshd_prefix(home)
+            if os.geteuid() == 0 and not PRIVSEP_DIR.exists():
+                PRIVSEP_DIR.mkdir(mode=0o755)
+                made_privsep = True
+            sshd_log, ssh_log = home / "sshd.log", home / "ssh.log"
+            sshd = _quiet([*run_as, SSHD, "-D", "-e", "-f", home / "sshd_config"], sshd_log)
+            started.append(sshd)
+            wait_for(
+                "sshd", lambda: "Server listening" in sshd_log.read_text(), sshd, sshd_log,
+                SSH_READY_S,
+            )  # fmt: skip
+            command: list[str | Path] = [ssh, "-v", "-N", "-F", "none", "-p", str(leg(sshd_port))]
+            command += ["-R", f"{remote_port}:127.0.0.1:{target_port}", "-i", home / "client_key"]
+            for option in (
+                "StrictHostKeyChecking=no",
+                f"UserKnownHostsFile={home / 'known_hosts'}",
+                "ExitOnForwardFailure=yes",
+                "BatchMode=yes",
+            ):
+                command += ["-o", option]
+            command.append(f"{psutil.Process().username()}@127.0.0.1")
+            client = _quiet(command, ssh_log)
+            started.append(client)
+            wait_for("ssh -R", lambda: accepts(remote_port), client, ssh_log, SSH_READY_S)
+            ciphers = [
+                line.split("cipher:")[1].split()[0]
+                for line in ssh_log.read_text(errors="replace").splitlines()
+                if "server->client cipher:" in line
+            ]
+            yield remote_port, ciphers[0] if ciphers else "unknown"
+        finally:
+            for process in reversed(started):
+                stop_tree(process)
+            if made_privsep:
+                with contextlib.suppress(OSError):
+                    PRIVSEP_DIR.rmdir()
+
+
+def _quiet(command: list[str | Path], log: Path) -> subprocess.Popen[bytes]:
+    """``command`` started with no stdin or stdout, its stderr into ``log``."""
+    with log.open("wb") as stderr:
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+        )
 
 
 def write_result(name: str, result: dict[str, object]) -> None:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,22 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
-from _common import (
-    RESULTS,
-    SshUnavailable,
-    accepts,
-    free_port,
-    sshd_prefix,
-    stop,
-    stop_tree,
-    wait_for,
-    write_result,
-)
+from _common import RESULTS, SshUnavailable, ssh_reverse, stop, write_result
 
 REPO = Path(__file__).resolve().parent.parent
-SSHD = Path(os.environ.get("P2PRC_BENCH_SSHD", "/usr/sbin/sshd"))
-PRIVSEP_DIR = Path("/run/sshd")  # sshd started by root insists on this directory
 # Seconds any child has to say it is ready (its port on the first line of stdout).
 READY_S = 20.0
 CHUNK = 1 << 20
@@ -187,84 +173,22 @@ def p2prc_rate(rtt: float, streams: int, seconds: float, fixed: bool, home: Path
         return send(int(client.line), streams, seconds)
 
 
-# Twin of bench/relay_throughput.py's ssh_reverse, with the delay line in front of sshd.
 @contextlib.contextmanager
-def ssh_reverse(rtt: float) -> Iterator[tuple[int, str]]:
-    """``ssh -N -R`` to a private sshd through the delay line: (public port, cipher)."""
-    ssh, keygen = shutil.which("ssh"), shutil.which("ssh-keygen")
-    if not SSHD.exists() or ssh is None or keygen is None:
-        raise SshUnavailable(f"no {SSHD} (apt-get install openssh-server, or P2PRC_BENCH_SSHD)")
-    started: list[subprocess.Popen[bytes]] = []
-    made_privsep = False
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        home = Path(tmp)
-        try:
-            for name in ("host_key", "client_key"):
-                subprocess.run(
-                    [keygen, "-q", "-t", "ed25519", "-N", "", "-f", home / name],
-                    check=True,
-                    capture_output=True,
-                    timeout=30,
-                )
-            (home / "authorized_keys").write_bytes((home / "client_key.pub").read_bytes())
-            sshd_port, remote_port = free_port(), free_port()
-            (home / "sshd_config").write_text(
-                f"ListenAddress 127.0.0.1\nPort {sshd_port}\nHostKey {home / 'host_key'}\n"
-                f"AuthorizedKeysFile {home / 'authorized_keys'}\nPidFile none\n"
-                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-                "StrictModes no\nAllowTcpForwarding yes\n"
-            )
-            run_as = sshd_prefix(home)
-            if os.geteuid() == 0 and not PRIVSEP_DIR.exists():
-                PRIVSEP_DIR.mkdir(mode=0o755)
-                made_privsep = True
-            sshd_log, ssh_log = home / "sshd.log", home / "ssh.log"
-            with sshd_log.open("wb") as log:
-                sshd = subprocess.Popen(
-                    [*run_as, SSHD, "-D", "-e", "-f", home / "sshd_config"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                )
-            started.append(sshd)
-            wait_for(
-                "sshd", lambda: "Server listening" in sshd_log.read_text(), sshd, sshd_log, READY_S
-            )
-            leg = sshd_port
-            if rtt:
-                delay = Child("delay", "--target", str(sshd_port), "--rtt", str(rtt))
-                stack.callback(delay.close)
-                leg = int(delay.line)
-            sink = Child("sink")
-            stack.callback(sink.close)
-            command: list[str | Path] = [ssh, "-v", "-N", "-F", "none", "-p", str(leg)]
-            command += ["-R", f"{remote_port}:127.0.0.1:{sink.line}", "-i", home / "client_key"]
-            for option in (
-                "StrictHostKeyChecking=no",
-                f"UserKnownHostsFile={home / 'known_hosts'}",
-                "ExitOnForwardFailure=yes",
-                "BatchMode=yes",
-            ):
-                command += ["-o", option]
-            command.append(f"{psutil.Process().username()}@127.0.0.1")
-            with ssh_log.open("wb") as log:
-                client = subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
-                )
-            started.append(client)
-            wait_for("ssh -R", lambda: accepts(remote_port), client, ssh_log, READY_S)
-            ciphers = [
-                line.split("cipher:")[1].split()[0]
-                for line in ssh_log.read_text(errors="replace").splitlines()
-                if "server->client cipher:" in line
-            ]
-            yield remote_port, ciphers[0] if ciphers else "unknown"
-        finally:
-            for process in reversed(started):
-                stop_tree(process)
-            if made_privsep:
-                with contextlib.suppress(OSError):
-                    PRIVSEP_DIR.rmdir()
+def ssh_reverse_delayed(rtt: float) -> Iterator[tuple[int, str]]:
+    """``ssh -N -R`` to a private sshd through the delay line, to a sink: (public port,
+    cipher)."""
+    with contextlib.ExitStack() as stack:
+        sink = Child("sink")
+        stack.callback(sink.close)
+
+        def delayed(sshd_port: int) -> int:
+            if not rtt:
+                return sshd_port
+            delay = Child("delay", "--target", str(sshd_port), "--rtt", str(rtt))
+            stack.callback(delay.close)
+            return int(delay.line)
+
+        yield stack.enter_context(ssh_reverse(int(sink.line), delayed))
 
 
 def measure(
@@ -286,7 +210,7 @@ def measure(
                 row["ssh_mbit"] = None
                 if ssh_error is None:
                     try:
-                        with ssh_reverse(rtt) as (port, cipher):
+                        with ssh_reverse_delayed(rtt) as (port, cipher):
                             row["ssh_mbit"] = round(send(port, streams, seconds), 1)
                     except (SshUnavailable, OSError, subprocess.SubprocessError) as exc:
                         ssh_error = str(exc) or type(exc).__name__

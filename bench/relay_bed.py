@@ -30,14 +30,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, SshUnavailable, sshd_prefix, write_result
+from _common import RESULTS, SSHD, SshUnavailable, sshd_prefix, write_result
 
 from p2prc.config import Home, set_value
 from p2prc.identity import Identity
 from p2prc.node import init_home
 
 _BED = Path(__file__).resolve().parents[2] / "shared" / "testbed" / "netns-nat.sh"
-SSHD = Path(os.environ.get("P2PRC_BENCH_SSHD", "/usr/sbin/sshd"))
 RELAY_IP, PLAIN_IP, HOME_IP = "198.51.100.11", "198.51.100.13", "192.168.1.10"  # pub1, pub3, home1
 IPERF_PORT, PLAIN_PORT, SSH_PORT, SSH_FORWARD = 5201, 5202, 2222, 5301
 READY_S = 40.0

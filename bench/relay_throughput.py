@@ -15,26 +15,17 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-from _common import SshUnavailable, accepts, free_port, stop_tree, wait_for, write_result
+from _common import SshUnavailable, ssh_reverse, write_result
 
 from p2prc.identity import Identity
 from p2prc.tunnel.client import TunnelClient
 from p2prc.tunnel.relay import RelayServer
-
-SSHD = Path("/usr/sbin/sshd")
-# sshd started by root insists on this (empty) directory; the Debian service makes it.
-PRIVSEP_DIR = Path("/run/sshd")
-# Bound on every wait for sshd or ssh, polled every 10 ms.
-SSH_READY_S = 15.0
 
 
 async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -59,85 +50,6 @@ async def _send(port: int, mib: int) -> float:
     writer.close()
     assert received == mib << 20
     return received * 8 / elapsed / 1e9
-
-
-def _start(command: list[str | Path], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as stderr:
-        return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
-        )
-
-
-@contextlib.contextmanager
-def ssh_reverse(target_port: int) -> Iterator[tuple[int, str]]:
-    """``ssh -N -R`` through a private sshd on 127.0.0.1: (remote port, negotiated cipher).
-
-    Blocking (keys, processes, polls): run it off the event loop that serves the target.
-    """
-    ssh, keygen = shutil.which("ssh"), shutil.which("ssh-keygen")
-    if not SSHD.exists() or ssh is None or keygen is None:
-        raise SshUnavailable(
-            "sshd/ssh not installed (apt-get install -y openssh-server openssh-client)"
-        )
-    started: list[subprocess.Popen[bytes]] = []
-    made_privsep = False
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        try:
-            for name in ("host_key", "client_key"):
-                subprocess.run(
-                    [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", home / name],
-                    check=True,
-                    capture_output=True,
-                    timeout=30,
-                )
-            (home / "authorized_keys").write_bytes((home / "client_key.pub").read_bytes())
-            sshd_port, remote_port = free_port(), free_port()
-            (home / "sshd_config").write_text(
-                f"ListenAddress 127.0.0.1\nPort {sshd_port}\nHostKey {home / 'host_key'}\n"
-                f"AuthorizedKeysFile {home / 'authorized_keys'}\nPidFile none\n"
-                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-                # the temp files sit under /tmp (mode 1777), which StrictModes refuses
-                "StrictModes no\nAllowTcpForwarding yes\n"
-            )
-            if os.geteuid() == 0 and not PRIVSEP_DIR.exists():
-                PRIVSEP_DIR.mkdir(mode=0o755)
-                made_privsep = True
-            sshd_log, ssh_log = home / "sshd.log", home / "ssh.log"
-            sshd = _start([SSHD, "-D", "-e", "-f", home / "sshd_config"], sshd_log)
-            started.append(sshd)
-            wait_for(
-                "sshd",
-                lambda: "Server listening" in sshd_log.read_text(),
-                sshd,
-                sshd_log,
-                SSH_READY_S,
-            )
-            options = [
-                "StrictHostKeyChecking=no",
-                f"UserKnownHostsFile={home / 'known_hosts'}",
-                "ExitOnForwardFailure=yes",
-                "BatchMode=yes",
-            ]
-            command: list[str | Path] = [ssh, "-v", "-N", "-F", "none", "-p", str(sshd_port)]
-            command += ["-R", f"{remote_port}:127.0.0.1:{target_port}", "-i", home / "client_key"]
-            command += [arg for option in options for arg in ("-o", option)]
-            command.append(f"{psutil.Process().username()}@127.0.0.1")
-            client = _start(command, ssh_log)
-            started.append(client)
-            wait_for("ssh -R", lambda: accepts(remote_port), client, ssh_log, SSH_READY_S)
-            ciphers = [
-                line.split("cipher:")[1].split()[0]
-                for line in ssh_log.read_text(errors="replace").splitlines()
-                if "server->client cipher:" in line
-            ]
-            yield remote_port, ciphers[0] if ciphers else "unknown"
-        finally:
-            for process in reversed(started):
-                stop_tree(process)
-            if made_privsep:
-                with contextlib.suppress(OSError):
-                    PRIVSEP_DIR.rmdir()
 
 
 async def measure(mib: int, runs: int) -> dict[str, object]:
