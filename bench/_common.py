@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -250,6 +250,26 @@ def _quiet(command: list[str | Path], log: Path) -> subprocess.Popen[bytes]:
 def write_result(name: str, result: dict[str, object]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_markdown(
+    name: str,
+    intro: Sequence[str],
+    header: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    notes: Sequence[str] = (),
+) -> str:
+    """``bench/results/NAME.md``: the intro's lines, one table (None shows as an empty
+    cell), then the notes; returns the text written."""
+    lines = [*intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if cell is None else str(cell) for cell in row) + " |")
+    if notes:
+        lines += ["", *notes]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text)
+    return text
 
 
 def print_table(rows: list[tuple[str, object, object]], header: tuple[str, str, str]) -> None:

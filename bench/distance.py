@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from _common import RESULTS, SshUnavailable, ssh_reverse, stop, write_result
+from _common import RESULTS, SshUnavailable, ssh_reverse, stop, write_markdown, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 # Seconds any child has to say it is ready (its port on the first line of stdout).
@@ -228,26 +228,22 @@ def measure(
     }
 
 
-def write_markdown(result: dict[str, Any], name: str) -> None:
-    lines = [
+def write_table(result: dict[str, Any], name: str) -> None:
+    intro = [
         "# Relay over distance (`bench/distance.py`)",
         "",
         "Delay line on the tunnel leg (NAT'd side -> relay), every party its own process,",
         f"{result['seconds_per_run']} s of writes per run, {result['cpus']} CPUs,"
         f" ssh cipher {result['ssh_cipher']}. Mbit/s counted at the sink.",
-        "",
-        "| RTT | streams | p2prc | p2prc, fixed 512 KiB window | `ssh -R` | p2prc / ssh |",
-        "|---|---|---|---|---|---|",
     ]
-    for row in result["rows"]:
-        fixed = row.get("fixed_window_mbit", "")
-        lines.append(
-            f"| {row['rtt_ms']} ms | {row['streams']} | {row['p2prc_mbit']} | {fixed} |"
-            f" {row['ssh_mbit']} | {row['ratio']} |"
-        )
-    if result["ssh_error"]:
-        lines += ["", f"ssh baseline: {result['ssh_error']}"]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    header = ["RTT", "streams", "p2prc", "p2prc, fixed 512 KiB window", "`ssh -R`", "p2prc / ssh"]
+    rows = [
+        (f"{row['rtt_ms']} ms", row["streams"], row["p2prc_mbit"], row.get("fixed_window_mbit"),
+         row["ssh_mbit"], row["ratio"])
+        for row in result["rows"]
+    ]  # fmt: skip
+    notes = [f"ssh baseline: {result['ssh_error']}"] if result["ssh_error"] else []
+    write_markdown(name, intro, header, rows, notes)
 
 
 def main() -> None:
@@ -281,7 +277,7 @@ def main() -> None:
         counts = [int(n) for n in args.streams.split(",")]
         result = measure(rtts, counts, args.seconds, args.ssh)
         write_result(args.out, result)
-        write_markdown(result, args.out)
+        write_table(result, args.out)
         print((RESULTS / f"{args.out}.md").read_text())
 
 

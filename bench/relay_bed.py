@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, SSHD, SshUnavailable, sshd_prefix, write_result
+from _common import RESULTS, SSHD, SshUnavailable, sshd_prefix, write_markdown, write_result
 
 from p2prc.config import Home, set_value
 from p2prc.identity import Identity
@@ -277,28 +277,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def write_markdown(result: dict[str, Any], name: str) -> None:
-    lines = [
+def write_table(result: dict[str, Any], name: str) -> None:
+    intro = [
         "# The relay between real nodes in the test bed (`bench/relay_bed.py`)",
         "",
         "iperf3 from pub2 to a NAT'd node's `map-port` on the relay node (pub1), each node its"
         f" own process; {result['seconds']} s per run, median of {result['runs']},"
         f" {result['cpus']} CPUs, ssh cipher {result['ssh_cipher']}. Gbit/s received."
         " forward: pub2 sends; reverse (`-R`): the NAT'd side sends.",
-        "",
-        "| streams | direction | p2prc relay | `ssh -R` | direct, no relay | relay / ssh |"
-        " relay / direct |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['streams']} | {row['direction']} | {row['relay_gbit_s']} |"
-            f" {row['ssh_r_gbit_s'] or ''} | {row['direct_gbit_s']} |"
-            f" {row['relay_vs_ssh'] or ''} | {row['relay_vs_direct']} |"
-        )
-    if result["ssh_error"]:
-        lines += ["", f"ssh baseline not measured: {result['ssh_error']}"]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    header = ["streams", "direction", "p2prc relay", "`ssh -R`", "direct, no relay",
+              "relay / ssh", "relay / direct"]  # fmt: skip
+    rows = [
+        (row["streams"], row["direction"], row["relay_gbit_s"], row["ssh_r_gbit_s"],
+         row["direct_gbit_s"], row["relay_vs_ssh"], row["relay_vs_direct"])
+        for row in result["rows"]
+    ]  # fmt: skip
+    notes = [f"ssh baseline not measured: {result['ssh_error']}"] if result["ssh_error"] else []
+    write_markdown(name, intro, header, rows, notes)
 
 
 def main() -> None:
@@ -316,7 +312,7 @@ def main() -> None:
         sys.exit("relay_bed.py: needs iperf3 (apt-get install iperf3)")
     result = measure(args)
     write_result(args.out, result)
-    write_markdown(result, args.out)
+    write_table(result, args.out)
     print((RESULTS / f"{args.out}.md").read_text())
 
 
