@@ -131,15 +131,29 @@ class Bed:
             set_value(node_home, key, value)
 
     def start(self, host: str, home: Path, address: str | None, port: int = 8088,
-              *args: str) -> "subprocess.Popen[bytes]":  # fmt: skip
+              *args: str, cpu: int | None = None) -> "subprocess.Popen[bytes]":  # fmt: skip
         """A node in ``host`` listening on ``address:port`` (None: the node's default host,
-        every address); its log goes to ``home/node.log`` (shown on failures)."""
+        every address), on CPU ``cpu`` alone when given; its log goes to ``home/node.log``
+        (shown on failures)."""
         home.mkdir(parents=True, exist_ok=True)
         where = ["--host", address] if address is not None else []
-        command = self.command(host, sys.executable, "-m", "p2prc", "--debug", "start",
-                               *where, "--port", str(port), *args, home=home)  # fmt: skip
+        pinned = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        command = self.command(host, *pinned, sys.executable, "-m", "p2prc", "--debug",
+                               "start", *where, "--port", str(port), *args,
+                               home=home)  # fmt: skip
         with (home / "node.log").open("ab") as log:
             return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+
+    @staticmethod
+    def site_cpu(site: int) -> int | None:
+        """A CPU of its own for the hosts of NAT site ``site`` (1, 2, ...), or None on a
+        single CPU. The bed's links have no delay: a packet's whole way through both
+        routers, and the reset that answers it, runs on the sending CPU at once, so two
+        sites whose nodes share one CPU never have SYNs in flight at the same moment and
+        hole punching against the routers' resets cannot succeed; real sites are separate
+        machines with a real round trip between them."""
+        cpus = sorted(os.sched_getaffinity(0))
+        return cpus[(site - 1) % len(cpus)] if len(cpus) > 1 else None
 
     @staticmethod
     def node_id(home: Path) -> str:

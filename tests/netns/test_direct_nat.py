@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from p2prc.direct.paths import REOPEN_AFTER
+
 from ._bed import Bed
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(600)]
@@ -140,7 +142,9 @@ class _Network:
         quiet = {"name": host, "gossip.lan_discovery": "false", "trust.mode": "open",
                  "direct.retry": "5"}  # fmt: skip
         self.bed.configure(host, home, {**quiet, **settings})
-        self.processes.append(self.bed.start(host, home, None))  # the default host
+        # The default host; each site's node on a CPU of its own (Bed.site_cpu says why).
+        cpu = Bed.site_cpu(int(host[4:])) if host.startswith("home") else None
+        self.processes.append(self.bed.start(host, home, None, cpu=cpu))
         return home
 
     def id(self, host: str) -> str:
@@ -288,8 +292,9 @@ def test_two_nated_nodes_punch_a_direct_path_and_fall_back_to_the_relay(
     assert network.peer("home1", "home2") is not None
     synced = network.bed.json("home1", network.homes["home1"], "peers", "sync", check=True)
     assert synced is not None
-    # The next attempt (direct.retry = 5 s) brings the direct path back; new streams use it.
-    time.sleep(5)
+    # The next attempt (direct.retry = 5 s, and REOPEN_AFTER since the path closed) brings
+    # the direct path back; new streams use it.
+    time.sleep(REOPEN_AFTER)
     again = network.watch("home1", "home2", "direct", PUNCH_WITHIN, call=True)
     assert again["path"]["since"] > punched["path"]["since"]
     fetched = network.bed.output("home1", FETCH, "http://127.0.0.1:18000/blob.bin")

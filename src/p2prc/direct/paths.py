@@ -9,8 +9,8 @@ public one never needs to reach it; two NAT'd nodes punch (``direct/punch.py``, 
 A checked connection (``adopt``, or one accepted on the direct port) becomes the peer's
 path; new calls and streams use it; when it dies (``[direct] stale`` without a reply, or
 the connection breaks) its streams break and new ones go the usual way again until the
-next attempt. When both ends dial each other at once, both keep the connection whose TLS
-client is the lower node id.
+next attempt (a punch waits ``REOPEN_AFTER`` from the close). When both ends dial each
+other at once, both keep the connection whose TLS client is the lower node id.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .listener import DirectListener
 from .models import PathInfo
 from .transport import DirectTransport
 
-__all__ = ["DIRECT_KEY", "Paths", "container_port", "direct_port", "for_node"]
+__all__ = ["DIRECT_KEY", "REOPEN_AFTER", "Paths", "container_port", "direct_port", "for_node"]
 
 # The reserved custom key of a node's signed record that holds its direct port.
 DIRECT_KEY = "p2prc.direct"
@@ -60,6 +60,11 @@ MAX_PATHS = 256
 # Seconds a path without streams is kept after its last stream opened; then it closes
 # (gossip's exchanges touch peers at random: idle paths to all of them would add up).
 IDLE_CLOSE = 300.0
+# Seconds after a punched path closed before the next punch to that peer: NATs keep the
+# closed flow's state for a while (Linux conntrack: 10 s after a reset), and a punch on the
+# same ports meanwhile can connect through that stale state and then carry nothing (seen
+# in the test bed: the handshake timed out). A dial uses a new source port: no wait.
+REOPEN_AFTER = 15.0
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ class _Peer:
     attempt: asyncio.Task[None] | None = None
     attempts: int = 0
     tried: float = -math.inf  # loop time of the last attempt (or of the path's end)
+    closed: float = -math.inf  # loop time the last path closed
     last_error: str = ""
     since: float | None = None  # wall clock the current path came up (or went)
     relay_rtt_ms: float | None = None
@@ -176,9 +182,22 @@ class Paths(Component):
             return
         if sum(1 for p in self._peers.values() if p.link is not None) >= MAX_PATHS:
             return
-        if asyncio.get_running_loop().time() - peer.tried < self._config.retry:
+        now = asyncio.get_running_loop().time()
+        if now - peer.tried < self._config.retry:
+            return
+        if now - peer.closed < REOPEN_AFTER and self._punches(node_id):
             return
         peer.attempt = self._tasks.spawn(self._attempt(node_id, peer), "direct-attempt")
+
+    def _punches(self, node_id: str) -> bool:
+        """Whether an attempt to ``node_id`` would punch (both behind NAT), as ``_try``."""
+        table = self._table()
+        member = table.get(node_id) if table is not None else None
+        if table is None or member is None:
+            return False
+        record = member.record
+        public = record.behind_nat is not True and bool(record.addresses)
+        return not public and table.me.behind_nat is True
 
     def transport(self, node_id: str) -> DirectTransport | None:
         """An httpx transport over the peer's direct path, or ``None`` (no path now)."""
@@ -352,7 +371,8 @@ class Paths(Component):
                 peer.link = None
                 peer.last_error = "closed while idle"
                 peer.since = time.time()
-                peer.tried = -math.inf  # the next call tries again at once
+                peer.tried = -math.inf  # the next call tries again (a punch: REOPEN_AFTER)
+                peer.closed = loop.time()
                 await link.aclose("idle")
 
     async def _watch(self, peer: _Peer, link: DirectLink) -> None:
@@ -361,7 +381,7 @@ class Paths(Component):
             peer.link = None
             peer.last_error = link.reason
             peer.since = time.time()
-            peer.tried = asyncio.get_running_loop().time()  # next attempt after retry
+            peer.tried = peer.closed = asyncio.get_running_loop().time()  # after retry
             log.info("direct path to %s is down: %s", link.peer_id, link.reason)
         await link.aclose()
 

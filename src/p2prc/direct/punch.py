@@ -21,7 +21,9 @@ won by chance. So a refused attempt is followed by the next after a jittered ``G
 both sides in step). Measured in the test bed (easy NAT, two busy cores), two processes:
 one attempt every 250 ms connected in 0 of 3 tries of 3 s, one every second in 1 of 4;
 these attempts (about 800 a second a side) connected in 19 of 22 windows of 3 s and in
-20 of 22 of 6 s (0.004-5.2 s, mostly under 2.5 s). Between real nodes
+20 of 22 of 6 s (0.004-5.2 s, mostly under 2.5 s); the bed's links have no delay, so
+the race needs the two sides on different CPUs (with one core kept busy and both sides on
+the other: 1 of 8 windows; each side on its own CPU: 8 of 8). Between real nodes
 (tests/netns/test_direct_nat.py) the path was direct 0.43-1.91 s after the first call in
 10 of 10 runs. On hard NAT no attempt connects (2450 refused a side in 3 s). An attempt
 that is not refused stays pending (the kernel resends its SYN), so behind a NAT that drops

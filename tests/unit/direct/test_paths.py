@@ -249,6 +249,62 @@ async def test_a_dead_path_falls_back_and_is_tried_again_after_retry(tmp_path: P
         assert again.since > first.since
 
 
+async def test_a_punched_path_that_closed_is_punched_again_only_after_reopen_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both behind NAT: after their punched path closes, no punch goes before REOPEN_AFTER
+    (the NATs' state of the old flow), though ``retry`` has passed; then one does."""
+    monkeypatch.setattr(paths_module, "REOPEN_AFTER", 2.5)
+    server, echo_port = await _echo_server()
+    a, b = _Side(tmp_path, "a", behind_nat=True), _Side(tmp_path, "b", behind_nat=True)
+    if a.identity.node_id > b.identity.node_id:  # after a punch the lower id is TLS client
+        a, b = b, a
+    punched: list[float] = []
+
+    async def punch(member: Member) -> socket.socket:
+        # Stands in for direct/punch.py: a TCP connection to b's direct port.
+        assert b.paths is not None
+        punched.append(asyncio.get_running_loop().time())
+        sock = socket.create_connection(("127.0.0.1", b.paths.port), timeout=2)
+        sock.setblocking(False)
+        return sock
+
+    async with contextlib.AsyncExitStack() as stack:
+        await _started(stack, [(b, _echo_targets(echo_port))])
+        config = DirectConfig(retry=1.0, heartbeat=0.2, stale=0.8)
+
+        def table() -> Any:  # the part of a PeerTable that Paths reads
+            return a.table
+
+        paths = a.paths = await stack.enter_async_context(
+            Paths(a.identity, config, a.dir, host="127.0.0.1", table=table,
+                  allowed=lambda node_id: node_id in a.allowed,
+                  targets=_echo_targets(echo_port), punch=punch)
+        )  # fmt: skip
+        a.table.members[b.identity.node_id] = Member(b.record())
+        b.table.members[a.identity.node_id] = Member(a.record())
+        a.allowed.add(b.identity.node_id)
+        b.allowed.add(a.identity.node_id)
+        b_id = b.identity.node_id
+        paths.touch(b_id)
+        await _wait(lambda: paths.link(b_id) is not None)
+        link = paths.link(b_id)
+        assert link is not None
+        link._wire.writer.transport.abort()  # the connection breaks
+        await _wait(lambda: paths.link(b_id) is None)
+        closed = asyncio.get_running_loop().time()
+        await asyncio.sleep(1.1)  # past retry
+        paths.touch(b_id)
+        await asyncio.sleep(0.3)
+        assert len(punched) == 1  # still within REOPEN_AFTER: no punch
+        await asyncio.sleep(max(0.0, closed + 2.55 - asyncio.get_running_loop().time()))
+        paths.touch(b_id)
+        await _wait(lambda: paths.link(b_id) is not None)
+        assert len(punched) == 2
+        assert punched[1] - closed >= 2.5
+    server.close()
+
+
 async def test_a_natted_peer_is_not_dialled_and_says_why(tmp_path: Path) -> None:
     async with _pair(tmp_path, b_fields={"behind_nat": True}) as (a, b, _):
         assert a.paths is not None
