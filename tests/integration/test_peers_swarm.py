@@ -80,6 +80,8 @@ def test_swarm_lifecycle(swarm: list[NodeProcess], tmp_path: Path) -> None:
     p2prc(swarm[1].home, "--amd", text)
     for node in (swarm[0], *swarm[2:]):
         _wait_field(node, swarm[1].node_id, "metadata", text)
+    # Every peer's round trip gets measured (the returned node's too: its probes start anew).
+    _wait(lambda: all(view["rtt_ms"] is not None for view in _peers(swarm[2]).values()))
     listed = json.loads(p2prc(swarm[2].home, "--json", "peers", "list").stdout)
     assert {"node_id", "name", "state", "rtt_ms", "metadata"} <= set(listed[0])
     assert all(view["rtt_ms"] is not None for view in listed if not view["me"])
