@@ -195,9 +195,7 @@ class Paths(Component):
         member = table.get(node_id) if table is not None else None
         if table is None or member is None:
             return False
-        record = member.record
-        public = record.behind_nat is not True and bool(record.addresses)
-        return not public and table.me.behind_nat is True
+        return not _dialled(member.record) and table.me.behind_nat is True
 
     def transport(self, node_id: str) -> DirectTransport | None:
         """An httpx transport over the peer's direct path, or ``None`` (no path now)."""
@@ -424,7 +422,7 @@ class Paths(Component):
         port = direct_port(record)
         if port is None:
             return "its record has no direct port (direct paths off, or an older version)"
-        if record.behind_nat is not True and record.addresses:
+        if _dialled(record):
             sock = await self._dial(record.addresses[:_MAX_ADDRESSES], port)
             await self.adopt(sock, record.node_id, initiator=True)
             return ""
@@ -470,6 +468,12 @@ class Paths(Component):
             where = ", ".join(addresses)
             raise TunnelProtocolError(f"cannot dial {where} port {port}: {'; '.join(errors)}")
         return winner
+
+
+def _dialled(record: PeerRecord) -> bool:
+    """Whether a direct path to the peer of ``record`` is dialled (it says it is public
+    and has addresses) rather than punched or left to the peer."""
+    return record.behind_nat is not True and bool(record.addresses)
 
 
 def container_port(

@@ -16,7 +16,7 @@ from p2prc.config import DirectConfig
 from p2prc.direct import paths as paths_module
 from p2prc.direct.link import Targets
 from p2prc.direct.listener import bind_direct
-from p2prc.direct.paths import DIRECT_KEY, Paths, direct_port
+from p2prc.direct.paths import DIRECT_KEY, Paths, Punch, direct_port
 from p2prc.errors import AddressInUse
 from p2prc.identity import Identity
 from p2prc.peers.records import PeerRecord
@@ -74,9 +74,13 @@ def _echo_targets(port: int) -> Targets:
     return targets
 
 
-async def _started(stack: contextlib.AsyncExitStack, sides: list[tuple[_Side, Targets]]) -> None:
-    """Each side's ``Paths`` running (closed with ``stack``), every side a member of the
-    others' tables and allowed by them."""
+async def _started(
+    stack: contextlib.AsyncExitStack,
+    sides: list[tuple[_Side, Targets]],
+    punches: dict[str, Punch] | None = None,
+) -> None:
+    """Each side's ``Paths`` running (closed with ``stack``; ``punches`` by side name), every
+    side a member of the others' tables and allowed by them."""
     config = DirectConfig(retry=1.0, heartbeat=0.2, stale=0.8)
     for side, targets in sides:
         side.paths = await stack.enter_async_context(
@@ -88,6 +92,7 @@ async def _started(stack: contextlib.AsyncExitStack, sides: list[tuple[_Side, Ta
                 table=lambda side=side: side.table,  # type: ignore[misc]
                 allowed=lambda node_id, side=side: node_id in side.allowed,  # type: ignore[misc]
                 targets=targets,
+                punch=(punches or {}).get(side.name),
             )
         )
     for one, _ in sides:
@@ -270,21 +275,10 @@ async def test_a_punched_path_that_closed_is_punched_again_only_after_reopen_aft
         return sock
 
     async with contextlib.AsyncExitStack() as stack:
-        await _started(stack, [(b, _echo_targets(echo_port))])
-        config = DirectConfig(retry=1.0, heartbeat=0.2, stale=0.8)
-
-        def table() -> Any:  # the part of a PeerTable that Paths reads
-            return a.table
-
-        paths = a.paths = await stack.enter_async_context(
-            Paths(a.identity, config, a.dir, host="127.0.0.1", table=table,
-                  allowed=lambda node_id: node_id in a.allowed,
-                  targets=_echo_targets(echo_port), punch=punch)
-        )  # fmt: skip
-        a.table.members[b.identity.node_id] = Member(b.record())
-        b.table.members[a.identity.node_id] = Member(a.record())
-        a.allowed.add(b.identity.node_id)
-        b.allowed.add(a.identity.node_id)
+        targets = _echo_targets(echo_port)
+        await _started(stack, [(a, targets), (b, targets)], punches={a.name: punch})
+        assert a.paths is not None
+        paths = a.paths
         b_id = b.identity.node_id
         paths.touch(b_id)
         await _wait(lambda: paths.link(b_id) is not None)
