@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from _common import RESULTS, SshUnavailable, ssh_reverse, stop, write_markdown, write_result
+from _common import SshUnavailable, ssh_reverse, stop, write_markdown, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 # Seconds any child has to say it is ready (its port on the first line of stdout).
@@ -228,7 +228,7 @@ def measure(
     }
 
 
-def write_table(result: dict[str, Any], name: str) -> None:
+def write_table(result: dict[str, Any], name: str) -> str:
     intro = [
         "# Relay over distance (`bench/distance.py`)",
         "",
@@ -243,7 +243,7 @@ def write_table(result: dict[str, Any], name: str) -> None:
         for row in result["rows"]
     ]  # fmt: skip
     notes = [f"ssh baseline: {result['ssh_error']}"] if result["ssh_error"] else []
-    write_markdown(name, intro, header, rows, notes)
+    return write_markdown(name, intro, header, rows, notes)
 
 
 def main() -> None:
@@ -277,8 +277,7 @@ def main() -> None:
         counts = [int(n) for n in args.streams.split(",")]
         result = measure(rtts, counts, args.seconds, args.ssh)
         write_result(args.out, result)
-        write_table(result, args.out)
-        print((RESULTS / f"{args.out}.md").read_text())
+        print(write_table(result, args.out))
 
 
 if __name__ == "__main__":

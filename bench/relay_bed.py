@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, SSHD, SshUnavailable, sshd_prefix, write_markdown, write_result
+from _common import SSHD, SshUnavailable, sshd_prefix, write_markdown, write_result
 
 from p2prc.config import Home, set_value
 from p2prc.identity import Identity
@@ -277,7 +277,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def write_table(result: dict[str, Any], name: str) -> None:
+def write_table(result: dict[str, Any], name: str) -> str:
     intro = [
         "# The relay between real nodes in the test bed (`bench/relay_bed.py`)",
         "",
@@ -294,7 +294,7 @@ def write_table(result: dict[str, Any], name: str) -> None:
         for row in result["rows"]
     ]  # fmt: skip
     notes = [f"ssh baseline not measured: {result['ssh_error']}"] if result["ssh_error"] else []
-    write_markdown(name, intro, header, rows, notes)
+    return write_markdown(name, intro, header, rows, notes)
 
 
 def main() -> None:
@@ -312,8 +312,7 @@ def main() -> None:
         sys.exit("relay_bed.py: needs iperf3 (apt-get install iperf3)")
     result = measure(args)
     write_result(args.out, result)
-    write_table(result, args.out)
-    print((RESULTS / f"{args.out}.md").read_text())
+    print(write_table(result, args.out))
 
 
 if __name__ == "__main__":
